@@ -1,0 +1,1 @@
+"""nextstate.learner: judges recorded turns, trains LoRA adapters, publishes them to vLLM (store -> learner -> vLLM)."""

@@ -1,0 +1,1 @@
+"""nextstate.proxy: the recording OpenAI-API proxy (agent -> proxy -> vLLM; proxy -> store)."""

@@ -1,0 +1,183 @@
+"""The proxy's ASGI application: `make_app(settings)` (agent -> proxy -> vLLM).
+
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are relayed and
+recorded; ``GET /health`` reports the backend and the recorder; vLLM's administrative
+endpoints are refused; any other ``/v1/*`` request passes through unchanged. The HTTP
+client, the store and the recorder are built in the lifespan and closed there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from nextstate.proxy.deps import Deps
+from nextstate.proxy.errors import (
+    BackendUnavailable,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    Unauthorized,
+)
+from nextstate.proxy.recorder import Recorder
+from nextstate.proxy.relay import (
+    Generation,
+    downstream_headers,
+    read_body,
+    send_error,
+    until_disconnect,
+    upstream_headers,
+)
+from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.store import Store
+from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
+
+# Endpoints that change the server; never reachable through the proxy.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyMiddleware:
+    """Pure-ASGI check of ``Authorization: Bearer <key>`` when the proxy has a key."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        token = given[7:] if given[:7].lower() == b"bearer " else b""
+        if not hmac.compare_digest(token, self.api_key):
+            await send_error(send, Unauthorized("Missing or invalid API key for the proxy."))
+            return
+        await self.app(scope, receive, send)
+
+
+class Passthrough:
+    """Any other ``/v1/*`` request, forwarded as is and streamed back as is."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deps: Deps = scope["state"]["deps"]
+        if scope["path"].rstrip("/") in ADMIN_PATHS:
+            await send_error(send, Forbidden(
+                f"{scope['path']} changes the model server and is not reachable through "
+                "the proxy."))
+            return
+        try:
+            body = await read_body(receive, deps.settings.max_body_bytes)
+        except ProxyError as exc:
+            await send_error(send, exc)
+            return
+        query = scope.get("query_string", b"")
+        url = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+        request = deps.client.build_request(
+            scope["method"], url, content=body, headers=upstream_headers(scope["headers"], deps))
+        response: httpx.Response | None = None
+        done = False
+
+        async def work() -> None:
+            nonlocal response, done
+            try:
+                response = await deps.client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                done = True
+                await send_error(send, BackendUnavailable(
+                    f"The model backend could not be reached ({type(exc).__name__})."))
+                return
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": downstream_headers(response)})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            done = True
+            await send({"type": "http.response.body", "body": b""})
+
+        try:
+            await until_disconnect(receive, work, lambda: done)
+        finally:
+            if response is not None:
+                await response.aclose()
+
+
+async def health(request: Request) -> Response:
+    deps: Deps = request.state.deps
+    try:
+        answer = await deps.client.get("/health", timeout=2.0)
+        backend_ok = answer.status_code == 200
+    except httpx.HTTPError:
+        backend_ok = False
+    body = {
+        "status": "ok" if backend_ok else "degraded",
+        "backend": {"url": deps.settings.backend_url, "ok": backend_ok},
+        "recorder": deps.recorder.snapshot() if deps.settings.record else None,
+    }
+    return Response(orjson.dumps(body), status_code=200 if backend_ok else 503,
+                    media_type="application/json")
+
+
+def _error_response(exc: ProxyError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type="application/json")
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error_response(NotFound(f"No route for {request.url.path}."))
+    if exc.status_code == 405:
+        return _error_response(InvalidRequest(
+            f"Method {request.method} is not allowed on {request.url.path}."))
+    return _error_response(InvalidRequest(str(exc.detail)))
+
+
+def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | None = None,
+             ) -> Starlette:
+    """Build the proxy. ``transport`` replaces the network (tests use a MockTransport)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
+        client = httpx.AsyncClient(
+            base_url=settings.backend_url,
+            transport=transport,
+            timeout=httpx.Timeout(settings.upstream_timeout,
+                                  connect=settings.upstream_connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout)
+        recorder = Recorder(store, settings.resolved_spool_dir(),
+                            queue_size=settings.queue_size,
+                            idle_seconds=settings.session_idle_seconds)
+        recorder.start()
+        try:
+            yield {"deps": Deps(settings, client, recorder, store)}
+        finally:
+            await recorder.stop()
+            await client.aclose()
+            store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", Generation("chat", "/v1/chat/completions"),
+                  methods=["POST"]),
+            Route("/v1/completions", Generation("completions", "/v1/completions"),
+                  methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/{path:path}", Passthrough(),
+                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        ],
+        exception_handlers={HTTPException: _http_exception},
+        lifespan=lifespan,
+    )
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    return app

@@ -1,0 +1,162 @@
+"""The model backend: a vLLM server started as a child process, or one attached by URL.
+
+agent -> proxy -> **vLLM**. `VLLMProcess` starts ``python -m vllm.entrypoints.openai.
+api_server`` from the current environment with runtime LoRA loading enabled and
+``--logprobs-mode processed_logprobs`` (so recorded logprobs match the sampling
+distribution), on a free loopback port; it waits until the server answers, and fails
+with the tail of vLLM's log if it does not. The child is stopped with its whole process
+group on exit, and is told to die with its parent (PR_SET_PDEATHSIG), so no orphan
+survives even a ``kill -9`` of nextstate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+class BackendStartError(RuntimeError):
+    """vLLM did not come up; the message quotes the end of its log."""
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    model: Path
+    served_model_name: str
+    port: int = 0  # 0: pick a free loopback port
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_model_len: int = 4096
+    kv_cache_gib: int = 1  # CPU KV cache size
+    startup_timeout: float = 300.0
+    extra_args: tuple[str, ...] = ()
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for vLLM on this kind of machine (see docs: vLLM on CPU)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD")) if p)
+    env.update(extra or {})
+    return env
+
+
+class VLLMProcess:
+    """A vLLM OpenAI server owned by this process. Use as a context manager."""
+
+    def __init__(self, config: VLLMConfig) -> None:
+        self.config = config
+        self.port = config.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = config.log_path or Path(f"/tmp/nextstate-vllm-{self.port}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        c = self.config
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(c.model), "--served-model-name", c.served_model_name,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--enable-lora", "--max-lora-rank", str(c.max_lora_rank),
+            "--max-loras", str(c.max_loras),
+            "--logprobs-mode", "processed_logprobs",
+            "--max-model-len", str(c.max_model_len),
+            *c.extra_args,
+        ]
+
+    def start(self) -> VLLMProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = vllm_env({"VLLM_CPU_KVCACHE_SPACE": str(self.config.kv_cache_gib),
+                        **self.config.env})
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise BackendStartError(
+                    f"vLLM exited with code {self.process.returncode} while starting.\n"
+                    f"Last lines of {self.log_path}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise BackendStartError(
+            f"vLLM did not answer within {self.config.startup_timeout:.0f}s.\n"
+            f"Last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the whole process group (vLLM forks an engine process), then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)  # whatever of the group is left
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+
+    def __enter__(self) -> VLLMProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def check_backend(url: str, timeout: float = 5.0) -> list[str]:
+    """Model names served by an existing vLLM; raises BackendStartError if unreachable."""
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=timeout)
+        answer.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise BackendStartError(f"No OpenAI-compatible server answers at {url}: {exc}") from exc
+    return [m["id"] for m in answer.json().get("data", [])]

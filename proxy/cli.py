@@ -1,0 +1,163 @@
+"""The ``nextstate`` command line: the entry point to every part of the data flow.
+
+    nextstate up          embedded vLLM + toy model + proxy, on the embedded defaults
+    nextstate serve       the proxy in front of an existing vLLM
+    nextstate toy-model   build (or find in the cache) the embedded toy model
+    nextstate export      write recorded turns as JSON lines
+
+Learner-side commands import torch lazily, so the proxy's own install never needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import IO
+
+import click
+import orjson
+
+from nextstate.proxy.backend import BackendStartError, VLLMConfig, VLLMProcess, check_backend
+from nextstate.proxy.settings import ProxySettings, data_dir
+
+DEFAULT_PORT = 8400
+TOY_MODEL_NAME = "nextstate-toy"
+
+
+def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
+    import uvicorn
+
+    from nextstate.proxy.app import make_app
+
+    config = uvicorn.Config(make_app(settings), host=host, port=port, log_level="warning",
+                            access_log=False, loop="auto", http="auto", lifespan="on")
+    uvicorn.Server(config).run()
+
+
+def _settings(backend: str, store: str | None, api_key: str | None,
+              backend_api_key: str | None, no_record: bool) -> ProxySettings:
+    return ProxySettings(backend_url=backend.rstrip("/"), store_url=store or "",
+                         api_key=api_key, backend_api_key=backend_api_key,
+                         record=not no_record)
+
+
+def _ensure_toy_model(progress: bool = True) -> Path:
+    try:
+        from nextstate.learner.toy_model import ensure_toy_model
+    except ImportError as exc:  # the proxy-only install has no torch
+        raise click.ClickException(
+            f"building the toy model needs the learner extra ({exc}); "
+            "pip install 'nextstate[learner]'") from exc
+    return ensure_toy_model(data_dir(), progress=(lambda m: click.echo(m, err=True))
+                            if progress else None)
+
+
+@click.group()
+def main() -> None:
+    """nextstate: turn ordinary agent traffic into training signal."""
+
+
+_store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
+                      help="SQLAlchemy URL of the store (default: SQLite in the data dir).")
+_api_key = click.option("--api-key", envvar="NEXTSTATE_API_KEY", default=None,
+                        help="Bearer key clients must present to the proxy.")
+_backend_key = click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY",
+                            default=None, help="Key the proxy presents to vLLM.")
+_no_record = click.option("--no-record", is_flag=True, help="Forward without recording.")
+_host = click.option("--host", default="127.0.0.1", show_default=True)
+
+
+@main.command()
+@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
+              help="URL of a running OpenAI-compatible vLLM server.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True)
+@_host
+@_store
+@_api_key
+@_backend_key
+@_no_record
+def serve(backend: str, port: int, host: str, store: str | None, api_key: str | None,
+          backend_api_key: str | None, no_record: bool) -> None:
+    """Run the recording proxy in front of an existing vLLM."""
+    settings = _settings(backend, store, api_key, backend_api_key, no_record)
+    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
+    run_proxy(settings, host, port)
+
+
+@main.command()
+@click.option("--port", default=DEFAULT_PORT, show_default=True, help="The proxy's port.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A local Hugging Face model dir (default: the toy model).")
+@click.option("--model-name", default=None, help="Name clients use for the model.")
+@click.option("--backend", default=None, help="Attach to this vLLM instead of starting one.")
+@_host
+@_store
+@_api_key
+@_no_record
+def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
+       host: str, store: str | None, api_key: str | None, no_record: bool) -> None:
+    """Bring the whole stack up: vLLM with the model, and the recording proxy."""
+    if backend:
+        names = check_backend(backend)
+        _announce(host, port, names[0] if names else "?", store, api_key)
+        run_proxy(_settings(backend, store, api_key, None, no_record), host, port)
+        return
+    model = model_dir or _ensure_toy_model()
+    name = model_name or (TOY_MODEL_NAME if model_dir is None else model.name)
+    config = VLLMConfig(model=model, served_model_name=name,
+                        log_path=data_dir() / "logs" / "vllm.log")
+    click.echo(f"starting vLLM with {model} (log: {config.log_path}) ...", err=True)
+    try:
+        with VLLMProcess(config) as vllm:
+            _announce(host, port, name, store, api_key)
+            run_proxy(_settings(vllm.url, store, api_key, None, no_record), host, port)
+    except BackendStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _announce(host: str, port: int, model: str, store: str | None, api_key: str | None) -> None:
+    base = f"http://{host}:{port}/v1"
+    settings = ProxySettings(store_url=store or "")
+    click.echo(
+        "\nnextstate is up. Point any OpenAI client at it:\n\n"
+        f"  export OPENAI_BASE_URL={base}\n"
+        f"  export OPENAI_API_KEY={api_key or 'unused'}\n\n"
+        f"  model:  {model}\n"
+        f"  store:  {settings.resolved_store_url()}\n"
+        f"  export: nextstate export --store {settings.resolved_store_url()}\n\n"
+        "Ctrl-C stops everything.", err=True)
+
+
+@main.command("toy-model")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Build into this directory instead of the cache.")
+def toy_model(out: Path | None) -> None:
+    """Build the embedded toy model (cached in the data dir) and print its path."""
+    if out is None:
+        click.echo(str(_ensure_toy_model()))
+        return
+    from nextstate.learner.toy_model import build_toy_model
+
+    click.echo(str(build_toy_model(out)))
+
+
+@main.command()
+@_store
+@click.option("--session", default=None, help="Only this session's turns.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+              show_default=True)
+@click.option("--out", type=click.File("wb"), default="-", help="Output file (default stdout).")
+def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> None:
+    """Write recorded turns, one JSON object a turn, oldest first."""
+    from nextstate.proxy.store import Store
+
+    db = Store(store or ProxySettings().resolved_store_url())
+    try:
+        for turn in db.turns(session_id=session):
+            out.write(orjson.dumps(turn) + b"\n")
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

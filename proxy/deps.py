@@ -1,0 +1,22 @@
+"""What every endpoint of the proxy shares, built once in `make_app`'s lifespan.
+
+agent -> proxy -> vLLM (``client``); proxy -> store (``recorder`` and ``store``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from nextstate.proxy.recorder import Recorder
+from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.store import Store
+
+
+@dataclass(frozen=True)
+class Deps:
+    settings: ProxySettings
+    client: httpx.AsyncClient
+    recorder: Recorder
+    store: Store

@@ -1,0 +1,69 @@
+"""The proxy's own errors, shaped as OpenAI error bodies and mapped in one place.
+
+    ProxyError
+     ├── InvalidRequest      400  malformed JSON, a body that is not an object, bad fields
+     ├── Unauthorized        401  missing or wrong proxy API key
+     ├── Forbidden           403  a vLLM administrative endpoint
+     ├── NotFound            404  unknown route, turn or session
+     ├── PayloadTooLarge     413  body over the configured limit
+     └── BackendUnavailable  502  vLLM cannot be reached
+
+Errors that vLLM itself returns are never wrapped: they pass through untouched.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "nextstate_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class BackendUnavailable(ProxyError):
+    status = 502
+    type = "backend_unavailable"

@@ -1,0 +1,176 @@
+"""The raw record of one turn, and how it is assembled into what the store keeps.
+
+agent -> proxy -> vLLM; proxy -> store. The request path does as little as possible: it
+fills a `TurnRecord` with the client's request and vLLM's untouched reply (the whole
+JSON, or the list of stream chunks) and hands it to the recorder. `assemble` runs in the
+writer, off the request path, and turns that into choices with their exact token ids
+and logprobs as vLLM returned them: nothing is ever re-tokenized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from nextstate.proxy.capture import Endpoint
+
+Status = Literal["ok", "upstream_error", "aborted"]
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    turn_id: str
+    endpoint: Endpoint
+    created_at: float
+    request: dict[str, Any]  # the client's body, minus the proxy's own session fields
+    session_id: str | None = None
+    turn_type: str = "main"
+    session_done: bool = False
+    status: Status = "ok"
+    http_status: int | None = None
+    error: str | None = None
+    response: dict[str, Any] | None = None  # non-streaming: vLLM's whole JSON
+    chunks: list[dict[str, Any]] = field(default_factory=list)  # streaming: every chunk
+    finished_at: float | None = None
+    ttft_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurnRecord:
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Assembled:
+    """A turn's reply, whichever way it was delivered."""
+
+    served_model: str | None
+    choices: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    prompt_token_ids: list[int] | None
+    error: str | None = None
+
+    def first(self, key: str) -> Any:
+        return self.choices[0].get(key) if self.choices else None
+
+
+def assemble(record: TurnRecord) -> Assembled:
+    if record.response is not None:
+        return _from_response(record.response, record.endpoint)
+    return _from_chunks(record.chunks, record.endpoint)
+
+
+def _sampled_logprobs(logprobs: Any, endpoint: Endpoint) -> list[float]:
+    if not isinstance(logprobs, dict):
+        return []
+    if endpoint == "chat":
+        return [entry.get("logprob") for entry in logprobs.get("content") or []]
+    return list(logprobs.get("token_logprobs") or [])
+
+
+def _from_response(obj: dict[str, Any], endpoint: Endpoint) -> Assembled:
+    choices = []
+    for c in obj.get("choices") or []:
+        out: dict[str, Any] = {
+            "index": c.get("index", 0),
+            "finish_reason": c.get("finish_reason"),
+            "token_ids": c.get("token_ids") or [],
+            "logprobs": _sampled_logprobs(c.get("logprobs"), endpoint),
+        }
+        if endpoint == "chat":
+            out["message"] = _clean_message(c.get("message") or {})
+        else:
+            out["text"] = c.get("text", "")
+        choices.append(out)
+    prompt_ids = obj.get("prompt_token_ids")
+    if prompt_ids is None and choices and endpoint == "completions":
+        prompt_ids = (obj.get("choices") or [{}])[0].get("prompt_token_ids")
+    error = obj.get("error")
+    return Assembled(
+        served_model=obj.get("model"),
+        choices=choices,
+        usage=obj.get("usage"),
+        prompt_token_ids=prompt_ids,
+        error=str(error) if error else None,
+    )
+
+
+def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message without vLLM's always-null extras."""
+    return {k: v for k, v in message.items() if v is not None or k == "content"}
+
+
+def _from_chunks(chunks: list[dict[str, Any]], endpoint: Endpoint) -> Assembled:
+    served_model = None
+    usage = None
+    prompt_ids: list[int] | None = None
+    error: str | None = None
+    acc: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        served_model = chunk.get("model") or served_model
+        usage = chunk.get("usage") or usage
+        if chunk.get("error"):
+            error = str(chunk["error"])
+        if chunk.get("prompt_token_ids"):
+            prompt_ids = chunk["prompt_token_ids"]
+        for c in chunk.get("choices") or []:
+            slot = acc.setdefault(c.get("index", 0), _new_slot())
+            if c.get("prompt_token_ids"):
+                prompt_ids = c["prompt_token_ids"]
+            slot["token_ids"].extend(c.get("token_ids") or [])
+            slot["logprobs"].extend(_sampled_logprobs(c.get("logprobs"), endpoint))
+            if c.get("finish_reason"):
+                slot["finish_reason"] = c["finish_reason"]
+            if endpoint == "chat":
+                _merge_delta(slot, c.get("delta") or {})
+            else:
+                slot["text"].append(c.get("text") or "")
+    choices = [_finish_slot(i, slot, endpoint) for i, slot in sorted(acc.items())]
+    return Assembled(served_model, choices, usage, prompt_ids, error)
+
+
+def _new_slot() -> dict[str, Any]:
+    return {"token_ids": [], "logprobs": [], "finish_reason": None, "text": [],
+            "reasoning": [], "tool_calls": {}, "role": "assistant"}
+
+
+def _merge_delta(slot: dict[str, Any], delta: dict[str, Any]) -> None:
+    if delta.get("role"):
+        slot["role"] = delta["role"]
+    if delta.get("content"):
+        slot["text"].append(delta["content"])
+    if delta.get("reasoning"):
+        slot["reasoning"].append(delta["reasoning"])
+    for call in delta.get("tool_calls") or []:
+        target = slot["tool_calls"].setdefault(
+            call.get("index", 0),
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if call.get("id"):
+            target["id"] = call["id"]
+        fn = call.get("function") or {}
+        target["function"]["name"] += fn.get("name") or ""
+        target["function"]["arguments"] += fn.get("arguments") or ""
+
+
+def _finish_slot(index: int, slot: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "index": index,
+        "finish_reason": slot["finish_reason"],
+        "token_ids": slot["token_ids"],
+        "logprobs": slot["logprobs"],
+    }
+    if endpoint != "chat":
+        out["text"] = "".join(slot["text"])
+        return out
+    message: dict[str, Any] = {"role": slot["role"], "content": "".join(slot["text"])}
+    if slot["tool_calls"]:
+        message["tool_calls"] = [slot["tool_calls"][i] for i in sorted(slot["tool_calls"])]
+        if not message["content"]:
+            message["content"] = None
+    if slot["reasoning"]:
+        message["reasoning"] = "".join(slot["reasoning"])
+    out["message"] = message
+    return out

@@ -1,0 +1,243 @@
+"""The recorder: hands finished turns from the request path to the store (proxy -> store).
+
+`Recorder.submit` never blocks and never raises: it puts the record on a bounded queue.
+A writer task drains the queue in batches and writes them in a worker thread. When the
+store fails (locked, full, down), batches go to an append-only spool file on disk, in
+order, and are replayed once the store answers again; writes are idempotent by turn id,
+so a replay never duplicates. If the queue itself overflows, records are spooled
+directly. Nothing is dropped unless the disk fails too, and that is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.store import Store
+
+log = logging.getLogger("nextstate.recorder")
+
+
+@dataclass
+class RecorderStats:
+    submitted: int = 0
+    written: int = 0
+    spooled: int = 0
+    dropped: int = 0
+    store_errors: int = 0
+    last_error: str | None = None
+
+
+class Spool:
+    """Append-only JSONL files of records waiting for the store, in arrival order.
+
+    Appends go to an active file; a drain first seals it (a new active file takes further
+    appends) and replays sealed files oldest first, deleting each once written. Each file
+    is flock-ed by its process: files left by a process that died are adopted and
+    replayed too. The lock guards only file rotation, so appends never wait on a drain.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._prefix = f"spool-{os.getpid()}-{time.time_ns()}"
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._sealed: list[tuple[Path, IO[bytes], int]] = []
+        self._active_count = 0
+        self._active_path, self._active = self._open_new()
+
+    @property
+    def pending(self) -> int:
+        return self._active_count + sum(count for _, _, count in self._sealed)
+
+    def _open_new(self) -> tuple[Path, IO[bytes]]:
+        self._seq += 1
+        path = self.directory / f"{self._prefix}-{self._seq:06d}.jsonl"
+        f = open(path, "ab")  # noqa: SIM115 - held (and locked) until replayed
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return path, f
+
+    def append(self, records: list[TurnRecord]) -> None:
+        data = b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records)
+        with self._lock:
+            self._active.write(data)
+            self._active.flush()
+            os.fsync(self._active.fileno())
+            self._active_count += len(records)
+
+    def _seal(self) -> None:
+        with self._lock:
+            if self._active_count:
+                self._sealed.append((self._active_path, self._active, self._active_count))
+                self._active_path, self._active = self._open_new()
+                self._active_count = 0
+
+    def drain(self, store: Store, batch: int = 256) -> int:
+        """Write spooled records (orphans first, then ours, oldest first) to the store.
+        Raises on a store failure, leaving what is not yet written on disk."""
+        written = 0
+        for path in sorted(self.directory.glob("spool-*.jsonl")):
+            if not path.name.startswith(self._prefix):
+                written += self._adopt(path, store, batch)
+        self._seal()
+        while self._sealed:
+            path, f, _count = self._sealed[0]
+            written += _replay(path, store, batch)
+            f.close()
+            path.unlink()
+            with self._lock:
+                self._sealed.pop(0)
+        return written
+
+    def _adopt(self, path: Path, store: Store, batch: int) -> int:
+        with open(path, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live process owns it
+            written = _replay(path, store, batch)
+            path.unlink()
+            return written
+
+    def close(self) -> None:
+        """Close our files; what is still pending stays on disk for the next start."""
+        with self._lock:
+            for _, f, _ in self._sealed:
+                f.close()
+            self._active.close()
+            if self._active_count == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self._active_path.unlink()
+
+
+class Recorder:
+    def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
+                 idle_seconds: float = 900.0, batch_size: int = 128) -> None:
+        self.store = store
+        self.spool = Spool(spool_dir)
+        self.queue: asyncio.Queue[TurnRecord] = asyncio.Queue(maxsize=queue_size)
+        self.idle_seconds = idle_seconds
+        self.batch_size = batch_size
+        self.stats = RecorderStats()
+        self._task: asyncio.Task[None] | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self._busy = False
+
+    # -- request path -------------------------------------------------------------------
+
+    def submit(self, record: TurnRecord) -> None:
+        self.stats.submitted += 1
+        try:
+            self.queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self._spool([record])
+
+    # -- writer ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="nextstate-recorder")
+
+    async def stop(self) -> None:
+        """Write what is queued (or spool it), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        batch = self._take_batch(limit=None)
+        if batch:
+            await self._write(batch)
+        if self.spool.pending:
+            await self._drain_spool()
+        self.spool.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**asdict(self.stats), "queued": self.queue.qsize(),
+                "spool_pending": self.spool.pending}
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything submitted so far is in the store (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self.queue.qsize() or self.spool.pending or self._busy:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"recorder did not flush: {self.snapshot()}")
+            await asyncio.sleep(0.01)
+
+    async def _run(self) -> None:
+        await self._drain_spool()  # records left by an earlier run
+        next_sweep = time.monotonic()
+        while True:
+            try:
+                first = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except TimeoutError:
+                first = None
+            self._busy = True
+            try:
+                batch = ([first] if first is not None else []) + self._take_batch(
+                    limit=self.batch_size)
+                if batch:
+                    await self._write(batch)
+                if self.spool.pending and time.monotonic() >= self._retry_at:
+                    await self._drain_spool()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
+                    await self._expire_idle()
+            finally:
+                self._busy = False
+
+    def _take_batch(self, limit: int | None) -> list[TurnRecord]:
+        batch: list[TurnRecord] = []
+        while not self.queue.empty() and (limit is None or len(batch) < limit):
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    async def _write(self, batch: list[TurnRecord]) -> None:
+        if self.spool.pending:  # keep order: the store is behind the spool
+            self._spool(batch)
+            return
+        try:
+            self.stats.written += await asyncio.to_thread(self.store.write, batch)
+        except Exception as exc:  # any store failure: keep the records on disk
+            self._store_failed(exc)
+            self._spool(batch)
+
+    async def _drain_spool(self) -> None:
+        try:
+            self.stats.written += await asyncio.to_thread(self.spool.drain, self.store)
+            self._backoff = 0.5
+        except Exception as exc:
+            self._store_failed(exc)
+
+    async def _expire_idle(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.expire_idle, self.idle_seconds)
+        except Exception as exc:
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.stats.store_errors += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 30.0)
+        log.warning("store unavailable, spooling records: %s", self.stats.last_error)
+
+    def _spool(self, records: list[TurnRecord]) -> None:
+        try:
+            self.spool.append(records)
+            self.stats.spooled += len(records)
+        except OSError as exc:
+            self.stats.dropped += len(records)
+            self.stats.last_error = f"spool failed: {exc}"[:500]
+            log.error("dropped %d records: %s", len(records), exc)

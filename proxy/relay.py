@@ -1,0 +1,301 @@
+"""The request path: relay chat/completions to vLLM and record the turn on the side.
+
+agent -> proxy -> vLLM. Each request gets a small responder object holding its own
+state. Bytes are forwarded as they arrive; the record is filled in alongside and
+handed to the recorder in ``finally`` (proxy -> store), whatever happened. A client that
+disconnects cancels the upstream request (closing the connection makes vLLM abort it)
+and its partial turn is kept, marked ``aborted``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from nextstate.proxy.capture import Asked, Endpoint, add_capture, is_usage_chunk, strip_response
+from nextstate.proxy.deps import Deps
+from nextstate.proxy.errors import BackendUnavailable, InvalidRequest, PayloadTooLarge, ProxyError
+from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.sessions import SessionMeta, read_session_meta
+from nextstate.proxy.types import Headers, Receive, Scope, Send
+
+TURN_ID_HEADER = b"x-nextstate-turn-id"
+# Hop-by-hop and framing headers are never copied between the two connections.
+_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer",
+        b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
+        b"accept-encoding", b"content-encoding", b"date", b"server"}
+_OURS = (b"x-session-", b"x-turn-type", b"x-nextstate-")
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return obj
+
+
+def upstream_headers(headers: Headers, deps: Deps) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus hop-by-hop ones, ours, and credentials for the proxy."""
+    out = [(k, v) for k, v in headers
+           if k not in _HOP and not k.startswith(_OURS) and k != b"authorization"]
+    if deps.settings.backend_api_key:
+        out.append((b"authorization", f"Bearer {deps.settings.backend_api_key}".encode()))
+    elif deps.settings.api_key is None:
+        out.extend((k, v) for k, v in headers if k == b"authorization")
+    return out
+
+
+def downstream_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP]
+
+
+async def send_error(send: Send, exc: ProxyError) -> None:
+    body = exc.body()
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]],
+                           finished: Callable[[], bool]) -> bool:
+    """Run ``work`` while watching for the client going away; True if it went away
+    before ``finished()`` (cancelling ``work``)."""
+    gone = False
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = not finished()
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await work()
+        tg.cancel_scope.cancel()
+    return gone
+
+
+class Generation:
+    """ASGI endpoint for ``/v1/chat/completions`` and ``/v1/completions``."""
+
+    def __init__(self, endpoint: Endpoint, path: str) -> None:
+        self.endpoint = endpoint
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deps: Deps = scope["state"]["deps"]
+        try:
+            body = parse_object(await read_body(receive, deps.settings.max_body_bytes))
+        except ProxyError as exc:
+            await send_error(send, exc)
+            return
+        headers: Headers = scope["headers"]
+        meta = read_session_meta({k.decode("latin-1"): v.decode("latin-1")
+                                  for k, v in headers if k.startswith(_OURS)}, body)
+        await _Turn(self.endpoint, self.path, deps, meta, body, headers).run(receive, send)
+
+
+class _Turn:
+    """One request's relay state: the upstream response, the record, what the client asked."""
+
+    def __init__(self, endpoint: Endpoint, path: str, deps: Deps, meta: SessionMeta,
+                 body: dict[str, Any], headers: Headers) -> None:
+        self.endpoint = endpoint
+        self.path = path
+        self.deps = deps
+        self.started = time.time()
+        self.recording = deps.settings.record and meta.record
+        self.record: TurnRecord | None = None
+        self.asked: Asked | None = None
+        if self.recording:
+            self.record = TurnRecord(
+                turn_id=uuid.uuid4().hex, endpoint=endpoint, created_at=self.started,
+                request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
+                session_done=meta.done)
+            self.asked = add_capture(body, endpoint)
+        self.stream = bool(body.get("stream"))
+        self.payload = orjson.dumps(body)
+        self.headers = upstream_headers(headers, deps)
+        self.finished = False
+        self.held: list[dict[str, Any]] = []  # stream chunks waiting for the usage chunk
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        response: httpx.Response | None = None
+
+        async def work() -> None:
+            nonlocal response
+            request = self.deps.client.build_request(
+                "POST", self.path, content=self.payload, headers=self.headers)
+            try:
+                response = await self.deps.client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                self._fail(502, f"backend unreachable: {type(exc).__name__}: {exc}")
+                self.finished = True
+                await send_error(send, BackendUnavailable(
+                    f"The model backend at {self.deps.settings.backend_url} could not be "
+                    f"reached ({type(exc).__name__}). Is vLLM running?"))
+                return
+            ok = response.status_code == 200
+            if self.stream and ok and "text/event-stream" in response.headers.get(
+                    "content-type", ""):
+                await self._relay_stream(response, send)
+            else:
+                await self._relay_whole(response, send)
+
+        try:
+            gone = await until_disconnect(receive, work, lambda: self.finished)
+            if gone and self.record is not None:
+                self.record.status = "aborted"
+                self.record.error = self.record.error or "client disconnected"
+        finally:
+            if response is not None:
+                await response.aclose()
+            if self.record is not None:
+                self.record.finished_at = time.time()
+                self.deps.recorder.submit(self.record)
+
+    def _fail(self, status: int, error: str) -> None:
+        if self.record is not None:
+            self.record.status = "upstream_error"
+            self.record.http_status = status
+            self.record.error = error
+
+    def _headers_out(self, response: httpx.Response) -> list[tuple[bytes, bytes]]:
+        out = downstream_headers(response)
+        if self.record is not None:
+            out.append((TURN_ID_HEADER, self.record.turn_id.encode()))
+        return out
+
+    async def _relay_whole(self, response: httpx.Response, send: Send) -> None:
+        raw = await response.aread()
+        if self.record is not None:
+            self.record.http_status = response.status_code
+            if response.status_code != 200:
+                self._fail(response.status_code, raw[:4000].decode("utf-8", "replace"))
+            elif self.asked is not None:
+                raw = self._capture_whole(raw)
+        headers = self._headers_out(response)
+        headers.append((b"content-length", str(len(raw)).encode()))
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": headers})
+        self.finished = True
+        await send({"type": "http.response.body", "body": raw})
+
+    def _capture_whole(self, raw: bytes) -> bytes:
+        assert self.record is not None and self.asked is not None
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.record.error = "backend answered 200 with a body that is not JSON"
+            return raw
+        if not isinstance(obj, dict):
+            return raw
+        self.record.response = obj
+        if self.asked.everything:
+            return raw
+        return orjson.dumps(strip_response(obj, self.asked, self.endpoint))
+
+    async def _relay_stream(self, response: httpx.Response, send: Send) -> None:
+        if self.record is not None:
+            self.record.http_status = response.status_code
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": self._headers_out(response)})
+        pending = b""
+        try:
+            async for data in response.aiter_raw():
+                *events, pending = (pending + data).split(b"\n\n")
+                out = [o for o in (self._event(e) for e in events) if o]
+                if out:
+                    await send({"type": "http.response.body", "body": b"".join(out),
+                                "more_body": True})
+        except httpx.TransportError as exc:
+            # vLLM went away mid-stream: tell the client in-band, then end cleanly.
+            if self.record is not None:
+                self.record.status = "aborted"
+                self.record.error = f"backend lost mid-stream: {type(exc).__name__}: {exc}"
+            error = BackendUnavailable("The model backend closed the stream unexpectedly.")
+            await send({"type": "http.response.body",
+                        "body": b"data: " + error.body() + b"\n\n", "more_body": True})
+        self.finished = True
+        await send({"type": "http.response.body", "body": self._release() + pending,
+                    "more_body": False})
+
+    def _event(self, event: bytes) -> bytes | None:
+        """One SSE event in, the bytes the client gets out (None: nothing yet)."""
+        if self.record is None or not event.startswith(b"data:"):
+            return event + b"\n\n"
+        payload = event[5:].strip()
+        chunk = None if payload == b"[DONE]" else _json_object(payload)
+        if chunk is None:
+            return self._release() + event + b"\n\n"
+        self.record.chunks.append(chunk)
+        if self.record.ttft_ms is None and any(
+                isinstance(c, dict) and c.get("token_ids") for c in chunk.get("choices") or []):
+            self.record.ttft_ms = round((time.time() - self.started) * 1000, 3)
+        assert self.asked is not None
+        if self.asked.everything:
+            return event + b"\n\n"
+        if not self.asked.usage_chunk:
+            # With include_usage vLLM moves `system_fingerprint` from each finish chunk
+            # to the usage chunk. Hold finish chunks (and what follows, to keep order)
+            # until the usage chunk arrives, then give the field back and drop it.
+            if is_usage_chunk(chunk):
+                return self._release(chunk.get("system_fingerprint"))
+            if self.held or _finishes(chunk):
+                self.held.append(strip_response(chunk, self.asked, self.endpoint))
+                return None
+        return _sse(strip_response(chunk, self.asked, self.endpoint))
+
+    def _release(self, fingerprint: Any = None) -> bytes:
+        out = []
+        for chunk in self.held:
+            if fingerprint is not None and _finishes(chunk):
+                chunk.setdefault("system_fingerprint", fingerprint)
+            out.append(_sse(chunk))
+        self.held.clear()
+        return b"".join(out)
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    return any(isinstance(c, dict) and c.get("finish_reason")
+               for c in chunk.get("choices") or [])
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"

@@ -1,0 +1,130 @@
+"""Sessions and next states, as pure functions over OpenAI messages.
+
+agent -> proxy: a turn's session comes from ``X-Session-Id`` (or ``session_id`` in the
+body), else from the conversation itself: a request whose messages extend an earlier
+turn's messages plus its reply continues that turn's session. The store applies these
+functions off the request path (proxy -> store), so the request path only reads headers.
+
+A *continuation key* is a hash of a normalised conversation. Normalisation keeps what a
+client reliably echoes back (roles, text, tool calls with canonical JSON arguments) and
+drops what clients rewrite (null fields, ids, spacing inside tool arguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+TurnType = Literal["main", "side"]
+
+SESSION_HEADER = "x-session-id"
+TURN_TYPE_HEADER = "x-turn-type"
+SESSION_DONE_HEADER = "x-session-done"
+RECORD_HEADER = "x-nextstate-record"
+# Body fields with the same meaning as the headers; removed before forwarding.
+BODY_FIELDS = ("session_id", "turn_type", "session_done")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    """What a request says about its session; everything is optional."""
+
+    session_id: str | None = None
+    turn_type: TurnType = "main"
+    done: bool = False
+    record: bool = True
+
+
+def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> SessionMeta:
+    """Session fields from headers (which win) or the body; pops the body fields."""
+    from_body = {k: body.pop(k) for k in BODY_FIELDS if k in body}
+    session_id = headers.get(SESSION_HEADER) or from_body.get("session_id")
+    turn_type = (headers.get(TURN_TYPE_HEADER) or str(from_body.get("turn_type") or "main"))
+    done = headers.get(SESSION_DONE_HEADER)
+    done_flag = _truthy(done) if done is not None else _truthy(from_body.get("session_done"))
+    record = headers.get(RECORD_HEADER, "on").strip().lower() not in {"off", "0", "false", "no"}
+    return SessionMeta(
+        session_id=str(session_id) if session_id else None,
+        turn_type="side" if turn_type.strip().lower() == "side" else "main",
+        done=done_flag,
+        record=record,
+    )
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in _TRUE
+
+
+def text_of(content: Any) -> str:
+    """Text of a message content: a string, None, or a list of typed parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                parts.append(str(part.get("text", f"<{part.get('type', 'part')}>")))
+            else:
+                parts.append(str(part))
+        return "".join(parts)
+    return str(content)
+
+
+def _canonical_arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def normalise(message: Mapping[str, Any]) -> list[Any]:
+    calls = []
+    for call in message.get("tool_calls") or []:
+        fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+        calls.append([fn.get("name"), _canonical_arguments(fn.get("arguments"))])
+    return [message.get("role"), text_of(message.get("content")), calls]
+
+
+def conversation_key(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A stable hash of a conversation, insensitive to what clients rewrite."""
+    payload = orjson.dumps([normalise(m) for m in messages], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(payload).hexdigest()[:40]
+
+
+def last_assistant_index(messages: Sequence[Mapping[str, Any]]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i
+    return None
+
+
+def next_state_of(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What followed the previous assistant reply: user answers, tool results.
+
+    A client that does not resend history (explicit session id, no assistant message)
+    gets its non-system messages taken as the next state.
+    """
+    i = last_assistant_index(messages)
+    tail = messages[i + 1 :] if i is not None else [
+        m for m in messages if m.get("role") not in ("system", "developer")
+    ]
+    return [dict(m) for m in tail]
+
+
+def next_state_kind(next_state: Sequence[Mapping[str, Any]]) -> str:
+    """``tool`` when the reply was followed by tool results, else ``user``."""
+    if next_state and next_state[0].get("role") == "tool":
+        return "tool"
+    return "user"

@@ -1,0 +1,51 @@
+"""Configuration for the proxy (agent -> proxy -> vLLM; proxy -> store), read in one place.
+
+Settings are a frozen dataclass with defaults that work out of the box; the CLI and
+environment variables (``NEXTSTATE_*``) override them. Nothing here opens a connection:
+`make_app(settings)` builds clients in its lifespan.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """Where nextstate keeps models, the default store and spool files."""
+    home = os.environ.get("NEXTSTATE_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "nextstate"
+
+
+def default_store_url() -> str:
+    return f"sqlite:///{data_dir() / 'nextstate.db'}"
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Everything `make_app` needs. Defaults suit a local vLLM on port 8000."""
+
+    backend_url: str = "http://127.0.0.1:8000"
+    store_url: str = ""  # empty: a SQLite file in the data dir
+    # Bearer key clients must present; None leaves the proxy open (it binds loopback).
+    api_key: str | None = None
+    # Key sent to vLLM; None passes the client's own Authorization header through
+    # when the proxy has no key of its own.
+    backend_api_key: str | None = None
+    record: bool = True
+    # Records waiting for the writer; beyond this they are spooled to disk, not dropped.
+    queue_size: int = 2048
+    spool_dir: Path | None = None  # default: <data dir>/spool
+    # A session with no new turn for this long ends; its last turn has no next state.
+    session_idle_seconds: float = 900.0
+    upstream_timeout: float = 600.0
+    upstream_connect_timeout: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    sqlite_busy_timeout: float = 5.0
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or default_store_url()
+
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir or data_dir() / "spool"

@@ -1,0 +1,77 @@
+"""Tables of the store (proxy -> store -> learner), SQLAlchemy Core.
+
+``turns`` holds one row per request: the request, the reply, exact token ids and
+logprobs, and later its next state. ``sessions`` ties turns together. ``turn_keys``
+indexes each reply by the hash of the conversation it completes, so that a request
+that extends that conversation finds its session without any header.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("turn_count", Integer, nullable=False, default=0),
+    Column("last_main_turn_id", String(64)),
+    Column("done", Boolean, nullable=False, default=False),
+)
+
+turns = Table(
+    "turns",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("session_id", String(128), nullable=False),
+    Column("turn_index", Integer, nullable=False),
+    Column("turn_type", String(8), nullable=False),
+    Column("endpoint", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("http_status", Integer),
+    Column("error", Text),
+    Column("model", String(256)),
+    Column("served_model", String(256)),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("latency_ms", Float),
+    Column("ttft_ms", Float),
+    Column("request", JSON, nullable=False),
+    Column("response", JSON),
+    Column("prompt_token_ids", JSON),
+    Column("completion_token_ids", JSON),
+    Column("logprobs", JSON),
+    Column("next_state", JSON),
+    Column("next_state_kind", String(8)),
+    # pending: waiting for the session's next request; paired: has its next state;
+    # none: the session ended after it; n/a: never gets one (side turn, error, abort).
+    Column("next_state_status", String(8), nullable=False),
+    Column("next_state_at", Float),
+    Column("next_turn_id", String(64)),
+    Index("ix_turns_session", "session_id", "turn_index"),
+    Index("ix_turns_pending", "next_state_status", "created_at"),
+)
+
+turn_keys = Table(
+    "turn_keys",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("turn_id", String(64), primary_key=True),
+    Column("choice", Integer, primary_key=True),
+    Column("created_at", Float, nullable=False),
+)
