@@ -99,7 +99,7 @@ class Passthrough:
                 return
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": downstream_headers(response)})
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             done = True
             await send({"type": "http.response.body", "body": b""})
@@ -114,7 +114,9 @@ class Passthrough:
 async def health(request: Request) -> Response:
     deps: Deps = request.state.deps
     try:
-        answer = await deps.client.get("/health", timeout=2.0)
+        key = deps.settings.backend_api_key
+        answer = await deps.client.get(
+            "/health", timeout=2.0, headers={"authorization": f"Bearer {key}"} if key else None)
         backend_ok = answer.status_code == 200
     except httpx.HTTPError:
         backend_ok = False

@@ -122,6 +122,21 @@ class Spool:
                     self._active_path.unlink()
 
 
+def _replay(path: Path, store: Store, batch: int) -> int:
+    records: list[TurnRecord] = []
+    written = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                records.append(TurnRecord.from_dict(orjson.loads(line)))
+            if len(records) >= batch:
+                written += store.write(records)
+                records = []
+    if records:
+        written += store.write(records)
+    return written
+
+
 class Recorder:
     def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
                  idle_seconds: float = 900.0, batch_size: int = 128) -> None:
@@ -134,20 +149,24 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._backoff = 0.5
-        self._busy = False
+        self._outstanding = 0  # submitted, not yet written or spooled
+        self._starting = False  # replaying an earlier run's spool
 
     # -- request path -------------------------------------------------------------------
 
     def submit(self, record: TurnRecord) -> None:
         self.stats.submitted += 1
+        self._outstanding += 1
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self._spool([record])
+            self._outstanding -= 1
 
     # -- writer ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._starting = True
         self._task = asyncio.create_task(self._run(), name="nextstate-recorder")
 
     async def stop(self) -> None:
@@ -170,32 +189,29 @@ class Recorder:
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far is in the store (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while self.queue.qsize() or self.spool.pending or self._busy:
+        while self._outstanding or self.spool.pending or self._starting:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"recorder did not flush: {self.snapshot()}")
             await asyncio.sleep(0.01)
 
     async def _run(self) -> None:
         await self._drain_spool()  # records left by an earlier run
+        self._starting = False
         next_sweep = time.monotonic()
         while True:
             try:
                 first = await asyncio.wait_for(self.queue.get(), timeout=1.0)
             except TimeoutError:
                 first = None
-            self._busy = True
-            try:
-                batch = ([first] if first is not None else []) + self._take_batch(
-                    limit=self.batch_size)
-                if batch:
-                    await self._write(batch)
-                if self.spool.pending and time.monotonic() >= self._retry_at:
-                    await self._drain_spool()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
-                    await self._expire_idle()
-            finally:
-                self._busy = False
+            batch = ([first] if first is not None else []) + self._take_batch(
+                limit=self.batch_size)
+            if batch:
+                await self._write(batch)
+            if self.spool.pending and time.monotonic() >= self._retry_at:
+                await self._drain_spool()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
+                await self._expire_idle()
 
     def _take_batch(self, limit: int | None) -> list[TurnRecord]:
         batch: list[TurnRecord] = []
@@ -204,14 +220,17 @@ class Recorder:
         return batch
 
     async def _write(self, batch: list[TurnRecord]) -> None:
-        if self.spool.pending:  # keep order: the store is behind the spool
-            self._spool(batch)
-            return
         try:
-            self.stats.written += await asyncio.to_thread(self.store.write, batch)
-        except Exception as exc:  # any store failure: keep the records on disk
-            self._store_failed(exc)
-            self._spool(batch)
+            if self.spool.pending:  # keep order: the store is behind the spool
+                self._spool(batch)
+                return
+            try:
+                self.stats.written += await asyncio.to_thread(self.store.write, batch)
+            except Exception as exc:  # any store failure: keep the records on disk
+                self._store_failed(exc)
+                self._spool(batch)
+        finally:
+            self._outstanding -= len(batch)
 
     async def _drain_spool(self) -> None:
         try:

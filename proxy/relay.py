@@ -230,7 +230,7 @@ class _Turn:
                     "headers": self._headers_out(response)})
         pending = b""
         try:
-            async for data in response.aiter_raw():
+            async for data in response.aiter_bytes():
                 *events, pending = (pending + data).split(b"\n\n")
                 out = [o for o in (self._event(e) for e in events) if o]
                 if out:

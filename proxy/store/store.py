@@ -9,6 +9,7 @@ Writes are idempotent by turn id: a batch replayed from the spool is never dupli
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from nextstate.proxy.record import Assembled, TurnRecord, assemble
@@ -76,11 +78,20 @@ class Store:
         self.url = url
         self.engine = make_engine(url, busy_timeout)
         self._schema_ready = False
+        self._schema_lock = threading.Lock()
 
     def _ready(self) -> None:
         """Create the tables on first use, so that a proxy starts while its store is down."""
-        if not self._schema_ready:
-            metadata.create_all(self.engine)
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            try:
+                metadata.create_all(self.engine)
+            except DBAPIError:
+                # Another process created them between our check and our CREATE.
+                metadata.create_all(self.engine)
             self._schema_ready = True
 
     def close(self) -> None:

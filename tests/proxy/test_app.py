@@ -1,0 +1,175 @@
+"""The proxy app end to end against a vLLM-shaped fake (httpx.MockTransport)."""
+
+import time
+
+import httpx
+import orjson
+import pytest
+from starlette.testclient import TestClient
+
+from nextstate.proxy.app import make_app
+from nextstate.proxy.settings import ProxySettings
+from tests.proxy.fake_vllm import PROMPT_IDS, TOKEN_IDS, FakeVLLM
+
+CHAT = {"model": "toy", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def open_client(tmp_path, upstream, **settings):
+    app = make_app(ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+                                 spool_dir=tmp_path / "spool", **settings),
+                   transport=httpx.MockTransport(upstream))
+    return TestClient(app)
+
+
+@pytest.fixture
+def fake():
+    return FakeVLLM()
+
+
+@pytest.fixture
+def client(tmp_path, fake):
+    with open_client(tmp_path, fake) as c:
+        yield c
+
+
+def records(client, submitted=1):
+    """The store's turns once ``submitted`` records reached the recorder (the record is
+    handed over just after the client has its last byte) and were written."""
+    deps = client.app_state["deps"]
+    deadline = time.monotonic() + 5
+    while deps.recorder.stats.submitted < submitted and time.monotonic() < deadline:
+        time.sleep(0.005)
+    client.portal.call(deps.recorder.flush)
+    return list(deps.store.turns())
+
+
+def direct(fake, body):
+    """What vLLM would answer the client's own (chat) request."""
+    if body.get("stream"):
+        return FakeVLLM().stream_bytes(body, chat=True)
+    return orjson.dumps(FakeVLLM().whole(body, chat=True))
+
+
+def test_response_is_what_vllm_gives_the_client_directly(client, fake):
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 200
+    assert orjson.loads(answer.content) == orjson.loads(direct(fake, CHAT))
+    assert fake.requests[0]["return_token_ids"] is True
+    assert fake.requests[0]["logprobs"] is True
+
+
+def test_turn_is_recorded_with_token_ids_and_logprobs(client):
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    [row] = records(client)
+    assert answer.headers["x-nextstate-turn-id"] == row["turn_id"]
+    assert row["prompt_token_ids"] == PROMPT_IDS
+    assert row["completion_token_ids"] == TOKEN_IDS
+    assert row["logprobs"] == [-0.5, -0.25, -0.125]
+    assert row["response"]["choices"][0]["message"]["content"] == "Hello!"
+    assert row["request"] == CHAT  # the client's request, not the upstream one
+    assert row["status"] == "ok"
+
+
+def test_stream_is_relayed_unchanged_and_recorded(client, fake):
+    body = {**CHAT, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+        got = b"".join(answer.iter_bytes())
+    assert got == direct(fake, body)  # usage chunk dropped, fingerprint restored
+    [row] = records(client)
+    assert row["completion_token_ids"] == TOKEN_IDS
+    assert row["ttft_ms"] is not None
+
+
+def test_stream_keeps_what_the_client_asked_for(client, fake):
+    body = {**CHAT, "stream": True, "logprobs": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+        got = b"".join(answer.iter_bytes())
+    assert got == direct(fake, body)
+
+
+def test_session_headers_are_stripped_before_forwarding(client, fake):
+    client.post("/v1/chat/completions", json={**CHAT, "session_id": "s1"},
+                headers={"X-Turn-Type": "side", "X-Session-Done": "1"})
+    assert "session_id" not in fake.requests[0]
+    assert "x-turn-type" not in fake.headers[0]
+    [row] = records(client)
+    assert (row["session_id"], row["turn_type"]) == ("s1", "side")
+
+
+def test_opt_out_header_forwards_without_recording(client, fake):
+    answer = client.post("/v1/chat/completions", json=CHAT,
+                         headers={"X-NextState-Record": "off"})
+    assert answer.status_code == 200
+    assert "return_token_ids" not in fake.requests[0]
+    assert "x-nextstate-turn-id" not in answer.headers
+    assert records(client, submitted=0) == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_bad_body_is_a_400_in_openai_shape(client, body):
+    answer = client.post("/v1/chat/completions", content=body,
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_over_the_limit_is_a_413(tmp_path, fake):
+    with open_client(tmp_path, fake, max_body_bytes=100) as c:
+        answer = c.post("/v1/chat/completions", json={**CHAT, "pad": "x" * 200})
+    assert answer.status_code == 413
+
+
+def test_backend_down_is_a_clear_502_and_is_recorded(tmp_path):
+    def refuse(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with open_client(tmp_path, refuse) as c:
+        answer = c.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 502
+        assert "could not be reached" in answer.json()["error"]["message"]
+        [row] = records(c)
+    assert (row["status"], row["http_status"]) == ("upstream_error", 502)
+
+
+def test_upstream_errors_pass_through_untouched_and_are_recorded(client, fake):
+    fake.fail_with = 400
+    answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "boom"
+    [row] = records(client)
+    assert row["status"] == "upstream_error"
+    assert "boom" in row["error"]
+
+
+def test_api_key_is_required_when_configured_and_not_forwarded(tmp_path, fake):
+    with open_client(tmp_path, fake, api_key="k", backend_api_key="up") as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 401
+        ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200  # health stays open
+    assert [h["authorization"] for h in fake.headers] == ["Bearer up"] * 2
+
+
+def test_other_v1_paths_pass_through(client):
+    answer = client.get("/v1/models")
+    assert answer.json()["data"] == [{"id": "toy"}]
+
+
+@pytest.mark.parametrize("path", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
+def test_vllm_admin_endpoints_are_refused(client, fake, path):
+    answer = client.post(path, json={"lora_name": "x", "lora_path": "/tmp"})
+    assert answer.status_code == 403
+    assert fake.requests == []
+
+
+def test_unknown_route_is_an_openai_error(client):
+    answer = client.get("/nope")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["type"] == "not_found_error"
+
+
+def test_health_reports_backend_and_recorder(client):
+    body = client.get("/health").json()
+    assert body["backend"]["ok"] is True
+    assert body["recorder"]["dropped"] == 0

@@ -1,0 +1,56 @@
+from nextstate.proxy.record import TurnRecord, assemble
+
+
+def _record(**kw):
+    return TurnRecord(turn_id="t", endpoint=kw.pop("endpoint", "chat"), created_at=0.0,
+                      request={}, **kw)
+
+
+def test_stream_chunks_assemble_text_tokens_and_logprobs():
+    chunks = [
+        {"model": "m", "prompt_token_ids": [1, 2], "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}, "token_ids": [7],
+                      "logprobs": {"content": [{"logprob": -0.5}]}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "token_ids": [8],
+                      "logprobs": {"content": [{"logprob": -1.5}]}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"completion_tokens": 2}},
+    ]
+    out = assemble(_record(chunks=chunks))
+    assert out.served_model == "m"
+    assert out.prompt_token_ids == [1, 2]
+    assert out.choices == [{"index": 0, "finish_reason": "stop", "token_ids": [7, 8],
+                            "logprobs": [-0.5, -1.5],
+                            "message": {"role": "assistant", "content": "Hello"}}]
+    assert out.usage == {"completion_tokens": 2}
+
+
+def test_streamed_tool_call_arguments_are_joined():
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "function": {"name": "add", "arguments": '{"a"'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]},
+    ]
+    message = assemble(_record(chunks=chunks)).choices[0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function",
+                                      "function": {"name": "add", "arguments": '{"a": 1}'}}]
+
+
+def test_completions_keep_prompt_ids_from_the_choice():
+    response = {"model": "m", "choices": [{"index": 0, "text": "x", "token_ids": [4],
+                                           "prompt_token_ids": [9],
+                                           "logprobs": {"token_logprobs": [-0.1]}}]}
+    out = assemble(_record(endpoint="completions", response=response))
+    assert out.prompt_token_ids == [9]
+    assert out.choices[0]["text"] == "x"
+    assert out.choices[0]["logprobs"] == [-0.1]
+
+
+def test_whole_response_drops_vllm_null_extras_from_the_message():
+    response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi",
+                                                     "refusal": None, "audio": None},
+                             "token_ids": [1], "logprobs": None}]}
+    out = assemble(_record(response=response))
+    assert out.choices[0]["message"] == {"role": "assistant", "content": "hi"}

@@ -1,0 +1,78 @@
+import asyncio
+
+import pytest
+
+from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.recorder import Recorder
+from nextstate.proxy.store import Store
+
+
+class FlakyStore:
+    """A real in-memory store that can be switched off, like a locked or dead database."""
+
+    def __init__(self) -> None:
+        self.inner = Store("sqlite://")
+        self.down = False
+
+    def write(self, records):
+        if self.down:
+            raise OSError("database is locked")
+        return self.inner.write(records)
+
+    def expire_idle(self, idle_seconds, now=None):
+        return 0
+
+
+def rec(i):
+    return TurnRecord(turn_id=f"r{i}", endpoint="chat", created_at=float(i),
+                      request={"messages": [{"role": "user", "content": str(i)}]},
+                      response={"choices": []})
+
+
+async def test_records_wait_on_disk_while_the_store_is_down(tmp_path):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path, queue_size=4)
+    recorder._backoff = 0.01
+    recorder.start()
+    store.down = True
+    for i in range(10):  # more than the queue holds
+        recorder.submit(rec(i))
+    await asyncio.sleep(0.2)
+    assert store.inner.count_turns() == 0
+    assert recorder.stats.spooled == 10
+    assert recorder.stats.dropped == 0
+    store.down = False
+    await recorder.flush(timeout=10)
+    await recorder.stop()
+    assert [t["turn_id"] for t in store.inner.turns()] == [f"r{i}" for i in range(10)]
+    assert list(tmp_path.glob("*.jsonl")) == []
+
+
+async def test_spool_left_by_a_dead_process_is_replayed_on_start(tmp_path):
+    store = FlakyStore()
+    store.down = True
+    first = Recorder(store, tmp_path)
+    first.start()
+    first.submit(rec(1))
+    await asyncio.sleep(0.1)
+    await first.stop()  # store still down: the record stays on disk
+    assert list(tmp_path.glob("*.jsonl"))
+    store.down = False
+    second = Recorder(store, tmp_path)
+    second.start()
+    await second.flush()
+    await second.stop()
+    assert store.inner.turn("r1") is not None
+
+
+@pytest.mark.parametrize("n", [1, 50])
+async def test_submit_never_blocks_and_everything_is_written(tmp_path, n):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path)
+    recorder.start()
+    for i in range(n):
+        recorder.submit(rec(i))
+    await recorder.flush()
+    await recorder.stop()
+    assert store.inner.count_turns() == n
+    assert recorder.stats.written == n

@@ -1,0 +1,59 @@
+from nextstate.proxy.sessions import (
+    conversation_key,
+    next_state_kind,
+    next_state_of,
+    read_session_meta,
+)
+
+
+def test_headers_win_over_body_fields_and_body_fields_are_removed():
+    body = {"session_id": "b", "turn_type": "side", "session_done": True, "model": "m"}
+    meta = read_session_meta({"x-session-id": "h"}, body)
+    assert meta.session_id == "h"
+    assert meta.turn_type == "side"
+    assert meta.done is True
+    assert body == {"model": "m"}
+
+
+def test_defaults_are_main_recorded_and_open():
+    meta = read_session_meta({}, {})
+    assert (meta.session_id, meta.turn_type, meta.done, meta.record) == (None, "main", False,
+                                                                         True)
+
+
+def test_record_off_header_opts_out():
+    assert read_session_meta({"x-nextstate-record": "off"}, {}).record is False
+
+
+def test_conversation_key_ignores_what_clients_rewrite():
+    ours = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": "a", "type": "function",
+                 "function": {"name": "f", "arguments": '{"x": 1,"y":2}'}}]}]
+    theirs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"id": "other", "type": "function",
+                   "function": {"name": "f", "arguments": '{"y": 2, "x": 1}'}}]}]
+    assert conversation_key(ours) == conversation_key(theirs)
+
+
+def test_conversation_key_sees_different_text():
+    a = [{"role": "user", "content": "hi"}]
+    b = [{"role": "user", "content": "hi!"}]
+    assert conversation_key(a) != conversation_key(b)
+
+
+def test_next_state_is_everything_after_the_last_reply():
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": []},
+                {"role": "tool", "content": "42", "tool_call_id": "c"},
+                {"role": "tool", "content": "43", "tool_call_id": "d"}]
+    state = next_state_of(messages)
+    assert [m["content"] for m in state] == ["42", "43"]
+    assert next_state_kind(state) == "tool"
+
+
+def test_next_state_without_history_is_the_new_user_message():
+    state = next_state_of([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    assert state == [{"role": "user", "content": "u"}]
+    assert next_state_kind(state) == "user"

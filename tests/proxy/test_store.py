@@ -1,0 +1,102 @@
+import itertools
+
+import pytest
+
+from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.store import Store
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def store():
+    s = Store("sqlite://")
+    yield s
+    s.close()
+
+
+def chat_turn(messages, reply, *, session_id=None, turn_type="main", done=False, status="ok",
+              at=None):
+    n = next(_ids)
+    return TurnRecord(
+        turn_id=f"t{n}", endpoint="chat", created_at=at if at is not None else float(n),
+        request={"model": "m", "messages": messages}, session_id=session_id,
+        turn_type=turn_type, session_done=done, status=status,
+        response={"model": "m", "prompt_token_ids": [1], "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply},
+             "token_ids": [5, 6], "logprobs": {"content": [{"logprob": -1.0},
+                                                           {"logprob": -2.0}]},
+             "finish_reason": "stop"}]})
+
+
+def test_a_request_that_extends_a_reply_continues_its_session(store):
+    first = [{"role": "user", "content": "2+2?"}]
+    t1 = chat_turn(first, "5")
+    second = [*first, {"role": "assistant", "content": "5"},
+              {"role": "user", "content": "No, try again."}]
+    t2 = chat_turn(second, "4")
+    store.write([t1, t2])
+    rows = {r["turn_id"]: r for r in store.turns()}
+    assert rows[t1.turn_id]["session_id"] == rows[t2.turn_id]["session_id"]
+    assert rows[t2.turn_id]["turn_index"] == 1
+    assert rows[t1.turn_id]["next_state"] == [{"role": "user", "content": "No, try again."}]
+    assert rows[t1.turn_id]["next_state_kind"] == "user"
+    assert rows[t1.turn_id]["next_state_status"] == "paired"
+    assert rows[t1.turn_id]["next_turn_id"] == t2.turn_id
+    assert rows[t2.turn_id]["next_state_status"] == "pending"
+    assert rows[t1.turn_id]["completion_token_ids"] == [5, 6]
+    assert rows[t1.turn_id]["logprobs"] == [-1.0, -2.0]
+
+
+def test_unrelated_conversations_get_separate_sessions(store):
+    store.write([chat_turn([{"role": "user", "content": "a"}], "x"),
+                 chat_turn([{"role": "user", "content": "b"}], "y")])
+    assert len({r["session_id"] for r in store.turns()}) == 2
+
+
+def test_explicit_session_pairs_with_the_last_main_turn_and_skips_side_turns(store):
+    t1 = chat_turn([{"role": "user", "content": "q"}], "r", session_id="s")
+    side = chat_turn([{"role": "user", "content": "summarise"}], "sum", session_id="s",
+                     turn_type="side")
+    t2 = chat_turn([{"role": "user", "content": "thanks"}], "ok", session_id="s", done=True)
+    store.write([t1, side, t2])
+    rows = {r["turn_id"]: r for r in store.turns(session_id="s")}
+    assert rows[t1.turn_id]["next_state"] == [{"role": "user", "content": "thanks"}]
+    assert rows[side.turn_id]["next_state_status"] == "n/a"
+    assert rows[t2.turn_id]["next_state_status"] == "none"  # session done: no next state
+    assert [rows[t]["turn_index"] for t in (t1.turn_id, side.turn_id, t2.turn_id)] == [0, 1, 2]
+
+
+def test_replayed_records_are_not_duplicated(store):
+    t1 = chat_turn([{"role": "user", "content": "q"}], "r")
+    assert store.write([t1]) == 1
+    assert store.write([t1]) == 0
+    assert store.count_turns() == 1
+
+
+def test_idle_sessions_end_with_no_next_state(store):
+    t1 = chat_turn([{"role": "user", "content": "q"}], "r", at=100.0)
+    store.write([t1])
+    assert store.expire_idle(idle_seconds=60, now=200.0) == 1
+    assert store.turn(t1.turn_id)["next_state_status"] == "none"
+
+
+def test_failed_turn_is_recorded_but_never_awaits_a_next_state(store):
+    t1 = chat_turn([{"role": "user", "content": "q"}], "r", status="upstream_error")
+    store.write([t1])
+    assert store.turn(t1.turn_id)["next_state_status"] == "n/a"
+
+
+def test_completions_turns_pair_by_session_header_with_the_added_text(store):
+    def comp(prompt, text):
+        n = next(_ids)
+        return TurnRecord(turn_id=f"c{n}", endpoint="completions", created_at=float(n),
+                          request={"model": "m", "prompt": prompt}, session_id="cs",
+                          response={"choices": [{"index": 0, "text": text, "token_ids": [1],
+                                                 "prompt_token_ids": [2]}]})
+
+    a = comp("Q: hi\nA:", " hello")
+    b = comp("Q: hi\nA: hello\nQ: more\nA:", " sure")
+    store.write([a, b])
+    assert store.turn(a.turn_id)["next_state"] == [{"role": "user",
+                                                     "content": "\nQ: more\nA:"}]
