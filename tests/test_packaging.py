@@ -1,0 +1,41 @@
+"""Packaging: the ``nextstate.*`` names install from the short folders, and the proxy's
+own install never brings torch in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_the_proxy_does_not_import_torch():
+    code = ("import sys, nextstate.proxy.app, nextstate.proxy.cli, nextstate.adapters; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.packaging
+def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
+    """``pip install .`` (not editable) of the base package: the three packages import
+    under ``nextstate.*``, the CLI runs, and torch is not installed."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", str(ROOT)], check=True,
+                   capture_output=True, text=True)
+    check = ("import importlib.util, nextstate.proxy.app, nextstate.learner, "
+             "nextstate.adapters, nextstate.proxy.store; "
+             "assert importlib.util.find_spec('torch') is None; "
+             "assert importlib.util.find_spec('proxy') is None; print('ok')")
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "ok", out.stderr
+    cli = subprocess.run([env_dir / "bin" / "nextstate", "--help"], capture_output=True,
+                         text=True)
+    assert "export" in cli.stdout and cli.returncode == 0
