@@ -1,1 +1,1 @@
-"""nextstate.adapters: client-side helpers that tie agent frameworks to the proxy (agent -> proxy)."""
+"""nextstate.adapters: client-side helpers tying agent frameworks to the proxy (agent -> proxy)."""

@@ -1,1 +1,1 @@
-"""nextstate.learner: judges recorded turns, trains LoRA adapters, publishes them to vLLM (store -> learner -> vLLM)."""
+"""nextstate.learner: judges recorded turns and trains LoRA adapters (store -> learner -> vLLM)."""

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -37,11 +38,22 @@ class VLLMConfig:
     max_lora_rank: int = 16
     max_loras: int = 4
     max_model_len: int = 4096
+    dtype: str = "auto"
+    # Lets vLLM accept `tools` and parse the model's tool calls; depends on the model's
+    # chat template (hermes: <tool_call>{...}</tool_call>, as the toy model uses).
+    tool_call_parser: str | None = None
     kv_cache_gib: int = 1  # CPU KV cache size
     startup_timeout: float = 300.0
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+
+
+def toy_model_config(model: Path, served_model_name: str, **overrides: Any) -> VLLMConfig:
+    """The embedded toy model's server: float32, so the learner reproduces its logprobs
+    exactly (vLLM would pick bfloat16 on CPU), and the Hermes tool-call format."""
+    return VLLMConfig(model=model, served_model_name=served_model_name, dtype="float32",
+                      tool_call_parser="hermes", **overrides)
 
 
 def free_port() -> int:
@@ -88,7 +100,9 @@ class VLLMProcess:
             "--enable-lora", "--max-lora-rank", str(c.max_lora_rank),
             "--max-loras", str(c.max_loras),
             "--logprobs-mode", "processed_logprobs",
-            "--max-model-len", str(c.max_model_len),
+            "--max-model-len", str(c.max_model_len), "--dtype", c.dtype,
+            *(["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
+              if c.tool_call_parser else []),
             *c.extra_args,
         ]
 
@@ -136,10 +150,8 @@ class VLLMProcess:
         pgid = os.getpgid(self.process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)  # whatever of the group is left
         with contextlib.suppress(subprocess.TimeoutExpired):

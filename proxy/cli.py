@@ -17,7 +17,13 @@ from typing import IO
 import click
 import orjson
 
-from nextstate.proxy.backend import BackendStartError, VLLMConfig, VLLMProcess, check_backend
+from nextstate.proxy.backend import (
+    BackendStartError,
+    VLLMConfig,
+    VLLMProcess,
+    check_backend,
+    toy_model_config,
+)
 from nextstate.proxy.settings import ProxySettings, data_dir
 
 DEFAULT_PORT = 8400
@@ -90,23 +96,30 @@ def serve(backend: str, port: int, host: str, store: str | None, api_key: str | 
               default=None, help="A local Hugging Face model dir (default: the toy model).")
 @click.option("--model-name", default=None, help="Name clients use for the model.")
 @click.option("--backend", default=None, help="Attach to this vLLM instead of starting one.")
+@click.option("--vllm-arg", multiple=True, help="Extra argument for vLLM (repeatable), "
+              "e.g. --vllm-arg=--tool-call-parser=hermes --vllm-arg=--enable-auto-tool-choice")
 @_host
 @_store
 @_api_key
 @_no_record
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
-       host: str, store: str | None, api_key: str | None, no_record: bool) -> None:
+       vllm_arg: tuple[str, ...], host: str, store: str | None, api_key: str | None,
+       no_record: bool) -> None:
     """Bring the whole stack up: vLLM with the model, and the recording proxy."""
     if backend:
         names = check_backend(backend)
         _announce(host, port, names[0] if names else "?", store, api_key)
         run_proxy(_settings(backend, store, api_key, None, no_record), host, port)
         return
-    model = model_dir or _ensure_toy_model()
-    name = model_name or (TOY_MODEL_NAME if model_dir is None else model.name)
-    config = VLLMConfig(model=model, served_model_name=name,
-                        log_path=data_dir() / "logs" / "vllm.log")
-    click.echo(f"starting vLLM with {model} (log: {config.log_path}) ...", err=True)
+    log_path = data_dir() / "logs" / "vllm.log"
+    if model_dir is None:
+        config = toy_model_config(_ensure_toy_model(), model_name or TOY_MODEL_NAME,
+                                  log_path=log_path, extra_args=vllm_arg)
+    else:
+        config = VLLMConfig(model=model_dir, served_model_name=model_name or model_dir.name,
+                            log_path=log_path, extra_args=vllm_arg)
+    name = config.served_model_name
+    click.echo(f"starting vLLM with {config.model} (log: {config.log_path}) ...", err=True)
     try:
         with VLLMProcess(config) as vllm:
             _announce(host, port, name, store, api_key)

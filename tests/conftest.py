@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from nextstate.proxy.app import make_app
-from nextstate.proxy.backend import VLLMConfig, VLLMProcess, free_port
+from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
 from nextstate.proxy.settings import ProxySettings, data_dir
 from nextstate.proxy.store import Store
 
@@ -47,8 +47,7 @@ def vllm(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One real vLLM server for the whole test session."""
     _require_vllm()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    config = VLLMConfig(model=toy_model, served_model_name=MODEL_NAME, log_path=log,
-                        max_model_len=4096)
+    config = toy_model_config(toy_model, MODEL_NAME, log_path=log)
     with VLLMProcess(config) as server:
         yield server
 

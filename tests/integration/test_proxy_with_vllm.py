@@ -178,10 +178,8 @@ def test_client_disconnect_mid_stream_aborts_upstream_and_keeps_the_partial_turn
     body = {**BASE, "messages": HELLO, "stream": True, "max_tokens": 3000, "ignore_eos": True}
     with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body,
                       timeout=60) as answer:
-        chunks = 0
-        for _ in answer.iter_lines():
-            chunks += 1
-            if chunks > 6:
+        for i, _ in enumerate(answer.iter_lines()):
+            if i > 6:
                 break  # leave mid-stream: the connection is closed here
     deadline = time.monotonic() + 20
     while _running_requests(vllm) > 0 and time.monotonic() < deadline:

@@ -1,0 +1,400 @@
+"""The embedded default model: built locally, served by vLLM, later trained by the learner.
+
+Data flow: ``ensure_toy_model(data_dir)`` -> ``<data_dir>/models/toy-<digest>/`` -> vLLM
+``--model`` -> agent traffic through the proxy -> the learner trains LoRA adapters on it.
+
+No model hub is reachable where this project runs, so the default model is made here from
+nothing, deterministically (same recipe, byte-identical files), in a few seconds:
+
+    build_tokenizer  ->  init_model  ->  stages  ->  save
+    (byte-level BPE on    (tiny Qwen2,     (none yet)   (safetensors, tokenizer,
+     a synthetic corpus)   seeded init)                  chat template)
+
+A later stage (pretraining on synthetic conversations so the model follows hints) is a
+recipe field plus a function returned by ``_stages``; nothing else has to move.
+torch, transformers and tokenizers are imported inside the build functions: the cache lookup
+is cheap to import, even where the learner extra is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+# Bump whenever the build code changes its output, so cached models are rebuilt.
+BUILDER_VERSION = 1
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# Ordinary (not special) added tokens, so a tool call costs one token to open and close and
+# vLLM's hermes tool parser finds them in the vocabulary; they survive skip_special_tokens.
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+
+# Qwen2's pre-tokenizer split: single digits, so numbers are spelled out digit by digit.
+_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+Progress = Callable[[str], None]
+# A stage changes the freshly initialised model in place (e.g. pretraining), before saving.
+Stage = Callable[["PreTrainedModel", "PreTrainedTokenizerFast", "ToyModelRecipe"], None]
+
+
+@dataclass(frozen=True)
+class ToyModelRecipe:
+    """Everything that determines the built files; its digest names the cache directory."""
+
+    seed: int = 0
+    # Qwen2ForCausalLM. head_dim = hidden_size / num_attention_heads must be 64 or more for
+    # vLLM's CPU attention kernels (they reject 16).
+    hidden_size: int = 128
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    num_hidden_layers: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # Byte-level BPE: total vocabulary including special and tool-call tokens.
+    vocab_size: int = 1024
+    # Synthetic documents the tokenizer is trained on.
+    corpus_documents: int = 4000
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def digest(self) -> str:
+        """A short hash of the fields and BUILDER_VERSION, stable across processes."""
+        payload = {"builder_version": BUILDER_VERSION, **dataclasses.asdict(self)}
+        encoded = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(encoded).hexdigest()[:12]
+
+
+def chat_template() -> str:
+    """The ChatML template shipped as ``chat_template.jinja`` next to this module."""
+    return resources.files(__package__ or "nextstate.learner").joinpath(
+        "chat_template.jinja"
+    ).read_text(encoding="utf-8")
+
+
+# --- synthetic corpus ----------------------------------------------------------------------
+
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack",
+          "Kai", "Lena", "Maya", "Noah", "Omar", "Priya", "Sam", "Tara", "Yuki", "Zoe"]
+_ITEMS = ["apple", "book", "pencil", "cookie", "marble", "ticket", "sticker", "coin",
+          "flower", "shell", "card", "box", "egg", "orange", "cup", "stone"]
+_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid",
+             "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima",
+             "Germany": "Berlin", "India": "New Delhi", "Brazil": "Brasilia",
+             "Norway": "Oslo", "Australia": "Canberra", "Mexico": "Mexico City"}
+_TOPICS = ["the weather", "a recipe for soup", "learning Python", "a good book", "sleep",
+           "the history of tea", "planning a trip", "saving money", "writing an email",
+           "a birthday party", "running a marathon", "the solar system", "my garden"]
+_GREETINGS = ["Hello", "Hi", "Hey", "Good morning", "Good evening", "Hi there", "Welcome"]
+_OFFERS = ["How can I help you today?", "What can I do for you?",
+           "What would you like to know?", "Is there anything I can help with?",
+           "Tell me what you need and I will do my best."]
+_OPENERS = ["Sure", "Of course", "Certainly", "Great question", "Happy to help", "Okay"]
+_TOOLS = {"get_weather": ("city", list(_CAPITALS.values())),
+          "search_web": ("query", _TOPICS),
+          "get_time": ("timezone", ["UTC", "Europe/Paris", "Asia/Tokyo", "America/Lima"]),
+          "calculator": ("expression", ["2 + 3", "12 * 4", "100 / 5", "7 - 9"])}
+# Common English words, so that ordinary prose tokenizes into whole words.
+_COMMON_WORDS = (
+    "the of and to a in is it you that he was for on are with as I his they be at one have this "
+    "from or had by word but what some we can out other were all there when up use your how said "
+    "an each she which do their time if will way about many then them write would like so these "
+    "her long make thing see him two has look more day could go come did number sound no most "
+    "people my over know water than call first who may down side been now find any new work part "
+    "take get place made live where after back little only round man year came show every good me "
+    "give our under name very through just form sentence great think say help low line differ turn "
+    "cause much mean before move right boy old too same tell does set three want air well also "
+    "play small end put home read hand port large spell add even land here must big high such "
+    "follow act why ask men change went light kind off need house picture try us again animal "
+    "point mother world near build self earth father head stand own page should country found "
+    "answer school grow study still learn plant cover food sun four between state keep eye never "
+    "last let thought city tree cross farm hard start might story saw far sea draw left late run "
+    "while press close night real life few north open seem together next white children begin got "
+    "walk example ease paper group always music those both mark often letter until mile river car "
+    "feet care second enough plain girl usual young ready above ever red list though feel talk "
+    "bird soon body dog family direct pose leave song measure door product black short numeral "
+    "class wind question happen complete ship area half rock order fire south problem piece told "
+    "knew pass since top whole king space heard best hour better true during hundred five remember "
+    "step early hold west ground interest reach fast verb sing listen six table travel less "
+    "morning ten simple several vowel toward war lay against pattern slow center love person money "
+    "serve appear road map rain rule govern pull cold notice voice unit power town fine certain "
+    "fly fall lead cry dark machine note wait plan figure star noun field rest correct able pound "
+    "done beauty drive stood contain front teach week final gave green oh quick develop ocean warm "
+    "free minute strong"
+)
+_CODE = ["def {f}(a, b):\n    return a {op} b\n", "for i in range({n}):\n    print(i)\n",
+         "import json\n\ndata = json.loads(text)\n", "if {v} > {n}:\n    {v} = {n}\n",
+         "result = [x * {n} for x in values]\n", "class {F}:\n    def __init__(self):\n"
+         "        self.count = {n}\n", "const {v} = await fetch(url);\n"]
+
+
+def synthetic_corpus(seed: int, documents: int) -> list[str]:
+    """Chat-like English documents: greetings, facts, word problems, tool calls, code."""
+    rng = random.Random(seed)
+    makers = [_greeting, _fact, _word_problem, _tool_call, _code, _small_talk, _prose]
+    return [makers[i % len(makers)](rng) for i in range(documents)]
+
+
+def _greeting(rng: random.Random) -> str:
+    name = rng.choice(_NAMES)
+    return f"user: {rng.choice(_GREETINGS)}!\nassistant: {rng.choice(_GREETINGS)}, {name}! " \
+        f"{rng.choice(_OFFERS)}"
+
+
+def _fact(rng: random.Random) -> str:
+    country, capital = rng.choice(sorted(_CAPITALS.items()))
+    return f"user: What is the capital of {country}?\nassistant: {rng.choice(_OPENERS)}. " \
+        f"The capital of {country} is {capital}."
+
+
+def _word_problem(rng: random.Random) -> str:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if rng.random() < 0.5:
+        question = f"{name} has {a} {item}s and buys {b} more. How many {item}s does " \
+            f"{name} have now?"
+        answer = f"{name} has {a} + {b} = {a + b} {item}s. The answer is {a + b}."
+    else:
+        a += b
+        question = f"{name} had {a} {item}s and gave {b} away. How many are left?"
+        answer = f"{a} - {b} = {a - b}, so {name} has {a - b} {item}s left. " \
+            f"The answer is {a - b}."
+    return f"user: {question}\nassistant: {answer}"
+
+
+def _tool_call(rng: random.Random) -> str:
+    tool = rng.choice(sorted(_TOOLS))
+    key, values = _TOOLS[tool]
+    call = json.dumps({"name": tool, "arguments": {key: rng.choice(values)}})
+    result = json.dumps({"ok": True, "value": rng.randint(0, 999)})
+    return f"<tool_call>\n{call}\n</tool_call>\ntool: {result}\nassistant: Done, the result " \
+        f"is {rng.randint(0, 99)}."
+
+
+def _code(rng: random.Random) -> str:
+    return rng.choice(_CODE).format(
+        f=rng.choice(["add", "scale", "merge", "total"]), F=rng.choice(["Counter", "Cache"]),
+        op=rng.choice(["+", "-", "*"]), n=rng.randint(1, 99), v=rng.choice(["x", "size"]),
+    )
+
+
+def _small_talk(rng: random.Random) -> str:
+    return f"user: Can you tell me about {rng.choice(_TOPICS)}?\nassistant: " \
+        f"{rng.choice(_OPENERS)}! Here is a short answer about {rng.choice(_TOPICS)}. " \
+        "Let me know if you want more details, or ask me another question."
+
+
+def _prose(rng: random.Random) -> str:
+    words = _COMMON_WORDS.split()
+    sentences = [" ".join(rng.choices(words, k=rng.randint(5, 14))) for _ in range(3)]
+    return " ".join(s[0].upper() + s[1:] + rng.choice(".!?") for s in sentences)
+
+
+# --- the build pipeline --------------------------------------------------------------------
+
+
+def build_tokenizer(recipe: ToyModelRecipe) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the synthetic corpus and wrap it for transformers."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    # The same normalizer and pre-tokenizer as transformers' Qwen2Tokenizer, which
+    # AutoTokenizer (and so vLLM) substitutes for any tokenizer of a qwen2 model.
+    tokenizer = Tokenizer(BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=recipe.vocab_size - len(TOOL_CALL_TOKENS),
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = synthetic_corpus(recipe.seed, recipe.corpus_documents)
+    tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=chat_template(),
+        model_max_length=recipe.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def init_model(recipe: ToyModelRecipe, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A Qwen2ForCausalLM with seeded random weights; the caller's RNG state is untouched."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = tokenizer.get_vocab()
+    endoftext, im_end = vocab[ENDOFTEXT], vocab[IM_END]
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        head_dim=recipe.head_dim,
+        max_position_embeddings=recipe.max_position_embeddings,
+        rope_theta=recipe.rope_theta,
+        tie_word_embeddings=recipe.tie_word_embeddings,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=im_end, pad_token_id=endoftext
+    )
+    return model
+
+
+def _stages(recipe: ToyModelRecipe) -> list[Stage]:
+    """The optional stages the recipe asks for, in order; none exist yet.
+
+    A training stage adds a recipe field (e.g. ``pretrain_steps: int = 0``), a function
+    with the ``Stage`` signature, and a line here appending it when the field asks for it.
+    """
+    del recipe
+    return []
+
+
+def _save(
+    model_dir: Path, recipe: ToyModelRecipe, tokenizer: PreTrainedTokenizerFast,
+    model: PreTrainedModel,
+) -> None:
+    """Write tokenizer, template, weights, generation config and recipe.json."""
+    from transformers.utils import logging
+
+    tokenizer.save_pretrained(model_dir)
+    # transformers 5 writes the template only to chat_template.jinja and names its own backend
+    # class; embedding the template and naming the portable class lets transformers 4.x (the
+    # one a GPU host's vLLM may bring) load the same directory.
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=chat_template())
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    bars_were_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # "Writing model shards" is noise for a 2.5 MB file
+    try:
+        model.save_pretrained(model_dir, safe_serialization=True)
+    finally:
+        if bars_were_enabled:
+            logging.enable_progress_bar()
+    (model_dir / "recipe.json").write_text(
+        json.dumps({"builder_version": BUILDER_VERSION, **dataclasses.asdict(recipe)},
+                   indent=2, sort_keys=True) + "\n"
+    )
+    model_dir.chmod(0o755)  # mkdtemp made it private; vLLM may run as another user
+    for path in model_dir.iterdir():
+        path.chmod(0o644)
+
+
+def build_toy_model(
+    out_dir: Path, recipe: ToyModelRecipe = ToyModelRecipe(), progress: Progress | None = None
+) -> Path:
+    """Build the model into a temporary sibling of ``out_dir``, then rename it into place.
+
+    Raises FileExistsError if ``out_dir`` already exists and is not empty.
+    """
+    report = progress or (lambda _line: None)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        report("training the tokenizer")
+        tokenizer = build_tokenizer(recipe)
+        report(f"initialising weights (vocab {len(tokenizer)}, seed {recipe.seed})")
+        model = init_model(recipe, tokenizer)
+        for stage in _stages(recipe):
+            report(f"running stage {getattr(stage, '__name__', stage)}")
+            stage(model, tokenizer, recipe)
+        _save(tmp_dir, recipe, tokenizer, model)
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    report(f"built {out_dir} in {time.monotonic() - started:.1f} s")
+    return out_dir
+
+
+def ensure_toy_model(
+    data_dir: Path, recipe: ToyModelRecipe = ToyModelRecipe(), progress: Progress | None = None
+) -> Path:
+    """Return ``data_dir/models/toy-<digest>``, building it first if it is missing.
+
+    A file lock makes concurrent callers wait for one build instead of racing.
+    """
+    report = progress or (lambda _line: None)
+    target = Path(data_dir) / "models" / f"toy-{recipe.digest()}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / f".{target.name}.lock", report):
+        if target.is_dir():
+            report(f"toy model ready at {target} (built by another process)")
+            return target
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a build that was killed
+        report(f"building toy model {target.name} (takes a few seconds, done once)")
+        return build_toy_model(target, recipe, progress=report)
+
+
+@contextmanager
+def _locked(path: Path, report: Progress) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` for the duration of a ``with`` block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report("another process is building the toy model; waiting")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
