@@ -1,7 +1,8 @@
 """The proxy's ASGI application: `make_app(settings)` (agent -> proxy -> vLLM).
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are relayed and
-recorded; ``GET /health`` reports the backend and the recorder; vLLM's administrative
+recorded; ``POST /v1/feedback`` and ``POST /v1/next_state`` take what clients tell about
+earlier turns; ``GET /health`` reports the backend and the recorder; vLLM's administrative
 endpoints are refused; any other ``/v1/*`` request passes through unchanged. The HTTP
 client, the store and the recorder are built in the lifespan and closed there.
 """
@@ -29,8 +30,10 @@ from nextstate.proxy.errors import (
     ProxyError,
     Unauthorized,
 )
+from nextstate.proxy.feedback import post_feedback, post_next_state
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.relay import (
+    TENANT,
     Generation,
     downstream_headers,
     read_body,
@@ -48,21 +51,27 @@ OPEN_PATHS = frozenset({"/health"})
 
 
 class ApiKeyMiddleware:
-    """Pure-ASGI check of ``Authorization: Bearer <key>`` when the proxy has a key."""
+    """Pure-ASGI check of ``Authorization: Bearer <key>`` when the proxy has keys; the
+    key's tenant goes into the scope for the endpoints."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, tenants_by_key: dict[bytes, str]) -> None:
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.tenants_by_key = tenants_by_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if not self.tenants_by_key or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         token = given[7:] if given[:7].lower() == b"bearer " else b""
-        if not hmac.compare_digest(token, self.api_key):
+        tenant = None
+        for key, name in self.tenants_by_key.items():
+            if hmac.compare_digest(token, key):
+                tenant = name
+        if tenant is None:
             await send_error(send, Unauthorized("Missing or invalid API key for the proxy."))
             return
+        scope[TENANT] = tenant
         await self.app(scope, receive, send)
 
 
@@ -133,6 +142,11 @@ def _error_response(exc: ProxyError) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
 
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return _error_response(exc)
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -175,11 +189,13 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/completions", Generation("completions", "/v1/completions"),
                   methods=["POST"]),
             Route("/health", health, methods=["GET"]),
+            Route("/v1/feedback", post_feedback, methods=["POST"]),
+            Route("/v1/next_state", post_next_state, methods=["POST"]),
             Route("/v1/{path:path}", Passthrough(),
                   methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],
-        exception_handlers={HTTPException: _http_exception},
+        exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
         lifespan=lifespan,
     )
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(ApiKeyMiddleware, tenants_by_key=settings.tenants_by_key())
     return app

@@ -41,10 +41,18 @@ def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
 
 
 def _settings(backend: str, store: str | None, api_key: str | None,
-              backend_api_key: str | None, no_record: bool) -> ProxySettings:
+              backend_api_key: str | None, no_record: bool,
+              client_key: tuple[str, ...] = ()) -> ProxySettings:
+    pairs = []
+    for item in client_key:
+        tenant, sep, key = item.partition("=")
+        if not sep or not tenant or not key:
+            raise click.BadParameter(f"expected TENANT=KEY, got {item!r}",
+                                     param_hint="--client-key")
+        pairs.append((tenant, key))
     return ProxySettings(backend_url=backend.rstrip("/"), store_url=store or "",
                          api_key=api_key, backend_api_key=backend_api_key,
-                         record=not no_record)
+                         record=not no_record, client_keys=tuple(pairs))
 
 
 def _ensure_toy_model(progress: bool = True) -> Path:
@@ -70,6 +78,9 @@ _api_key = click.option("--api-key", envvar="NEXTSTATE_API_KEY", default=None,
 _backend_key = click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY",
                             default=None, help="Key the proxy presents to vLLM.")
 _no_record = click.option("--no-record", is_flag=True, help="Forward without recording.")
+_client_key = click.option(
+    "--client-key", multiple=True, metavar="TENANT=KEY",
+    help="A per-client key (repeatable); each tenant sees only its own sessions.")
 _host = click.option("--host", default="127.0.0.1", show_default=True)
 
 
@@ -82,10 +93,11 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
 @_api_key
 @_backend_key
 @_no_record
+@_client_key
 def serve(backend: str, port: int, host: str, store: str | None, api_key: str | None,
-          backend_api_key: str | None, no_record: bool) -> None:
+          backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...]) -> None:
     """Run the recording proxy in front of an existing vLLM."""
-    settings = _settings(backend, store, api_key, backend_api_key, no_record)
+    settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
 

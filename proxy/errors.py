@@ -5,8 +5,10 @@
      ├── Unauthorized        401  missing or wrong proxy API key
      ├── Forbidden           403  a vLLM administrative endpoint
      ├── NotFound            404  unknown route, turn or session
+     ├── Conflict            409  feedback on another client's session
      ├── PayloadTooLarge     413  body over the configured limit
-     └── BackendUnavailable  502  vLLM cannot be reached
+     ├── BackendUnavailable  502  vLLM cannot be reached
+     └── StoreUnavailable    503  the store cannot answer a question only it can
 
 Errors that vLLM itself returns are never wrapped: they pass through untouched.
 """
@@ -59,6 +61,11 @@ class NotFound(ProxyError):
     type = "not_found_error"
 
 
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -67,3 +74,8 @@ class PayloadTooLarge(ProxyError):
 class BackendUnavailable(ProxyError):
     status = 502
     type = "backend_unavailable"
+
+
+class StoreUnavailable(ProxyError):
+    status = 503
+    type = "store_unavailable"

@@ -1,10 +1,13 @@
-"""The raw record of one turn, and how it is assembled into what the store keeps.
+"""What the proxy hands to the recorder, and how a turn's reply is assembled for the store.
 
 agent -> proxy -> vLLM; proxy -> store. The request path does as little as possible: it
 fills a `TurnRecord` with the client's request and vLLM's untouched reply (the whole
 JSON, or the list of stream chunks) and hands it to the recorder. `assemble` runs in the
 writer, off the request path, and turns that into choices with their exact token ids
 and logprobs as vLLM returned them: nothing is ever re-tokenized.
+
+Feedback (`FeedbackRecord`) and next states reported by clients (`NextStateRecord`)
+travel through the same queue, so they are written in order after the turns they name.
 """
 
 from __future__ import annotations
@@ -33,13 +36,59 @@ class TurnRecord:
     chunks: list[dict[str, Any]] = field(default_factory=list)  # streaming: every chunk
     finished_at: float | None = None
     ttft_ms: float | None = None
+    tenant: str | None = None
+    # Opt-in feedback sent with this request about the session's previous turn (or the
+    # turn named by X-NextState-Feedback-For).
+    feedback: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"kind": "turn", **asdict(self)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TurnRecord:
-        return cls(**data)
+
+@dataclass(slots=True)
+class FeedbackRecord:
+    """A score (+1, 0, -1) and optional hint for a turn, or for a session's last turn."""
+
+    feedback_id: str
+    created_at: float
+    score: int
+    source: str  # header | endpoint | adapter:<name>
+    turn_id: str | None = None
+    session_id: str | None = None
+    hint: str | None = None
+    comment: str | None = None
+    tenant: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "feedback", **asdict(self)}
+
+
+@dataclass(slots=True)
+class NextStateRecord:
+    """A next state reported by a client rather than seen in a request: e.g. the tool
+    results of an agent that ended right after calling tools."""
+
+    record_id: str
+    created_at: float
+    messages: list[dict[str, Any]]
+    source: str
+    turn_id: str | None = None
+    session_id: str | None = None
+    done: bool = False
+    tenant: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "next_state", **asdict(self)}
+
+
+Record = TurnRecord | FeedbackRecord | NextStateRecord
+_KINDS: dict[str, type[TurnRecord] | type[FeedbackRecord] | type[NextStateRecord]] = {
+    "turn": TurnRecord, "feedback": FeedbackRecord, "next_state": NextStateRecord}
+
+
+def record_from_dict(data: dict[str, Any]) -> Record:
+    data = dict(data)
+    return _KINDS[data.pop("kind", "turn")](**data)
 
 
 @dataclass(slots=True)

@@ -17,16 +17,18 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.record import Record, TurnRecord, record_from_dict
 from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.recorder")
+RECENT_IDS = 10_000
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Spool:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return path, f
 
-    def append(self, records: list[TurnRecord]) -> None:
+    def append(self, records: list[Record]) -> None:
         data = b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records)
         with self._lock:
             self._active.write(data)
@@ -123,12 +125,12 @@ class Spool:
 
 
 def _replay(path: Path, store: Store, batch: int) -> int:
-    records: list[TurnRecord] = []
+    records: list[Record] = []
     written = 0
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
-                records.append(TurnRecord.from_dict(orjson.loads(line)))
+                records.append(record_from_dict(orjson.loads(line)))
             if len(records) >= batch:
                 written += store.write(records)
                 records = []
@@ -142,7 +144,7 @@ class Recorder:
                  idle_seconds: float = 900.0, batch_size: int = 128) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
-        self.queue: asyncio.Queue[TurnRecord] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
         self.stats = RecorderStats()
@@ -150,18 +152,36 @@ class Recorder:
         self._retry_at = 0.0
         self._backoff = 0.5
         self._outstanding = 0  # submitted, not yet written or spooled
+        # Turn and session ids recently submitted, with their tenant: feedback may name a
+        # turn whose record is still on its way to the store.
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
         self._starting = False  # replaying an earlier run's spool
 
     # -- request path -------------------------------------------------------------------
 
-    def submit(self, record: TurnRecord) -> None:
+    def submit(self, record: Record) -> None:
         self.stats.submitted += 1
         self._outstanding += 1
+        if isinstance(record, TurnRecord):
+            self._remember(record.turn_id, record.tenant)
+            if record.session_id:
+                self._remember(f"session:{record.session_id}", record.tenant)
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self._spool([record])
             self._outstanding -= 1
+
+    def _remember(self, key: str, tenant: str | None) -> None:
+        self._recent[key] = tenant
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    def recent_owner(self, turn_id: str | None, session_id: str | None,
+                     ) -> tuple[str | None] | None:
+        """(tenant,) if the turn or session was submitted recently, else None."""
+        key = turn_id if turn_id is not None else f"session:{session_id}"
+        return (self._recent[key],) if key in self._recent else None
 
     # -- writer ---------------------------------------------------------------------------
 
@@ -213,13 +233,13 @@ class Recorder:
                 next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
                 await self._expire_idle()
 
-    def _take_batch(self, limit: int | None) -> list[TurnRecord]:
-        batch: list[TurnRecord] = []
+    def _take_batch(self, limit: int | None) -> list[Record]:
+        batch: list[Record] = []
         while not self.queue.empty() and (limit is None or len(batch) < limit):
             batch.append(self.queue.get_nowait())
         return batch
 
-    async def _write(self, batch: list[TurnRecord]) -> None:
+    async def _write(self, batch: list[Record]) -> None:
         try:
             if self.spool.pending:  # keep order: the store is behind the spool
                 self._spool(batch)
@@ -252,7 +272,7 @@ class Recorder:
         self._backoff = min(self._backoff * 2, 30.0)
         log.warning("store unavailable, spooling records: %s", self.stats.last_error)
 
-    def _spool(self, records: list[TurnRecord]) -> None:
+    def _spool(self, records: list[Record]) -> None:
         try:
             self.spool.append(records)
             self.stats.spooled += len(records)

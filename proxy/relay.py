@@ -26,6 +26,7 @@ from nextstate.proxy.sessions import SessionMeta, read_session_meta
 from nextstate.proxy.types import Headers, Receive, Scope, Send
 
 TURN_ID_HEADER = b"x-nextstate-turn-id"
+TENANT = "nextstate.tenant"  # scope key set by the API-key middleware
 # Hop-by-hop and framing headers are never copied between the two connections.
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer",
         b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
@@ -59,13 +60,18 @@ def parse_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
+def ours(headers: Headers) -> dict[str, str]:
+    """nextstate's own request headers (session, feedback, opt-out), decoded."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.startswith(_OURS)}
+
+
 def upstream_headers(headers: Headers, deps: Deps) -> list[tuple[bytes, bytes]]:
     """The client's headers minus hop-by-hop ones, ours, and credentials for the proxy."""
     out = [(k, v) for k, v in headers
            if k not in _HOP and not k.startswith(_OURS) and k != b"authorization"]
     if deps.settings.backend_api_key:
         out.append((b"authorization", f"Bearer {deps.settings.backend_api_key}".encode()))
-    elif deps.settings.api_key is None:
+    elif deps.settings.api_key is None and not deps.settings.client_keys:
         out.extend((k, v) for k, v in headers if k == b"authorization")
     return out
 
@@ -118,16 +124,20 @@ class Generation:
             await send_error(send, exc)
             return
         headers: Headers = scope["headers"]
-        meta = read_session_meta({k.decode("latin-1"): v.decode("latin-1")
-                                  for k, v in headers if k.startswith(_OURS)}, body)
-        await _Turn(self.endpoint, self.path, deps, meta, body, headers).run(receive, send)
+        try:
+            meta = read_session_meta(ours(headers), body)
+        except ValueError as exc:
+            await send_error(send, InvalidRequest(str(exc)))
+            return
+        turn = _Turn(self.endpoint, self.path, deps, meta, body, headers, scope.get(TENANT))
+        await turn.run(receive, send)
 
 
 class _Turn:
     """One request's relay state: the upstream response, the record, what the client asked."""
 
     def __init__(self, endpoint: Endpoint, path: str, deps: Deps, meta: SessionMeta,
-                 body: dict[str, Any], headers: Headers) -> None:
+                 body: dict[str, Any], headers: Headers, tenant: str | None) -> None:
         self.endpoint = endpoint
         self.path = path
         self.deps = deps
@@ -139,7 +149,7 @@ class _Turn:
             self.record = TurnRecord(
                 turn_id=uuid.uuid4().hex, endpoint=endpoint, created_at=self.started,
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
-                session_done=meta.done)
+                session_done=meta.done, tenant=tenant, feedback=meta.feedback)
             self.asked = add_capture(body, endpoint)
         self.stream = bool(body.get("stream"))
         self.payload = orjson.dumps(body)

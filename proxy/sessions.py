@@ -25,6 +25,9 @@ SESSION_HEADER = "x-session-id"
 TURN_TYPE_HEADER = "x-turn-type"
 SESSION_DONE_HEADER = "x-session-done"
 RECORD_HEADER = "x-nextstate-record"
+FEEDBACK_HEADER = "x-nextstate-feedback"
+HINT_HEADER = "x-nextstate-hint"
+FEEDBACK_FOR_HEADER = "x-nextstate-feedback-for"
 # Body fields with the same meaning as the headers; removed before forwarding.
 BODY_FIELDS = ("session_id", "turn_type", "session_done")
 
@@ -39,21 +42,43 @@ class SessionMeta:
     turn_type: TurnType = "main"
     done: bool = False
     record: bool = True
+    # Opt-in feedback about the previous turn (or the turn named by Feedback-For).
+    feedback: dict[str, Any] | None = None
+
+
+def parse_score(value: object) -> int:
+    """+1, 0 or -1 from a header or JSON value; ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError("a score is +1, 0 or -1, not a boolean")
+    if isinstance(value, int | float) and value in (1, 0, -1):
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("+1", "1", "0", "-1", "-0", "+0"):
+        return int(value.strip())
+    raise ValueError(f"a score is +1, 0 or -1, got {value!r}")
 
 
 def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> SessionMeta:
-    """Session fields from headers (which win) or the body; pops the body fields."""
+    """Session fields from headers (which win) or the body; pops the body fields.
+    Raises ValueError for a malformed feedback header."""
     from_body = {k: body.pop(k) for k in BODY_FIELDS if k in body}
     session_id = headers.get(SESSION_HEADER) or from_body.get("session_id")
     turn_type = (headers.get(TURN_TYPE_HEADER) or str(from_body.get("turn_type") or "main"))
     done = headers.get(SESSION_DONE_HEADER)
     done_flag = _truthy(done) if done is not None else _truthy(from_body.get("session_done"))
     record = headers.get(RECORD_HEADER, "on").strip().lower() not in {"off", "0", "false", "no"}
+    feedback = None
+    if FEEDBACK_HEADER in headers:
+        feedback = {"score": parse_score(headers[FEEDBACK_HEADER]),
+                    "hint": headers.get(HINT_HEADER) or None,
+                    "turn_id": headers.get(FEEDBACK_FOR_HEADER) or None}
+    elif HINT_HEADER in headers:
+        raise ValueError(f"{HINT_HEADER} needs {FEEDBACK_HEADER} (+1, 0 or -1) beside it")
     return SessionMeta(
         session_id=str(session_id) if session_id else None,
         turn_type="side" if turn_type.strip().lower() == "side" else "main",
         done=done_flag,
         record=record,
+        feedback=feedback,
     )
 
 

@@ -30,6 +30,9 @@ class ProxySettings:
     store_url: str = ""  # empty: a SQLite file in the data dir
     # Bearer key clients must present; None leaves the proxy open (it binds loopback).
     api_key: str | None = None
+    # Per-client keys, (tenant, key) pairs: each client's sessions, feedback and export
+    # are its own. May be combined with api_key (whose tenant is "default").
+    client_keys: tuple[tuple[str, str], ...] = ()
     # Key sent to vLLM; None passes the client's own Authorization header through
     # when the proxy has no key of its own.
     backend_api_key: str | None = None
@@ -43,6 +46,12 @@ class ProxySettings:
     upstream_connect_timeout: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
     sqlite_busy_timeout: float = 5.0
+
+    def tenants_by_key(self) -> dict[bytes, str]:
+        keys = {key.encode(): tenant for tenant, key in self.client_keys}
+        if self.api_key:
+            keys[self.api_key.encode()] = "default"
+        return keys
 
     def resolved_store_url(self) -> str:
         return self.store_url or default_store_url()

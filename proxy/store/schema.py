@@ -3,7 +3,8 @@
 ``turns`` holds one row per request: the request, the reply, exact token ids and
 logprobs, and later its next state. ``sessions`` ties turns together. ``turn_keys``
 indexes each reply by the hash of the conversation it completes, so that a request
-that extends that conversation finds its session without any header.
+that extends that conversation finds its session without any header. ``feedback`` holds
+explicit scores and hints from users (headers, the feedback endpoint, adapters).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sessions = Table(
     Column("turn_count", Integer, nullable=False, default=0),
     Column("last_main_turn_id", String(64)),
     Column("done", Boolean, nullable=False, default=False),
+    Column("tenant", String(128)),
 )
 
 turns = Table(
@@ -63,6 +65,7 @@ turns = Table(
     Column("next_state_status", String(8), nullable=False),
     Column("next_state_at", Float),
     Column("next_turn_id", String(64)),
+    Column("tenant", String(128)),
     Index("ix_turns_session", "session_id", "turn_index"),
     Index("ix_turns_pending", "next_state_status", "created_at"),
 )
@@ -74,4 +77,18 @@ turn_keys = Table(
     Column("turn_id", String(64), primary_key=True),
     Column("choice", Integer, primary_key=True),
     Column("created_at", Float, nullable=False),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("turn_id", String(64), index=True),
+    Column("session_id", String(128)),
+    Column("score", Integer, nullable=False),
+    Column("hint", Text),
+    Column("comment", Text),
+    Column("source", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("tenant", String(128)),
 )

@@ -30,21 +30,30 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from nextstate.proxy.record import Assembled, TurnRecord, assemble
+from nextstate.proxy.record import (
+    Assembled,
+    FeedbackRecord,
+    NextStateRecord,
+    Record,
+    TurnRecord,
+    assemble,
+)
 from nextstate.proxy.sessions import (
     conversation_key,
     last_assistant_index,
     next_state_kind,
     next_state_of,
 )
-from nextstate.proxy.store.schema import metadata, sessions, turn_keys, turns
+from nextstate.proxy.store.schema import feedback, metadata, sessions, turn_keys, turns
 
 EXPORT_COLUMNS = (
     "id", "session_id", "turn_index", "turn_type", "endpoint", "status", "http_status",
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
+    "tenant",
 )
+FEEDBACK_COLUMNS = ("id", "turn_id", "score", "hint", "comment", "source", "created_at")
 
 
 def make_engine(url: str, busy_timeout: float = 5.0) -> Engine:
@@ -99,35 +108,58 @@ class Store:
 
     # -- writing (the recorder's worker thread) ---------------------------------------
 
-    def write(self, records: Sequence[TurnRecord]) -> int:
-        """Write records in one transaction; returns how many were new."""
+    def write(self, records: Sequence[Record]) -> int:
+        """Write records in one transaction, in order; returns how many were new."""
         self._ready()
         written = 0
         with self.engine.begin() as conn:
             for record in records:
-                written += self._write_one(conn, record)
+                if isinstance(record, TurnRecord):
+                    written += self._write_turn(conn, record)
+                elif isinstance(record, FeedbackRecord):
+                    written += self._write_feedback(conn, record)
+                else:
+                    written += self._write_next_state(conn, record)
         return written
 
-    def _write_one(self, conn: Connection, rec: TurnRecord) -> int:
+    def _write_turn(self, conn: Connection, rec: TurnRecord) -> int:
         if conn.execute(select(turns.c.id).where(turns.c.id == rec.turn_id)).first():
             return 0  # replayed from the spool: already stored
         reply = assemble(rec)
         session_id, prev_id, session = self._resolve_session(conn, rec)
+        if rec.feedback is not None:
+            last = session.last_main_turn_id if session is not None else None
+            self._insert_feedback(conn, FeedbackRecord(
+                feedback_id=f"{rec.turn_id}-fb", created_at=rec.created_at, source="header",
+                turn_id=rec.feedback.get("turn_id") or last, session_id=session_id,
+                score=rec.feedback["score"], hint=rec.feedback.get("hint"),
+                tenant=rec.tenant))
         if prev_id is not None and rec.turn_type == "main":
-            self._pair(conn, prev_id, rec)
+            self._pair(conn, prev_id, rec.created_at, rec.turn_id, _next_state(conn, prev_id, rec))
         conn.execute(turns.insert().values(**_turn_row(rec, reply, session_id, session)))
         self._index_replies(conn, rec, reply)
         self._touch_session(conn, rec, session_id, session)
         return 1
 
+    def _session(self, conn: Connection, session_id: str) -> Any:
+        return conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
+
     def _resolve_session(
         self, conn: Connection, rec: TurnRecord
     ) -> tuple[str, str | None, Any]:
-        """(session id, previous pending main turn to pair, existing session row)."""
+        """(session id, previous pending main turn to pair, existing session row).
+
+        Sessions never cross tenants: a session id another tenant already uses is kept
+        apart under a tenant prefix, and conversation matching looks at the tenant's own
+        turns only."""
         if rec.session_id:
-            row = conn.execute(select(sessions).where(sessions.c.id == rec.session_id)).first()
+            session_id = rec.session_id
+            row = self._session(conn, session_id)
+            if row is not None and row.tenant != rec.tenant:
+                session_id = f"{rec.tenant}:{rec.session_id}"
+                row = self._session(conn, session_id)
             prev = row.last_main_turn_id if row is not None else None
-            return rec.session_id, prev, row
+            return session_id, prev, row
         messages = rec.request.get("messages")
         if rec.endpoint == "chat" and isinstance(messages, list):
             i = last_assistant_index(messages)
@@ -136,7 +168,7 @@ class Store:
                 found = conn.execute(
                     select(turns.c.id, turns.c.session_id, turns.c.next_state_status)
                     .join(turn_keys, turn_keys.c.turn_id == turns.c.id)
-                    .where(turn_keys.c.key == key)
+                    .where(turn_keys.c.key == key, _same_tenant(rec.tenant))
                     .order_by((turns.c.next_state_status == "pending").desc(),
                               turns.c.created_at.desc())
                     .limit(1)
@@ -149,23 +181,48 @@ class Store:
                     return found.session_id, prev, row
         return uuid.uuid4().hex, None, None
 
-    def _pair(self, conn: Connection, prev_id: str, rec: TurnRecord) -> None:
-        prev = conn.execute(
-            select(turns.c.request, turns.c.response, turns.c.endpoint)
-            .where(turns.c.id == prev_id, turns.c.next_state_status == "pending")
-        ).first()
-        if prev is None:
-            return
-        state = _next_state(prev, rec)
+    def _pair(self, conn: Connection, prev_id: str, at: float, next_turn_id: str | None,
+              state: list[dict[str, Any]]) -> None:
+        """Give a pending turn its next state (a no-op if it already has one)."""
         if not state:
             return
         conn.execute(
             update(turns)
             .where(turns.c.id == prev_id, turns.c.next_state_status == "pending")
             .values(next_state=state, next_state_kind=next_state_kind(state),
-                    next_state_status="paired", next_state_at=rec.created_at,
-                    next_turn_id=rec.turn_id)
+                    next_state_status="paired", next_state_at=at, next_turn_id=next_turn_id)
         )
+
+    def _target_turn(self, conn: Connection, turn_id: str | None,
+                     session_id: str | None) -> str | None:
+        if turn_id is not None:
+            return turn_id
+        row = self._session(conn, session_id) if session_id else None
+        return row.last_main_turn_id if row is not None else None
+
+    def _insert_feedback(self, conn: Connection, rec: FeedbackRecord) -> None:
+        conn.execute(feedback.insert().values(
+            id=rec.feedback_id, turn_id=rec.turn_id, session_id=rec.session_id,
+            score=rec.score, hint=rec.hint, comment=rec.comment, source=rec.source,
+            created_at=rec.created_at, tenant=rec.tenant))
+
+    def _write_feedback(self, conn: Connection, rec: FeedbackRecord) -> int:
+        if conn.execute(select(feedback.c.id).where(feedback.c.id == rec.feedback_id)).first():
+            return 0
+        rec.turn_id = self._target_turn(conn, rec.turn_id, rec.session_id)
+        self._insert_feedback(conn, rec)
+        return 1
+
+    def _write_next_state(self, conn: Connection, rec: NextStateRecord) -> int:
+        target = self._target_turn(conn, rec.turn_id, rec.session_id)
+        if target is None:
+            return 0
+        self._pair(conn, target, rec.created_at, None, rec.messages)
+        if rec.done:
+            conn.execute(update(turns).where(turns.c.id == target,
+                                             turns.c.next_state_status == "pending")
+                         .values(next_state_status="none"))
+        return 1
 
     def _index_replies(self, conn: Connection, rec: TurnRecord, reply: Assembled) -> None:
         messages = rec.request.get("messages")
@@ -187,7 +244,7 @@ class Store:
             conn.execute(sessions.insert().values(
                 id=session_id, created_at=rec.created_at, updated_at=now, turn_count=1,
                 last_main_turn_id=rec.turn_id if becomes_last else None,
-                done=rec.session_done))
+                done=rec.session_done, tenant=rec.tenant))
             return
         values: dict[str, Any] = {"updated_at": now, "turn_count": row.turn_count + 1,
                                   "done": rec.session_done}
@@ -220,14 +277,37 @@ class Store:
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
         with self.engine.connect() as conn:
-            for row in conn.execute(query.execution_options(yield_per=200)):
-                yield _export_row(row)
+            rows = conn.execute(query.execution_options(yield_per=200))
+            for batch in rows.partitions():
+                given = self._feedback_for(conn, [row.id for row in batch])
+                for row in batch:
+                    yield _export_row(row, given.get(row.id, []))
 
     def turn(self, turn_id: str) -> dict[str, Any] | None:
         self._ready()
         with self.engine.connect() as conn:
             row = conn.execute(_export_query().where(turns.c.id == turn_id)).first()
-        return _export_row(row) if row is not None else None
+            if row is None:
+                return None
+            return _export_row(row, self._feedback_for(conn, [turn_id]).get(turn_id, []))
+
+    def _feedback_for(self, conn: Connection, turn_ids: list[str]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        query = (select(*(feedback.c[c] for c in FEEDBACK_COLUMNS))
+                 .where(feedback.c.turn_id.in_(turn_ids)).order_by(feedback.c.created_at))
+        for row in conn.execute(query):
+            item = {str(k): v for k, v in row._mapping.items()}
+            out.setdefault(item.pop("turn_id"), []).append(item)
+        return out
+
+    def owner(self, turn_id: str | None = None, session_id: str | None = None,
+              ) -> tuple[bool, str | None]:
+        """(exists, tenant) of a turn or a session."""
+        self._ready()
+        table, key = (turns, turn_id) if turn_id is not None else (sessions, session_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table.c.tenant).where(table.c.id == key)).first()
+        return (row is not None, row.tenant if row is not None else None)
 
     def count_turns(self) -> int:
         self._ready()
@@ -239,11 +319,16 @@ def _export_query() -> Select[Any]:
     return select(*(turns.c[name] for name in EXPORT_COLUMNS))
 
 
-def _export_row(row: Row[Any]) -> dict[str, Any]:
+def _export_row(row: Row[Any], given: list[Any]) -> dict[str, Any]:
     # Column names are SQLAlchemy `quoted_name`s; plain str keys serialise anywhere.
     data = {str(k): v for k, v in row._mapping.items()}
     data["turn_id"] = data.pop("id")
+    data["feedback"] = given
     return data
+
+
+def _same_tenant(tenant: str | None) -> Any:
+    return turns.c.tenant.is_(None) if tenant is None else turns.c.tenant == tenant
 
 
 def _turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -> dict[str, Any]:
@@ -279,15 +364,18 @@ def _turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) 
         "completion_token_ids": reply.first("token_ids"),
         "logprobs": reply.first("logprobs"),
         "next_state_status": ns_status,
+        "tenant": rec.tenant,
     }
 
 
-def _next_state(prev: Any, rec: TurnRecord) -> list[dict[str, Any]]:
+def _next_state(conn: Connection, prev_id: str, rec: TurnRecord) -> list[dict[str, Any]]:
     messages = rec.request.get("messages")
     if rec.endpoint == "chat" and isinstance(messages, list):
         return next_state_of(messages)
     prompt = rec.request.get("prompt")
-    if not isinstance(prompt, str):
+    prev = conn.execute(select(turns.c.request, turns.c.response)
+                        .where(turns.c.id == prev_id)).first()
+    if not isinstance(prompt, str) or prev is None:
         return []
     # Completions: the next state is what the new prompt adds after the previous
     # prompt and its completion (the whole prompt if it does not extend them).

@@ -173,3 +173,117 @@ def test_health_reports_backend_and_recorder(client):
     body = client.get("/health").json()
     assert body["backend"]["ok"] is True
     assert body["recorder"]["dropped"] == 0
+
+
+# -- feedback ---------------------------------------------------------------------------
+
+
+def test_feedback_headers_score_the_previous_turn_and_are_not_forwarded(client, fake):
+    first = client.post("/v1/chat/completions", json=CHAT, headers={"X-Session-Id": "s"})
+    client.post("/v1/chat/completions", json=CHAT, headers={
+        "X-Session-Id": "s", "X-NextState-Feedback": "-1",
+        "X-NextState-Hint": "Answer in one word."})
+    assert not any(k.startswith("x-nextstate") for k in fake.headers[1])
+    rows = records(client, submitted=2)
+    target = next(r for r in rows if r["turn_id"] == first.headers["x-nextstate-turn-id"])
+    [given] = target["feedback"]
+    assert (given["score"], given["hint"], given["source"]) == (-1, "Answer in one word.",
+                                                                "header")
+
+
+def test_feedback_for_names_the_turn(client):
+    first = client.post("/v1/chat/completions", json=CHAT)
+    turn_id = first.headers["x-nextstate-turn-id"]
+    client.post("/v1/chat/completions", json=CHAT, headers={
+        "X-NextState-Feedback": "+1", "X-NextState-Feedback-For": turn_id})
+    rows = {r["turn_id"]: r for r in records(client, submitted=2)}
+    assert rows[turn_id]["feedback"][0]["score"] == 1
+
+
+def test_malformed_feedback_header_is_a_400(client, fake):
+    answer = client.post("/v1/chat/completions", json=CHAT,
+                         headers={"X-NextState-Feedback": "great"})
+    assert answer.status_code == 400
+    assert fake.requests == []
+
+
+def test_feedback_endpoint_records_score_hint_and_comment(client):
+    turn_id = client.post("/v1/chat/completions", json=CHAT).headers["x-nextstate-turn-id"]
+    answer = client.post("/v1/feedback", json={"turn_id": turn_id, "score": -1,
+                                               "hint": "Be brief.", "comment": "meh"})
+    assert answer.status_code == 200
+    assert answer.json()["turn_id"] == turn_id
+    [row] = records(client, submitted=2)
+    assert row["feedback"][0] | {"id": None, "created_at": None} == {
+        "id": None, "created_at": None, "score": -1, "hint": "Be brief.", "comment": "meh",
+        "source": "endpoint"}
+
+
+def test_feedback_for_a_session_goes_to_its_last_main_turn(client):
+    client.post("/v1/chat/completions", json=CHAT, headers={"X-Session-Id": "s9"})
+    last = client.post("/v1/chat/completions", json=CHAT, headers={"X-Session-Id": "s9"})
+    client.post("/v1/feedback", json={"session_id": "s9", "score": 1,
+                                      "source": "adapter:test"})
+    rows = {r["turn_id"]: r for r in records(client, submitted=3)}
+    assert rows[last.headers["x-nextstate-turn-id"]]["feedback"][0]["source"] == "adapter:test"
+
+
+@pytest.mark.parametrize("body", [
+    {"score": 1},                                   # no target
+    {"turn_id": "a", "session_id": "b", "score": 1},  # two targets
+    {"turn_id": "a", "score": 2},
+    {"turn_id": "a", "score": "yes"},
+    {"turn_id": "a", "score": True},
+    {"turn_id": 5, "score": 1},
+    {"turn_id": "a", "score": 1, "hint": ["x"]},
+    {"turn_id": "a", "score": 1, "source": "me"},
+])
+def test_malformed_feedback_is_a_400(client, body):
+    answer = client.post("/v1/feedback", json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_feedback_for_an_unknown_turn_is_a_404(client):
+    answer = client.post("/v1/feedback", json={"turn_id": "nope", "score": 1})
+    assert answer.status_code == 404
+    assert answer.json()["error"]["type"] == "not_found_error"
+
+
+def test_feedback_on_another_clients_turn_is_a_409(tmp_path, fake):
+    keys = (("alice", "ka"), ("bob", "kb"))
+    with open_client(tmp_path, fake, client_keys=keys) as c:
+        turn = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer ka"})
+        turn_id = turn.headers["x-nextstate-turn-id"]
+        as_bob = c.post("/v1/feedback", json={"turn_id": turn_id, "score": 1},
+                        headers={"Authorization": "Bearer kb"})
+        assert as_bob.status_code == 409
+        records(c)  # once written, the store answers the same
+        as_bob = c.post("/v1/feedback", json={"turn_id": turn_id, "score": 1},
+                        headers={"Authorization": "Bearer kb"})
+        assert as_bob.status_code == 409
+        as_alice = c.post("/v1/feedback", json={"turn_id": turn_id, "score": 1},
+                          headers={"Authorization": "Bearer ka"})
+        assert as_alice.status_code == 200
+        [row] = records(c, submitted=2)
+    assert row["tenant"] == "alice"
+    assert len(row["feedback"]) == 1
+
+
+def test_next_state_endpoint_pairs_a_pending_turn(client):
+    turn_id = client.post("/v1/chat/completions", json=CHAT).headers["x-nextstate-turn-id"]
+    tool = {"role": "tool", "tool_call_id": "c1", "content": "Error: division by zero"}
+    answer = client.post("/v1/next_state", json={"turn_id": turn_id, "messages": [tool],
+                                                 "done": True})
+    assert answer.status_code == 200
+    [row] = records(client, submitted=2)
+    assert row["next_state"] == [tool]
+    assert row["next_state_kind"] == "tool"
+    assert row["next_state_status"] == "paired"
+
+
+@pytest.mark.parametrize("body", [{"turn_id": "a"}, {"turn_id": "a", "messages": []},
+                                  {"turn_id": "a", "messages": ["x"]},
+                                  {"turn_id": "a", "messages": [{"role": "user"}], "done": 1}])
+def test_malformed_next_state_is_a_400(client, body):
+    assert client.post("/v1/next_state", json=body).status_code == 400
