@@ -96,11 +96,16 @@ class Store:
         with self._schema_lock:
             if self._schema_ready:
                 return
-            try:
-                metadata.create_all(self.engine)
-            except DBAPIError:
-                # Another process created them between our check and our CREATE.
-                metadata.create_all(self.engine)
+            for attempt in range(5):
+                try:
+                    metadata.create_all(self.engine)
+                    break
+                except DBAPIError:
+                    # Another process (or Store) created them between our check and our
+                    # CREATE; the next check sees them.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
             self._schema_ready = True
 
     def close(self) -> None:
