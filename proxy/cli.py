@@ -2,6 +2,7 @@
 
     nextstate up          embedded vLLM + toy model + proxy, on the embedded defaults
     nextstate serve       the proxy in front of an existing vLLM
+    nextstate learn       the learner: judge recorded turns
     nextstate toy-model   build (or find in the cache) the embedded toy model
     nextstate export      write recorded turns as JSON lines
 
@@ -151,6 +152,42 @@ def _announce(host: str, port: int, model: str, store: str | None, api_key: str 
         f"  store:  {settings.resolved_store_url()}\n"
         f"  export: nextstate export --store {settings.resolved_store_url()}\n\n"
         "Ctrl-C stops everything.", err=True)
+
+
+@main.command()
+@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
+              help="URL of the vLLM server the proxy talks to.")
+@click.option("--model", "base_model", default=TOY_MODEL_NAME, show_default=True,
+              help="Served name of the base model.")
+@_store
+@click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
+              show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
+@click.option("--judge-model", default=None,
+              help="litellm model for --judge llm (default: the base model on --backend).")
+@click.option("--judge-api-base", default=None)
+@click.option("--once", is_flag=True, help="Do one round of work and exit.")
+def learn(backend: str, base_model: str, store: str | None, judge: str,
+          judge_model: str | None, judge_api_base: str | None, once: bool) -> None:
+    """Run the learner: judge recorded turns (and, later, train on them)."""
+    import asyncio
+    import logging
+
+    from nextstate.learner.process import Learner, LearnerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = LearnerConfig(store_url=store or ProxySettings().resolved_store_url(),
+                           backend_url=backend.rstrip("/"), base_model=base_model,
+                           judge=judge, judge_model=judge_model,
+                           judge_api_base=judge_api_base)
+
+    async def go() -> None:
+        learner = Learner(config)
+        try:
+            await (learner.step() if once else learner.run())
+        finally:
+            await learner.close()
+
+    asyncio.run(go())
 
 
 @main.command("toy-model")

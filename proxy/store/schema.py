@@ -5,6 +5,9 @@ logprobs, and later its next state. ``sessions`` ties turns together. ``turn_key
 indexes each reply by the hash of the conversation it completes, so that a request
 that extends that conversation finds its session without any header. ``feedback`` holds
 explicit scores and hints from users (headers, the feedback endpoint, adapters).
+
+The learner's tables live here too, so that the proxy can report on it: ``judgments``
+(one per judged turn: score, votes, hints, teacher logprobs) and ``learner_status``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ sessions = Table(
     Column("last_main_turn_id", String(64)),
     Column("done", Boolean, nullable=False, default=False),
     Column("tenant", String(128)),
+    # The episode's outcome (feedback given for the whole session, e.g. a test verdict);
+    # the trainer adds it to every step's judge score.
+    Column("outcome", Integer),
 )
 
 turns = Table(
@@ -91,4 +97,34 @@ feedback = Table(
     Column("source", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("tenant", String(128)),
+)
+
+judgments = Table(
+    "judgments",
+    metadata,
+    Column("turn_id", String(64), primary_key=True),
+    Column("status", String(8), nullable=False),  # ok | error
+    Column("score", Integer),
+    Column("source", String(16)),  # judge | feedback | none (no next state, no feedback)
+    Column("votes", JSON),
+    Column("texts", JSON),
+    Column("hints", JSON),
+    Column("judge", String(256)),
+    Column("prompt_version", String(64)),
+    # One list of teacher logprobs per hint, aligned with the turn's completion tokens.
+    Column("teacher_logprobs", JSON),
+    Column("teacher_model", String(256)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_judgments_status", "status", "updated_at"),
+)
+
+learner_status = Table(
+    "learner_status",
+    metadata,
+    Column("id", Integer, primary_key=True),  # one row per learner (0)
+    Column("updated_at", Float, nullable=False),
+    Column("status", JSON, nullable=False),
 )

@@ -214,6 +214,10 @@ class Store:
     def _write_feedback(self, conn: Connection, rec: FeedbackRecord) -> int:
         if conn.execute(select(feedback.c.id).where(feedback.c.id == rec.feedback_id)).first():
             return 0
+        if rec.turn_id is None and rec.session_id is not None:
+            # Feedback for a whole session is its episode's outcome.
+            conn.execute(update(sessions).where(sessions.c.id == rec.session_id)
+                         .values(outcome=rec.score))
         rec.turn_id = self._target_turn(conn, rec.turn_id, rec.session_id)
         self._insert_feedback(conn, rec)
         return 1
@@ -275,12 +279,16 @@ class Store:
 
     # -- reading (export, learner, tests) -----------------------------------------------
 
-    def turns(self, session_id: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every turn (of one session), oldest first, in the export format."""
+    def turns(self, session_id: str | None = None, ids: Sequence[str] | None = None,
+              ) -> Iterator[dict[str, Any]]:
+        """Every turn (of one session, or with these ids), oldest first, in the export
+        format."""
         self._ready()
         query = _export_query().order_by(turns.c.created_at, turns.c.turn_index)
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
+        if ids is not None:
+            query = query.where(turns.c.id.in_(list(ids)))
         with self.engine.connect() as conn:
             rows = conn.execute(query.execution_options(yield_per=200))
             for batch in rows.partitions():

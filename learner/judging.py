@@ -1,0 +1,80 @@
+"""The judging stage (store -> learner -> judge -> store).
+
+Picks turns that have their next state, asks the judge for a score and hindsight hints,
+computes teacher logprobs for each hint, and writes one judgment per turn. It runs
+concurrently with serving and never touches the proxy's request path. A judge or teacher
+failure leaves the turn unjudged with the reason recorded; it is retried later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nextstate.learner.judgment import Judge, JudgeError, Judgment
+from nextstate.learner.store import LearnerStore
+from nextstate.learner.teacher import Teacher, TeacherError
+
+log = logging.getLogger("nextstate.learner.judging")
+
+
+@dataclass(frozen=True)
+class JudgingConfig:
+    batch: int = 32  # turns taken from the store per round
+    concurrency: int = 4  # turns judged at once
+    max_attempts: int = 5  # a turn the judge keeps failing on is given up after this
+    retry_after: float = 30.0  # seconds before a failed turn is tried again
+    max_hints: int = 3  # teacher logprobs are computed for at most this many hints
+
+
+@dataclass
+class JudgingReport:
+    judged: int = 0
+    failed: int = 0
+    hints: int = 0
+    last_error: str | None = None
+
+
+async def judge_pending(store: LearnerStore, judge: Judge, teacher: Teacher | None,
+                        config: JudgingConfig = JudgingConfig()) -> JudgingReport:
+    """Judge what is waiting, once; returns what happened."""
+    turns = await asyncio.to_thread(store.to_judge, config.batch,
+                                    max_attempts=config.max_attempts,
+                                    retry_after=config.retry_after)
+    report = JudgingReport()
+    gate = asyncio.Semaphore(config.concurrency)
+
+    async def one(turn: dict[str, Any]) -> None:
+        async with gate:
+            try:
+                judgment, teacher_logprobs = await _judge_turn(turn, judge, teacher, config)
+            except (JudgeError, TeacherError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                await asyncio.to_thread(store.save_error, turn["turn_id"], reason)
+                report.failed += 1
+                report.last_error = reason
+                log.warning("turn %s not judged: %s", turn["turn_id"], reason)
+                return
+            await asyncio.to_thread(store.save_judgment, turn["turn_id"], judgment,
+                                    teacher_logprobs, teacher.model if teacher else None)
+            report.judged += 1
+            report.hints += len(judgment.hints)
+
+    await asyncio.gather(*(one(t) for t in turns))
+    return report
+
+
+async def _judge_turn(turn: dict[str, Any], judge: Judge, teacher: Teacher | None,
+                      config: JudgingConfig) -> tuple[Judgment, list[list[float]]]:
+    if turn["next_state_status"] == "none" and not turn.get("feedback"):
+        # No next state, no feedback: nothing to learn from, nothing to ask a judge.
+        return Judgment(score=0, judge=judge.name, prompt_version=judge.prompt_version,
+                        source="none"), []
+    judgment = await judge.judge(turn)
+    teacher_logprobs = []
+    if teacher is not None and turn.get("completion_token_ids"):
+        for hint in judgment.hints[: config.max_hints]:
+            teacher_logprobs.append(await teacher.logprobs(turn, hint))
+    return judgment, teacher_logprobs

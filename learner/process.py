@@ -1,0 +1,122 @@
+"""The learner process: ``nextstate learn`` (store -> learner -> judge -> store).
+
+A separate process from the proxy, attached to the same store and the same vLLM. It
+loops: judge the turns that have their next state, then report what it is doing in the
+store (the proxy's status endpoint shows it). Killing it at any moment loses nothing:
+all of its state is in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
+from nextstate.learner.judgment import Judge
+from nextstate.learner.store import LearnerStore
+from nextstate.learner.teacher import Teacher
+
+log = logging.getLogger("nextstate.learner")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    store_url: str
+    backend_url: str
+    base_model: str  # the served name of the base model
+    judge: str = "rules"  # rules | llm
+    judge_model: str | None = None  # for llm: a litellm model string
+    judge_api_base: str | None = None
+    judge_api_key: str | None = None
+    teacher: str = "base"  # whose logprobs teach: base (the paper's choice) | policy
+    poll_seconds: float = 1.0
+    judging: JudgingConfig = field(default_factory=JudgingConfig)
+
+
+def make_judge(config: LearnerConfig) -> Judge:
+    if config.judge == "rules":
+        from nextstate.learner.rules import RulesJudge
+
+        return RulesJudge()
+    if config.judge == "llm":
+        from nextstate.learner.llm_judge import LLMJudge
+
+        model = config.judge_model or f"hosted_vllm/{config.base_model}"
+        api_base = config.judge_api_base or (
+            f"{config.backend_url}/v1" if config.judge_model is None else None)
+        return LLMJudge(model, api_base=api_base, api_key=config.judge_api_key)
+    raise ValueError(f"unknown judge {config.judge!r} (rules or llm)")
+
+
+@dataclass
+class Totals:
+    judged: int = 0
+    judge_failures: int = 0
+    hints: int = 0
+    recent_errors: list[str] = field(default_factory=list)
+
+    def add(self, report: JudgingReport) -> None:
+        self.judged += report.judged
+        self.judge_failures += report.failed
+        self.hints += report.hints
+        if report.last_error:
+            self.recent_errors = [*self.recent_errors, report.last_error][-10:]
+
+
+class Learner:
+    def __init__(self, config: LearnerConfig, judge: Judge | None = None) -> None:
+        self.config = config
+        self.store = LearnerStore(config.store_url)
+        self.judge = judge or make_judge(config)
+        self.teacher = Teacher(config.backend_url, config.base_model)
+        self.totals = Totals()
+        self.started_at = time.time()
+        self.state = "idle"
+
+    async def close(self) -> None:
+        await self.teacher.close()
+        self.store.close()
+
+    async def step(self) -> int:
+        """One round of work; returns how many turns it handled."""
+        self._set_state("judging")
+        report = await judge_pending(self.store, self.judge, self.teacher,
+                                     self.config.judging)
+        self.totals.add(report)
+        self._set_state("idle")
+        return report.judged + report.failed
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        log.info("learner started: judge %s, store %s", self.judge.name,
+                 self.config.store_url)
+        while not stop.is_set():
+            try:
+                busy = await self.step()
+            except Exception as exc:  # the store or vLLM is away: report, wait, go on
+                log.exception("learner round failed")
+                self.totals.recent_errors = [*self.totals.recent_errors,
+                                             f"{type(exc).__name__}: {exc}"][-10:]
+                busy = 0
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.config.poll_seconds)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
+            "judge": self.judge.name, "teacher": self.teacher.model,
+            "counts": self.store.counts(), "totals": asdict(self.totals),
+        }
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        try:
+            self.store.write_status(self.status())
+        except Exception as exc:  # status is best effort; the work is not
+            log.warning("could not write learner status: %s", exc)

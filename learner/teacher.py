@@ -1,0 +1,111 @@
+"""Teacher logprobs for on-policy distillation (learner -> vLLM).
+
+For a turn with a hindsight hint, the teacher is the same model shown the hint: the hint
+is appended to the last user message, the prompt is rebuilt by vLLM's own ``/tokenize``
+(same chat template, tools and generation prompt as the turn had), and vLLM scores the
+turn's *recorded* completion tokens under that prompt (``/v1/completions`` with a
+token-id prompt and ``prompt_logprobs``). The result is one teacher logprob per
+completion token, aligned exactly with what was sampled; nothing is re-tokenized.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+HINT_MARKER = "\n\n[user's hint / instruction]\n"
+
+
+class TeacherError(Exception):
+    """vLLM could not score the turn (down, prompt too long, ...)."""
+
+
+def with_hint(messages: Sequence[dict[str, Any]], hint: str) -> list[dict[str, Any]]:
+    """The messages with ``hint`` appended to the last user message (or added as one)."""
+    out = copy.deepcopy(list(messages))
+    for message in reversed(out):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                message["content"] = [*content, {"type": "text", "text": HINT_MARKER + hint}]
+            else:
+                message["content"] = f"{content or ''}{HINT_MARKER}{hint}"
+            return out
+    return [*out, {"role": "user", "content": HINT_MARKER.lstrip("\n") + hint}]
+
+
+def completion_logprobs(prompt_logprobs: Sequence[Any], completion_ids: Sequence[int],
+                        prompt_len: int) -> list[float]:
+    """Pick the logprob of each completion token out of vLLM's ``prompt_logprobs`` for the
+    sequence prompt + completion (entry i scores token i; entry 0 is null)."""
+    out = []
+    for position, token in enumerate(completion_ids, start=prompt_len):
+        entry = prompt_logprobs[position]
+        if not entry or str(token) not in entry:
+            raise TeacherError(f"no logprob for token {token} at position {position}")
+        out.append(float(entry[str(token)]["logprob"]))
+    return out
+
+
+class Teacher:
+    """Scores recorded completions under a hint, with a model served by vLLM.
+
+    ``model`` is the served name of the teacher: the frozen base model (the paper's
+    choice) or the current adapter's version name.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
+                 timeout: float = 120.0, client: httpx.AsyncClient | None = None) -> None:
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
+                                                  timeout=timeout, headers=headers)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def logprobs(self, turn: dict[str, Any], hint: str | None) -> list[float]:
+        """Teacher logprobs of ``turn``'s completion tokens; ``hint=None`` scores the
+        original prompt (which reproduces the sampler's logprobs)."""
+        completion = turn.get("completion_token_ids") or []
+        if not completion:
+            raise TeacherError("the turn has no completion tokens")
+        prompt = await self._prompt_ids(turn, hint)
+        answer = await self._post("/v1/completions", {
+            "model": self.model, "prompt": prompt + list(completion), "max_tokens": 1,
+            "temperature": 0, "prompt_logprobs": 0})
+        scored = answer["choices"][0].get("prompt_logprobs")
+        if not scored or len(scored) != len(prompt) + len(completion):
+            raise TeacherError("vLLM returned no prompt logprobs for the sequence")
+        return completion_logprobs(scored, completion, len(prompt))
+
+    async def _prompt_ids(self, turn: dict[str, Any], hint: str | None) -> list[int]:
+        request = turn["request"]
+        if turn.get("endpoint") == "completions":
+            if hint is None:
+                return list(turn["prompt_token_ids"])
+            prompt = f"{request.get('prompt', '')}{HINT_MARKER}{hint}"
+            answer = await self._post("/tokenize", {"model": self.model, "prompt": prompt})
+        else:
+            if hint is None:
+                return list(turn["prompt_token_ids"])
+            body: dict[str, Any] = {"model": self.model, "add_generation_prompt": True,
+                                    "messages": with_hint(request["messages"], hint)}
+            if request.get("tools"):
+                body["tools"] = request["tools"]
+            answer = await self._post("/tokenize", body)
+        return list(answer["tokens"])
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            answer = await self.client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise TeacherError(f"vLLM unreachable for {path}: {type(exc).__name__}") from exc
+        if answer.status_code != 200:
+            raise TeacherError(f"vLLM answered {answer.status_code} to {path}: "
+                               f"{answer.text[:300]}")
+        result: dict[str, Any] = answer.json()
+        return result
