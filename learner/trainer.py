@@ -1,0 +1,281 @@
+"""The trainer: one optimizer step of LoRA training on judged turns (learner -> trainer).
+
+Each `TrainItem` is a recorded turn exactly as vLLM produced it (prompt ids, completion
+ids, the sampler's logprobs) with its signals: the judge's reward and/or the teacher's
+logprobs under a hindsight hint. Nothing is re-tokenized. A step:
+
+1. recompute π_old, the current weights' logprobs of every completion token;
+2. turn the signals into per-token advantages (binary, opd or combined);
+3. make ``passes`` optimizer passes over the batch with the clipped surrogate, in
+   micro-batches bounded by a token budget (gradients accumulate across them);
+4. measure how far the policy moved (KL on the batch), for the publish gate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nextstate.learner.losses import (
+    binary_advantages,
+    clipped_surrogate,
+    combined_advantages,
+    kl_to_reference,
+    opd_advantages,
+)
+
+Method = Literal["binary", "opd", "combined"]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    method: Method = "combined"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    # None: 1e-3 for models under 100M parameters (the toy model needs it to move in a
+    # few steps), 2e-5 above (a usual LoRA rate for 4-8B models).
+    learning_rate: float | None = None
+    batch_turns: int = 16  # turns per optimizer step
+    passes: int = 2  # optimizer updates per batch (measured: 2 learns faster than 1)
+    max_tokens_per_microbatch: int = 8192
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    importance_cap: float = 2.0
+    opd_clip: float = 1.0
+    w_opd: float = 1.0
+    w_rl: float = 1.0
+    kl_coef: float = 0.0  # KL to the base model (adapter off); 0: off
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TrainItem:
+    turn_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float]
+    reward: float | None = None  # judge score (+ episode outcome); None: no evaluative signal
+    teacher_logprobs: list[float] | None = None  # None: no hint
+    weight: float = 1.0  # < 1 for stale turns when down-weighting
+
+
+@dataclass
+class StepStats:
+    turns: int = 0
+    tokens: int = 0
+    loss: float = 0.0
+    clip_fraction: float = 0.0
+    advantage_mean: float = 0.0
+    reward_mean: float | None = None
+    kl: float = 0.0  # KL(π_before ‖ π_after) on the batch's tokens
+    importance_weight: float = 1.0
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    def __init__(self, base_model: Path, config: TrainerConfig = TrainerConfig(),
+                 resume_from: Path | None = None, device: torch.device | None = None) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.device = device or pick_device()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        if self.device.type == "cuda" and n_params > 1e9:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if resume_from is not None:
+            self.model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        else:
+            targets = [t for t in config.target_modules
+                       if any(name.endswith(t) for name, _ in model.named_modules())]
+            self.model = get_peft_model(model, LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                target_modules=targets, task_type="CAUSAL_LM"))
+        self.model.to(self.device)
+        lr = config.learning_rate or (1e-3 if n_params < 1e8 else 2e-5)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if resume_from is not None and (resume_from / "optimizer.pt").exists():
+            self.optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt",
+                                                      map_location=self.device))
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, items: Sequence[TrainItem]) -> StepStats:
+        start = time.monotonic()
+        cfg = self.config
+        self.model.train()
+        old = self.logprobs(items)  # π_old: the weights as the step starts
+        ref = self._reference_logprobs(items) if cfg.kl_coef else None
+        advantages = [self._advantages(item, old_t) for item, old_t in zip(items, old,
+                                                                            strict=True)]
+        total_tokens = sum(len(item.completion_ids) for item in items)
+        stats: list[tuple[float, Any]] = []
+        for _ in range(cfg.passes):
+            self.optimizer.zero_grad(set_to_none=True)
+            for batch in self._microbatches(items):
+                logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
+                old_B_T = _pad([old[i] for i in batch], mask_B_T)
+                adv_B_T = _pad([advantages[i] for i in batch], mask_B_T)
+                sampler_B_T = _pad([torch.tensor(items[i].sampler_logprobs) for i in batch],
+                                   mask_B_T)
+                loss, s = clipped_surrogate(
+                    logp_B_T, old_B_T, adv_B_T, mask_B_T, sampler_B_T,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                    importance_cap=cfg.importance_cap)
+                if ref is not None:
+                    loss = loss + cfg.kl_coef * kl_to_reference(
+                        logp_B_T, _pad([ref[i] for i in batch], mask_B_T), mask_B_T)
+                share = float(mask_B_T.sum()) / total_tokens
+                (loss * share).backward()
+                stats.append((share, s))
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            self.optimizer.step()
+        new = self.logprobs(items)
+        return self._summary(items, old, new, advantages, stats, total_tokens, start)
+
+    def _advantages(self, item: TrainItem, old_T: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        mask_1_T = torch.ones(1, len(old_T))
+        old_1_T = old_T[None]
+        reward_1 = torch.tensor([item.reward or 0.0])
+        teacher_1_T = (torch.tensor(item.teacher_logprobs)[None]
+                       if item.teacher_logprobs is not None else old_1_T)
+        if cfg.method == "binary":
+            adv = binary_advantages(reward_1, mask_1_T)
+        elif cfg.method == "opd":
+            adv = opd_advantages(teacher_1_T, old_1_T, mask_1_T, cfg.opd_clip)
+        else:
+            adv = combined_advantages(
+                teacher_1_T, old_1_T, reward_1,
+                has_teacher_B=torch.tensor([float(item.teacher_logprobs is not None)]),
+                has_reward_B=torch.tensor([float(item.reward is not None)]),
+                mask_B_T=mask_1_T, w_opd=cfg.w_opd, w_rl=cfg.w_rl, clip=cfg.opd_clip)
+        return adv[0] * item.weight
+
+    # -- logprobs -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, items: Sequence[TrainItem]) -> list[torch.Tensor]:
+        """Per-token logprobs of each item's completion under the current weights."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        for batch in self._microbatches(items):
+            logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
+            for row, i in enumerate(batch):
+                out[i] = logp_B_T[row, : int(mask_B_T[row].sum())].float().cpu()
+        return out
+
+    @torch.no_grad()
+    def _reference_logprobs(self, items: Sequence[TrainItem]) -> list[torch.Tensor]:
+        with self.model.disable_adapter():
+            return self.logprobs(items)
+
+    def _forward(self, items: Sequence[TrainItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded forward pass; returns completion logprobs [B, T] and their mask."""
+        seqs = [item.prompt_ids + item.completion_ids for item in items]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        attention = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        logits = self.model(input_ids=ids.to(self.device),
+                            attention_mask=attention.to(self.device)).logits.float()
+        t_max = max(len(item.completion_ids) for item in items)
+        logp_B_T = torch.zeros(len(items), t_max, device=self.device)
+        mask_B_T = torch.zeros(len(items), t_max, device=self.device)
+        for row, item in enumerate(items):
+            p, t = len(item.prompt_ids), len(item.completion_ids)
+            # logits at position i predict token i + 1
+            row_logp = torch.log_softmax(logits[row, p - 1 : p + t - 1], dim=-1)
+            target = torch.tensor(item.completion_ids, device=self.device)
+            logp_B_T[row, :t] = row_logp.gather(-1, target[:, None])[:, 0]
+            mask_B_T[row, :t] = 1.0
+        return logp_B_T, mask_B_T
+
+    def _microbatches(self, items: Sequence[TrainItem]) -> Iterator[list[int]]:
+        """Indices of items grouped so that each padded group fits the token budget
+        (an item longer than the budget goes alone)."""
+        budget = self.config.max_tokens_per_microbatch
+        batch: list[int] = []
+        longest = 0
+        for i, item in enumerate(items):
+            n = len(item.prompt_ids) + len(item.completion_ids)
+            if batch and max(longest, n) * (len(batch) + 1) > budget:
+                yield batch
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, n)
+        if batch:
+            yield batch
+
+    def _summary(self, items: Sequence[TrainItem], old: list[torch.Tensor],
+                 new: list[torch.Tensor], advantages: list[torch.Tensor],
+                 stats: list[tuple[float, Any]], total_tokens: int, start: float) -> StepStats:
+        passes = max(1, self.config.passes)
+        mask = torch.ones(1, total_tokens)
+        old_all, new_all = torch.cat(old)[None], torch.cat(new)[None]
+        rewards = [item.reward for item in items if item.reward is not None]
+        seconds = time.monotonic() - start
+        return StepStats(
+            turns=len(items), tokens=total_tokens,
+            loss=sum(share * s.loss for share, s in stats) / passes,
+            clip_fraction=sum(share * s.clip_fraction for share, s in stats) / passes,
+            advantage_mean=float(torch.cat(advantages).mean()),
+            reward_mean=sum(rewards) / len(rewards) if rewards else None,
+            kl=float(kl_to_reference(new_all, old_all, mask)),
+            importance_weight=sum(share * s.importance_weight for share, s in stats) / passes,
+            tokens_per_second=total_tokens * (passes + 2) / max(seconds, 1e-9),
+            seconds=seconds,
+        )
+
+    # -- saving and restoring -------------------------------------------------------------------
+
+    def save(self, directory: Path, stats: StepStats | None = None) -> Path:
+        """The adapter (peft format, loadable by vLLM) plus the optimizer state to resume."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if stats is not None:
+            (directory / "step.json").write_text(json.dumps(asdict(stats)))
+        return directory
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The trainable weights and optimizer state, to undo a step the gate refuses."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                   if "lora_" in k}
+        return weights, copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        weights, optimizer = snapshot
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(optimizer)
+
+
+def _pad(rows: Sequence[torch.Tensor], like_B_T: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like_B_T)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row.to(like_B_T.device)
+    return out
+
