@@ -41,7 +41,6 @@ async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_token
         seen.append((request.url.path, body))
         if request.url.path == "/tokenize":
             return httpx.Response(200, json={"tokens": [1, 2, 3]})
-        n = len(body["prompt"])
         return httpx.Response(200, json={"choices": [{"prompt_logprobs": [None] + [
             {str(t): {"logprob": -float(i)}} for i, t in enumerate(body["prompt"][1:], 1)]}]})
 

@@ -1,0 +1,266 @@
+"""An offline judge made of rules over the next state (store -> learner -> judge -> trainer).
+
+For when no capable judge model exists (this machine, CI, the toy model): `RulesJudge`
+reads the same recorded turn an LLM judge would and scores it from surface cues, in this
+order, first match wins:
+
+1. explicit feedback on the turn (``turn["feedback"]``, the latest entry) outranks all;
+2. the user's reply: a correction or complaint (-1), a bare acknowledgement such as "ok"
+   (0: it says nothing either way), the same request again in other words (-1), thanks or
+   approval (+1), anything else is a user moving on to a new request (+1, configurable);
+3. tool results: ``"status": "error"``, a non-zero exit code or an error text (-1), else
+   success (+1); an explicit verdict of the user outranks the tools;
+4. no next state: 0.
+
+On -1 the user's corrective text is the hint; a hint given with explicit feedback goes
+before it. `explicit_feedback` is shared with the LLM judge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from nextstate.learner.judgment import JudgeError, Judgment
+from nextstate.proxy.sessions import text_of
+
+_COMPLAINTS = ("long", "short", "formal", "casual", "informal", "verbose", "wordy", "vague",
+               "generic", "complicated", "complex", "technical", "basic", "simple", "slow")
+_CHANGES = ("shorter", "longer", "simpler", "clearer", "more concise", "less formal",
+            "more formal", "more detailed", "less verbose")
+
+
+@dataclass(frozen=True)
+class RuleCues:
+    """The phrases the rules look for. Matching ignores case, respects word boundaries (so
+    "no" never matches "know" or "notice") and lets the user drop a cue's apostrophes."""
+
+    # A correction or complaint anywhere in the user's reply.
+    negative: tuple[str, ...] = (
+        "not what i", "that's wrong", "that is wrong", "that's not", "that is not right",
+        "incorrect", "i meant", "i said", "i asked for", "try again", "redo", "re-do",
+        "please fix", "fix it", "fix this", "you forgot", "you missed", "not right",
+        "not correct", "not quite", "not helpful", "doesn't work", "does not work",
+        "didn't work", "did not work", "not working", "still broken", "still wrong",
+        "still not", "still fails", "still failing", "still getting", "wrong answer",
+        "that was wrong", "you misunderstood", "misread", "please change", "instead of",
+        "i didn't ask", "don't want", "stop doing",
+        *(f"too {w}" for w in _COMPLAINTS), *(f"make it {w}" for w in _CHANGES),
+    )
+    # Corrections only when they open the reply or a sentence of it: "No, ..." is a
+    # correction, "there is no file" is not.
+    negative_openers: tuple[str, ...] = ("no", "nope", "nah", "wrong", "ugh", "not that")
+    # Phrases that look negative but are not; removed before the negative cues are read.
+    not_negative: tuple[str, ...] = (
+        "no problem", "no problems", "not a problem", "no worries", "no thanks",
+        "no thank you", "no need", "no rush", "no doubt", "not bad", "no big deal",
+        "nothing wrong", "no issue", "no issues", "no complaints",
+    )
+    positive: tuple[str, ...] = (
+        "thanks", "thank you", "thx", "ty", "great", "perfect", "that works", "it works",
+        "works now", "got it", "awesome", "excellent", "nice", "exactly", "looks good",
+        "lgtm", "well done", "appreciate it", "that helps", "helpful", "cheers", "brilliant",
+        "that's right", "that's correct", "spot on", "love it",
+    )
+    # A reply made of these alone is ambiguous (0): "ok" after a wrong answer is
+    # resignation as often as it is acceptance after a right one.
+    acknowledgements: tuple[str, ...] = (
+        "ok", "okay", "k", "kk", "hmm", "hmmm", "hm", "mm", "sure", "fine", "alright", "i see",
+        "yes", "yeah", "yep", "right", "oh", "ah", "meh", "well", "so",
+    )
+    tool_errors: tuple[str, ...] = (
+        "error:", "traceback (most recent call last)", "exception:", "command not found",
+        "no such file or directory", "permission denied", "timed out", "fatal:",
+        "segmentation fault",
+    )
+    # Share of content words two user messages must have in common (Jaccard) for the
+    # second to count as the first one asked again.
+    rephrase_overlap: float = 0.6
+
+    @cached_property
+    def compiled(self) -> _Compiled:
+        return _Compiled(self)
+
+
+class _Compiled:
+    def __init__(self, cues: RuleCues) -> None:
+        self.negative = _phrases(cues.negative)
+        self.openers = re.compile(
+            r"(?:^|[.!?;\n])\s*(?:(?:hmm+|um+|uh+|well|oh|ah|ok|okay)[\s,]+)?"
+            + _alternation(cues.negative_openers) + r"(?!\w)")
+        self.not_negative = _phrases(cues.not_negative)
+        self.positive = _phrases(cues.positive)
+        self.acknowledgements = _phrases(cues.acknowledgements)
+        self.tool_errors = _phrases(cues.tool_errors)
+
+
+_EXIT_CODE = re.compile(r"\bexit (?:code|status)\s*[:=]?\s*(-?\d+|timeout)", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+_STOPWORDS = frozenset({
+    "a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "for", "from",
+    "with", "by", "about", "as", "is", "are", "was", "were", "be", "been", "do", "does", "did",
+    "can", "could", "would", "should", "will", "shall", "may", "might", "must", "i", "me", "my",
+    "you", "your", "it", "its", "this", "that", "these", "those", "what", "which", "who", "whom",
+    "whose", "how", "why", "when", "where", "there", "here", "please", "pls", "tell", "show",
+    "give", "us", "we", "our", "again", "some", "any", "whats", "thats", "hows", "wheres", "im",
+})
+
+
+def _normal(text: str) -> str:
+    return text.lower().replace("\u2019", "'")
+
+
+def _alternation(phrases: Sequence[str]) -> str:
+    # Words in a phrase may be separated by spaces or commas ("no, thanks" is "no thanks"),
+    # and apostrophes are optional ("thats wrong" is "that's wrong").
+    parts = [r"[\s,]+".join(re.escape(w).replace("'", "'?") for w in _normal(p).split())
+             for p in phrases]
+    return "(" + "|".join(sorted(parts, key=len, reverse=True)) + ")" if parts else "(?!)"
+
+
+def _phrases(phrases: Sequence[str]) -> re.Pattern[str]:
+    # Lookarounds rather than \b: a cue may start or end with punctuation ("error:").
+    return re.compile(r"(?<!\w)" + _alternation(phrases) + r"(?!(?<=\w)\w)")
+
+
+def _content_words(text: str) -> set[str]:
+    words = {w for w in _WORD.findall(_normal(text).replace("'", "")) if w not in _STOPWORDS}
+    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words}  # crude plural
+
+
+@dataclass(frozen=True)
+class Feedback:
+    score: int
+    hint: str | None
+    source: str | None
+
+
+def explicit_feedback(turn: Mapping[str, Any]) -> Feedback | None:
+    """The turn's explicit feedback: the latest score, with the latest non-empty hint
+    (a thumbs-down with a hint followed by a bare thumbs-down keeps the hint)."""
+    latest: Feedback | None = None
+    hint: str | None = None
+    entries = sorted(turn.get("feedback") or [], key=lambda f: f.get("created_at") or 0)
+    for entry in entries:
+        try:
+            score = int(entry.get("score"))
+        except (TypeError, ValueError):
+            continue
+        latest = Feedback((score > 0) - (score < 0), None, entry.get("source"))
+        if isinstance(entry.get("hint"), str) and entry["hint"].strip():
+            hint = entry["hint"].strip()
+    if latest is None:
+        return None
+    return Feedback(latest.score, hint, latest.source)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    score: int
+    signal: str  # negative | rephrase | acknowledgement | positive | moved_on | tool_* | none
+    why: str
+    hint: str | None = None
+
+
+class RulesJudge:
+    """A `Judge` that needs no model. ``moved_on`` is the score of a user who simply goes
+    on to a new request (+1: the reply was good enough to build on)."""
+
+    name = "rules"
+    prompt_version = "rules-1"
+
+    def __init__(self, cues: RuleCues | None = None, *, moved_on: int = 1,
+                 min_hint_chars: int = 10) -> None:
+        self.cues = cues or RuleCues()
+        self.moved_on = moved_on
+        self.min_hint_chars = min_hint_chars
+
+    async def judge(self, turn: dict[str, Any]) -> Judgment:
+        return self.judge_now(turn)
+
+    def judge_now(self, turn: Mapping[str, Any]) -> Judgment:
+        """The same judgment, synchronously (the rules never wait on anything)."""
+        feedback = explicit_feedback(turn)
+        if not turn.get("next_state") and turn.get("next_state_status") == "pending" \
+                and feedback is None:
+            raise JudgeError("the next state is still pending")
+        verdict = self.verdict(turn)
+        hints = [verdict.hint] if verdict.hint and verdict.score == -1 else []
+        score, source, why = verdict.score, "judge", verdict.why
+        if feedback is not None:
+            score, source = feedback.score, "feedback"
+            why = f"explicit feedback {feedback.score:+d} outranks the rules ({verdict.why})"
+            hints = [h for h in hints if feedback.score == -1 and h != feedback.hint]
+            if feedback.hint:
+                hints.insert(0, feedback.hint)
+        return Judgment(score=score, votes=(verdict.score,), texts=(why,), hints=tuple(hints),
+                        judge=self.name, prompt_version=self.prompt_version, source=source,
+                        extra={"signal": verdict.signal})
+
+    def verdict(self, turn: Mapping[str, Any]) -> _Verdict:
+        """What the rules make of the next state alone (feedback not considered)."""
+        state = [m for m in turn.get("next_state") or [] if isinstance(m, Mapping)]
+        users = [text_of(m.get("content")) for m in state if m.get("role") == "user"]
+        tools = [m for m in state if m.get("role") == "tool"]
+        user = self._user_verdict("\n".join(users), _previous_request(turn)) if users else None
+        if user is not None and user.signal in ("negative", "rephrase", "positive"):
+            return user  # the user's own verdict outranks what the tools said
+        if tools:
+            return self._tool_verdict(tools)
+        return user or _Verdict(0, "none", "no next state")
+
+    def _user_verdict(self, text: str, previous: str) -> _Verdict:
+        rx, said = self.cues.compiled, _normal(text)
+        cleaned = rx.not_negative.sub(" ", said)
+        found = rx.negative.search(cleaned) or rx.openers.search(cleaned.lstrip())
+        if found is not None:
+            cue = found.group(1).replace(",", "")
+            return _Verdict(-1, "negative", f"negative cue '{cue}' in the user's reply",
+                            self._hint(text))
+        if not _WORD.findall(rx.acknowledgements.sub(" ", said)):
+            return _Verdict(0, "acknowledgement", "only an acknowledgement from the user")
+        before, after = _content_words(previous), _content_words(text)
+        if before and after:
+            overlap = len(before & after) / len(before | after)
+            if overlap >= self.cues.rephrase_overlap:
+                return _Verdict(-1, "rephrase", f"the user asked the same again "
+                                f"({overlap:.0%} word overlap)", self._hint(text))
+        found = rx.positive.search(said)
+        if found is not None:
+            return _Verdict(1, "positive", f"positive cue '{found.group(1)}' in the user's reply")
+        return _Verdict(self.moved_on, "moved_on", "the user moved on to a new request")
+
+    def _tool_verdict(self, tools: Sequence[Mapping[str, Any]]) -> _Verdict:
+        for message in tools:
+            if message.get("status") == "error":
+                return _Verdict(-1, "tool_error", "a tool result has status 'error'")
+            text = text_of(message.get("content"))
+            code = _EXIT_CODE.search(text)
+            if code is not None:
+                # The harness's exit code is authoritative: a successful run may well
+                # print "error:" (a grep through logs, a test that checks errors).
+                if code.group(1) != "0":
+                    return _Verdict(-1, "tool_error", f"a tool exited with code {code.group(1)}")
+                continue
+            found = self.cues.compiled.tool_errors.search(_normal(text))
+            if found is not None:
+                return _Verdict(-1, "tool_error", f"tool error cue '{found.group(1)}' "
+                                "in a tool result")
+        return _Verdict(1, "tool_ok", f"{len(tools)} tool result(s) without error")
+
+    def _hint(self, text: str) -> str | None:
+        text = text.strip()
+        return text if len(text) > self.min_hint_chars else None
+
+
+def _previous_request(turn: Mapping[str, Any]) -> str:
+    """The user message the reply answered (or the completions prompt)."""
+    request = turn.get("request") or {}
+    for message in reversed(request.get("messages") or []):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return text_of(message.get("content"))
+    prompt = request.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
