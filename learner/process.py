@@ -1,9 +1,11 @@
-"""The learner process: ``nextstate learn`` (store -> learner -> judge -> store).
+"""The learner process: ``nextstate learn``
+(store -> learner -> judge -> trainer -> publish -> vLLM).
 
 A separate process from the proxy, attached to the same store and the same vLLM. It
-loops: judge the turns that have their next state, then report what it is doing in the
-store (the proxy's status endpoint shows it). Killing it at any moment loses nothing:
-all of its state is in the store.
+loops: judge the turns that have their next state; once enough judged turns carry a
+signal, train a step and publish the adapter; report what it is doing in the store (the
+proxy's status endpoint shows it). Killing it at any moment loses nothing: all of its
+state is in the store and the adapter directories.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
+from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.teacher import Teacher
+from nextstate.learner.training import TrainingConfig, TrainingStage
 
 log = logging.getLogger("nextstate.learner")
 
@@ -28,7 +33,9 @@ log = logging.getLogger("nextstate.learner")
 class LearnerConfig:
     store_url: str
     backend_url: str
-    base_model: str  # the served name of the base model
+    base_model: str  # the served name of the base model; adapters are named after it
+    model_dir: Path | None = None  # the base model's weights; None: judge only, no training
+    adapters_dir: Path | None = None  # where adapter versions are written
     judge: str = "rules"  # rules | llm
     judge_model: str | None = None  # for llm: a litellm model string
     judge_api_base: str | None = None
@@ -36,6 +43,7 @@ class LearnerConfig:
     teacher: str = "base"  # whose logprobs teach: base (the paper's choice) | policy
     poll_seconds: float = 1.0
     judging: JudgingConfig = field(default_factory=JudgingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
 
 def make_judge(config: LearnerConfig) -> Judge:
@@ -74,22 +82,42 @@ class Learner:
         self.store = LearnerStore(config.store_url)
         self.judge = judge or make_judge(config)
         self.teacher = Teacher(config.backend_url, config.base_model)
+        self.admin = VLLMAdmin(config.backend_url)
+        self.training: TrainingStage | None = None
+        if config.model_dir is not None:
+            adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"
+            self.training = TrainingStage(self.store, config.model_dir, config.base_model,
+                                          self.admin, adapters_dir, config.training)
         self.totals = Totals()
         self.started_at = time.time()
         self.state = "idle"
 
     async def close(self) -> None:
         await self.teacher.close()
+        await self.admin.close()
         self.store.close()
 
     async def step(self) -> int:
-        """One round of work; returns how many turns it handled."""
+        """One round of work; returns how much it did (turns judged, steps trained)."""
         self._set_state("judging")
+        if self.config.teacher == "policy":
+            current = self.store.current_adapter()
+            self.teacher.model = current["name"] if current else self.config.base_model
         report = await judge_pending(self.store, self.judge, self.teacher,
                                      self.config.judging)
         self.totals.add(report)
+        done = report.judged + report.failed
+        if self.training is not None:
+            await self.training.housekeeping()
+            self._set_state("training")
+            result = await self.training.maybe_step()
+            if result is not None:
+                done += 1
+                if result.error:
+                    self.totals.recent_errors = [*self.totals.recent_errors,
+                                                 result.error][-10:]
         self._set_state("idle")
-        return report.judged + report.failed
+        return done
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -108,10 +136,20 @@ class Learner:
                     await asyncio.wait_for(stop.wait(), timeout=self.config.poll_seconds)
 
     def status(self) -> dict[str, Any]:
+        current = self.store.current_adapter()
+        training = self.config.training.trainer
         return {
             "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
             "judge": self.judge.name, "teacher": self.teacher.model,
-            "counts": self.store.counts(), "totals": asdict(self.totals),
+            "method": training.method if self.training else None,
+            "batch_turns": training.batch_turns,
+            "counts": {**self.store.counts(), "ready": self.store.ready_count(training.method),
+                       "trained": self.store.trained_count()},
+            "rewards": self.store.reward_stats(),
+            "adapter": {"name": current["name"], "version": current["version"],
+                        "published_at": current["published_at"]} if current else None,
+            "steps": self.training.history if self.training else [],
+            "totals": asdict(self.totals),
         }
 
     def _set_state(self, state: str) -> None:

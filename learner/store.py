@@ -1,10 +1,11 @@
 """The learner's side of the store (store -> learner -> store).
 
 The proxy writes turns; the learner reads the ones that have their next state, and
-writes back what it learned about them: judgments (with teacher logprobs) now, trained
-adapters later. Everything the learner knows lives in the store, so a learner killed at
-any moment picks up where it was: a turn is judged exactly once because its judgment row
-is written in the same transaction that marks it done.
+writes back what it learned about them: judgments (with teacher logprobs), then the
+adapter versions trained on them. Everything the learner knows lives in the store, so a
+learner killed at any moment picks up where it was: a turn is judged once because its
+judgment row is what marks it judged, and trained once because the transaction that
+makes an adapter current is the one that marks its turns trained.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import String, and_, func, or_, select, update
 
 from nextstate.learner.judgment import Judgment
 from nextstate.proxy.store import Store
-from nextstate.proxy.store.schema import feedback, judgments, learner_status, turns
+from nextstate.proxy.store.schema import (
+    adapters,
+    feedback,
+    judgments,
+    learner_status,
+    sessions,
+    turns,
+)
 
 
 class LearnerStore:
@@ -28,12 +36,19 @@ class LearnerStore:
     def close(self) -> None:
         self.store.close()
 
+    def _begin(self) -> Any:
+        self.store.ensure_schema()
+        return self.engine.begin()
+
+    def _connect(self) -> Any:
+        self.store.ensure_schema()
+        return self.engine.connect()
+
     def to_judge(self, limit: int, *, max_attempts: int = 5, retry_after: float = 30.0,
                  now: float | None = None) -> list[dict[str, Any]]:
         """Main turns that have their next state (or ended without one) and no judgment
         yet; failed ones again after ``retry_after`` seconds, up to ``max_attempts``;
         judged ones again when feedback arrived after their judgment."""
-        self.store._ready()
         now = time.time() if now is None else now
         latest_feedback = (select(func.max(feedback.c.created_at))
                            .where(feedback.c.turn_id == turns.c.id).scalar_subquery())
@@ -51,7 +66,7 @@ class LearnerStore:
             .order_by(turns.c.created_at)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             ids = [row.id for row in conn.execute(query)]
         return list(self.store.turns(ids=ids)) if ids else []
 
@@ -76,7 +91,7 @@ class LearnerStore:
 
     def _upsert(self, turn_id: str, values: dict[str, Any], now: float,
                 count_attempt: bool = False) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             row = conn.execute(select(judgments.c.attempts)
                                .where(judgments.c.turn_id == turn_id)).first()
             attempts = (row.attempts if row is not None else 0) + (1 if count_attempt else 0)
@@ -88,14 +103,13 @@ class LearnerStore:
                              .values(attempts=attempts, **values))
 
     def judgment(self, turn_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             row = conn.execute(select(judgments).where(judgments.c.turn_id == turn_id)).first()
         return {str(k): v for k, v in row._mapping.items()} if row is not None else None
 
     def counts(self) -> dict[str, int]:
         """Where turns are in the pipeline."""
-        self.store._ready()
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             def count(*where: Any) -> int:
                 query = select(func.count()).select_from(
                     turns.outerjoin(judgments, judgments.c.turn_id == turns.c.id)).where(*where)
@@ -114,9 +128,126 @@ class LearnerStore:
 
     def write_status(self, status: dict[str, Any], learner_id: int = 0) -> None:
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             changed = conn.execute(update(learner_status).where(learner_status.c.id == learner_id)
                                    .values(updated_at=now, status=status)).rowcount
             if not changed:
                 conn.execute(learner_status.insert().values(id=learner_id, updated_at=now,
                                                             status=status))
+
+    # -- training and publishing ------------------------------------------------------------
+
+    def ready_for_training(self, method: str, limit: int) -> list[dict[str, Any]]:
+        """Judged, not yet trained turns that carry a signal for ``method``, oldest first,
+        with what the trainer needs (token ids, sampler logprobs, signals, the version
+        that served them, the episode's outcome)."""
+        query = (
+            select(turns.c.id, turns.c.prompt_token_ids, turns.c.completion_token_ids,
+                   turns.c.logprobs, turns.c.served_model, turns.c.session_id,
+                   judgments.c.score, judgments.c.hints, judgments.c.teacher_logprobs,
+                   sessions.c.outcome)
+            .join(judgments, judgments.c.turn_id == turns.c.id)
+            .outerjoin(sessions, sessions.c.id == turns.c.session_id)
+            .where(*_ready_for(method))
+            .order_by(turns.c.created_at)
+            .limit(limit)
+        )
+        with self._connect() as conn:
+            return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+
+    def skip(self, turn_ids: Sequence[str], reason: str) -> None:
+        """Turns that will never be trained on (too stale, refused by the gate)."""
+        with self._begin() as conn:
+            conn.execute(update(judgments).where(judgments.c.turn_id.in_(list(turn_ids)))
+                         .values(trained_version=-1, error=reason[:2000]))
+
+    def next_version(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute(select(func.max(adapters.c.version))).scalar() or 0) + 1
+
+    def stage_adapter(self, version: int, name: str, policy: str, path: str,
+                      stats: dict[str, Any]) -> None:
+        with self._begin() as conn:
+            conn.execute(adapters.insert().values(
+                version=version, name=name, policy=policy, path=path, status="staged",
+                created_at=time.time(), stats=stats))
+
+    def publish(self, version: int, turn_ids: Sequence[str]) -> None:
+        """Make ``version`` current and mark the turns it learned from, atomically."""
+        now = time.time()
+        with self._begin() as conn:
+            conn.execute(update(adapters).where(adapters.c.status == "current")
+                         .values(status="previous", retired_at=now))
+            conn.execute(update(adapters).where(adapters.c.version == version)
+                         .values(status="current", published_at=now, error=None))
+            conn.execute(update(judgments).where(judgments.c.turn_id.in_(list(turn_ids)))
+                         .values(trained_version=version))
+
+    def set_adapter_status(self, version: int, status: str, error: str | None = None) -> None:
+        with self._begin() as conn:
+            conn.execute(update(adapters).where(adapters.c.version == version)
+                         .values(status=status, error=error))
+
+    def adapters(self) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            rows = conn.execute(select(adapters).order_by(adapters.c.version))
+            return [{str(k): v for k, v in row._mapping.items()} for row in rows]
+
+    def current_adapter(self) -> dict[str, Any] | None:
+        return next((a for a in self.adapters() if a["status"] == "current"), None)
+
+    def abandon_staged(self) -> int:
+        """Versions a killed learner staged but never published."""
+        with self._begin() as conn:
+            return int(conn.execute(update(adapters).where(adapters.c.status == "staged")
+                                    .values(status="abandoned")).rowcount or 0)
+
+    def rollback(self, version: int) -> None:
+        """Make an earlier version current again (the turns stay trained)."""
+        now = time.time()
+        with self._begin() as conn:
+            conn.execute(update(adapters).where(adapters.c.status == "current")
+                         .values(status="previous", retired_at=now))
+            conn.execute(update(adapters).where(adapters.c.version == version)
+                         .values(status="current", published_at=now))
+
+    def ready_count(self, method: str) -> int:
+        with self._connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(judgments)
+                                    .where(*_ready_for(method))).scalar_one())
+
+    def trained_count(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(judgments)
+                                    .where(judgments.c.trained_version > 0)).scalar_one())
+
+    def reward_stats(self) -> dict[str, Any]:
+        """How judged turns scored, and how many carried hints."""
+        with self._connect() as conn:
+            rows = conn.execute(select(judgments.c.score, judgments.c.source,
+                                       func.count().label("n"))
+                                .where(judgments.c.status == "ok")
+                                .group_by(judgments.c.score, judgments.c.source)).all()
+            hinted = conn.execute(select(func.count()).select_from(judgments)
+                                  .where(_has_teacher())).scalar_one()
+        by_score = {"+1": 0, "0": 0, "-1": 0}
+        from_feedback = 0
+        for score, source, n in rows:
+            by_score[{1: "+1", -1: "-1"}.get(score, "0")] += n
+            from_feedback += n if source == "feedback" else 0
+        total = sum(by_score.values())
+        mean = (by_score["+1"] - by_score["-1"]) / total if total else None
+        return {"scores": by_score, "mean": mean, "from_feedback": from_feedback,
+                "with_hints": int(hinted)}
+
+
+def _has_teacher() -> Any:
+    return func.coalesce(judgments.c.teacher_logprobs, "[]").cast(String) != "[]"
+
+
+def _ready_for(method: str) -> tuple[Any, ...]:
+    """Judged, untrained, and carrying the signal ``method`` trains on."""
+    has_reward = judgments.c.score.in_((1, -1))
+    signal = {"binary": has_reward, "opd": _has_teacher()}.get(
+        method, or_(has_reward, _has_teacher()))
+    return judgments.c.status == "ok", judgments.c.trained_version.is_(None), signal

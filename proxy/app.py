@@ -2,13 +2,15 @@
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are relayed and
 recorded; ``POST /v1/feedback`` and ``POST /v1/next_state`` take what clients tell about
-earlier turns; ``GET /health`` reports the backend and the recorder; vLLM's administrative
-endpoints are refused; any other ``/v1/*`` request passes through unchanged. The HTTP
-client, the store and the recorder are built in the lifespan and closed there.
+earlier turns; ``GET /v1/learner/status`` shows what the learner does; ``GET /health``
+reports the backend and the recorder; vLLM's administrative endpoints are refused; any
+other ``/v1/*`` request passes through unchanged. The HTTP client, the store, the
+recorder and the adapter router are built in the lifespan and closed there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
@@ -28,6 +30,7 @@ from nextstate.proxy.errors import (
     InvalidRequest,
     NotFound,
     ProxyError,
+    StoreUnavailable,
     Unauthorized,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
@@ -41,6 +44,7 @@ from nextstate.proxy.relay import (
     until_disconnect,
     upstream_headers,
 )
+from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
@@ -138,6 +142,18 @@ async def health(request: Request) -> Response:
                     media_type="application/json")
 
 
+async def learner_status(request: Request) -> Response:
+    """What the learner is doing (it writes its state to the store)."""
+    deps: Deps = request.state.deps
+    try:
+        status = await asyncio.to_thread(deps.store.learner_status)
+    except Exception as exc:
+        raise StoreUnavailable(f"the store cannot be read ({type(exc).__name__})") from exc
+    body = {"object": "nextstate.learner_status", "policy": deps.settings.policy,
+            "serving": deps.router.current, "learner": status}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def _error_response(exc: ProxyError) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
@@ -175,9 +191,14 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             queue_size=settings.queue_size,
                             idle_seconds=settings.session_idle_seconds)
         recorder.start()
+        router = Router(settings.policy)
+        following = (asyncio.create_task(router.follow(store, settings.adapter_poll_seconds))
+                     if settings.policy else None)
         try:
-            yield {"deps": Deps(settings, client, recorder, store)}
+            yield {"deps": Deps(settings, client, recorder, store, router)}
         finally:
+            if following is not None:
+                following.cancel()
             await recorder.stop()
             await client.aclose()
             store.close()
@@ -191,6 +212,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/health", health, methods=["GET"]),
             Route("/v1/feedback", post_feedback, methods=["POST"]),
             Route("/v1/next_state", post_next_state, methods=["POST"]),
+            Route("/v1/learner/status", learner_status, methods=["GET"]),
             Route("/v1/{path:path}", Passthrough(),
                   methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],

@@ -1,6 +1,6 @@
 """What every endpoint of the proxy shares, built once in `make_app`'s lifespan.
 
-agent -> proxy -> vLLM (``client``); proxy -> store (``recorder`` and ``store``).
+agent -> proxy -> vLLM (``client``, ``router``); proxy -> store (``recorder``, ``store``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 
 from nextstate.proxy.recorder import Recorder
+from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
 
@@ -20,3 +21,4 @@ class Deps:
     client: httpx.AsyncClient
     recorder: Recorder
     store: Store
+    router: Router

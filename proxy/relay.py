@@ -151,6 +151,13 @@ class _Turn:
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
                 session_done=meta.done, tenant=tenant, feedback=meta.feedback)
             self.asked = add_capture(body, endpoint)
+        # The policy's name goes to its current adapter version; the reply comes back
+        # under the name the client used.
+        self.rename: str | None = None
+        routed = deps.router.route(body.get("model"))
+        if routed is not None and routed != body.get("model"):
+            self.rename, body["model"] = body["model"], routed
+        self.transform = self.record is not None or self.rename is not None
         self.stream = bool(body.get("stream"))
         self.payload = orjson.dumps(body)
         self.headers = upstream_headers(headers, deps)
@@ -210,8 +217,8 @@ class _Turn:
             self.record.http_status = response.status_code
             if response.status_code != 200:
                 self._fail(response.status_code, raw[:4000].decode("utf-8", "replace"))
-            elif self.asked is not None:
-                raw = self._capture_whole(raw)
+        if response.status_code == 200 and self.transform:
+            raw = self._capture_whole(raw)
         headers = self._headers_out(response)
         headers.append((b"content-length", str(len(raw)).encode()))
         await send({"type": "http.response.start", "status": response.status_code,
@@ -220,18 +227,25 @@ class _Turn:
         await send({"type": "http.response.body", "body": raw})
 
     def _capture_whole(self, raw: bytes) -> bytes:
-        assert self.record is not None and self.asked is not None
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.record.error = "backend answered 200 with a body that is not JSON"
+        obj = _json_object(raw)
+        if obj is None:
+            if self.record is not None:
+                self.record.error = "backend answered 200 with a body that is not a JSON object"
             return raw
-        if not isinstance(obj, dict):
-            return raw
-        self.record.response = obj
-        if self.asked.everything:
-            return raw
-        return orjson.dumps(strip_response(obj, self.asked, self.endpoint))
+        if self.record is not None:
+            self.record.response = obj
+        view = self._client_view(obj)
+        return raw if view is None else orjson.dumps(view)
+
+    def _client_view(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """What the client gets for a reply (or chunk): None when it is unchanged."""
+        out = None
+        if self.asked is not None and not self.asked.everything:
+            out = strip_response(obj, self.asked, self.endpoint)
+        if self.rename is not None and "model" in obj:
+            out = dict(out if out is not None else obj)
+            out["model"] = self.rename
+        return out
 
     async def _relay_stream(self, response: httpx.Response, send: Send) -> None:
         if self.record is not None:
@@ -260,29 +274,28 @@ class _Turn:
 
     def _event(self, event: bytes) -> bytes | None:
         """One SSE event in, the bytes the client gets out (None: nothing yet)."""
-        if self.record is None or not event.startswith(b"data:"):
+        if not self.transform or not event.startswith(b"data:"):
             return event + b"\n\n"
         payload = event[5:].strip()
         chunk = None if payload == b"[DONE]" else _json_object(payload)
         if chunk is None:
             return self._release() + event + b"\n\n"
-        self.record.chunks.append(chunk)
-        if self.record.ttft_ms is None and any(
-                isinstance(c, dict) and c.get("token_ids") for c in chunk.get("choices") or []):
-            self.record.ttft_ms = round((time.time() - self.started) * 1000, 3)
-        assert self.asked is not None
-        if self.asked.everything:
-            return event + b"\n\n"
-        if not self.asked.usage_chunk:
+        if self.record is not None:
+            self.record.chunks.append(chunk)
+            if self.record.ttft_ms is None and any(
+                    isinstance(c, dict) and c.get("token_ids") for c in chunk.get("choices") or []):
+                self.record.ttft_ms = round((time.time() - self.started) * 1000, 3)
+        view = self._client_view(chunk)
+        if self.asked is not None and not self.asked.usage_chunk:
             # With include_usage vLLM moves `system_fingerprint` from each finish chunk
             # to the usage chunk. Hold finish chunks (and what follows, to keep order)
             # until the usage chunk arrives, then give the field back and drop it.
             if is_usage_chunk(chunk):
                 return self._release(chunk.get("system_fingerprint"))
             if self.held or _finishes(chunk):
-                self.held.append(strip_response(chunk, self.asked, self.endpoint))
+                self.held.append(view if view is not None else dict(chunk))
                 return None
-        return _sse(strip_response(chunk, self.asked, self.endpoint))
+        return event + b"\n\n" if view is None else _sse(view)
 
     def _release(self, fingerprint: Any = None) -> bytes:
         out = []

@@ -37,6 +37,10 @@ class ProxySettings:
     # when the proxy has no key of its own.
     backend_api_key: str | None = None
     record: bool = True
+    # The model name clients use for the trained policy (vLLM's name for the base
+    # model); None: no routing to adapters.
+    policy: str | None = None
+    adapter_poll_seconds: float = 0.5
     # Records waiting for the writer; beyond this they are spooled to disk, not dropped.
     queue_size: int = 2048
     spool_dir: Path | None = None  # default: <data dir>/spool

@@ -6,8 +6,10 @@ indexes each reply by the hash of the conversation it completes, so that a reque
 that extends that conversation finds its session without any header. ``feedback`` holds
 explicit scores and hints from users (headers, the feedback endpoint, adapters).
 
-The learner's tables live here too, so that the proxy can report on it: ``judgments``
-(one per judged turn: score, votes, hints, teacher logprobs) and ``learner_status``.
+The learner's tables live here too, so that the proxy can route to and report on what
+it publishes: ``judgments`` (one per judged turn: score, votes, hints, teacher logprobs,
+and the adapter version that learned from it), ``adapters`` (every version the learner
+made, and which one is current) and ``learner_status``.
 """
 
 from __future__ import annotations
@@ -118,7 +120,27 @@ judgments = Table(
     Column("error", Text),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # The adapter version that learned from this turn, set when that version is
+    # published (-1: skipped, e.g. too stale or refused by the publish gate).
+    Column("trained_version", Integer),
     Index("ix_judgments_status", "status", "updated_at"),
+    Index("ix_judgments_trained", "trained_version"),
+)
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(256), nullable=False, unique=True),  # <policy>@<version:06d>
+    Column("policy", String(256), nullable=False),
+    Column("path", Text, nullable=False),
+    # staged -> current -> previous -> unloaded; refused (gate) | failed (load) | abandoned
+    Column("status", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("published_at", Float),
+    Column("retired_at", Float),
+    Column("stats", JSON),
+    Column("error", Text),
 )
 
 learner_status = Table(

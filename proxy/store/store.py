@@ -44,7 +44,15 @@ from nextstate.proxy.sessions import (
     next_state_kind,
     next_state_of,
 )
-from nextstate.proxy.store.schema import feedback, metadata, sessions, turn_keys, turns
+from nextstate.proxy.store.schema import (
+    adapters,
+    feedback,
+    learner_status,
+    metadata,
+    sessions,
+    turn_keys,
+    turns,
+)
 
 EXPORT_COLUMNS = (
     "id", "session_id", "turn_index", "turn_type", "endpoint", "status", "http_status",
@@ -89,7 +97,7 @@ class Store:
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
-    def _ready(self) -> None:
+    def ensure_schema(self) -> None:
         """Create the tables on first use, so that a proxy starts while its store is down."""
         if self._schema_ready:
             return
@@ -115,7 +123,7 @@ class Store:
 
     def write(self, records: Sequence[Record]) -> int:
         """Write records in one transaction, in order; returns how many were new."""
-        self._ready()
+        self.ensure_schema()
         written = 0
         with self.engine.begin() as conn:
             for record in records:
@@ -264,7 +272,7 @@ class Store:
     def expire_idle(self, idle_seconds: float, now: float | None = None) -> int:
         """End sessions idle for longer than ``idle_seconds``: their last turn gets no
         next state. Returns how many turns were closed."""
-        self._ready()
+        self.ensure_schema()
         cutoff = (now if now is not None else time.time()) - idle_seconds
         with self.engine.begin() as conn:
             closed = conn.execute(
@@ -283,7 +291,7 @@ class Store:
               ) -> Iterator[dict[str, Any]]:
         """Every turn (of one session, or with these ids), oldest first, in the export
         format."""
-        self._ready()
+        self.ensure_schema()
         query = _export_query().order_by(turns.c.created_at, turns.c.turn_index)
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
@@ -297,7 +305,7 @@ class Store:
                     yield _export_row(row, given.get(row.id, []))
 
     def turn(self, turn_id: str) -> dict[str, Any] | None:
-        self._ready()
+        self.ensure_schema()
         with self.engine.connect() as conn:
             row = conn.execute(_export_query().where(turns.c.id == turn_id)).first()
             if row is None:
@@ -316,14 +324,31 @@ class Store:
     def owner(self, turn_id: str | None = None, session_id: str | None = None,
               ) -> tuple[bool, str | None]:
         """(exists, tenant) of a turn or a session."""
-        self._ready()
+        self.ensure_schema()
         table, key = (turns, turn_id) if turn_id is not None else (sessions, session_id)
         with self.engine.connect() as conn:
             row = conn.execute(select(table.c.tenant).where(table.c.id == key)).first()
         return (row is not None, row.tenant if row is not None else None)
 
+    def current_adapter(self, policy: str) -> str | None:
+        """The adapter version the learner made current for ``policy``, if any."""
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            return conn.execute(select(adapters.c.name).where(
+                adapters.c.policy == policy, adapters.c.status == "current")).scalar()
+
+    def learner_status(self) -> dict[str, Any] | None:
+        """What the learner last reported, and when."""
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(learner_status).order_by(learner_status.c.id)).first()
+        if row is None:
+            return None
+        return {"updated_at": row.updated_at, "age_seconds": time.time() - row.updated_at,
+                **row.status}
+
     def count_turns(self) -> int:
-        self._ready()
+        self.ensure_schema()
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(turns)).scalar_one())
 

@@ -287,3 +287,40 @@ def test_next_state_endpoint_pairs_a_pending_turn(client):
                                   {"turn_id": "a", "messages": [{"role": "user"}], "done": 1}])
 def test_malformed_next_state_is_a_400(client, body):
     assert client.post("/v1/next_state", json=body).status_code == 400
+
+
+# -- routing to the current adapter ------------------------------------------------------
+
+
+def test_policy_name_goes_to_the_current_adapter_and_comes_back_renamed(tmp_path, fake):
+    with open_client(tmp_path, fake, policy="toy") as c:
+        c.app_state["deps"].router.current = "toy@000007"
+        whole = c.post("/v1/chat/completions", json={**CHAT, "model": "toy"})
+        with c.stream("POST", "/v1/chat/completions",
+                      json={**CHAT, "model": "toy", "stream": True}) as s:
+            events = [orjson.loads(e[6:]) for e in s.iter_lines()
+                      if e.startswith("data: {")]
+        base = c.post("/v1/chat/completions", json={**CHAT, "model": "toy@base"})
+        rows = records(c, submitted=3)
+    assert [r["model"] for r in fake.requests] == ["toy@000007", "toy@000007", "toy"]
+    assert whole.json()["model"] == "toy"
+    assert {e["model"] for e in events} == {"toy"}
+    assert base.json()["model"] == "toy@base"
+    assert [r["served_model"] for r in rows] == ["toy@000007", "toy@000007", "toy"]
+    assert [r["model"] for r in rows] == ["toy", "toy", "toy@base"]
+
+
+def test_without_an_adapter_the_policy_is_the_base_model(tmp_path, fake):
+    with open_client(tmp_path, fake, policy="toy") as c:
+        c.post("/v1/chat/completions", json={**CHAT, "model": "toy"})
+    assert fake.requests[0]["model"] == "toy"
+
+
+def test_learner_status_endpoint_reports_the_learner_and_serving_version(tmp_path, fake):
+    from nextstate.learner.store import LearnerStore
+
+    LearnerStore(f"sqlite:///{tmp_path}/s.db").write_status({"state": "training"})
+    with open_client(tmp_path, fake, policy="toy") as c:
+        body = c.get("/v1/learner/status").json()
+    assert body["learner"]["state"] == "training"
+    assert body["policy"] == "toy" and body["serving"] is None
