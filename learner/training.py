@@ -79,15 +79,19 @@ class TrainingStage:
         self.adapters_dir = adapters_dir
         self.config = config
         self.trainer: Trainer | None = None
+        self.trained_from = 0  # the version the trainer's weights are (0: the base)
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
 
     def _trainer(self) -> Trainer:
-        """Built on first use, from the current adapter and its optimizer state."""
-        if self.trainer is None:
+        """Built from the current adapter and its optimizer state: on first use, and again
+        when someone rolled the current version back."""
+        current = self.store.current_adapter()
+        version = current["version"] if current else 0
+        if self.trainer is None or version != self.trained_from:
             self.store.abandon_staged()
-            current = self.store.current_adapter()
             resume = Path(current["path"]) if current else None
             self.trainer = Trainer(self.model_dir, self.config.trainer, resume_from=resume)
+            self.trained_from = version
         return self.trainer
 
     def ready(self) -> list[TrainItem]:
@@ -142,6 +146,7 @@ class TrainingStage:
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(StepResult(version, name, stats, "failed", str(exc)))
         self.store.publish(version, ids)
+        self.trained_from = version
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
         return self._remember(StepResult(version, name, stats, "published"))

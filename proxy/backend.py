@@ -67,6 +67,30 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None,
+          ) -> subprocess.Popen[bytes]:
+    """A child in its own process group, logging to ``log_path``, that dies with us."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the child's whole process group, then SIGKILL what is left."""
+    if process.poll() is not None:
+        return
+    pgid = os.getpgid(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
 def vllm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for vLLM on this kind of machine (see docs: vLLM on CPU)."""
     env = dict(os.environ)
@@ -107,13 +131,9 @@ class VLLMProcess:
         ]
 
     def start(self) -> VLLMProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = vllm_env({"VLLM_CPU_KVCACHE_SPACE": str(self.config.kv_cache_gib),
                         **self.config.env})
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent)
+        self.process = spawn(self.command(), self.log_path, env)
         self._wait_ready()
         return self
 
@@ -144,18 +164,9 @@ class VLLMProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group (vLLM forks an engine process), then SIGKILL."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        pgid = os.getpgid(self.process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # whatever of the group is left
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
+        """Stop the whole process group (vLLM forks an engine process)."""
+        if self.process is not None:
+            stop_group(self.process, timeout)
 
     def __enter__(self) -> VLLMProcess:
         return self.start()

@@ -1,8 +1,10 @@
 """The ``nextstate`` command line: the entry point to every part of the data flow.
 
-    nextstate up          embedded vLLM + toy model + proxy, on the embedded defaults
+    nextstate up          vLLM + toy model + learner + proxy, on the embedded defaults
     nextstate serve       the proxy in front of an existing vLLM
-    nextstate learn       the learner: judge recorded turns
+    nextstate learn       the learner: judge recorded turns, train and publish adapters
+    nextstate status      what the learner is doing
+    nextstate adapters    list the published adapter versions, or roll back to one
     nextstate toy-model   build (or find in the cache) the embedded toy model
     nextstate export      write recorded turns as JSON lines
 
@@ -11,7 +13,9 @@ Learner-side commands import torch lazily, so the proxy's own install never need
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +27,8 @@ from nextstate.proxy.backend import (
     VLLMConfig,
     VLLMProcess,
     check_backend,
+    spawn,
+    stop_group,
     toy_model_config,
 )
 from nextstate.proxy.settings import ProxySettings, data_dir
@@ -43,7 +49,7 @@ def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
 
 def _settings(backend: str, store: str | None, api_key: str | None,
               backend_api_key: str | None, no_record: bool,
-              client_key: tuple[str, ...] = ()) -> ProxySettings:
+              client_key: tuple[str, ...] = (), policy: str | None = None) -> ProxySettings:
     pairs = []
     for item in client_key:
         tenant, sep, key = item.partition("=")
@@ -53,7 +59,7 @@ def _settings(backend: str, store: str | None, api_key: str | None,
         pairs.append((tenant, key))
     return ProxySettings(backend_url=backend.rstrip("/"), store_url=store or "",
                          api_key=api_key, backend_api_key=backend_api_key,
-                         record=not no_record, client_keys=tuple(pairs))
+                         record=not no_record, client_keys=tuple(pairs), policy=policy)
 
 
 def _ensure_toy_model(progress: bool = True) -> Path:
@@ -95,10 +101,14 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
 @_backend_key
 @_no_record
 @_client_key
+@click.option("--policy", default=None,
+              help="Model name whose requests go to the learner's current adapter.")
 def serve(backend: str, port: int, host: str, store: str | None, api_key: str | None,
-          backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...]) -> None:
+          backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
+          policy: str | None) -> None:
     """Run the recording proxy in front of an existing vLLM."""
-    settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key)
+    settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key,
+                         policy)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
 
@@ -111,18 +121,23 @@ def serve(backend: str, port: int, host: str, store: str | None, api_key: str | 
 @click.option("--backend", default=None, help="Attach to this vLLM instead of starting one.")
 @click.option("--vllm-arg", multiple=True, help="Extra argument for vLLM (repeatable), "
               "e.g. --vllm-arg=--tool-call-parser=hermes --vllm-arg=--enable-auto-tool-choice")
+@click.option("--no-learner", is_flag=True, help="Serve and record, but do not learn.")
 @_host
 @_store
 @_api_key
 @_no_record
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
-       vllm_arg: tuple[str, ...], host: str, store: str | None, api_key: str | None,
-       no_record: bool) -> None:
-    """Bring the whole stack up: vLLM with the model, and the recording proxy."""
+       vllm_arg: tuple[str, ...], no_learner: bool, host: str, store: str | None,
+       api_key: str | None, no_record: bool) -> None:
+    """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
+    store_url = store or ProxySettings().resolved_store_url()
     if backend:
         names = check_backend(backend)
-        _announce(host, port, names[0] if names else "?", store, api_key)
-        run_proxy(_settings(backend, store, api_key, None, no_record), host, port)
+        name = model_name or (names[0] if names else TOY_MODEL_NAME)
+        with _learner(backend, name, model_dir, store_url, no_learner, train=bool(model_dir)):
+            _announce(host, port, name, store, api_key)
+            run_proxy(_settings(backend, store, api_key, None, no_record, policy=name),
+                      host, port)
         return
     log_path = data_dir() / "logs" / "vllm.log"
     if model_dir is None:
@@ -134,11 +149,32 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
     name = config.served_model_name
     click.echo(f"starting vLLM with {config.model} (log: {config.log_path}) ...", err=True)
     try:
-        with VLLMProcess(config) as vllm:
+        with VLLMProcess(config) as vllm, _learner(vllm.url, name, config.model, store_url,
+                                                  no_learner, train=True):
             _announce(host, port, name, store, api_key)
-            run_proxy(_settings(vllm.url, store, api_key, None, no_record), host, port)
+            run_proxy(_settings(vllm.url, store, api_key, None, no_record, policy=name),
+                      host, port)
     except BackendStartError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, off: bool,
+             train: bool) -> Iterator[None]:
+    """``nextstate learn`` as its own process for as long as the stack is up."""
+    if off:
+        yield
+        return
+    command = [sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", backend,
+               "--model", name, "--store", store_url]
+    command += ["--model-dir", str(model_dir)] if train and model_dir else ["--no-train"]
+    log_path = data_dir() / "logs" / "learner.log"
+    process = spawn(command, log_path)
+    click.echo(f"learner running (log: {log_path})", err=True)
+    try:
+        yield
+    finally:
+        stop_group(process)
 
 
 def _announce(host: str, port: int, model: str, store: str | None, api_key: str | None) -> None:
@@ -152,42 +188,6 @@ def _announce(host: str, port: int, model: str, store: str | None, api_key: str 
         f"  store:  {settings.resolved_store_url()}\n"
         f"  export: nextstate export --store {settings.resolved_store_url()}\n\n"
         "Ctrl-C stops everything.", err=True)
-
-
-@main.command()
-@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
-              help="URL of the vLLM server the proxy talks to.")
-@click.option("--model", "base_model", default=TOY_MODEL_NAME, show_default=True,
-              help="Served name of the base model.")
-@_store
-@click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
-              show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
-@click.option("--judge-model", default=None,
-              help="litellm model for --judge llm (default: the base model on --backend).")
-@click.option("--judge-api-base", default=None)
-@click.option("--once", is_flag=True, help="Do one round of work and exit.")
-def learn(backend: str, base_model: str, store: str | None, judge: str,
-          judge_model: str | None, judge_api_base: str | None, once: bool) -> None:
-    """Run the learner: judge recorded turns (and, later, train on them)."""
-    import asyncio
-    import logging
-
-    from nextstate.learner.process import Learner, LearnerConfig
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = LearnerConfig(store_url=store or ProxySettings().resolved_store_url(),
-                           backend_url=backend.rstrip("/"), base_model=base_model,
-                           judge=judge, judge_model=judge_model,
-                           judge_api_base=judge_api_base)
-
-    async def go() -> None:
-        learner = Learner(config)
-        try:
-            await (learner.step() if once else learner.run())
-        finally:
-            await learner.close()
-
-    asyncio.run(go())
 
 
 @main.command("toy-model")
@@ -220,6 +220,16 @@ def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> 
     finally:
         db.close()
 
+
+def _register_learner_commands() -> None:
+    # The commands themselves import torch only when run.
+    from nextstate.learner.commands import adapters, learn, status
+
+    for command in (learn, status, adapters):
+        main.add_command(command)
+
+
+_register_learner_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,204 @@
+"""The learner's commands of the ``nextstate`` CLI (store -> learner -> vLLM).
+
+    nextstate learn --backend URL     judge, train and publish, until stopped
+    nextstate status                  what the learner is doing, with progress to the next step
+    nextstate adapters list           every adapter version and its state
+    nextstate adapters rollback V     make version V current again
+
+Heavy imports (torch, transformers) happen inside the commands, so the proxy-only
+install can list these commands without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nextstate.proxy.settings import data_dir, default_store_url
+
+TOY_MODEL_NAME = "nextstate-toy"
+_store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
+                      help="SQLAlchemy URL of the store (default: SQLite in the data dir).")
+
+
+@click.command()
+@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
+              help="URL of the vLLM server the proxy talks to.")
+@click.option("--model", "base_model", default=TOY_MODEL_NAME, show_default=True,
+              help="vLLM's name for the base model (clients use it for the policy).")
+@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="The base model's weights (default: the toy model).")
+@click.option("--no-train", is_flag=True, help="Only judge; never train.")
+@_store
+@click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
+              show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
+@click.option("--judge-model", default=None,
+              help="litellm model for --judge llm (default: the base model on --backend).")
+@click.option("--judge-api-base", default=None)
+@click.option("--method", type=click.Choice(["binary", "opd", "combined"]),
+              default="combined", show_default=True)
+@click.option("--batch-turns", type=int, default=16, show_default=True,
+              help="Judged turns per optimizer step.")
+@click.option("--learning-rate", type=float, default=None,
+              help="Default: 1e-3 for models under 100M parameters, else 2e-5.")
+@click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
+              show_default=True, help="Whose logprobs teach under a hint.")
+@click.option("--once", is_flag=True, help="Do one round of work and exit.")
+def learn(backend: str, base_model: str, model_dir: Path | None, no_train: bool,
+          store: str | None, judge: str, judge_model: str | None, judge_api_base: str | None,
+          method: str, batch_turns: int, learning_rate: float | None, teacher: str,
+          once: bool) -> None:
+    """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
+    from dataclasses import replace
+
+    from nextstate.learner.process import Learner, LearnerConfig
+    from nextstate.learner.trainer import TrainerConfig
+    from nextstate.learner.training import TrainingConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if model_dir is None and not no_train:
+        from nextstate.learner.toy_model import ensure_toy_model
+
+        model_dir = ensure_toy_model(data_dir())
+    trainer = replace(TrainerConfig(), method=method, batch_turns=batch_turns,
+                      learning_rate=learning_rate)
+    config = LearnerConfig(
+        store_url=store or default_store_url(), backend_url=backend.rstrip("/"),
+        base_model=base_model, model_dir=None if no_train else model_dir,
+        adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
+        judge_api_base=judge_api_base, teacher=teacher,
+        training=TrainingConfig(trainer=trainer))
+
+    async def go() -> None:
+        learner = Learner(config)
+        try:
+            await (learner.step() if once else learner.run())
+        finally:
+            await learner.close()
+
+    asyncio.run(go())
+
+
+@click.command()
+@_store
+def status(store: str | None) -> None:
+    """What the learner is doing: state, counts, rewards, recent steps."""
+    from nextstate.proxy.store import Store
+
+    db = Store(store or default_store_url())
+    try:
+        report = db.learner_status()
+    finally:
+        db.close()
+    if report is None:
+        raise click.ClickException("no learner has reported to this store yet "
+                                   "(is `nextstate learn` running?)")
+    click.echo(render_status(report))
+
+
+def render_status(report: dict[str, Any]) -> str:
+    counts = report.get("counts", {})
+    adapter = report.get("adapter")
+    rewards = report.get("rewards", {})
+    batch = int(report.get("batch_turns") or 16)
+    ready = int(counts.get("ready", 0))
+    filled = min(ready, batch)
+    bar = "#" * round(20 * filled / batch) + "." * (20 - round(20 * filled / batch))
+    age = report.get("age_seconds", 0.0)
+    lines = [
+        f"learner   {report.get('state', '?')} (reported {age:.0f}s ago, pid "
+        f"{report.get('pid')}), judge {report.get('judge')}, method {report.get('method')}",
+        f"serving   {adapter['name'] if adapter else 'the base model'}"
+        + (f", published {_when(adapter['published_at'])}" if adapter else ""),
+        f"next step [{bar}] {ready}/{batch} ready turns",
+        "",
+        "turns     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()),
+        "rewards   " + "  ".join(f"{k}: {v}" for k, v in (rewards.get("scores") or {}).items())
+        + f"  with hints: {rewards.get('with_hints', 0)}"
+        + f"  from feedback: {rewards.get('from_feedback', 0)}",
+    ]
+    steps = report.get("steps") or []
+    if steps:
+        lines += ["", f"{'version':>8} {'outcome':>10} {'turns':>6} {'loss':>9} {'adv':>8} "
+                      f"{'clip':>6} {'kl':>8} {'tok/s':>8}"]
+        for s in steps[-10:]:
+            lines.append(f"{s.get('version') or '-':>8} {s['outcome']:>10} {s['turns']:>6} "
+                         f"{s['loss']:>9.4f} {s['advantage_mean']:>8.4f} "
+                         f"{s['clip_fraction']:>6.3f} {s['kl']:>8.4f} "
+                         f"{s['tokens_per_second']:>8.0f}")
+    errors = (report.get("totals") or {}).get("recent_errors") or []
+    if errors:
+        lines += ["", "recent errors:", *(f"  {e}" for e in errors[-5:])]
+    return "\n".join(lines)
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group()
+def adapters() -> None:
+    """The adapter versions the learner published."""
+
+
+@adapters.command("list")
+@_store
+def list_adapters(store: str | None) -> None:
+    """Every version: its state, when it was published, its step's numbers."""
+    from nextstate.learner.store import LearnerStore
+
+    db = LearnerStore(store or default_store_url())
+    try:
+        rows = db.adapters()
+    finally:
+        db.close()
+    if not rows:
+        click.echo("no adapters yet: the policy is served by the base model")
+        return
+    click.echo(f"{'name':<32} {'status':<10} {'published':<20} {'turns':>6} {'kl':>8}")
+    for row in rows:
+        stats = row.get("stats") or {}
+        click.echo(f"{row['name']:<32} {row['status']:<10} {_when(row['published_at']):<20} "
+                   f"{stats.get('turns', 0):>6} {stats.get('kl', 0.0):>8.4f}")
+
+
+@adapters.command()
+@click.argument("version", type=int)
+@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
+              help="URL of the vLLM server (the version is loaded there first).")
+@_store
+def rollback(version: int, backend: str, store: str | None) -> None:
+    """Serve VERSION again (loaded into vLLM first, then made current)."""
+    from nextstate.learner.publish import PublishError, VLLMAdmin
+    from nextstate.learner.store import LearnerStore
+
+    db = LearnerStore(store or default_store_url())
+    try:
+        row = next((r for r in db.adapters() if r["version"] == version), None)
+        if row is None or row["status"] in ("refused", "failed", "abandoned", "staged"):
+            raise click.ClickException(f"no published version {version}")
+        if not Path(row["path"]).exists():
+            raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")
+
+        async def load() -> None:
+            admin = VLLMAdmin(backend)
+            try:
+                await admin.load(row["name"], Path(row["path"]))
+            finally:
+                await admin.close()
+
+        try:
+            asyncio.run(load())
+        except PublishError as exc:
+            raise click.ClickException(str(exc)) from exc
+        db.rollback(version)
+    finally:
+        db.close()
+    click.echo(f"{row['name']} is current again")

@@ -1,0 +1,168 @@
+"""Training and hot reload against the real vLLM
+(proxy -> store -> learner -> trainer -> publish -> vLLM -> proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from nextstate.learner.process import Learner, LearnerConfig
+from nextstate.learner.trainer import TrainerConfig
+from nextstate.learner.training import TrainingConfig
+from tests.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.integration
+ASK = {"model": MODEL_NAME, "temperature": 1.0, "max_tokens": 12}
+CORRECTIONS = ["No, that's wrong. Give me just the number.",
+               "Try again, and keep it short please.",
+               "That's not what I asked. Answer in one sentence.",
+               "I meant the total, not each part."]
+
+
+def converse(proxy, n_sessions: int, offset: int = 0) -> None:
+    """Sessions of two turns: a question, a reply, a correction (some with feedback)."""
+    client = httpx.Client(base_url=proxy.base_url, timeout=60)
+    for i in range(offset, offset + n_sessions):
+        question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
+        first = client.post("/chat/completions", json={**ASK, "messages": question})
+        first.raise_for_status()
+        reply = first.json()["choices"][0]["message"]["content"]
+        follow = [*question, {"role": "assistant", "content": reply},
+                  {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
+        headers = {"X-Session-Done": "1"}
+        if i % 3 == 0:
+            headers |= {"X-NextState-Feedback": "-1",
+                        "X-NextState-Hint": "State only the final number."}
+        client.post("/chat/completions", json={**ASK, "messages": follow},
+                    headers=headers).raise_for_status()
+
+
+def learner_for(proxy, vllm, toy_model, tmp_path, **training) -> Learner:
+    trainer = replace(TrainerConfig(), batch_turns=4, **training)
+    return Learner(LearnerConfig(
+        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
+        training=TrainingConfig(trainer=trainer, unload_grace=0.0)))
+
+
+async def drain(learner: Learner, rounds: int = 6) -> None:
+    for _ in range(rounds):
+        if not await learner.step():
+            return
+
+
+@pytest.fixture
+def policy_proxy(vllm, start_proxy):
+    return start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
+
+
+async def test_learner_publishes_versions_the_proxy_serves(vllm, policy_proxy, toy_model,
+                                                           tmp_path):
+    proxy = policy_proxy
+    converse(proxy, 8)
+    proxy.turns(16)
+    learner = learner_for(proxy, vllm, toy_model, tmp_path)
+    try:
+        await drain(learner)
+        versions = learner.store.adapters()
+        status = learner.status()
+    finally:
+        await learner.close()
+    published = [v for v in versions if v["status"] in ("current", "previous", "unloaded")]
+    assert len(published) >= 2
+    current = versions[-1]
+    assert current["status"] == "current" and current["name"] == f"{MODEL_NAME}@000002"
+    assert status["counts"]["trained"] == 8 and status["adapter"]["version"] == 2
+    assert len(status["steps"]) == 2 and all(s["outcome"] == "published"
+                                             for s in status["steps"])
+
+    # The proxy now sends the policy's name to the newest adapter; the client still
+    # sees the name it asked for, and the record names the version.
+    await asyncio.sleep(0.5)
+    answer = httpx.post(f"{proxy.base_url}/chat/completions",
+                        json={**ASK, "messages": [{"role": "user", "content": "Hi"}]},
+                        timeout=60)
+    assert answer.json()["model"] == MODEL_NAME
+    newest = proxy.turns(17)[-1]
+    assert newest["served_model"] == current["name"]
+    status_answer = httpx.get(f"{proxy.base_url}/learner/status").json()
+    assert status_answer["serving"] == current["name"]
+    # Old versions left vLLM after their grace period; the current one is loaded.
+    models = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+    assert current["name"] in models and f"{MODEL_NAME}@000001" not in models
+
+
+async def test_publishing_under_load_fails_no_request(vllm, policy_proxy, toy_model,
+                                                      tmp_path):
+    proxy = policy_proxy
+    converse(proxy, 4)
+    proxy.turns(8)
+    stop = threading.Event()
+    results: list[int] = []
+    served: set[str] = set()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=proxy.base_url, timeout=60) as client:
+            while not stop.is_set():
+                for stream in (False, True):
+                    body = {**ASK, "max_tokens": 8, "stream": stream,
+                            "messages": [{"role": "user", "content": "Load test"}]}
+                    answer = client.post("/chat/completions", json=body)
+                    results.append(answer.status_code)
+                    if answer.status_code != 200:
+                        stop.set()
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    learner = learner_for(proxy, vllm, toy_model, tmp_path)
+    try:
+        await drain(learner)
+        await asyncio.sleep(1.0)  # keep the load on through the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        await learner.close()
+    served = {t["served_model"] for t in proxy.turns(0) if t["request"]["messages"][0][
+        "content"] == "Load test"}
+    assert results and set(results) == {200}, f"failed requests: {results}"
+    assert f"{MODEL_NAME}@000001" in served  # traffic really went through the new version
+
+
+class Killed(BaseException):
+    """Stands for the learner process being killed at this point."""
+
+
+async def test_a_learner_killed_mid_publish_resumes_and_trains_nothing_twice(
+        vllm, policy_proxy, toy_model, tmp_path):
+    proxy = policy_proxy
+    converse(proxy, 4)
+    proxy.turns(8)
+    learner = learner_for(proxy, vllm, toy_model, tmp_path)
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    learner.store.publish = die  # killed after vLLM loaded the adapter, before the commit
+    with pytest.raises(Killed):
+        await drain(learner)
+    staged = learner.store.adapters()
+    await learner.close()
+    assert [a["status"] for a in staged] == ["staged"]
+
+    restarted = learner_for(proxy, vllm, toy_model, tmp_path)
+    try:
+        await drain(restarted)
+        versions = restarted.store.adapters()
+        trained = [restarted.store.judgment(t["turn_id"])["trained_version"]
+                   for t in proxy.turns(8) if t["turn_index"] == 0]
+    finally:
+        await restarted.close()
+    assert [(a["version"], a["status"]) for a in versions] == [(1, "abandoned"),
+                                                               (2, "current")]
+    assert trained == [2, 2, 2, 2]  # each trained once, by the version that was published
