@@ -4,6 +4,8 @@
     nextstate status                  what the learner is doing, with progress to the next step
     nextstate adapters list           every adapter version and its state
     nextstate adapters rollback V     make version V current again
+    nextstate bench learning          the paper's personalization experiment in miniature
+    nextstate demo                    one persona, the combined method, live
 
 Heavy imports (torch, transformers) happen inside the commands, so the proxy-only
 install can list these commands without them.
@@ -198,7 +200,72 @@ def rollback(version: int, backend: str, store: str | None) -> None:
             asyncio.run(load())
         except PublishError as exc:
             raise click.ClickException(str(exc)) from exc
-        db.rollback(version)
+        db.rollback(version, row["policy"])
     finally:
         db.close()
     click.echo(f"{row['name']} is current again")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("learning")
+@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A persona YAML file (default: the shipped student/teacher).")
+@click.option("--persona", default="student", show_default=True)
+@click.option("--method", type=click.Choice(["binary", "opd", "combined", "all"]),
+              default="all", show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Repeat with seeds 0..N-1 and report the mean and spread.")
+@click.option("--eval-problems", type=int, default=32, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
+              show_default=True)
+def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
+                   seeds: int, eval_problems: int, out: Path) -> None:
+    """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
+    from nextstate.learner.experiment.bench import run_benchmark
+    from nextstate.learner.experiment.run import METHODS, BenchConfig
+
+    chosen = _persona(personas_file, persona)
+    methods = METHODS if method == "all" else (method,)
+    config = BenchConfig(steps=steps, eval_problems=eval_problems)
+    results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
+                            progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'learning_curves.png'} "
+               f"({results['wall_seconds'] / 60:.1f} min)")
+
+
+@click.command()
+@click.option("--persona", default="student", show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Default: <data dir>/demo")
+def demo(persona: str, steps: int, out: Path | None) -> None:
+    """Watch an agent adapt to a simulated user: one persona, the combined method."""
+    from nextstate.learner.experiment.bench import run_benchmark
+    from nextstate.learner.experiment.run import BenchConfig
+
+    chosen = _persona(None, persona)
+    out = out or data_dir() / "demo"
+    click.echo(f"persona {chosen.name}: prefers "
+               + ", ".join(f"{k} {v}" for k, v in chosen.prefers.items()), err=True)
+    run_benchmark(chosen, ("combined",), BenchConfig(steps=steps), out,
+                  progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"plot: {out / 'learning_curves.png'}")
+
+
+def _persona(path: Path | None, name: str) -> Any:
+    from nextstate.learner.experiment.personas import PersonaError, load_personas
+
+    try:
+        personas = load_personas(path)
+    except PersonaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if name not in personas:
+        raise click.ClickException(f"no persona {name!r}; have: {', '.join(personas)}")
+    return personas[name]

@@ -33,7 +33,8 @@ log = logging.getLogger("nextstate.learner")
 class LearnerConfig:
     store_url: str
     backend_url: str
-    base_model: str  # the served name of the base model; adapters are named after it
+    base_model: str  # vLLM's name for the base model
+    policy: str | None = None  # the name clients use; adapters are <policy>@<version>
     model_dir: Path | None = None  # the base model's weights; None: judge only, no training
     adapters_dir: Path | None = None  # where adapter versions are written
     judge: str = "rules"  # rules | llm
@@ -79,6 +80,7 @@ class Totals:
 class Learner:
     def __init__(self, config: LearnerConfig, judge: Judge | None = None) -> None:
         self.config = config
+        self.policy = config.policy or config.base_model
         self.store = LearnerStore(config.store_url)
         self.judge = judge or make_judge(config)
         self.teacher = Teacher(config.backend_url, config.base_model)
@@ -86,7 +88,7 @@ class Learner:
         self.training: TrainingStage | None = None
         if config.model_dir is not None:
             adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"
-            self.training = TrainingStage(self.store, config.model_dir, config.base_model,
+            self.training = TrainingStage(self.store, config.model_dir, self.policy,
                                           self.admin, adapters_dir, config.training)
         self.totals = Totals()
         self.started_at = time.time()
@@ -101,7 +103,7 @@ class Learner:
         """One round of work; returns how much it did (turns judged, steps trained)."""
         self._set_state("judging")
         if self.config.teacher == "policy":
-            current = self.store.current_adapter()
+            current = self.store.current_adapter(self.policy)
             self.teacher.model = current["name"] if current else self.config.base_model
         report = await judge_pending(self.store, self.judge, self.teacher,
                                      self.config.judging)
@@ -136,10 +138,11 @@ class Learner:
                     await asyncio.wait_for(stop.wait(), timeout=self.config.poll_seconds)
 
     def status(self) -> dict[str, Any]:
-        current = self.store.current_adapter()
+        current = self.store.current_adapter(self.policy)
         training = self.config.training.trainer
         return {
             "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
+            "policy": self.policy,
             "judge": self.judge.name, "teacher": self.teacher.model,
             "method": training.method if self.training else None,
             "batch_turns": training.batch_turns,

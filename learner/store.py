@@ -172,11 +172,13 @@ class LearnerStore:
                 version=version, name=name, policy=policy, path=path, status="staged",
                 created_at=time.time(), stats=stats))
 
-    def publish(self, version: int, turn_ids: Sequence[str]) -> None:
-        """Make ``version`` current and mark the turns it learned from, atomically."""
+    def publish(self, version: int, turn_ids: Sequence[str], policy: str) -> None:
+        """Make ``version`` current for ``policy`` and mark the turns it learned from,
+        atomically."""
         now = time.time()
         with self._begin() as conn:
-            conn.execute(update(adapters).where(adapters.c.status == "current")
+            conn.execute(update(adapters).where(adapters.c.status == "current",
+                                                adapters.c.policy == policy)
                          .values(status="previous", retired_at=now))
             conn.execute(update(adapters).where(adapters.c.version == version)
                          .values(status="current", published_at=now, error=None))
@@ -188,13 +190,15 @@ class LearnerStore:
             conn.execute(update(adapters).where(adapters.c.version == version)
                          .values(status=status, error=error))
 
-    def adapters(self) -> list[dict[str, Any]]:
+    def adapters(self, policy: str | None = None) -> list[dict[str, Any]]:
+        query = select(adapters).order_by(adapters.c.version)
+        if policy is not None:
+            query = query.where(adapters.c.policy == policy)
         with self._connect() as conn:
-            rows = conn.execute(select(adapters).order_by(adapters.c.version))
-            return [{str(k): v for k, v in row._mapping.items()} for row in rows]
+            return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
 
-    def current_adapter(self) -> dict[str, Any] | None:
-        return next((a for a in self.adapters() if a["status"] == "current"), None)
+    def current_adapter(self, policy: str) -> dict[str, Any] | None:
+        return next((a for a in self.adapters(policy) if a["status"] == "current"), None)
 
     def abandon_staged(self) -> int:
         """Versions a killed learner staged but never published."""
@@ -202,11 +206,12 @@ class LearnerStore:
             return int(conn.execute(update(adapters).where(adapters.c.status == "staged")
                                     .values(status="abandoned")).rowcount or 0)
 
-    def rollback(self, version: int) -> None:
+    def rollback(self, version: int, policy: str) -> None:
         """Make an earlier version current again (the turns stay trained)."""
         now = time.time()
         with self._begin() as conn:
-            conn.execute(update(adapters).where(adapters.c.status == "current")
+            conn.execute(update(adapters).where(adapters.c.status == "current",
+                                                adapters.c.policy == policy)
                          .values(status="previous", retired_at=now))
             conn.execute(update(adapters).where(adapters.c.version == version)
                          .values(status="current", published_at=now))

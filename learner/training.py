@@ -85,7 +85,7 @@ class TrainingStage:
     def _trainer(self) -> Trainer:
         """Built from the current adapter and its optimizer state: on first use, and again
         when someone rolled the current version back."""
-        current = self.store.current_adapter()
+        current = self.store.current_adapter(self.policy)
         version = current["version"] if current else 0
         if self.trainer is None or version != self.trained_from:
             self.store.abandon_staged()
@@ -98,7 +98,7 @@ class TrainingStage:
         """Turns ready to train on, after dropping (or down-weighting) stale ones."""
         cfg = self.config
         rows = self.store.ready_for_training(cfg.trainer.method, 4 * cfg.trainer.batch_turns)
-        current = self.store.current_adapter()
+        current = self.store.current_adapter(self.policy)
         now = current["version"] if current else 0
         items, stale = [], []
         for row in rows:
@@ -145,7 +145,7 @@ class TrainingStage:
             self.store.set_adapter_status(version, "failed", str(exc))
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(StepResult(version, name, stats, "failed", str(exc)))
-        self.store.publish(version, ids)
+        self.store.publish(version, ids, self.policy)
         self.trained_from = version
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
@@ -160,7 +160,7 @@ class TrainingStage:
     async def housekeeping(self) -> None:
         """Reload the current adapter if vLLM lost it (a restart); unload versions past
         their grace period; delete old directories."""
-        rows = self.store.adapters()
+        rows = self.store.adapters(self.policy)
         loaded = await self.admin.loaded()
         for row in rows:
             if row["status"] == "current" and row["name"] not in loaded:
@@ -170,4 +170,4 @@ class TrainingStage:
             if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
                 await self.admin.unload(row["name"])
                 self.store.set_adapter_status(row["version"], "unloaded")
-        prune(self.adapters_dir, self.store.adapters(), self.config.keep)
+        prune(self.adapters_dir, self.store.adapters(self.policy), self.config.keep)

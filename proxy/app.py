@@ -191,7 +191,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             queue_size=settings.queue_size,
                             idle_seconds=settings.session_idle_seconds)
         recorder.start()
-        router = Router(settings.policy)
+        router = Router(settings.policy, settings.base_model)
         following = (asyncio.create_task(router.follow(store, settings.adapter_poll_seconds))
                      if settings.policy else None)
         try:

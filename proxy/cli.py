@@ -6,6 +6,7 @@
     nextstate status      what the learner is doing
     nextstate adapters    list the published adapter versions, or roll back to one
     nextstate toy-model   build (or find in the cache) the embedded toy model
+    nextstate bench learning / demo   the paper's experiment in miniature
     nextstate export      write recorded turns as JSON lines
 
 Learner-side commands import torch lazily, so the proxy's own install never needs it.
@@ -31,20 +32,11 @@ from nextstate.proxy.backend import (
     stop_group,
     toy_model_config,
 )
+from nextstate.proxy.server import run_proxy
 from nextstate.proxy.settings import ProxySettings, data_dir
 
 DEFAULT_PORT = 8400
 TOY_MODEL_NAME = "nextstate-toy"
-
-
-def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
-    import uvicorn
-
-    from nextstate.proxy.app import make_app
-
-    config = uvicorn.Config(make_app(settings), host=host, port=port, log_level="warning",
-                            access_log=False, loop="auto", http="auto", lifespan="on")
-    uvicorn.Server(config).run()
 
 
 def _settings(backend: str, store: str | None, api_key: str | None,
@@ -223,9 +215,9 @@ def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> 
 
 def _register_learner_commands() -> None:
     # The commands themselves import torch only when run.
-    from nextstate.learner.commands import adapters, learn, status
+    from nextstate.learner.commands import adapters, bench, demo, learn, status
 
-    for command in (learn, status, adapters):
+    for command in (learn, status, adapters, bench, demo):
         main.add_command(command)
 
 

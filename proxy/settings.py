@@ -37,9 +37,9 @@ class ProxySettings:
     # when the proxy has no key of its own.
     backend_api_key: str | None = None
     record: bool = True
-    # The model name clients use for the trained policy (vLLM's name for the base
-    # model); None: no routing to adapters.
+    # The model name clients use for the trained policy; None: no routing to adapters.
     policy: str | None = None
+    base_model: str | None = None  # vLLM's name for the base model (default: the policy's)
     adapter_poll_seconds: float = 0.5
     # Records waiting for the writer; beyond this they are spooled to disk, not dropped.
     queue_size: int = 2048

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from nextstate.proxy.app import make_app
 from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings, data_dir
 from nextstate.proxy.store import Store
 
@@ -52,16 +50,8 @@ def vllm(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield server
 
 
-@dataclass
-class ProxyServer:
-    url: str
-    settings: ProxySettings
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
+class ProxyServer(BackgroundProxy):
+    """A proxy for a test, with a way to wait for its records."""
 
     def store(self) -> Store:
         return Store(self.settings.resolved_store_url())
@@ -80,25 +70,6 @@ class ProxyServer:
         finally:
             store.close()
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
-def serve_in_thread(settings: ProxySettings) -> ProxyServer:
-    port = free_port()
-    config = uvicorn.Config(make_app(settings), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("proxy did not start")
-        time.sleep(0.02)
-    return ProxyServer(f"http://127.0.0.1:{port}", settings, server, thread)
-
 
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
@@ -109,7 +80,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
         settings = ProxySettings(backend_url=backend_url,
                                  store_url=f"sqlite:///{tmp_path / 'store.db'}",
                                  spool_dir=tmp_path / "spool")
-        proxy = serve_in_thread(replace(settings, **overrides))
+        proxy = ProxyServer(replace(settings, **overrides), free_port()).start()
         started.append(proxy)
         return proxy
 

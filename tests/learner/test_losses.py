@@ -43,7 +43,7 @@ def test_surrogate_at_ratio_one_is_minus_the_mean_advantage():
     logp = torch.tensor([[-1.0, -2.0, -9.0]], requires_grad=True)
     loss, stats = clipped_surrogate(logp, logp.detach(), torch.tensor([[1.0, 3.0, 100.0]]),
                                     MASK)
-    assert float(loss) == pytest.approx(-2.0)  # −(1 + 3)/2; the padded token is ignored
+    assert loss.item() == pytest.approx(-2.0)  # −(1 + 3)/2; the padded token is ignored
     assert stats.clip_fraction == 0.0 and stats.approx_kl == 0.0
     loss.backward()
     # d/dlogp of −r·A/2 at r=1 is −A/2 per real token, 0 for padding

@@ -292,9 +292,30 @@ def test_malformed_next_state_is_a_400(client, body):
 # -- routing to the current adapter ------------------------------------------------------
 
 
+def publish_adapter(tmp_path, policy: str, version: int) -> str:
+    """What the learner does once vLLM has loaded a version: make it current."""
+    from nextstate.learner.publish import version_name
+    from nextstate.learner.store import LearnerStore
+
+    store = LearnerStore(f"sqlite:///{tmp_path}/s.db")
+    name = version_name(policy, version)
+    store.stage_adapter(version, name, policy, f"/adapters/{name}", {})
+    store.publish(version, [], policy)
+    store.close()
+    return name
+
+
+def wait_for_router(client, name):
+    router = client.app_state["deps"].router
+    deadline = time.monotonic() + 5
+    while router.current != name and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert router.current == name
+
+
 def test_policy_name_goes_to_the_current_adapter_and_comes_back_renamed(tmp_path, fake):
-    with open_client(tmp_path, fake, policy="toy") as c:
-        c.app_state["deps"].router.current = "toy@000007"
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02) as c:
+        wait_for_router(c, publish_adapter(tmp_path, "toy", 7))
         whole = c.post("/v1/chat/completions", json={**CHAT, "model": "toy"})
         with c.stream("POST", "/v1/chat/completions",
                       json={**CHAT, "model": "toy", "stream": True}) as s:
@@ -311,9 +332,20 @@ def test_policy_name_goes_to_the_current_adapter_and_comes_back_renamed(tmp_path
 
 
 def test_without_an_adapter_the_policy_is_the_base_model(tmp_path, fake):
-    with open_client(tmp_path, fake, policy="toy") as c:
-        c.post("/v1/chat/completions", json={**CHAT, "model": "toy"})
+    with open_client(tmp_path, fake, policy="student", base_model="toy") as c:
+        answer = c.post("/v1/chat/completions", json={**CHAT, "model": "student"})
     assert fake.requests[0]["model"] == "toy"
+    assert answer.json()["model"] == "student"
+
+
+def test_policies_do_not_retire_each_others_adapters(tmp_path, fake):
+    with open_client(tmp_path, fake, policy="a", base_model="toy",
+                     adapter_poll_seconds=0.02) as c:
+        name = publish_adapter(tmp_path, "a", 1)
+        publish_adapter(tmp_path, "b", 2)
+        wait_for_router(c, name)
+        c.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+    assert fake.requests[0]["model"] == "a@000001"
 
 
 def test_learner_status_endpoint_reports_the_learner_and_serving_version(tmp_path, fake):

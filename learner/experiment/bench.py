@@ -1,0 +1,88 @@
+"""``nextstate bench learning`` and ``nextstate demo``: run the learning benchmark end to
+end and write what it found (results.json, learning_curves.png, a markdown table).
+
+It starts its own vLLM with the hint-following toy model (built and cached on first use,
+a few minutes) and runs every requested method and seed against it, each with its own
+store, policy name and adapters (simulated user -> proxy -> vLLM -> learner -> vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from nextstate.learner.experiment.personas import Persona
+from nextstate.learner.experiment.plot import plot_curves
+from nextstate.learner.experiment.run import BenchConfig, MethodRun, Progress, run_method, summarise
+from nextstate.proxy.backend import VLLMProcess, toy_model_config
+from nextstate.proxy.settings import data_dir
+
+BASE_MODEL = "nextstate-toy-trained"
+# The paper's Figure (OpenClaw-RL, simulated student): personalization score by step.
+PAPER = {"combined": {"0": 0.17, "8": 0.76, "16": 0.81},
+         "binary": {"8": 0.25}, "opd": {"8": 0.25, "16": 0.72}}
+
+
+def trained_toy_model(progress: Progress) -> Path:
+    from nextstate.learner.toy_model import TRAINED_TOY, ensure_toy_model
+
+    return ensure_toy_model(data_dir(), TRAINED_TOY, progress=progress)
+
+
+def run_benchmark(persona: Persona, methods: Sequence[str], config: BenchConfig, out: Path,
+                  seeds: Sequence[int] = (0,), progress: Progress = print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = trained_toy_model(progress)
+    started = time.monotonic()
+    vllm_config = toy_model_config(model_dir, BASE_MODEL, log_path=out / "vllm.log",
+                                   max_loras=4)
+    progress(f"starting vLLM with {model_dir.name} (log: {out / 'vllm.log'})")
+    runs: list[MethodRun] = []
+    with VLLMProcess(vllm_config) as vllm:
+        for seed in seeds:
+            for method in methods:
+                runs.append(asyncio.run(run_method(
+                    persona, method, replace(config, seed=seed), vllm_url=vllm.url,
+                    base_model=BASE_MODEL, model_dir=model_dir, workdir=out / "work",
+                    progress=progress)))
+    results = {
+        "persona": persona.name, "prefers": persona.prefers,
+        "config": asdict(config), "seeds": list(seeds),
+        "methods": summarise(runs),
+        "base_score": sum(r.scores[0] for r in runs) / len(runs),
+        "wall_seconds": time.monotonic() - started,
+        "paper": PAPER,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(results, out / "learning_curves.png")
+    (out / "results.md").write_text(markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Score at each step per method, with the paper's numbers beside ours."""
+    methods = results["methods"]
+    steps = len(next(iter(methods.values()))["mean"]) - 1
+    marks = sorted({0, min(4, steps), min(8, steps), steps})
+    head = "| method | " + " | ".join(f"step {s}" for s in marks) + " | paper | time |"
+    lines = [head, "|" + "---|" * (len(marks) + 3)]
+    for name, m in methods.items():
+        paper = ", ".join(f"{v:.2f} @{k}" for k, v in results["paper"].get(name, {}).items())
+        cells = []
+        for s in marks:
+            spread = (f" ({m['min'][s]:.2f}-{m['max'][s]:.2f})"
+                      if len(results["seeds"]) > 1 else "")
+            cells.append(f"{m['mean'][s]:.2f}{spread}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} | "
+                     f"{m['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"

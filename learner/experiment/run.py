@@ -1,0 +1,193 @@
+"""The learning benchmark: the OpenClaw-RL paper's personalization experiment in miniature,
+through the real stack (simulated user -> proxy -> vLLM -> store -> learner -> adapter ->
+vLLM).
+
+For each method, a fresh store and policy: simulated users ask problems and answer the
+replies (thanks, or a correction); the learner judges those turns with the `rules` judge,
+takes one optimizer step per ``batch_turns`` judged turns and publishes the adapter; after
+every step the persona rates the first reply to each of a fixed set of held-out problems,
+sent with recording off so that evaluation is never trained on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from nextstate.learner.experiment.personas import Persona, SimulatedUser
+from nextstate.learner.experiment.styles import Problem, make_problem
+from nextstate.learner.process import Learner, LearnerConfig
+from nextstate.learner.trainer import TrainerConfig
+from nextstate.learner.training import TrainingConfig
+from nextstate.proxy.backend import free_port
+from nextstate.proxy.server import BackgroundProxy
+from nextstate.proxy.settings import ProxySettings
+
+Progress = Callable[[str], None]
+METHODS = ("binary", "opd", "combined")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    steps: int = 8
+    batch_turns: int = 16  # judged turns per optimizer step, as in the paper
+    eval_problems: int = 32
+    eval_samples: int = 4  # replies rated per evaluation problem
+    temperature: float = 1.0
+    max_tokens: int = 160
+    concurrency: int = 8  # simultaneous conversations
+    learning_rate: float | None = None  # trainer default (1e-3 for the toy model)
+    passes: int = 2
+    seed: int = 0
+
+
+@dataclass
+class MethodRun:
+    method: str
+    seed: int
+    scores: list[float] = field(default_factory=list)  # index = training steps so far
+    turns_recorded: list[int] = field(default_factory=list)  # traffic turns per step
+    versions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
+                     base_model: str, model_dir: Path, workdir: Path,
+                     progress: Progress = print) -> MethodRun:
+    policy = f"{persona.name}-{method}-s{config.seed}"
+    store_url = f"sqlite:///{workdir / policy}.db"
+    settings = ProxySettings(backend_url=vllm_url, store_url=store_url,
+                             spool_dir=workdir / "spool" / policy, policy=policy,
+                             base_model=base_model, adapter_poll_seconds=0.05)
+    trainer = TrainerConfig(method=method, batch_turns=config.batch_turns,  # type: ignore[arg-type]
+                            learning_rate=config.learning_rate, passes=config.passes,
+                            seed=config.seed)
+    learner = Learner(LearnerConfig(
+        store_url=store_url, backend_url=vllm_url, base_model=base_model, policy=policy,
+        model_dir=model_dir, adapters_dir=workdir / "adapters",
+        training=TrainingConfig(trainer=trainer, unload_grace=5.0)))
+    run = MethodRun(method=method, seed=config.seed)
+    started = time.monotonic()
+    eval_set = [make_problem(random.Random(f"eval-{config.seed}-{i}"))
+                for i in range(config.eval_problems)]
+    traffic = random.Random(f"traffic-{config.seed}")
+    with BackgroundProxy(settings, free_port()) as proxy:
+        async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600) as client:
+            try:
+                run.scores.append(await evaluate(client, policy, persona, eval_set, config))
+                progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
+                for step in range(1, config.steps + 1):
+                    recorded, version = await train_one_step(client, learner, policy, persona,
+                                                             traffic, config)
+                    run.turns_recorded.append(recorded)
+                    run.versions.append(version)
+                    await _until_serving(client, policy, version)
+                    run.scores.append(await evaluate(client, policy, persona, eval_set,
+                                                     config))
+                    progress(f"{method:>8} seed {config.seed}: step {step} score "
+                             f"{run.scores[-1]:.3f} ({version}, {recorded} turns of traffic)")
+            finally:
+                await learner.close()
+    run.seconds = time.monotonic() - started
+    return run
+
+
+async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
+                         persona: Persona, rng: random.Random, config: BenchConfig,
+                         max_rounds: int = 40) -> tuple[int, str]:
+    """Talk until the learner publishes a new version; returns (turns of traffic, name)."""
+    before = learner.store.current_adapter(policy)
+    recorded = 0
+    for _ in range(max_rounds):
+        users = [SimulatedUser(persona, random.Random(rng.random()))
+                 for _ in range(config.concurrency)]
+        problems = [make_problem(rng) for _ in users]
+        counts = await asyncio.gather(*(conversation(client, policy, u, p, config)
+                                        for u, p in zip(users, problems, strict=True)))
+        recorded += sum(counts)
+        await asyncio.sleep(0.1)  # the proxy writes records off the request path
+        await learner.step()
+        current = learner.store.current_adapter(policy)
+        if current is not None and current != before:
+            return recorded, str(current["name"])
+    raise RuntimeError(f"no adapter published after {max_rounds} rounds of traffic; "
+                       f"learner: {learner.status()['totals']}")
+
+
+async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUser,
+                       problem: Problem, config: BenchConfig) -> int:
+    """One problem: the user reads up to ``max_turns`` replies, correcting until pleased.
+    Its last answer is sent as the last turn's next state. Returns the turns it made."""
+    session = uuid.uuid4().hex
+    messages: list[dict[str, str]] = [{"role": "user", "content": problem.question}]
+    for turn in range(user.persona.max_turns):
+        answer = await client.post("/chat/completions", headers={"X-Session-Id": session},
+                                   json={"model": policy, "messages": messages,
+                                         "temperature": config.temperature,
+                                         "max_tokens": config.max_tokens})
+        answer.raise_for_status()
+        reply = answer.json()["choices"][0]["message"]["content"] or ""
+        satisfied, said = user.react(reply)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": said}]
+        if satisfied or turn == user.persona.max_turns - 1:
+            done = await client.post("/next_state", json={
+                "session_id": session, "messages": [{"role": "user", "content": said}],
+                "done": True, "source": "adapter:bench"})
+            done.raise_for_status()
+            return turn + 1
+    return user.persona.max_turns
+
+
+async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
+                   problems: list[Problem], config: BenchConfig) -> float:
+    """The persona's mean rating of first replies to held-out problems (not recorded)."""
+    gate = asyncio.Semaphore(config.concurrency)
+
+    async def rate(problem: Problem) -> list[float]:
+        async with gate:
+            answer = await client.post(
+                "/chat/completions", headers={"X-NextState-Record": "off"},
+                json={"model": policy, "n": config.eval_samples,
+                      "temperature": config.temperature, "max_tokens": config.max_tokens,
+                      "messages": [{"role": "user", "content": problem.question}]})
+            answer.raise_for_status()
+            return [persona.score(c["message"]["content"] or "")
+                    for c in answer.json()["choices"]]
+
+    ratings = await asyncio.gather(*(rate(p) for p in problems))
+    return statistics.fmean(r for rs in ratings for r in rs)
+
+
+async def _until_serving(client: httpx.AsyncClient, policy: str, version: str) -> None:
+    """The proxy follows the store; wait until it serves the new version."""
+    for _ in range(100):
+        status = (await client.get("/learner/status")).json()
+        if status.get("serving") == version:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the proxy did not switch {policy} to {version}")
+
+
+def summarise(runs: list[MethodRun]) -> dict[str, Any]:
+    """Mean (and spread) of the score per step, per method, over seeds."""
+    out: dict[str, Any] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        per_step = list(zip(*(r.scores for r in mine), strict=True))
+        out[method] = {
+            "mean": [statistics.fmean(s) for s in per_step],
+            "min": [min(s) for s in per_step],
+            "max": [max(s) for s in per_step],
+            "seeds": [asdict(r) for r in mine],
+            "seconds": sum(r.seconds for r in mine),
+        }
+    return out

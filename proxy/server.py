@@ -1,0 +1,60 @@
+"""Running the proxy: in the foreground (the CLI) or on a background thread (the learning
+benchmark, the demo and the integration tests all drive a real proxy over real HTTP).
+
+agent -> **proxy** -> vLLM.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from nextstate.proxy.app import make_app
+from nextstate.proxy.settings import ProxySettings
+
+
+def _config(settings: ProxySettings, host: str, port: int) -> uvicorn.Config:
+    # uvloop and httptools when installed (the default install has them).
+    return uvicorn.Config(make_app(settings), host=host, port=port, log_level="warning",
+                          access_log=False, loop="auto", http="auto", lifespan="on")
+
+
+def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM stop it cleanly)."""
+    uvicorn.Server(_config(settings, host, port)).run()
+
+
+class BackgroundProxy:
+    """A proxy on a loopback port, served by uvicorn on a daemon thread."""
+
+    def __init__(self, settings: ProxySettings, port: int, host: str = "127.0.0.1") -> None:
+        self.settings = settings
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(_config(settings, host, port))
+        self.thread = threading.Thread(target=self.server.run, daemon=True,
+                                       name="nextstate-proxy")
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self, timeout: float = 15.0) -> BackgroundProxy:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the proxy did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def __enter__(self) -> BackgroundProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
