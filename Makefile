@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,learner,langchain,litellm,dev
+EXTRAS ?= cpu,learner,langchain,litellm,postgres,dev
 # pip here is configured with local indexes that may not exist; its warnings about
 # them are noise, everything else is shown.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }

@@ -247,7 +247,9 @@ class LearnerStore:
 
 
 def _has_teacher() -> Any:
-    return func.coalesce(judgments.c.teacher_logprobs, "[]").cast(String) != "[]"
+    # JSON compared as text works alike on SQLite and PostgreSQL.
+    column = judgments.c.teacher_logprobs
+    return and_(column.is_not(None), column.cast(String).not_in(("[]", "null")))
 
 
 def _ready_for(method: str) -> tuple[Any, ...]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +35,62 @@ def _require_vllm() -> None:
         if os.environ.get("NEXTSTATE_REQUIRE_INTEGRATION"):
             pytest.fail("vLLM is not installed but integration tests are required here")
         pytest.skip("vLLM is not installed (pip install 'nextstate[cpu]'); run `make test`")
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (or NEXTSTATE_TEST_POSTGRES_URL)."""
+    given = os.environ.get("NEXTSTATE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("NEXTSTATE_REQUIRE_INTEGRATION"):
+            pytest.fail("PostgreSQL is not installed but its tests are required here")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    # Not under pytest's tmp dir: the postgres user cannot enter root's.
+    root = Path(tempfile.mkdtemp(prefix="nextstate-pg-"))
+    shutil.chown(root, "postgres")
+    port = free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"), "-A",
+                    "trust", "-U", "nextstate"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-w",
+                    "-l", str(root / "log"), "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+                    "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://nextstate@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"),
+                        "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import psycopg
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    plain = postgres_server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{postgres_server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture(scope="session")

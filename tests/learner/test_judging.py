@@ -43,8 +43,8 @@ class FakeTeacher:
 
 
 @pytest.fixture
-def store():
-    s = LearnerStore("sqlite://")
+def store(store_url):
+    s = LearnerStore(store_url)
     s.store.write([turn("s", "hi", "hello", 1.0), turn("s", "no, in French", "bonjour", 2.0),
                    turn("s2", "bye", "ciao", 3.0)])
     s.store.expire_idle(idle_seconds=10, now=100.0)  # s's last turn and s2 end

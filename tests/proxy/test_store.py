@@ -9,8 +9,8 @@ _ids = itertools.count()
 
 
 @pytest.fixture
-def store():
-    s = Store("sqlite://")
+def store(store_url):
+    s = Store(store_url)
     yield s
     s.close()
 

@@ -1,0 +1,54 @@
+"""The learner's bookkeeping in the store, on SQLite and PostgreSQL."""
+
+from nextstate.learner.judgment import Judgment
+from nextstate.learner.store import LearnerStore
+from nextstate.proxy.record import TurnRecord
+
+
+def turn(i: int) -> TurnRecord:
+    return TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
+                      session_id=f"s{i}", session_done=True,
+                      request={"messages": [{"role": "user", "content": str(i)}]},
+                      response={"choices": [{"index": 0, "token_ids": [1, 2],
+                                             "logprobs": {"content": [{"logprob": -1.0}] * 2},
+                                             "message": {"role": "assistant", "content": "x"}}],
+                                "prompt_token_ids": [5]})
+
+
+def test_ready_turns_follow_the_method_and_publish_marks_them_once(store_url):
+    store = LearnerStore(store_url)
+    store.store.write([turn(i) for i in range(3)])
+    store.save_judgment("t0", Judgment(score=-1), teacher_logprobs=[[-0.5, -0.5]])
+    store.save_judgment("t1", Judgment(score=1))
+    store.save_judgment("t2", Judgment(score=0))
+    assert [r["id"] for r in store.ready_for_training("binary", 10)] == ["t0", "t1"]
+    assert [r["id"] for r in store.ready_for_training("opd", 10)] == ["t0"]
+    assert [r["id"] for r in store.ready_for_training("combined", 10)] == ["t0", "t1"]
+    assert store.ready_count("combined") == 2
+
+    store.stage_adapter(1, "p@000001", "p", "/a/1", {"turns": 2})
+    store.publish(1, ["t0", "t1"], "p")
+    assert store.ready_count("combined") == 0 and store.trained_count() == 2
+    assert store.current_adapter("p")["name"] == "p@000001"
+    assert store.next_version() == 2
+
+    store.stage_adapter(2, "q@000002", "q", "/a/2", {})
+    store.publish(2, [], "q")  # another policy's publish leaves p's current alone
+    assert store.current_adapter("p")["version"] == 1
+    store.stage_adapter(3, "p@000003", "p", "/a/3", {})
+    store.publish(3, [], "p")
+    store.rollback(1, "p")
+    assert store.current_adapter("p")["version"] == 1
+    assert {a["version"]: a["status"] for a in store.adapters("p")} == {1: "current",
+                                                                       3: "previous"}
+    store.close()
+
+
+def test_skipped_turns_are_never_ready_again(store_url):
+    store = LearnerStore(store_url)
+    store.store.write([turn(0)])
+    store.save_judgment("t0", Judgment(score=-1))
+    store.skip(["t0"], "stale")
+    assert store.ready_count("binary") == 0
+    assert store.judgment("t0")["trained_version"] == -1
+    store.close()
