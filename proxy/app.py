@@ -189,7 +189,8 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
         store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout)
         recorder = Recorder(store, settings.resolved_spool_dir(),
                             queue_size=settings.queue_size,
-                            idle_seconds=settings.session_idle_seconds)
+                            idle_seconds=settings.session_idle_seconds,
+                            pairing_wait=settings.pairing_wait_seconds)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
         following = (asyncio.create_task(router.follow(store, settings.adapter_poll_seconds))

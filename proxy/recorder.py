@@ -141,12 +141,16 @@ def _replay(path: Path, store: Store, batch: int) -> int:
 
 class Recorder:
     def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
-                 idle_seconds: float = 900.0, batch_size: int = 128) -> None:
+                 idle_seconds: float = 900.0, batch_size: int = 128,
+                 pairing_wait: float = 2.0) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
         self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
+        self.pairing_wait = pairing_wait
+        # Turns whose earlier turn is not in the store yet, retried shortly.
+        self._deferred: list[Record] = []
         self.stats = RecorderStats()
         self._task: asyncio.Task[None] | None = None
         self._retry_at = 0.0
@@ -195,7 +199,9 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        batch = self._take_batch(limit=None)
+        self.pairing_wait = 0.0  # shutting down: write what waits, paired or not
+        batch = self._deferred + self._take_batch(limit=None)
+        self._deferred = []
         if batch:
             await self._write(batch)
         if self.spool.pending:
@@ -220,11 +226,14 @@ class Recorder:
         next_sweep = time.monotonic()
         while True:
             try:
-                first = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                first = await asyncio.wait_for(self.queue.get(),
+                                               timeout=0.05 if self._deferred else 1.0)
             except TimeoutError:
                 first = None
             batch = ([first] if first is not None else []) + self._take_batch(
                 limit=self.batch_size)
+            if self._deferred:
+                batch, self._deferred = self._deferred + batch, []
             if batch:
                 await self._write(batch)
             if self.spool.pending and time.monotonic() >= self._retry_at:
@@ -245,12 +254,15 @@ class Recorder:
                 self._spool(batch)
                 return
             try:
-                self.stats.written += await asyncio.to_thread(self.store.write, batch)
+                written, deferred = await asyncio.to_thread(
+                    self.store.write_or_defer, batch, self.pairing_wait)
+                self.stats.written += written
+                self._deferred = list(deferred)
             except Exception as exc:  # any store failure: keep the records on disk
                 self._store_failed(exc)
                 self._spool(batch)
         finally:
-            self._outstanding -= len(batch)
+            self._outstanding -= len(batch) - len(self._deferred)
 
     async def _drain_spool(self) -> None:
         try:

@@ -46,6 +46,9 @@ class ProxySettings:
     spool_dir: Path | None = None  # default: <data dir>/spool
     # A session with no new turn for this long ends; its last turn has no next state.
     session_idle_seconds: float = 900.0
+    # A turn continuing a conversation the store has not seen yet waits this long for
+    # the earlier turn (which another proxy process may still be writing).
+    pairing_wait_seconds: float = 2.0
     upstream_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024

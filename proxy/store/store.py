@@ -123,17 +123,45 @@ class Store:
 
     def write(self, records: Sequence[Record]) -> int:
         """Write records in one transaction, in order; returns how many were new."""
+        return self.write_or_defer(records)[0]
+
+    def write_or_defer(self, records: Sequence[Record], pairing_wait: float = 0.0,
+                       now: float | None = None) -> tuple[int, list[TurnRecord]]:
+        """Like `write`, but a turn that continues a conversation whose earlier turn is not
+        in the store yet (it may still be on its way from another proxy process) is
+        handed back instead of written, for up to ``pairing_wait`` seconds after it
+        happened. Returns (written, deferred)."""
         self.ensure_schema()
+        now = time.time() if now is None else now
         written = 0
+        deferred: list[TurnRecord] = []
         with self.engine.begin() as conn:
             for record in records:
                 if isinstance(record, TurnRecord):
-                    written += self._write_turn(conn, record)
+                    if now - record.created_at < pairing_wait and self._parent_missing(
+                            conn, record):
+                        deferred.append(record)
+                    else:
+                        written += self._write_turn(conn, record)
                 elif isinstance(record, FeedbackRecord):
                     written += self._write_feedback(conn, record)
                 else:
                     written += self._write_next_state(conn, record)
-        return written
+        return written, deferred
+
+    def _parent_missing(self, conn: Connection, rec: TurnRecord) -> bool:
+        """Does this turn continue a conversation the store has not seen yet?"""
+        messages = rec.request.get("messages")
+        if rec.turn_type != "main" or rec.endpoint != "chat" or not isinstance(messages, list):
+            return False
+        i = last_assistant_index(messages)
+        if i is None:
+            return False
+        if rec.session_id:
+            return self._session(conn, rec.session_id) is None
+        key = conversation_key(messages[: i + 1])
+        return conn.execute(select(turn_keys.c.turn_id).where(turn_keys.c.key == key)
+                            .limit(1)).first() is None
 
     def _write_turn(self, conn: Connection, rec: TurnRecord) -> int:
         if conn.execute(select(turns.c.id).where(turns.c.id == rec.turn_id)).first():

@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 
@@ -15,9 +16,12 @@ class FlakyStore:
         self.down = False
 
     def write(self, records):
+        return self.write_or_defer(records)[0]
+
+    def write_or_defer(self, records, pairing_wait=0.0, now=None):
         if self.down:
             raise OSError("database is locked")
-        return self.inner.write(records)
+        return self.inner.write_or_defer(records, pairing_wait, now)
 
     def expire_idle(self, idle_seconds, now=None):
         return 0
@@ -76,3 +80,24 @@ async def test_submit_never_blocks_and_everything_is_written(tmp_path, n):
     await recorder.stop()
     assert store.inner.count_turns() == n
     assert recorder.stats.written == n
+
+
+async def test_a_turn_waiting_for_its_parent_is_written_once_the_parent_arrives(tmp_path):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path, pairing_wait=5.0)
+    recorder.start()
+    first = [{"role": "user", "content": "q"}]
+    child = TurnRecord(turn_id="child", endpoint="chat", created_at=time.time(),
+                       request={"messages": [*first, {"role": "assistant", "content": "r"},
+                                             {"role": "user", "content": "more"}]},
+                       response={"choices": []})
+    parent = TurnRecord(turn_id="parent", endpoint="chat", created_at=time.time() - 1,
+                        request={"messages": first}, response={"choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": "r"}}]})
+    recorder.submit(child)
+    await asyncio.sleep(0.3)
+    assert store.inner.count_turns() == 0  # waiting, not lost
+    recorder.submit(parent)
+    await recorder.flush(timeout=5)
+    await recorder.stop()
+    assert store.inner.turn("parent")["next_turn_id"] == "child"

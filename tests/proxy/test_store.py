@@ -100,3 +100,24 @@ def test_completions_turns_pair_by_session_header_with_the_added_text(store):
     store.write([a, b])
     assert store.turn(a.turn_id)["next_state"] == [{"role": "user",
                                                      "content": "\nQ: more\nA:"}]
+
+
+def test_a_continuation_waits_for_its_earlier_turn_from_another_process(store):
+    first = [{"role": "user", "content": "2+2?"}]
+    t1 = chat_turn(first, "5", at=100.0)
+    t2 = chat_turn([*first, {"role": "assistant", "content": "5"},
+                    {"role": "user", "content": "No."}], "4", at=101.0)
+    # t2 reaches the store first (t1 is still in another proxy's queue): it waits.
+    assert store.write_or_defer([t2], pairing_wait=2.0, now=101.5) == (0, [t2])
+    store.write([t1])
+    assert store.write_or_defer([t2], pairing_wait=2.0, now=101.6) == (1, [])
+    rows = {r["turn_id"]: r for r in store.turns()}
+    assert rows[t1.turn_id]["next_turn_id"] == t2.turn_id
+    assert rows[t1.turn_id]["session_id"] == rows[t2.turn_id]["session_id"]
+
+
+def test_a_continuation_whose_parent_never_comes_starts_its_own_session(store):
+    orphan = chat_turn([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": "c"}], "d", at=100.0)
+    assert store.write_or_defer([orphan], pairing_wait=2.0, now=103.0) == (1, [])
+    assert store.turn(orphan.turn_id)["turn_index"] == 0
