@@ -193,8 +193,9 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             pairing_wait=settings.pairing_wait_seconds)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
-        following = (asyncio.create_task(router.follow(store, settings.adapter_poll_seconds))
-                     if settings.policy else None)
+        following = (asyncio.create_task(
+            router.follow(store, client, settings.adapter_poll_seconds))
+            if settings.policy else None)
         try:
             yield {"deps": Deps(settings, client, recorder, store, router)}
         finally:

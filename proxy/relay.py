@@ -169,10 +169,8 @@ class _Turn:
 
         async def work() -> None:
             nonlocal response
-            request = self.deps.client.build_request(
-                "POST", self.path, content=self.payload, headers=self.headers)
             try:
-                response = await self.deps.client.send(request, stream=True)
+                response = await self._send()
             except httpx.TransportError as exc:
                 self._fail(502, f"backend unreachable: {type(exc).__name__}: {exc}")
                 self.finished = True
@@ -198,6 +196,19 @@ class _Turn:
             if self.record is not None:
                 self.record.finished_at = time.time()
                 self.deps.recorder.submit(self.record)
+
+    async def _send(self) -> httpx.Response:
+        if self.rename is not None:
+            await self.deps.router.ready()
+        response = await self.deps.client.send(self.deps.client.build_request(
+            "POST", self.path, content=self.payload, headers=self.headers), stream=True)
+        if response.status_code == 404 and self.rename is not None:
+            # vLLM restarted between two checks and forgot the adapter: load it, retry.
+            await response.aclose()
+            await self.deps.router.check_loaded(self.deps.client)
+            response = await self.deps.client.send(self.deps.client.build_request(
+                "POST", self.path, content=self.payload, headers=self.headers), stream=True)
+        return response
 
     def _fail(self, status: int, error: str) -> None:
         if self.record is not None:

@@ -358,12 +358,13 @@ class Store:
             row = conn.execute(select(table.c.tenant).where(table.c.id == key)).first()
         return (row is not None, row.tenant if row is not None else None)
 
-    def current_adapter(self, policy: str) -> str | None:
-        """The adapter version the learner made current for ``policy``, if any."""
+    def current_adapter(self, policy: str) -> tuple[str, str] | None:
+        """(name, directory) of the version the learner made current for ``policy``."""
         self.ensure_schema()
         with self.engine.connect() as conn:
-            return conn.execute(select(adapters.c.name).where(
-                adapters.c.policy == policy, adapters.c.status == "current")).scalar()
+            row = conn.execute(select(adapters.c.name, adapters.c.path).where(
+                adapters.c.policy == policy, adapters.c.status == "current")).first()
+        return (row.name, row.path) if row is not None else None
 
     def learner_status(self) -> dict[str, Any] | None:
         """What the learner last reported, and when."""

@@ -22,22 +22,32 @@ FINGERPRINT = "vllm-fake"
 
 class FakeVLLM:
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # what clients sent (through the proxy)
         self.headers: list[httpx.Headers] = []
+        self.admin: list[tuple[str, dict[str, Any]]] = []  # adapter loads and unloads
+        self.loaded: set[str] = set()
         self.fail_with: int | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = orjson.loads(request.content) if request.content else {}
+        if request.url.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            self.admin.append((request.url.path, body))
+            if request.url.path.startswith("/v1/load"):
+                self.loaded.add(body["lora_name"])
+            else:
+                self.loaded.discard(body["lora_name"])
+            return httpx.Response(200, text="Success")
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [
+                {"id": name} for name in ["toy", *sorted(self.loaded)]]})
+        if request.url.path == "/health":
+            return httpx.Response(200)
         self.requests.append(body)
         self.headers.append(request.headers)
         if self.fail_with is not None:
             return httpx.Response(self.fail_with, json={"error": {
                 "message": "boom", "type": "BadRequestError", "param": None,
                 "code": self.fail_with}})
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "toy"}]})
-        if request.url.path == "/health":
-            return httpx.Response(200)
         chat = request.url.path.endswith("/chat/completions")
         if body.get("stream"):
             return httpx.Response(200, headers={"content-type": "text/event-stream"},

@@ -1,0 +1,95 @@
+"""Faults with the real components: vLLM killed mid-stream and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from nextstate.learner.publish import VLLMAdmin, version_name
+from nextstate.learner.store import LearnerStore
+from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from tests.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.integration
+
+
+def own_vllm(toy_model, port: int, log) -> VLLMProcess:
+    """A vLLM of this test's own (the session's shared one must not be killed)."""
+    return VLLMProcess(toy_model_config(toy_model, MODEL_NAME, port=port, log_path=log))
+
+
+def publish_one_adapter(toy_model, tmp_path, store_url: str, vllm_url: str) -> str:
+    trainer = Trainer(toy_model, TrainerConfig(method="binary"))
+    trainer.step([TrainItem("t", [1, 40, 2], [50, 51], [-7.0, -7.0], reward=1.0)])
+    name = version_name(MODEL_NAME, 1)
+    path = trainer.save(tmp_path / "adapters" / name)
+    store = LearnerStore(store_url)
+    store.stage_adapter(1, name, MODEL_NAME, str(path), {})
+
+    async def load() -> None:
+        admin = VLLMAdmin(vllm_url)
+        await admin.load(name, path)
+        await admin.close()
+
+    asyncio.run(load())
+    store.publish(1, [], MODEL_NAME)
+    store.close()
+    return name
+
+
+def test_vllm_killed_mid_stream_then_restarted(toy_model, start_proxy, tmp_path):
+    port = free_port()
+    vllm = own_vllm(toy_model, port, tmp_path / "vllm1.log").start()
+    try:
+        proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
+        name = publish_one_adapter(toy_model, tmp_path, proxy.settings.resolved_store_url(),
+                                   vllm.url)
+        time.sleep(0.5)  # the proxy follows the store
+
+        received: list[str] = []
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
+                    "stream": True, "max_tokens": 3000, "ignore_eos": True}
+            try:
+                with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body,
+                                  timeout=60) as answer:
+                    received.extend(answer.iter_lines())
+            except httpx.HTTPError as exc:  # also a clean outcome: the stream ended
+                errors.append(exc)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while len(received) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        vllm.process.send_signal(signal.SIGKILL)  # only the API server: the engine follows
+        vllm.stop()
+        reader.join(timeout=30)
+        assert not reader.is_alive()
+        assert errors or any('"backend_unavailable"' in line for line in received)
+        [turn] = proxy.turns(1)
+        assert turn["status"] == "aborted" and turn["served_model"] == name
+        assert 0 < len(turn["completion_token_ids"]) < 3000
+
+        down = httpx.post(f"{proxy.base_url}/chat/completions", timeout=30, json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": "Anyone?"}]})
+        assert down.status_code == 502
+
+        vllm = own_vllm(toy_model, port, tmp_path / "vllm2.log").start()  # same URL
+        back = httpx.post(f"{proxy.base_url}/chat/completions", timeout=60, json={
+            "model": MODEL_NAME, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Back?"}]})
+        assert back.status_code == 200, back.text  # never a 404 for the lost adapter
+        assert back.json()["model"] == MODEL_NAME
+        last = proxy.turns(3)[-1]
+        assert (last["status"], last["served_model"]) == ("ok", name)
+    finally:
+        vllm.stop()
