@@ -200,7 +200,7 @@ def rollback(version: int, backend: str, store: str | None) -> None:
             asyncio.run(load())
         except PublishError as exc:
             raise click.ClickException(str(exc)) from exc
-        db.rollback(version, row["policy"])
+        db.store.rollback(version)
     finally:
         db.close()
     click.echo(f"{row['name']} is current again")

@@ -191,11 +191,7 @@ class LearnerStore:
                          .values(status=status, error=error))
 
     def adapters(self, policy: str | None = None) -> list[dict[str, Any]]:
-        query = select(adapters).order_by(adapters.c.version)
-        if policy is not None:
-            query = query.where(adapters.c.policy == policy)
-        with self._connect() as conn:
-            return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+        return self.store.adapter_versions(policy)
 
     def current_adapter(self, policy: str) -> dict[str, Any] | None:
         return next((a for a in self.adapters(policy) if a["status"] == "current"), None)
@@ -205,16 +201,6 @@ class LearnerStore:
         with self._begin() as conn:
             return int(conn.execute(update(adapters).where(adapters.c.status == "staged")
                                     .values(status="abandoned")).rowcount or 0)
-
-    def rollback(self, version: int, policy: str) -> None:
-        """Make an earlier version current again (the turns stay trained)."""
-        now = time.time()
-        with self._begin() as conn:
-            conn.execute(update(adapters).where(adapters.c.status == "current",
-                                                adapters.c.policy == policy)
-                         .values(status="previous", retired_at=now))
-            conn.execute(update(adapters).where(adapters.c.version == version)
-                         .values(status="current", published_at=now))
 
     def ready_count(self, method: str) -> int:
         with self._connect() as conn:
@@ -257,4 +243,7 @@ def _ready_for(method: str) -> tuple[Any, ...]:
     has_reward = judgments.c.score.in_((1, -1))
     signal = {"binary": has_reward, "opd": _has_teacher()}.get(
         method, or_(has_reward, _has_teacher()))
-    return judgments.c.status == "ok", judgments.c.trained_version.is_(None), signal
+    # Redacted turns have no token ids: nothing to train on.
+    has_tokens = judgments.c.turn_id.in_(select(turns.c.id).where(turns.c.redacted.is_(False)))
+    return (judgments.c.status == "ok", judgments.c.trained_version.is_(None), signal,
+            has_tokens)

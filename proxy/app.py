@@ -2,9 +2,10 @@
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are relayed and
 recorded; ``POST /v1/feedback`` and ``POST /v1/next_state`` take what clients tell about
-earlier turns; ``GET /v1/learner/status`` shows what the learner does; ``GET /health``
-reports the backend and the recorder; vLLM's administrative endpoints are refused; any
-other ``/v1/*`` request passes through unchanged. The HTTP client, the store, the
+earlier turns; ``GET /v1/learner/status`` shows what the learner does; export, deletion
+and adapter administration are in `admin`; ``GET /health`` reports the backend and the
+recorder; vLLM's administrative endpoints are refused; any other ``/v1/*`` request passes
+through unchanged. The HTTP client, the store, the
 recorder and the adapter router are built in the lifespan and closed there.
 """
 
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nextstate.proxy import admin
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     BackendUnavailable,
@@ -35,6 +37,7 @@ from nextstate.proxy.errors import (
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
 from nextstate.proxy.recorder import Recorder
+from nextstate.proxy.redact import Redactor
 from nextstate.proxy.relay import (
     TENANT,
     Generation,
@@ -58,16 +61,23 @@ class ApiKeyMiddleware:
     """Pure-ASGI check of ``Authorization: Bearer <key>`` when the proxy has keys; the
     key's tenant goes into the scope for the endpoints."""
 
-    def __init__(self, app: ASGIApp, tenants_by_key: dict[bytes, str]) -> None:
+    def __init__(self, app: ASGIApp, tenants_by_key: dict[bytes, str],
+                 admin_key: str | None) -> None:
         self.app = app
         self.tenants_by_key = tenants_by_key
+        self.admin_key = admin_key.encode() if admin_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.tenants_by_key or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        guarded = self.tenants_by_key or self.admin_key
+        if not guarded or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         token = given[7:] if given[:7].lower() == b"bearer " else b""
+        if self.admin_key is not None and hmac.compare_digest(token, self.admin_key):
+            scope[admin.ADMIN] = True
+            await self.app(scope, receive, send)
+            return
         tenant = None
         for key, name in self.tenants_by_key.items():
             if hmac.compare_digest(token, key):
@@ -186,11 +196,13 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                                   connect=settings.upstream_connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
-        store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout)
+        store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout,
+                      redactor=Redactor(settings.redact_patterns))
         recorder = Recorder(store, settings.resolved_spool_dir(),
                             queue_size=settings.queue_size,
                             idle_seconds=settings.session_idle_seconds,
-                            pairing_wait=settings.pairing_wait_seconds)
+                            pairing_wait=settings.pairing_wait_seconds,
+                            retention_days=settings.retention_days)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
         following = (asyncio.create_task(
@@ -215,11 +227,17 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/feedback", post_feedback, methods=["POST"]),
             Route("/v1/next_state", post_next_state, methods=["POST"]),
             Route("/v1/learner/status", learner_status, methods=["GET"]),
+            Route("/v1/export", admin.export, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", admin.delete_session, methods=["DELETE"]),
+            Route("/v1/tenants/{tenant}", admin.delete_tenant, methods=["DELETE"]),
+            Route("/v1/adapters", admin.list_adapters, methods=["GET"]),
+            Route("/v1/adapters/rollback", admin.rollback, methods=["POST"]),
             Route("/v1/{path:path}", Passthrough(),
                   methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],
         exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
         lifespan=lifespan,
     )
-    app.add_middleware(ApiKeyMiddleware, tenants_by_key=settings.tenants_by_key())
+    app.add_middleware(ApiKeyMiddleware, tenants_by_key=settings.tenants_by_key(),
+                       admin_key=settings.admin_key)
     return app

@@ -8,6 +8,7 @@
     nextstate toy-model   build (or find in the cache) the embedded toy model
     nextstate bench learning / demo   the paper's experiment in miniature
     nextstate export      write recorded turns as JSON lines
+    nextstate forget      delete a session, a tenant, or turns past an age
 
 Learner-side commands import torch lazily, so the proxy's own install never needs it.
 """
@@ -41,7 +42,8 @@ TOY_MODEL_NAME = "nextstate-toy"
 
 def _settings(backend: str, store: str | None, api_key: str | None,
               backend_api_key: str | None, no_record: bool,
-              client_key: tuple[str, ...] = (), policy: str | None = None) -> ProxySettings:
+              client_key: tuple[str, ...] = (), policy: str | None = None,
+              **more: object) -> ProxySettings:
     pairs = []
     for item in client_key:
         tenant, sep, key = item.partition("=")
@@ -51,7 +53,8 @@ def _settings(backend: str, store: str | None, api_key: str | None,
         pairs.append((tenant, key))
     return ProxySettings(backend_url=backend.rstrip("/"), store_url=store or "",
                          api_key=api_key, backend_api_key=backend_api_key,
-                         record=not no_record, client_keys=tuple(pairs), policy=policy)
+                         record=not no_record, client_keys=tuple(pairs), policy=policy,
+                         **more)  # type: ignore[arg-type]
 
 
 def _ensure_toy_model(progress: bool = True) -> Path:
@@ -95,12 +98,22 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
 @_client_key
 @click.option("--policy", default=None,
               help="Model name whose requests go to the learner's current adapter.")
+@click.option("--admin-key", envvar="NEXTSTATE_ADMIN_KEY", default=None,
+              help="Key for export of all data, deletion of tenants, adapters, rollback.")
+@click.option("--retention-days", type=float, default=None,
+              help="Delete turns (and what was derived from them) older than this.")
+@click.option("--no-redact", is_flag=True,
+              help="Store message text as sent (default: mask API keys, tokens, e-mails).")
 def serve(backend: str, port: int, host: str, store: str | None, api_key: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
-          policy: str | None) -> None:
+          policy: str | None, admin_key: str | None, retention_days: float | None,
+          no_redact: bool) -> None:
     """Run the recording proxy in front of an existing vLLM."""
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days}
+    if no_redact:
+        extra["redact_patterns"] = ()
     settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key,
-                         policy)
+                         policy, **extra)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
 
@@ -193,6 +206,30 @@ def toy_model(out: Path | None) -> None:
     from nextstate.learner.toy_model import build_toy_model
 
     click.echo(str(build_toy_model(out)))
+
+
+@main.command()
+@_store
+@click.option("--session", default=None, help="Forget this session.")
+@click.option("--tenant", default=None, help="Forget everything of this tenant.")
+@click.option("--older-than-days", type=float, default=None,
+              help="Forget turns older than this many days.")
+def forget(store: str | None, session: str | None, tenant: str | None,
+           older_than_days: float | None) -> None:
+    """Delete recorded turns and everything derived from them (feedback, judgments)."""
+    import time
+
+    from nextstate.proxy.store import Store
+
+    if session is None and tenant is None and older_than_days is None:
+        raise click.UsageError("give --session, --tenant or --older-than-days")
+    db = Store(store or ProxySettings().resolved_store_url())
+    try:
+        cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+        deleted = db.forget(session_id=session, tenant=tenant, older_than=cutoff)
+    finally:
+        db.close()
+    click.echo(f"deleted {deleted} turns")
 
 
 @main.command()

@@ -142,13 +142,14 @@ def _replay(path: Path, store: Store, batch: int) -> int:
 class Recorder:
     def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
                  idle_seconds: float = 900.0, batch_size: int = 128,
-                 pairing_wait: float = 2.0) -> None:
+                 pairing_wait: float = 2.0, retention_days: float | None = None) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
         self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
         self.pairing_wait = pairing_wait
+        self.retention_days = retention_days
         # Turns whose earlier turn is not in the store yet, retried shortly.
         self._deferred: list[Record] = []
         self.stats = RecorderStats()
@@ -272,8 +273,12 @@ class Recorder:
             self._store_failed(exc)
 
     async def _expire_idle(self) -> None:
+        """End idle sessions; delete turns past their retention period."""
         try:
             await asyncio.to_thread(self.store.expire_idle, self.idle_seconds)
+            if self.retention_days is not None:
+                cutoff = time.time() - self.retention_days * 86400
+                await asyncio.to_thread(lambda: self.store.forget(older_than=cutoff))
         except Exception as exc:
             self._store_failed(exc)
 

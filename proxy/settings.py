@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextstate.proxy.redact import DEFAULT_PATTERNS
+
 
 def data_dir() -> Path:
     """Where nextstate keeps models, the default store and spool files."""
@@ -33,6 +35,11 @@ class ProxySettings:
     # Per-client keys, (tenant, key) pairs: each client's sessions, feedback and export
     # are its own. May be combined with api_key (whose tenant is "default").
     client_keys: tuple[tuple[str, str], ...] = ()
+    # Sees and deletes every tenant's data, lists adapters, rolls back.
+    admin_key: str | None = None
+    # Scrubbed from stored text (regexes); default: API keys, tokens, e-mail addresses.
+    redact_patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    retention_days: float | None = None  # delete turns older than this; None: keep
     # Key sent to vLLM; None passes the client's own Authorization header through
     # when the proxy has no key of its own.
     backend_api_key: str | None = None
@@ -55,6 +62,7 @@ class ProxySettings:
     sqlite_busy_timeout: float = 5.0
 
     def tenants_by_key(self) -> dict[bytes, str]:
+        """Client keys and their tenants (``api_key``'s tenant is "default")."""
         keys = {key.encode(): tenant for tenant, key in self.client_keys}
         if self.api_key:
             keys[self.api_key.encode()] = "default"

@@ -74,7 +74,10 @@ turns = Table(
     Column("next_state_at", Float),
     Column("next_turn_id", String(64)),
     Column("tenant", String(128)),
+    # Secrets or personal data were scrubbed from this turn; its token ids are dropped.
+    Column("redacted", Boolean, nullable=False, default=False),
     Index("ix_turns_session", "session_id", "turn_index"),
+    Index("ix_turns_created", "created_at"),
     Index("ix_turns_pending", "next_state_status", "created_at"),
 )
 

@@ -38,6 +38,7 @@ from nextstate.proxy.record import (
     TurnRecord,
     assemble,
 )
+from nextstate.proxy.redact import Redactor
 from nextstate.proxy.sessions import (
     conversation_key,
     last_assistant_index,
@@ -59,7 +60,7 @@ EXPORT_COLUMNS = (
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant",
+    "tenant", "redacted",
 )
 FEEDBACK_COLUMNS = ("id", "turn_id", "score", "hint", "comment", "source", "created_at")
 
@@ -91,9 +92,11 @@ def _sqlite_pragmas(busy_timeout: float) -> Any:
 
 
 class Store:
-    def __init__(self, url: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = 5.0,
+                 redactor: Redactor | None = None) -> None:
         self.url = url
         self.engine = make_engine(url, busy_timeout)
+        self.redactor = redactor if redactor is not None else Redactor()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
@@ -177,10 +180,22 @@ class Store:
                 tenant=rec.tenant))
         if prev_id is not None and rec.turn_type == "main":
             self._pair(conn, prev_id, rec.created_at, rec.turn_id, _next_state(conn, prev_id, rec))
-        conn.execute(turns.insert().values(**_turn_row(rec, reply, session_id, session)))
+        row = _turn_row(rec, reply, session_id, session)
+        conn.execute(turns.insert().values(**self._scrubbed(row)))
         self._index_replies(conn, rec, reply)
         self._touch_session(conn, rec, session_id, session)
         return 1
+
+    def _scrubbed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row with secrets masked; token ids dropped if anything was."""
+        hits = 0
+        for field in ("request", "response", "error"):
+            row[field], n = self.redactor.scrub(row[field])
+            hits += n
+        if hits:
+            row.update(redacted=True, prompt_token_ids=None, completion_token_ids=None,
+                       logprobs=None)
+        return row
 
     def _session(self, conn: Connection, session_id: str) -> Any:
         return conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
@@ -227,6 +242,7 @@ class Store:
         """Give a pending turn its next state (a no-op if it already has one)."""
         if not state:
             return
+        state, _ = self.redactor.scrub(state)
         conn.execute(
             update(turns)
             .where(turns.c.id == prev_id, turns.c.next_state_status == "pending")
@@ -242,9 +258,11 @@ class Store:
         return row.last_main_turn_id if row is not None else None
 
     def _insert_feedback(self, conn: Connection, rec: FeedbackRecord) -> None:
+        hint, _ = self.redactor.scrub(rec.hint)
+        comment, _ = self.redactor.scrub(rec.comment)
         conn.execute(feedback.insert().values(
             id=rec.feedback_id, turn_id=rec.turn_id, session_id=rec.session_id,
-            score=rec.score, hint=rec.hint, comment=rec.comment, source=rec.source,
+            score=rec.score, hint=hint, comment=comment, source=rec.source,
             created_at=rec.created_at, tenant=rec.tenant))
 
     def _write_feedback(self, conn: Connection, rec: FeedbackRecord) -> int:
@@ -316,13 +334,15 @@ class Store:
     # -- reading (export, learner, tests) -----------------------------------------------
 
     def turns(self, session_id: str | None = None, ids: Sequence[str] | None = None,
-              ) -> Iterator[dict[str, Any]]:
-        """Every turn (of one session, or with these ids), oldest first, in the export
-        format."""
+              tenant: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every turn (of one session, with these ids, of one tenant), oldest first, in
+        the export format."""
         self.ensure_schema()
         query = _export_query().order_by(turns.c.created_at, turns.c.turn_index)
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
+        if tenant is not None:
+            query = query.where(turns.c.tenant == tenant)
         if ids is not None:
             query = query.where(turns.c.id.in_(list(ids)))
         with self.engine.connect() as conn:
@@ -375,6 +395,64 @@ class Store:
             return None
         return {"updated_at": row.updated_at, "age_seconds": time.time() - row.updated_at,
                 **row.status}
+
+    # -- retention and administration ------------------------------------------------------
+
+    def forget(self, *, session_id: str | None = None, tenant: str | None = None,
+               older_than: float | None = None) -> int:
+        """Delete turns (of a session, of a tenant, or created before ``older_than``)
+        with everything derived from them: conversation keys, feedback, judgments, and
+        sessions left empty. Returns how many turns were deleted."""
+        from nextstate.proxy.store.schema import judgments
+
+        self.ensure_schema()
+        where = []
+        if session_id is not None:
+            where.append(turns.c.session_id == session_id)
+        if tenant is not None:
+            where.append(turns.c.tenant == tenant)
+        if older_than is not None:
+            where.append(turns.c.created_at < older_than)
+        if not where:
+            raise ValueError("forget what? give a session, a tenant or an age")
+        with self.engine.begin() as conn:
+            doomed = select(turns.c.id).where(*where).scalar_subquery()
+            for table, column in ((turn_keys, turn_keys.c.turn_id),
+                                  (feedback, feedback.c.turn_id),
+                                  (judgments, judgments.c.turn_id)):
+                conn.execute(table.delete().where(column.in_(doomed)))
+            deleted = conn.execute(turns.delete().where(*where)).rowcount
+            if session_id is not None:
+                conn.execute(feedback.delete().where(feedback.c.session_id == session_id))
+            if tenant is not None:
+                conn.execute(feedback.delete().where(feedback.c.tenant == tenant))
+            conn.execute(sessions.delete().where(~sessions.c.id.in_(
+                select(turns.c.session_id).distinct())))
+        return int(deleted or 0)
+
+    def adapter_versions(self, policy: str | None = None) -> list[dict[str, Any]]:
+        self.ensure_schema()
+        query = select(adapters).order_by(adapters.c.version)
+        if policy is not None:
+            query = query.where(adapters.c.policy == policy)
+        with self.engine.connect() as conn:
+            return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        """Make an earlier version of its policy current again (loading it into vLLM is
+        the caller's job, first). Returns the version's row."""
+        self.ensure_schema()
+        now = time.time()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(adapters).where(adapters.c.version == version)).first()
+            if row is None or row.status in ("refused", "failed", "abandoned", "staged"):
+                raise LookupError(f"no published version {version}")
+            conn.execute(update(adapters).where(adapters.c.status == "current",
+                                                adapters.c.policy == row.policy)
+                         .values(status="previous", retired_at=now))
+            conn.execute(update(adapters).where(adapters.c.version == version)
+                         .values(status="current", published_at=now))
+        return {str(k): v for k, v in row._mapping.items()}
 
     def count_turns(self) -> int:
         self.ensure_schema()

@@ -37,7 +37,7 @@ def test_ready_turns_follow_the_method_and_publish_marks_them_once(store_url):
     assert store.current_adapter("p")["version"] == 1
     store.stage_adapter(3, "p@000003", "p", "/a/3", {})
     store.publish(3, [], "p")
-    store.rollback(1, "p")
+    store.store.rollback(1)
     assert store.current_adapter("p")["version"] == 1
     assert {a["version"]: a["status"] for a in store.adapters("p")} == {1: "current",
                                                                        3: "previous"}

@@ -369,3 +369,67 @@ def test_learner_status_endpoint_reports_the_learner_and_serving_version(tmp_pat
         body = c.get("/v1/learner/status").json()
     assert body["learner"]["state"] == "training"
     assert body["policy"] == "toy" and body["serving"] is None
+
+
+# -- export, deletion, administration ------------------------------------------------------
+
+KEYS = {"client_keys": (("alice", "ka"), ("bob", "kb")), "admin_key": "root"}
+ALICE, BOB, ROOT = ({"Authorization": f"Bearer {k}"} for k in ("ka", "kb", "root"))
+
+
+def _lines(answer):
+    return [orjson.loads(line) for line in answer.content.splitlines()]
+
+
+def test_export_shows_each_client_only_its_own_turns(tmp_path, fake):
+    with open_client(tmp_path, fake, **KEYS) as c:
+        c.post("/v1/chat/completions", json=CHAT, headers={**ALICE, "X-Session-Id": "a1"})
+        c.post("/v1/chat/completions", json=CHAT, headers={**BOB, "X-Session-Id": "b1"})
+        records(c, submitted=2)
+        mine = _lines(c.get("/v1/export", headers=ALICE))
+        everything = _lines(c.get("/v1/export", headers=ROOT))
+        theirs = _lines(c.get("/v1/export?session_id=b1", headers=ALICE))
+    assert [t["session_id"] for t in mine] == ["a1"]
+    assert sorted(t["session_id"] for t in everything) == ["a1", "b1"]
+    assert theirs == []
+
+
+def test_a_client_deletes_its_own_session_but_not_anothers(tmp_path, fake):
+    with open_client(tmp_path, fake, **KEYS) as c:
+        c.post("/v1/chat/completions", json=CHAT, headers={**ALICE, "X-Session-Id": "a1"})
+        c.post("/v1/chat/completions", json=CHAT, headers={**BOB, "X-Session-Id": "b1"})
+        records(c, submitted=2)
+        assert c.delete("/v1/sessions/b1", headers=ALICE).status_code == 404
+        assert c.delete("/v1/sessions/a1", headers=ALICE).json()["turns"] == 1
+        assert c.delete("/v1/tenants/bob", headers=ALICE).status_code == 403
+        assert c.delete("/v1/tenants/bob", headers=ROOT).json()["turns"] == 1
+        assert _lines(c.get("/v1/export", headers=ROOT)) == []
+
+
+def test_adapter_administration_needs_the_admin_key(tmp_path, fake):
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02, **KEYS) as c:
+        first = publish_adapter(tmp_path, "toy", 1)
+        publish_adapter(tmp_path, "toy", 2)
+        assert c.get("/v1/adapters", headers=ALICE).status_code == 403
+        assert c.post("/v1/adapters/rollback", json={"version": 1},
+                      headers=BOB).status_code == 403
+        listed = c.get("/v1/adapters", headers=ROOT).json()["data"]
+        assert [(a["version"], a["status"]) for a in listed] == [(1, "previous"),
+                                                                 (2, "current")]
+        assert c.post("/v1/adapters/rollback", json={"version": 9},
+                      headers=ROOT).status_code == 404
+        back = c.post("/v1/adapters/rollback", json={"version": 1}, headers=ROOT)
+        assert back.json() == {"object": "nextstate.adapter", "name": first,
+                               "status": "current"}
+        wait_for_router(c, first)
+    assert ("/v1/load_lora_adapter", {"lora_name": first,
+                                      "lora_path": f"/adapters/{first}"}) in fake.admin
+
+
+def test_a_wrong_key_is_refused_everywhere_but_health(tmp_path, fake):
+    with open_client(tmp_path, fake, **KEYS) as c:
+        for method, path in [("GET", "/v1/export"), ("DELETE", "/v1/sessions/x"),
+                             ("GET", "/v1/adapters"), ("POST", "/v1/feedback")]:
+            answer = c.request(method, path, headers={"Authorization": "Bearer nope"})
+            assert answer.status_code == 401, path
+        assert c.get("/health").status_code == 200

@@ -121,3 +121,44 @@ def test_a_continuation_whose_parent_never_comes_starts_its_own_session(store):
                         {"role": "user", "content": "c"}], "d", at=100.0)
     assert store.write_or_defer([orphan], pairing_wait=2.0, now=103.0) == (1, [])
     assert store.turn(orphan.turn_id)["turn_index"] == 0
+
+
+def test_secrets_are_scrubbed_and_the_turn_loses_its_token_ids(store):
+    leaky = chat_turn([{"role": "user", "content": "use key sk-abcdefghijklmnopqrstuvwx"}],
+                      "ok, mailing admin@example.com")
+    clean = chat_turn([{"role": "user", "content": "hello"}], "hi")
+    store.write([leaky, clean])
+    row = store.turn(leaky.turn_id)
+    assert "sk-" not in str(row["request"]) and "@" not in str(row["response"])
+    assert row["redacted"] is True
+    assert row["completion_token_ids"] is None and row["prompt_token_ids"] is None
+    assert store.turn(clean.turn_id)["completion_token_ids"] == [5, 6]
+
+
+def test_forget_removes_a_session_and_everything_derived(store):
+    from nextstate.proxy.record import FeedbackRecord
+
+    t1 = chat_turn([{"role": "user", "content": "q"}], "r", session_id="gone")
+    keep = chat_turn([{"role": "user", "content": "q2"}], "r2", session_id="kept")
+    store.write([t1, keep, FeedbackRecord(feedback_id="f", created_at=1.0, score=1,
+                                          source="endpoint", turn_id=t1.turn_id)])
+    assert store.forget(session_id="gone") == 1
+    assert [t["session_id"] for t in store.turns()] == ["kept"]
+    assert store.owner(session_id="gone") == (False, None)
+    with store.engine.connect() as conn:
+        from sqlalchemy import func, select
+
+        from nextstate.proxy.store.schema import feedback, turn_keys
+        assert conn.execute(select(func.count()).select_from(feedback)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(turn_keys)).scalar() == 1
+
+
+def test_forget_by_age_and_by_tenant(store):
+    old = chat_turn([{"role": "user", "content": "old"}], "r", at=10.0)
+    new = chat_turn([{"role": "user", "content": "new"}], "r", at=1000.0)
+    mine = chat_turn([{"role": "user", "content": "mine"}], "r", at=1001.0)
+    mine.tenant = "alice"
+    store.write([old, new, mine])
+    assert store.forget(older_than=500.0) == 1
+    assert store.forget(tenant="alice") == 1
+    assert [t["turn_id"] for t in store.turns()] == [new.turn_id]

@@ -1,0 +1,290 @@
+"""Pretraining the toy model from scratch on synthetic conversations (a toy_model stage).
+
+Data flow: ``styles`` -> ``conversations`` (chat messages) -> the model's own chat
+template -> token ids with labels on assistant tokens -> a plain PyTorch training loop ->
+the weights ``toy_model`` saves for vLLM to serve and the learner to train further.
+
+The model learns to (a) answer word problems in the reply templates of ``styles`` and
+(b) follow an instruction in the latest user message, in natural wording or in the
+learner's hint form (``teacher.HINT_MARKER`` + text, exactly the string the learner builds
+for its teacher). Attributes an instruction does not name are sampled with
+``styles.DEFAULT_RATE``, so without a hint the model is deliberately unsure: there is
+something for the learner to sharpen. Only the latest user message's instruction counts.
+
+The mix (``PretrainConfig.mix``, weights per conversation kind):
+
+    plain         one turn, no instruction                              0.15
+    natural       one turn, instruction in natural words before/after   0.20
+    hint          one turn, problem + HINT_MARKER + instruction         0.30
+    correction    turn 2 asks to redo turn 1 in natural words, 40% of   0.25
+                  them restating all four preferences; 30% with a hint appended;
+                  20% of these conversations correct once more (turn 3)
+    next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.10
+
+Instructions name 1-4 attributes (each value 50/50). Measured on this kind of machine
+(see the feasibility note): hint following appears only after a loss plateau, so ~1,500
+steps of 32 conversations are needed; 600 were not enough.
+torch is imported inside the functions, so ``PretrainConfig`` is cheap to import.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nextstate.learner.experiment import styles
+from nextstate.learner.teacher import HINT_MARKER
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+Message = dict[str, str]
+Progress = Callable[[str], None]
+IGNORE = -100  # label of tokens the loss skips (everything but assistant replies)
+
+MIX: tuple[tuple[str, float], ...] = (
+    ("plain", 0.15), ("natural", 0.20), ("hint", 0.30), ("correction", 0.25),
+    ("next_problem", 0.10),
+)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The training stage's recipe; part of ``ToyModelRecipe`` and so of its digest."""
+
+    steps: int = 1500
+    batch_size: int = 32  # conversations per optimizer step
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of learning_rate
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # A fixed thread count: float sums are reduced in a thread-dependent order, so only
+    # the same count gives the same weights (on the same kind of CPU). One thread, because
+    # on a busy 2-core machine two threads wait on each other at every op (measured 2-8x
+    # slower than one while other processes ran); alone on the machine two are ~1.5x faster.
+    threads: int = 1
+    # Micro-batches are cut from length-sorted conversations under this many padded
+    # tokens, so short conversations are not padded to the longest of the batch.
+    max_tokens_per_microbatch: int = 1024
+    mix: tuple[tuple[str, float], ...] = MIX
+    # Conversations added to the tokenizer's corpus, so the vocabulary fits them.
+    tokenizer_conversations: int = 3000
+    log_every: int = 100
+
+
+# --- conversations -------------------------------------------------------------------------
+
+
+def conversations(seed: int, count: int,
+                  mix: Sequence[tuple[str, float]] = MIX) -> Iterator[list[Message]]:
+    """``count`` conversations, the same ones for the same seed in any process."""
+    rng = random.Random(seed)
+    kinds, weights = zip(*mix, strict=True)
+    for _ in range(count):
+        yield make_conversation(rng.choices(kinds, weights)[0], rng)
+
+
+def make_conversation(kind: str, rng: random.Random) -> list[Message]:
+    """One conversation of the given kind (see the module docstring)."""
+    problem = styles.make_problem(rng)
+    if kind in ("plain", "natural", "hint"):
+        return _single_turn(kind, problem, rng)
+    first = _single_turn("plain", problem, rng)
+    if kind == "correction":
+        # A simulated user corrects up to a few times; one more round now and then.
+        rounds = 2 if rng.random() < 0.2 else 1
+        return first + [m for _ in range(rounds) for m in _correction(problem, rng)]
+    if kind == "next_problem":
+        second = _single_turn(rng.choice(("plain", "natural", "hint")),
+                              styles.make_problem(rng), rng)
+        return [*first, *second]
+    raise ValueError(f"unknown conversation kind {kind!r}")
+
+
+def _correction(problem: styles.Problem, rng: random.Random) -> list[Message]:
+    count = 4 if rng.random() < 0.4 else rng.randint(1, 3)
+    prefs = styles.random_prefs(rng, count)
+    user = styles.instruction(prefs, rng)
+    if rng.random() < 0.3:
+        extra = styles.random_prefs(rng, rng.randint(1, 4))
+        user += HINT_MARKER + _any_instruction(extra, rng)
+        prefs = {**prefs, **extra}  # the appended hint is the latest word
+    reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def _single_turn(kind: str, problem: styles.Problem, rng: random.Random) -> list[Message]:
+    prefs: dict[str, str] = {}
+    user = problem.question
+    if kind != "plain":
+        prefs = styles.random_prefs(rng, rng.randint(1, 4))
+    if kind == "natural":
+        text = styles.instruction(prefs, rng)
+        user = f"{text} {user}" if rng.random() < 0.3 else f"{user} {text}"
+    elif kind == "hint":
+        user += HINT_MARKER + _any_instruction(prefs, rng)
+    reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def _any_instruction(prefs: dict[str, str], rng: random.Random) -> str:
+    # A hint is the judge's text: the user's own words (the rules judge) or terse ones.
+    return styles.instruction(prefs, rng, style=rng.choice(("natural", "hint")))
+
+
+def corpus_text(seed: int, count: int) -> list[str]:
+    """Conversations as plain text for the tokenizer's corpus (no chat-template tokens)."""
+    return ["\n".join(m["content"] for m in conv) for conv in conversations(seed, count)]
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+def encode(tokenizer: PreTrainedTokenizerFast,
+           messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation as the chat template renders it (as vLLM would), and
+    labels: the id on each assistant reply token and its closing ``<|im_end|>``, IGNORE
+    elsewhere (prompts, role headers, the newline after ``<|im_end|>``)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    labels = [IGNORE] * len(ids)
+    spans = 0
+    position = 0
+    while position < len(ids):
+        if ids[position:position + len(header)] == header:
+            start = position + len(header)
+            end = ids.index(im_end, start) + 1  # the reply's <|im_end|> is learned too
+            labels[start:end] = ids[start:end]
+            spans += 1
+            position = end
+        else:
+            position += 1
+    expected = sum(m["role"] == "assistant" for m in messages)
+    if spans != expected:  # a reply starting with whitespace would merge with the header
+        raise ValueError(f"found {spans} assistant replies in the tokens, expected {expected}")
+    return ids, labels
+
+
+def microbatches(encoded: Sequence[tuple[list[int], list[int]]], max_tokens: int,
+                 pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids_B_T, labels_B_T) right-padded, cut from length-sorted sequences so that
+    B * T stays under ``max_tokens`` (one sequence alone may exceed it)."""
+    import torch
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    group: list[int] = []
+    for index in [*order, None]:
+        longest = len(encoded[index][0]) if index is not None else 0
+        if group and (index is None or (len(group) + 1) * longest > max_tokens):
+            width = max(len(encoded[i][0]) for i in group)
+            ids = [encoded[i][0] + [pad_id] * (width - len(encoded[i][0])) for i in group]
+            labels = [encoded[i][1] + [IGNORE] * (width - len(encoded[i][1])) for i in group]
+            yield torch.tensor(ids), torch.tensor(labels)
+            group = []
+        if index is not None:
+            group.append(index)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def assistant_token_loss(model: PreTrainedModel, input_ids_B_T: torch.Tensor,
+                         labels_B_T: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count N.
+
+    sum over (b, t) with labels[b, t+1] != IGNORE of -log p(labels[b, t+1] | ids[b, ≤t]).
+    The LM head runs only on those N positions (most tokens are prompt or padding).
+    No attention mask: padding is on the right, so causal attention never lets a real
+    token see it, and what padded positions compute is never scored.
+    """
+    import torch.nn.functional as F
+
+    hidden_B_T_H = model.model(input_ids=input_ids_B_T).last_hidden_state
+    targets_B_T = labels_B_T[:, 1:]
+    scored_B_T = targets_B_T != IGNORE
+    logits_N_V = model.lm_head(hidden_B_T_H[:, :-1][scored_B_T])
+    loss = F.cross_entropy(logits_N_V, targets_B_T[scored_B_T], reduction="sum")
+    return loss, int(scored_B_T.sum())
+
+
+def lr_factor(step: int, config: PretrainConfig) -> float:
+    """Linear warmup to 1, then a cosine down to ``min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi
+                                                                                 * progress))
+
+
+def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+             config: PretrainConfig, progress: Progress | None = None) -> list[float]:
+    """Train ``model`` in place; return the mean loss per assistant token of every step.
+
+    Deterministic for a given config on a given kind of CPU: seeded data and init, no
+    dropout, deterministic algorithms and a fixed thread count (restored afterwards).
+    """
+    import torch
+
+    report = progress or (lambda _line: None)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return _train(model, tokenizer, config, report)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+           config: PretrainConfig, report: Progress) -> list[float]:
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    data = conversations(config.seed, config.steps * config.batch_size, config.mix)
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    losses: list[float] = []
+    started = time.monotonic()
+    report(f"pretraining {config.steps} steps of {config.batch_size} conversations "
+           f"({sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"{config.threads} threads)")
+    for step in range(config.steps):
+        batch = [encode(tokenizer, next(data)) for _ in range(config.batch_size)]
+        total = sum(sum(label != IGNORE for label in labels) for _, labels in batch)
+        step_loss = 0.0
+        for ids_B_T, labels_B_T in microbatches(batch, config.max_tokens_per_microbatch,
+                                                pad_id):
+            loss, _count = assistant_token_loss(model, ids_B_T, labels_B_T)
+            (loss / total).backward()  # the step's mean over all its assistant tokens
+            step_loss += loss.item() / total
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            recent = losses[-config.log_every:]
+            report(f"step {step + 1}/{config.steps}: loss {sum(recent) / len(recent):.3f}, "
+                   f"{time.monotonic() - started:.0f} s")
+    model.eval()
+    return losses

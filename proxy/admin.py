@@ -1,0 +1,100 @@
+"""The proxy's own data and administration endpoints (client -> proxy -> store, vLLM).
+
+    GET    /v1/export?session_id=          the caller's turns as JSON lines (admin: all)
+    DELETE /v1/sessions/{session_id}       forget a session and what was derived from it
+    DELETE /v1/tenants/{tenant}            forget everything of a tenant (admin)
+    GET    /v1/adapters                    the learner's adapter versions (admin)
+    POST   /v1/adapters/rollback {version} serve an earlier version again (admin)
+
+With per-client keys, a client sees and deletes only its own tenant's data; the admin
+key (``--admin-key``) sees everything. A proxy with no keys at all is open (it binds
+loopback by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from nextstate.proxy.deps import Deps
+from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
+from nextstate.proxy.relay import TENANT, parse_object, read_body
+
+ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
+
+
+def _caller(request: Request) -> tuple[Deps, str | None, bool]:
+    deps: Deps = request.state.deps
+    admin = bool(request.scope.get(ADMIN)) or not deps.settings.tenants_by_key()
+    return deps, request.scope.get(TENANT), admin
+
+
+def _require_admin(request: Request) -> Deps:
+    deps, _, admin = _caller(request)
+    if not admin:
+        raise Forbidden("This needs the proxy's admin key.")
+    return deps
+
+
+async def export(request: Request) -> Response:
+    deps, tenant, admin = _caller(request)
+    session_id = request.query_params.get("session_id")
+    turns = await asyncio.to_thread(
+        lambda: list(deps.store.turns(session_id=session_id,
+                                      tenant=None if admin else tenant)))
+
+    async def lines() -> AsyncIterator[bytes]:
+        for turn in turns:
+            yield orjson.dumps(turn) + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def delete_session(request: Request) -> Response:
+    deps, tenant, admin = _caller(request)
+    session_id = request.path_params["session_id"]
+    deleted = await asyncio.to_thread(deps.store.forget, session_id=session_id,
+                                      tenant=None if admin else tenant)
+    if not deleted:
+        raise NotFound(f"No session {session_id}.")  # also for another tenant's
+    return _json({"object": "nextstate.deleted", "session_id": session_id, "turns": deleted})
+
+
+async def delete_tenant(request: Request) -> Response:
+    deps = _require_admin(request)
+    tenant = request.path_params["tenant"]
+    deleted = await asyncio.to_thread(deps.store.forget, tenant=tenant)
+    return _json({"object": "nextstate.deleted", "tenant": tenant, "turns": deleted})
+
+
+async def list_adapters(request: Request) -> Response:
+    deps = _require_admin(request)
+    rows = await asyncio.to_thread(deps.store.adapter_versions)
+    return _json({"object": "list", "data": rows})
+
+
+async def rollback(request: Request) -> Response:
+    deps = _require_admin(request)
+    body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes))
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidRequest("version must be an integer", param="version")
+    rows = {r["version"]: r for r in await asyncio.to_thread(deps.store.adapter_versions)}
+    row = rows.get(version)
+    if row is None or row["status"] in ("refused", "failed", "abandoned", "staged"):
+        raise NotFound(f"No published adapter version {version}.")
+    loaded = await deps.client.post("/v1/load_lora_adapter", timeout=120.0, json={
+        "lora_name": row["name"], "lora_path": row["path"]})
+    if loaded.status_code != 200 and "already" not in loaded.text:
+        raise BackendUnavailable(f"vLLM did not load {row['name']}: {loaded.text[:300]}")
+    await asyncio.to_thread(deps.store.rollback, version)
+    return _json({"object": "nextstate.adapter", "name": row["name"], "status": "current"})
+
+
+def _json(obj: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(obj), media_type="application/json")
