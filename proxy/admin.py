@@ -80,7 +80,8 @@ async def list_adapters(request: Request) -> Response:
 
 async def rollback(request: Request) -> Response:
     deps = _require_admin(request)
-    body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes))
+    body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes,
+                                        deps.settings.body_timeout_seconds))
     version = body.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidRequest("version must be an integer", param="version")

@@ -36,6 +36,7 @@ from nextstate.proxy.errors import (
     Unauthorized,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
+from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.redact import Redactor
 from nextstate.proxy.relay import (
@@ -54,7 +55,7 @@ from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
 # Endpoints that change the server; never reachable through the proxy.
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
 class ApiKeyMiddleware:
@@ -100,7 +101,8 @@ class Passthrough:
                 "the proxy."))
             return
         try:
-            body = await read_body(receive, deps.settings.max_body_bytes)
+            body = await read_body(receive, deps.settings.max_body_bytes,
+                                   deps.settings.body_timeout_seconds)
         except ProxyError as exc:
             await send_error(send, exc)
             return
@@ -150,6 +152,10 @@ async def health(request: Request) -> Response:
     }
     return Response(orjson.dumps(body), status_code=200 if backend_ok else 503,
                     media_type="application/json")
+
+
+async def openapi(request: Request) -> Response:
+    return Response(orjson.dumps(openapi_schema()), media_type="application/json")
 
 
 async def learner_status(request: Request) -> Response:
@@ -224,6 +230,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/completions", Generation("completions", "/v1/completions"),
                   methods=["POST"]),
             Route("/health", health, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/v1/feedback", post_feedback, methods=["POST"]),
             Route("/v1/next_state", post_next_state, methods=["POST"]),
             Route("/v1/learner/status", learner_status, methods=["GET"]),

@@ -5,6 +5,7 @@
      ├── Unauthorized        401  missing or wrong proxy API key
      ├── Forbidden           403  a vLLM administrative endpoint
      ├── NotFound            404  unknown route, turn or session
+     ├── RequestTimeout      408  a client too slow to send its body
      ├── Conflict            409  feedback on another client's session
      ├── PayloadTooLarge     413  body over the configured limit
      ├── BackendUnavailable  502  vLLM cannot be reached
@@ -59,6 +60,11 @@ class Forbidden(ProxyError):
 class NotFound(ProxyError):
     status = 404
     type = "not_found_error"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "timeout_error"
 
 
 class Conflict(ProxyError):

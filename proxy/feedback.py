@@ -70,7 +70,8 @@ async def post_next_state(request: Request) -> Response:
 
 async def _read(request: Request) -> tuple[Deps, dict[str, Any], str | None]:
     deps: Deps = request.state.deps
-    body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes))
+    body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes,
+                                        deps.settings.body_timeout_seconds))
     return deps, body, request.scope.get(TENANT)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+from sqlalchemy.exc import DBAPIError
 
 from nextstate.proxy.record import Record, TurnRecord, record_from_dict
 from nextstate.proxy.store import Store
@@ -37,6 +38,7 @@ class RecorderStats:
     written: int = 0
     spooled: int = 0
     dropped: int = 0
+    rejected: int = 0  # records the store could not take however often tried (set aside)
     store_errors: int = 0
     last_error: str | None = None
 
@@ -113,6 +115,16 @@ class Spool:
             path.unlink()
             return written
 
+    @property
+    def rejected_path(self) -> Path:
+        return self.directory / f"rejected-{self._prefix}.jsonl"
+
+    def reject(self, record: Record, error: Exception) -> None:
+        line = orjson.dumps({"error": f"{type(error).__name__}: {error}",
+                             "record": record.to_dict()}, default=str)
+        with self._lock, open(self.rejected_path, "ab") as f:
+            f.write(line + b"\n")
+
     def close(self) -> None:
         """Close our files; what is still pending stays on disk for the next start."""
         with self._lock:
@@ -141,13 +153,14 @@ def _replay(path: Path, store: Store, batch: int) -> int:
 
 class Recorder:
     def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
-                 idle_seconds: float = 900.0, batch_size: int = 128,
+                 idle_seconds: float = 900.0, batch_size: int = 128, linger: float = 0.02,
                  pairing_wait: float = 2.0, retention_days: float | None = None) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
         self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
+        self.linger = linger
         self.pairing_wait = pairing_wait
         self.retention_days = retention_days
         # Turns whose earlier turn is not in the store yet, retried shortly.
@@ -231,6 +244,10 @@ class Recorder:
                                                timeout=0.05 if self._deferred else 1.0)
             except TimeoutError:
                 first = None
+            if first is not None and self.queue.qsize() < self.batch_size - 1:
+                # Let a batch gather: the store's cost is mostly per transaction and per
+                # call, so a few records a write cost much less each than one.
+                await asyncio.sleep(self.linger)
             batch = ([first] if first is not None else []) + self._take_batch(
                 limit=self.batch_size)
             if self._deferred:
@@ -259,11 +276,30 @@ class Recorder:
                     self.store.write_or_defer, batch, self.pairing_wait)
                 self.stats.written += written
                 self._deferred = list(deferred)
-            except Exception as exc:  # any store failure: keep the records on disk
+            except (DBAPIError, OSError) as exc:  # the store is away: keep them on disk
                 self._store_failed(exc)
                 self._spool(batch)
+            except Exception:  # a record the store cannot take: find it, set it aside
+                await self._isolate(batch)
         finally:
             self._outstanding -= len(batch) - len(self._deferred)
+
+    async def _isolate(self, batch: list[Record]) -> None:
+        """Write a failed batch one record at a time, so that one bad record (a bug, or
+        data no store can take) never holds up the rest: it goes to a rejected-*.jsonl
+        file beside the spool, counted, instead of being retried forever."""
+        for record in batch:
+            try:
+                self.stats.written += await asyncio.to_thread(self.store.write, [record])
+            except (DBAPIError, OSError) as exc:
+                self._store_failed(exc)
+                self._spool([record])
+            except Exception as exc:
+                self.stats.rejected += 1
+                self.stats.last_error = f"rejected record: {type(exc).__name__}: {exc}"[:500]
+                log.exception("record rejected by the store; set aside in %s",
+                              self.spool.rejected_path)
+                self.spool.reject(record, exc)
 
     async def _drain_spool(self) -> None:
         try:

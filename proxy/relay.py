@@ -20,7 +20,13 @@ import orjson
 
 from nextstate.proxy.capture import Asked, Endpoint, add_capture, is_usage_chunk, strip_response
 from nextstate.proxy.deps import Deps
-from nextstate.proxy.errors import BackendUnavailable, InvalidRequest, PayloadTooLarge, ProxyError
+from nextstate.proxy.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+)
 from nextstate.proxy.record import TurnRecord
 from nextstate.proxy.sessions import SessionMeta, read_session_meta
 from nextstate.proxy.types import Headers, Receive, Scope, Send
@@ -34,20 +40,25 @@ _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b
 _OURS = (b"x-session-", b"x-turn-type", b"x-nextstate-")
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+async def read_body(receive: Receive, limit: int, timeout: float = 30.0) -> bytes:
+    """The whole request body, within a size limit and a time limit (slow clients)."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("client disconnected while sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise InvalidRequest("client disconnected while sending the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:.0f}s") from exc
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -119,7 +130,8 @@ class Generation:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         deps: Deps = scope["state"]["deps"]
         try:
-            body = parse_object(await read_body(receive, deps.settings.max_body_bytes))
+            body = parse_object(await read_body(receive, deps.settings.max_body_bytes,
+                                                deps.settings.body_timeout_seconds))
         except ProxyError as exc:
             await send_error(send, exc)
             return

@@ -9,16 +9,19 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from nextstate.proxy.app import make_app
 from nextstate.proxy.settings import ProxySettings
 
 
-def _config(settings: ProxySettings, host: str, port: int) -> uvicorn.Config:
+def _config(settings: ProxySettings, host: str, port: int,
+            transport: httpx.AsyncBaseTransport | None = None) -> uvicorn.Config:
     # uvloop and httptools when installed (the default install has them).
-    return uvicorn.Config(make_app(settings), host=host, port=port, log_level="warning",
-                          access_log=False, loop="auto", http="auto", lifespan="on")
+    return uvicorn.Config(make_app(settings, transport=transport), host=host, port=port,
+                          log_level="warning", access_log=False, loop="auto", http="auto",
+                          lifespan="on")
 
 
 def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
@@ -29,10 +32,11 @@ def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
 class BackgroundProxy:
     """A proxy on a loopback port, served by uvicorn on a daemon thread."""
 
-    def __init__(self, settings: ProxySettings, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, settings: ProxySettings, port: int, host: str = "127.0.0.1",
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(_config(settings, host, port))
+        self.server = uvicorn.Server(_config(settings, host, port, transport))
         self.thread = threading.Thread(target=self.server.run, daemon=True,
                                        name="nextstate-proxy")
 

@@ -114,36 +114,40 @@ def _canonical_arguments(arguments: Any) -> Any:
     return arguments
 
 
-def normalise(message: Mapping[str, Any]) -> list[Any]:
+def normalise(message: Any) -> list[Any]:
+    if not isinstance(message, dict):  # garbage in a request vLLM will refuse anyway
+        return [None, text_of(message), []]
     calls = []
-    for call in message.get("tool_calls") or []:
+    tool_calls = message.get("tool_calls")
+    for call in tool_calls if isinstance(tool_calls, list) else []:
         fn = (call.get("function") or {}) if isinstance(call, dict) else {}
         calls.append([fn.get("name"), _canonical_arguments(fn.get("arguments"))])
     return [message.get("role"), text_of(message.get("content")), calls]
 
 
-def conversation_key(messages: Sequence[Mapping[str, Any]]) -> str:
+def conversation_key(messages: Sequence[Any]) -> str:
     """A stable hash of a conversation, insensitive to what clients rewrite."""
     payload = orjson.dumps([normalise(m) for m in messages], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(payload).hexdigest()[:40]
 
 
-def last_assistant_index(messages: Sequence[Mapping[str, Any]]) -> int | None:
+def last_assistant_index(messages: Sequence[Any]) -> int | None:
     for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
+        if isinstance(messages[i], dict) and messages[i].get("role") == "assistant":
             return i
     return None
 
 
-def next_state_of(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def next_state_of(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """What followed the previous assistant reply: user answers, tool results.
 
     A client that does not resend history (explicit session id, no assistant message)
     gets its non-system messages taken as the next state.
     """
-    i = last_assistant_index(messages)
-    tail = messages[i + 1 :] if i is not None else [
-        m for m in messages if m.get("role") not in ("system", "developer")
+    proper = [m for m in messages if isinstance(m, dict)]
+    i = last_assistant_index(proper)
+    tail = proper[i + 1 :] if i is not None else [
+        m for m in proper if m.get("role") not in ("system", "developer")
     ]
     return [dict(m) for m in tail]
 

@@ -59,6 +59,7 @@ class ProxySettings:
     upstream_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_seconds: float = 30.0  # a client must send its whole body within this
     sqlite_busy_timeout: float = 5.0
 
     def tenants_by_key(self) -> dict[bytes, str]:

@@ -460,6 +460,10 @@ class Store:
             return int(conn.execute(select(func.count()).select_from(turns)).scalar_one())
 
 
+def _text_or_none(value: Any) -> str | None:
+    return value[:256] if isinstance(value, str) else None
+
+
 def _export_query() -> Select[Any]:
     return select(*(turns.c[name] for name in EXPORT_COLUMNS))
 
@@ -497,7 +501,7 @@ def _turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) 
         "status": rec.status,
         "http_status": rec.http_status,
         "error": rec.error or reply.error,
-        "model": rec.request.get("model"),
+        "model": _text_or_none(rec.request.get("model")),
         "served_model": reply.served_model,
         "created_at": rec.created_at,
         "finished_at": finished,

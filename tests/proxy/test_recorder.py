@@ -101,3 +101,30 @@ async def test_a_turn_waiting_for_its_parent_is_written_once_the_parent_arrives(
     await recorder.flush(timeout=5)
     await recorder.stop()
     assert store.inner.turn("parent")["next_turn_id"] == "child"
+
+
+class PoisonStore(FlakyStore):
+    """Fails on one record (like a bug or data no database takes), not for being down."""
+
+    def write_or_defer(self, records, pairing_wait=0.0, now=None):
+        if any(r.turn_id == "poison" for r in records):
+            raise ValueError("cannot store this one")
+        return super().write_or_defer(records, pairing_wait, now)
+
+
+async def test_one_bad_record_is_set_aside_and_never_blocks_the_rest(tmp_path):
+    store = PoisonStore()
+    recorder = Recorder(store, tmp_path)
+    recorder.start()
+    for i in (1, 2):
+        recorder.submit(rec(i))
+    poison = rec(3)
+    poison.turn_id = "poison"
+    recorder.submit(poison)
+    recorder.submit(rec(4))
+    await recorder.flush(timeout=5)
+    await recorder.stop()
+    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r1", "r2", "r4"]
+    assert recorder.stats.rejected == 1 and recorder.stats.spooled == 0
+    [rejected] = tmp_path.glob("rejected-*.jsonl")
+    assert b'"poison"' in rejected.read_bytes()
