@@ -15,6 +15,7 @@ evaluative call with a valid vote, else `JudgeError` (the learner retries the tu
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -165,7 +166,10 @@ class LLMJudge:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def _litellm(self, messages: Messages) -> str:
-        import litellm  # lazily: importing it takes seconds and may touch the network
+        # litellm downloads a price list when imported unless told not to; the learner
+        # makes no network call but the judge's own.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm  # lazily: importing it takes seconds
 
         response = await litellm.acompletion(
             model=self.model, messages=messages, api_base=self.api_base,
