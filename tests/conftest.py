@@ -8,6 +8,7 @@ Outside CI they are skipped, with the reason, when vLLM is not installed; in CI
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -42,40 +43,75 @@ def _postgres_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL server for the session (or NEXTSTATE_TEST_POSTGRES_URL)."""
-    given = os.environ.get("NEXTSTATE_TEST_POSTGRES_URL")
-    if given:
-        yield given
-        return
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a loopback port, run as the postgres user."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        # Not under pytest's tmp dir: the postgres user cannot enter root's.
+        self.root = Path(tempfile.mkdtemp(prefix="nextstate-pg-"))
+        shutil.chown(self.root, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://nextstate@127.0.0.1:{self.port}"
+        self._run("initdb", "-D", str(self.root / "data"), "-A", "trust", "-U", "nextstate")
+
+    def _run(self, tool: str, *args: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_postgres, str(self.bin_dir / tool), *args], check=True,
+                       capture_output=True)
+
+    def start(self) -> PostgresCluster:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-w", "-l", str(self.root / "log"),
+                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"t{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"postgresql://nextstate@127.0.0.1:{self.port}/postgres",
+                             autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{self.url}/{name}"
+
+
+def new_postgres() -> PostgresCluster:
     bin_dir = _postgres_bin()
     if bin_dir is None:
         if os.environ.get("NEXTSTATE_REQUIRE_INTEGRATION"):
             pytest.fail("PostgreSQL is not installed but its tests are required here")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    # Not under pytest's tmp dir: the postgres user cannot enter root's.
-    root = Path(tempfile.mkdtemp(prefix="nextstate-pg-"))
-    shutil.chown(root, "postgres")
-    port = free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"), "-A",
-                    "trust", "-U", "nextstate"], check=True, capture_output=True)
-    subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-w",
-                    "-l", str(root / "log"), "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
-                    "start"], check=True, capture_output=True)
+    return PostgresCluster(bin_dir).start()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresCluster | str]:
+    """A throwaway PostgreSQL server for the session (or NEXTSTATE_TEST_POSTGRES_URL)."""
+    given = os.environ.get("NEXTSTATE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    cluster = new_postgres()
     try:
-        yield f"postgresql+psycopg://nextstate@127.0.0.1:{port}"
+        yield cluster
     finally:
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"),
-                        "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
 
 
 @pytest.fixture
-def postgres_url(postgres_server: str) -> str:
+def postgres_url(postgres_server: PostgresCluster | str) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
+    if isinstance(postgres_server, PostgresCluster):
+        return postgres_server.create_database()
     import psycopg
 
     name = f"t{uuid.uuid4().hex[:12]}"

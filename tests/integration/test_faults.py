@@ -93,3 +93,34 @@ def test_vllm_killed_mid_stream_then_restarted(toy_model, start_proxy, tmp_path)
         assert (last["status"], last["served_model"]) == ("ok", name)
     finally:
         vllm.stop()
+
+
+def test_postgres_down_then_back_loses_and_duplicates_nothing(vllm, start_proxy):
+    from tests.conftest import new_postgres
+
+    cluster = new_postgres()
+    try:
+        store_url = cluster.create_database()
+        proxy = start_proxy(vllm.url, store_url=store_url)
+        ask = {"model": MODEL_NAME, "max_tokens": 4}
+        for i in range(3):
+            httpx.post(f"{proxy.base_url}/chat/completions", timeout=60, json={
+                **ask, "messages": [{"role": "user", "content": f"before {i}"}]})
+        assert len(proxy.turns(3)) == 3
+        cluster.stop()  # PostgreSQL goes down
+        for i in range(5):
+            answer = httpx.post(f"{proxy.base_url}/chat/completions", timeout=60, json={
+                **ask, "stream": i % 2 == 0,
+                "messages": [{"role": "user", "content": f"during {i}"}]})
+            assert answer.status_code == 200  # serving goes on
+        time.sleep(1.0)
+        recorder = httpx.get(f"{proxy.url}/health").json()["recorder"]
+        assert recorder["spool_pending"] == 5 and recorder["store_errors"] > 0
+        cluster.start()  # ... and comes back
+        turns = proxy.turns(8, timeout=60)
+        said = sorted(t["request"]["messages"][0]["content"] for t in turns)
+        assert said == sorted([f"before {i}" for i in range(3)]
+                              + [f"during {i}" for i in range(5)])
+        assert len({t["turn_id"] for t in turns}) == 8
+    finally:
+        cluster.remove()

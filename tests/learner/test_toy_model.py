@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -15,12 +16,23 @@ import pytest
 
 pytest.importorskip("transformers")  # the learner extra; the proxy-only install lacks it
 
+from nextstate.learner.experiment.pretrain import PretrainConfig  # noqa: E402
 from nextstate.learner.toy_model import (  # noqa: E402
     BUILDER_VERSION,
+    TRAINED_TOY,
     ToyModelRecipe,
+    build_tokenizer,
     build_toy_model,
     chat_template,
     ensure_toy_model,
+)
+
+# A recipe with a pretraining stage that runs in seconds (the real one takes minutes).
+TINY_TRAINED = ToyModelRecipe(
+    hidden_size=64, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1,
+    intermediate_size=128, vocab_size=600, corpus_documents=300,
+    pretrain=PretrainConfig(steps=12, batch_size=4, warmup_steps=2,
+                            tokenizer_conversations=200, log_every=6),
 )
 
 TOOLS = [{
@@ -117,6 +129,8 @@ def test_digest_is_stable_and_changes_with_every_field() -> None:
         value = getattr(recipe, field.name)
         if isinstance(value, bool):
             changed = not value
+        elif field.name == "pretrain":
+            changed = PretrainConfig()
         elif field.name == "num_key_value_heads":
             changed = 1  # must still divide num_attention_heads
         else:
@@ -222,3 +236,51 @@ def test_saved_template_is_the_packaged_one(model_dir: Path) -> None:
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == chat_template()
     assert "<|im_start|>" in chat_template()
+
+
+def test_untrained_recipes_keep_the_digest_they_had_before_the_pretrain_field() -> None:
+    recipe = ToyModelRecipe()
+    payload = {"builder_version": BUILDER_VERSION, **dataclasses.asdict(recipe)}
+    del payload["pretrain"]
+    encoded = json.dumps(payload, sort_keys=True).encode()
+    assert recipe.digest() == hashlib.sha256(encoded).hexdigest()[:12]
+
+
+def test_digest_changes_with_the_pretrain_config() -> None:
+    digests = {dataclasses.replace(TINY_TRAINED, pretrain=dataclasses.replace(
+        TINY_TRAINED.pretrain, **{name: value})).digest()  # type: ignore[arg-type]
+        for name, value in [("steps", 13), ("seed", 1), ("learning_rate", 1e-3),
+                            ("mix", (("plain", 1.0),)), ("threads", 2)]}
+    assert len(digests | {TINY_TRAINED.digest()}) == 6
+
+
+def test_trained_toy_is_the_feasibility_notes_recipe() -> None:
+    assert TRAINED_TOY.pretrain is not None
+    assert TRAINED_TOY.num_hidden_layers == 4 and TRAINED_TOY.head_dim == 64
+    assert TRAINED_TOY.hidden_size == 128 and TRAINED_TOY.tie_word_embeddings
+    assert TRAINED_TOY.pretrain.steps >= 1500 and TRAINED_TOY.pretrain.batch_size == 32
+    assert TRAINED_TOY.digest() != ToyModelRecipe().digest()
+
+
+def test_a_pretrain_stage_reports_progress_and_builds_byte_identical_files(
+    tmp_path: Path,
+) -> None:
+    lines: list[str] = []
+    first = ensure_toy_model(tmp_path / "a", TINY_TRAINED, progress=lines.append)
+    second = ensure_toy_model(tmp_path / "b", TINY_TRAINED)
+    assert any("running stage pretrain_stage" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
+        "step 6/12", "step 12/12"]
+    for path in sorted(first.iterdir()):
+        assert path.read_bytes() == (second / path.name).read_bytes(), path.name
+    recipe = json.loads((first / "recipe.json").read_text())
+    assert recipe["pretrain"]["steps"] == 12
+
+
+def test_the_trained_tokenizer_fits_the_conversations() -> None:
+    reply = "Sure thing!\nStep 1: Ava starts with 12 marbles.\nStep 2: 12 + 5 = 17.\n" \
+        "So it's 17, easy! In other words, the number of marbles comes to 17. Keep up the " \
+        "great work!"
+    fitted = build_tokenizer(TRAINED_TOY)
+    generic = build_tokenizer(dataclasses.replace(TRAINED_TOY, pretrain=None))
+    assert len(fitted.encode(reply)) < 0.8 * len(generic.encode(reply))

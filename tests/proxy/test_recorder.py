@@ -128,3 +128,20 @@ async def test_one_bad_record_is_set_aside_and_never_blocks_the_rest(tmp_path):
     assert recorder.stats.rejected == 1 and recorder.stats.spooled == 0
     [rejected] = tmp_path.glob("rejected-*.jsonl")
     assert b'"poison"' in rejected.read_bytes()
+
+
+async def test_a_full_disk_while_the_store_is_down_drops_counted_and_never_raises(tmp_path):
+    store = FlakyStore()
+    store.down = True
+    recorder = Recorder(store, tmp_path)
+
+    def disk_full(records):
+        raise OSError(28, "No space left on device")
+
+    recorder.spool.append = disk_full
+    recorder.start()
+    recorder.submit(rec(1))  # the request path never sees the failure
+    await asyncio.sleep(0.2)
+    assert recorder.stats.dropped == 1
+    assert "No space left" in recorder.stats.last_error
+    recorder._task.cancel()
