@@ -9,6 +9,12 @@ logprobs under a hindsight hint. Nothing is re-tokenized. A step:
 3. make ``passes`` optimizer passes over the batch with the clipped surrogate, in
    micro-batches bounded by a token budget (gradients accumulate across them);
 4. measure how far the policy moved (KL on the batch), for the publish gate.
+
+Several processes (``torchrun --nproc-per-node N``, gloo on CPU, NCCL on GPUs): each rank
+takes every N-th turn of the same batch and weighs its loss by its share of the WHOLE
+batch's tokens, so summing the ranks' LoRA gradients (one all-reduce per pass) gives
+exactly the single-process gradient, and every rank takes the same optimizer step.
+Sharding the weights themselves (FSDP, for models that do not fit one GPU) is not done.
 """
 
 from __future__ import annotations
@@ -124,16 +130,22 @@ class Trainer:
     def step(self, items: Sequence[TrainItem]) -> StepStats:
         start = time.monotonic()
         cfg = self.config
+        rank, world = _rank_and_world()
         self.model.train()
+        # Every rank scores the whole batch (cheap, no gradient) so that advantages and
+        # statistics need no communication; only the gradient work is split.
         old = self.logprobs(items)  # π_old: the weights as the step starts
         ref = self._reference_logprobs(items) if cfg.kl_coef else None
         advantages = [self._advantages(item, old_t) for item, old_t in zip(items, old,
                                                                             strict=True)]
         total_tokens = sum(len(item.completion_ids) for item in items)
+        mine = list(range(rank, len(items), world))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         stats: list[tuple[float, Any]] = []
         for _ in range(cfg.passes):
             self.optimizer.zero_grad(set_to_none=True)
-            for batch in self._microbatches(items):
+            for local in self._microbatches([items[i] for i in mine]):
+                batch = [mine[i] for i in local]
                 logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
                 old_B_T = _pad([old[i] for i in batch], mask_B_T)
                 adv_B_T = _pad([advantages[i] for i in batch], mask_B_T)
@@ -149,8 +161,9 @@ class Trainer:
                 share = float(mask_B_T.sum()) / total_tokens
                 (loss * share).backward()
                 stats.append((share, s))
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            if world > 1:
+                _sum_gradients(trainable)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
         new = self.logprobs(items)
         return self._summary(items, old, new, advantages, stats, total_tokens, start)
@@ -271,6 +284,21 @@ class Trainer:
         weights, optimizer = snapshot
         self.model.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(optimizer)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Add up the ranks' gradients (each is already weighted by its share of the batch)."""
+    for param in params:
+        if param.grad is None:  # a rank whose shard never reached this parameter
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM)
 
 
 def _pad(rows: Sequence[torch.Tensor], like_B_T: torch.Tensor) -> torch.Tensor:
