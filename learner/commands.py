@@ -29,8 +29,9 @@ _store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
 
 
 @click.command()
-@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
-              help="URL of the vLLM server the proxy talks to.")
+@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", required=True,
+              multiple=True, help="URL of a vLLM server (repeatable: every adapter is "
+              "published to each).")
 @click.option("--model", "base_model", default=TOY_MODEL_NAME, show_default=True,
               help="vLLM's name for the base model (clients use it for the policy).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -51,7 +52,7 @@ _store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
 @click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
               show_default=True, help="Whose logprobs teach under a hint.")
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
-def learn(backend: str, base_model: str, model_dir: Path | None, no_train: bool,
+def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no_train: bool,
           store: str | None, judge: str, judge_model: str | None, judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
           once: bool) -> None:
@@ -70,7 +71,8 @@ def learn(backend: str, base_model: str, model_dir: Path | None, no_train: bool,
     trainer = replace(TrainerConfig(), method=method, batch_turns=batch_turns,
                       learning_rate=learning_rate)
     config = LearnerConfig(
-        store_url=store or default_store_url(), backend_url=backend.rstrip("/"),
+        store_url=store or default_store_url(), backend_url=backends[0].rstrip("/"),
+        backend_urls=tuple(b.rstrip("/") for b in backends),
         base_model=base_model, model_dir=None if no_train else model_dir,
         adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
         judge_api_base=judge_api_base, teacher=teacher,

@@ -32,9 +32,11 @@ log = logging.getLogger("nextstate.learner")
 @dataclass(frozen=True)
 class LearnerConfig:
     store_url: str
-    backend_url: str
+    backend_url: str  # the teacher and the judge use this one
     base_model: str  # vLLM's name for the base model
     policy: str | None = None  # the name clients use; adapters are <policy>@<version>
+    # Every vLLM serving the policy (default: backend_url); adapters go to all of them.
+    backend_urls: tuple[str, ...] = ()
     model_dir: Path | None = None  # the base model's weights; None: judge only, no training
     adapters_dir: Path | None = None  # where adapter versions are written
     judge: str = "rules"  # rules | llm
@@ -84,19 +86,21 @@ class Learner:
         self.store = LearnerStore(config.store_url)
         self.judge = judge or make_judge(config)
         self.teacher = Teacher(config.backend_url, config.base_model)
-        self.admin = VLLMAdmin(config.backend_url)
+        self.admins = [VLLMAdmin(url) for url in config.backend_urls or (config.backend_url,)]
         self.training: TrainingStage | None = None
         if config.model_dir is not None:
             adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"
             self.training = TrainingStage(self.store, config.model_dir, self.policy,
-                                          self.admin, adapters_dir, config.training)
+                                          self.admins, adapters_dir, config.training)
         self.totals = Totals()
         self.started_at = time.time()
         self.state = "idle"
+        self.backends: dict[str, list[str]] = {}  # adapter versions loaded, per backend
 
     async def close(self) -> None:
         await self.teacher.close()
-        await self.admin.close()
+        for admin in self.admins:
+            await admin.close()
         self.store.close()
 
     async def step(self) -> int:
@@ -113,6 +117,7 @@ class Learner:
             await self.training.housekeeping()
             self._set_state("training")
             result = await self.training.maybe_step()
+            self.backends = await self.training.backends()
             if result is not None:
                 done += 1
                 if result.error:
@@ -152,6 +157,7 @@ class Learner:
             "adapter": {"name": current["name"], "version": current["version"],
                         "published_at": current["published_at"]} if current else None,
             "steps": self.training.history if self.training else [],
+            "backends": self.backends,
             "totals": asdict(self.totals),
         }
 

@@ -51,8 +51,9 @@ class VLLMAdmin:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0,
                  client: httpx.AsyncClient | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self.client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
-                                                  timeout=timeout, headers=headers)
+        self.url = base_url.rstrip("/")
+        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=timeout,
+                                                  headers=headers)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -70,12 +70,13 @@ def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
 
 
 class TrainingStage:
-    def __init__(self, store: LearnerStore, model_dir: Path, policy: str, admin: VLLMAdmin,
-                 adapters_dir: Path, config: TrainingConfig = TrainingConfig()) -> None:
+    def __init__(self, store: LearnerStore, model_dir: Path, policy: str,
+                 admins: list[VLLMAdmin], adapters_dir: Path,
+                 config: TrainingConfig = TrainingConfig()) -> None:
         self.store = store
         self.model_dir = model_dir
         self.policy = policy
-        self.admin = admin
+        self.admins = admins  # one per vLLM backend: every adapter goes to all of them
         self.adapters_dir = adapters_dir
         self.config = config
         self.trainer: Trainer | None = None
@@ -139,7 +140,8 @@ class TrainingStage:
         path = install(staged, self.adapters_dir, name)
         self.store.stage_adapter(version, name, self.policy, str(path), asdict(stats))
         try:
-            await self.admin.load(name, path)
+            for admin in self.admins:  # verified on each; current only once all have it
+                await admin.load(name, path)
         except PublishError as exc:
             trainer.restore(before)  # the turns stay untrained: learn from them again
             self.store.set_adapter_status(version, "failed", str(exc))
@@ -158,16 +160,38 @@ class TrainingStage:
         return result
 
     async def housekeeping(self) -> None:
-        """Reload the current adapter if vLLM lost it (a restart); unload versions past
-        their grace period; delete old directories."""
+        """On every backend: reload the current adapter if vLLM lost it (a restart),
+        unload versions past their grace period; then delete old directories."""
         rows = self.store.adapters(self.policy)
-        loaded = await self.admin.loaded()
+        for admin in self.admins:
+            try:
+                loaded = await admin.loaded()
+            except Exception as exc:  # that backend is down: the proxy routes around it
+                log.warning("backend %s unreachable: %s", admin.url, exc)
+                continue
+            for row in rows:
+                if row["status"] == "current" and row["name"] not in loaded:
+                    log.warning("%s lost %s (restarted?): loading it again", admin.url,
+                                row["name"])
+                    await admin.load(row["name"], Path(row["path"]))
+                retired = row["retired_at"] or 0
+                if row["status"] == "previous" and \
+                        time.time() - retired > self.config.unload_grace:
+                    await admin.unload(row["name"])
         for row in rows:
-            if row["status"] == "current" and row["name"] not in loaded:
-                log.warning("vLLM lost %s (restarted?): loading it again", row["name"])
-                await self.admin.load(row["name"], Path(row["path"]))
             retired = row["retired_at"] or 0
             if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
-                await self.admin.unload(row["name"])
                 self.store.set_adapter_status(row["version"], "unloaded")
         prune(self.adapters_dir, self.store.adapters(self.policy), self.config.keep)
+
+    async def backends(self) -> dict[str, list[str]]:
+        """The adapter versions of this policy each backend has loaded (for status)."""
+        out: dict[str, list[str]] = {}
+        for admin in self.admins:
+            try:
+                names = await admin.loaded()
+            except Exception:
+                out[admin.url] = ["unreachable"]
+                continue
+            out[admin.url] = sorted(n for n in names if n.startswith(f"{self.policy}@"))
+        return out
