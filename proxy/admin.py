@@ -89,10 +89,12 @@ async def rollback(request: Request) -> Response:
     row = rows.get(version)
     if row is None or row["status"] in ("refused", "failed", "abandoned", "staged"):
         raise NotFound(f"No published adapter version {version}.")
-    loaded = await deps.client.post("/v1/load_lora_adapter", timeout=120.0, json={
-        "lora_name": row["name"], "lora_path": row["path"]})
-    if loaded.status_code != 200 and "already" not in loaded.text:
-        raise BackendUnavailable(f"vLLM did not load {row['name']}: {loaded.text[:300]}")
+    for backend in deps.backends.backends:  # every replica has it before it is current
+        loaded = await backend.client.post("/v1/load_lora_adapter", timeout=120.0, json={
+            "lora_name": row["name"], "lora_path": row["path"]})
+        if loaded.status_code != 200 and "already" not in loaded.text:
+            raise BackendUnavailable(
+                f"vLLM at {backend.url} did not load {row['name']}: {loaded.text[:300]}")
     await asyncio.to_thread(deps.store.rollback, version)
     return _json({"object": "nextstate.adapter", "name": row["name"], "status": "current"})
 

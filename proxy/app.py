@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from nextstate.proxy import admin
+from nextstate.proxy.backends import BackendPool
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     BackendUnavailable,
@@ -138,19 +139,24 @@ class Passthrough:
 
 async def health(request: Request) -> Response:
     deps: Deps = request.state.deps
-    try:
-        key = deps.settings.backend_api_key
-        answer = await deps.client.get(
-            "/health", timeout=2.0, headers={"authorization": f"Bearer {key}"} if key else None)
-        backend_ok = answer.status_code == 200
-    except httpx.HTTPError:
-        backend_ok = False
+    key = deps.settings.backend_api_key
+
+    async def check(url: str, client: httpx.AsyncClient) -> dict[str, object]:
+        try:
+            answer = await client.get("/health", timeout=2.0, headers={
+                "authorization": f"Bearer {key}"} if key else None)
+            return {"url": url, "ok": answer.status_code == 200}
+        except httpx.HTTPError:
+            return {"url": url, "ok": False}
+
+    found = await asyncio.gather(*(check(b.url, b.client) for b in deps.backends.backends))
+    up = any(b["ok"] for b in found)
     body = {
-        "status": "ok" if backend_ok else "degraded",
-        "backend": {"url": deps.settings.backend_url, "ok": backend_ok},
+        "status": "ok" if all(b["ok"] for b in found) else "degraded" if up else "down",
+        "backend": found[0], "backends": found,
         "recorder": deps.recorder.snapshot() if deps.settings.record else None,
     }
-    return Response(orjson.dumps(body), status_code=200 if backend_ok else 503,
+    return Response(orjson.dumps(body), status_code=200 if up else 503,
                     media_type="application/json")
 
 
@@ -195,13 +201,14 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
-        client = httpx.AsyncClient(
-            base_url=settings.backend_url,
-            transport=transport,
-            timeout=httpx.Timeout(settings.upstream_timeout,
-                                  connect=settings.upstream_connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        )
+        def make_client(url: str) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=url, transport=transport,
+                timeout=httpx.Timeout(settings.upstream_timeout,
+                                      connect=settings.upstream_connect_timeout),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+
+        backends = BackendPool(settings.backend_urls(), make_client)
         store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout,
                       redactor=Redactor(settings.redact_patterns))
         recorder = Recorder(store, settings.resolved_spool_dir(),
@@ -211,16 +218,21 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             retention_days=settings.retention_days)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
-        following = (asyncio.create_task(
-            router.follow(store, client, settings.adapter_poll_seconds))
-            if settings.policy else None)
+        tasks = []
+        if settings.policy:
+            tasks.append(asyncio.create_task(router.follow(store,
+                                                           settings.adapter_poll_seconds)))
+        if settings.policy or len(backends.backends) > 1:
+            tasks.append(asyncio.create_task(backends.watch(
+                router.check_loaded, min(settings.health_interval_seconds,
+                                         settings.adapter_poll_seconds * 4))))
         try:
-            yield {"deps": Deps(settings, client, recorder, store, router)}
+            yield {"deps": Deps(settings, backends, recorder, store, router)}
         finally:
-            if following is not None:
-                following.cancel()
+            for task in tasks:
+                task.cancel()
             await recorder.stop()
-            await client.aclose()
+            await backends.aclose()
             store.close()
 
     app = Starlette(

@@ -87,8 +87,9 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
 
 
 @main.command()
-@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
-              help="URL of a running OpenAI-compatible vLLM server.")
+@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", required=True,
+              multiple=True, help="URL of a running vLLM server; repeat it for replicas "
+              "(sessions are spread across them, with affinity and failover).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True)
 @_host
 @_store
@@ -104,12 +105,15 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
               help="Delete turns (and what was derived from them) older than this.")
 @click.option("--no-redact", is_flag=True,
               help="Store message text as sent (default: mask API keys, tokens, e-mails).")
-def serve(backend: str, port: int, host: str, store: str | None, api_key: str | None,
+def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
+          api_key: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
           no_redact: bool) -> None:
     """Run the recording proxy in front of an existing vLLM."""
-    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days}
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
+                                "more_backends": tuple(b.rstrip("/") for b in backends[1:])}
+    backend = backends[0]
     if no_redact:
         extra["redact_patterns"] = ()
     settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key,

@@ -1,6 +1,6 @@
 """What every endpoint of the proxy shares, built once in `make_app`'s lifespan.
 
-agent -> proxy -> vLLM (``client``, ``router``); proxy -> store (``recorder``, ``store``).
+agent -> proxy -> vLLM (``backends``, ``router``); proxy -> store (``recorder``, ``store``).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from nextstate.proxy.backends import BackendPool
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
@@ -18,7 +19,12 @@ from nextstate.proxy.store import Store
 @dataclass(frozen=True)
 class Deps:
     settings: ProxySettings
-    client: httpx.AsyncClient
+    backends: BackendPool
     recorder: Recorder
     store: Store
     router: Router
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The first backend's client (for requests with no session to keep together)."""
+        return self.backends.first.client

@@ -24,12 +24,13 @@ BASE_SUFFIX = "@base"
 
 
 class Router:
-    """The policy's current adapter, and whether vLLM has it loaded right now.
+    """The policy's current adapter (followed from the store), and a way to make sure a
+    vLLM has it loaded.
 
-    vLLM forgets runtime-loaded adapters when it restarts. The router checks vLLM's model
-    list as it follows the store, and loads the current adapter again (from its
-    directory, recorded in the store) when it is missing; policy requests wait for that
-    instead of reaching a vLLM that does not know the adapter.
+    vLLM forgets runtime-loaded adapters when it restarts: `check_loaded` looks at a
+    backend's model list and loads the current adapter again (from its directory,
+    recorded in the store) when it is missing; the backend pool asks it for every
+    backend it health-checks, and the relay when vLLM answers 404 for the adapter.
     """
 
     def __init__(self, policy: str | None, base_model: str | None = None) -> None:
@@ -37,8 +38,6 @@ class Router:
         self.base_model = base_model or policy
         self.current: str | None = None  # the adapter version serving the policy
         self.path: str | None = None
-        self._loaded = asyncio.Event()
-        self._loaded.set()
 
     def route(self, model: object) -> str | None:
         """The upstream model name for ``model``, or None to leave it as it is."""
@@ -50,16 +49,8 @@ class Router:
             return self.base_model
         return None
 
-    async def ready(self, timeout: float = 30.0) -> None:
-        """Return once the current adapter is loaded (at once, in the normal case)."""
-        if not self._loaded.is_set():
-            try:
-                await asyncio.wait_for(self._loaded.wait(), timeout)
-            except TimeoutError:
-                log.warning("serving %s while vLLM may not have it loaded", self.current)
-
-    async def follow(self, store: Store, client: httpx.AsyncClient, interval: float) -> None:
-        """Keep in step with the store and with vLLM (runs for the app's lifetime)."""
+    async def follow(self, store: Store, interval: float) -> None:
+        """Keep in step with the store (runs for the app's lifetime)."""
         while True:
             try:
                 found = await asyncio.to_thread(store.current_adapter, self.policy or "")
@@ -67,25 +58,20 @@ class Router:
                 if name != self.current:
                     log.info("policy %s now served by %s", self.policy, name or "the base")
                     self.current, self.path = name, path
-                await self.check_loaded(client)
-            except Exception as exc:  # store or vLLM away: keep serving what we have
-                log.debug("could not follow the current adapter: %s", exc)
+            except Exception as exc:  # the store is away: keep serving what we have
+                log.debug("could not read the current adapter: %s", exc)
             await asyncio.sleep(interval)
 
-    async def check_loaded(self, client: httpx.AsyncClient) -> None:
-        """Load the current adapter into vLLM if vLLM lost it (a restart)."""
+    async def check_loaded(self, client: httpx.AsyncClient) -> bool:
+        """Does this backend have the current adapter? Loads it if vLLM lost it."""
         if self.current is None:
-            self._loaded.set()
-            return
+            return True
         answer = await client.get("/v1/models", timeout=5.0)
-        if answer.status_code != 200:
-            return
+        answer.raise_for_status()
         if self.current in {m.get("id") for m in answer.json().get("data", [])}:
-            self._loaded.set()
-            return
-        self._loaded.clear()
-        log.warning("vLLM lost %s (restarted?): loading it again", self.current)
+            return True
+        log.warning("vLLM at %s lost %s (restarted?): loading it again", client.base_url,
+                    self.current)
         loaded = await client.post("/v1/load_lora_adapter", timeout=120.0, json={
             "lora_name": self.current, "lora_path": self.path})
-        if loaded.status_code == 200 or "already" in loaded.text:
-            self._loaded.set()
+        return loaded.status_code == 200 or "already" in loaded.text

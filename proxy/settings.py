@@ -29,6 +29,9 @@ class ProxySettings:
     """Everything `make_app` needs. Defaults suit a local vLLM on port 8000."""
 
     backend_url: str = "http://127.0.0.1:8000"
+    # More vLLM replicas of the same model; sessions are spread across all of them.
+    more_backends: tuple[str, ...] = ()
+    health_interval_seconds: float = 2.0
     store_url: str = ""  # empty: a SQLite file in the data dir
     # Bearer key clients must present; None leaves the proxy open (it binds loopback).
     api_key: str | None = None
@@ -68,6 +71,9 @@ class ProxySettings:
         if self.api_key:
             keys[self.api_key.encode()] = "default"
         return keys
+
+    def backend_urls(self) -> tuple[str, ...]:
+        return (self.backend_url, *self.more_backends)
 
     def resolved_store_url(self) -> str:
         return self.store_url or default_store_url()
