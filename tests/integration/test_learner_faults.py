@@ -16,7 +16,7 @@ import pytest
 
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
-from nextstate.learner.trainer import TrainerConfig
+from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.backend import spawn, stop_group
 from tests.conftest import MODEL_NAME
@@ -112,16 +112,23 @@ async def test_a_judge_that_is_down_or_answers_garbage_leaves_turns_for_later(
 
 
 async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_serving(
-        vllm, policy_proxy, toy_model, tmp_path):
+        vllm, policy_proxy, toy_model, tmp_path, monkeypatch):
     converse(policy_proxy, 2)
     policy_proxy.turns(4)
     store_url = policy_proxy.settings.resolved_store_url()
-    # Rank 32 is over the server's --max-lora-rank 16: vLLM refuses to load it.
-    too_big = replace(TrainerConfig(), batch_turns=2, lora_rank=32, lora_alpha=64)
+    save = Trainer.save
+
+    def save_without_weights(self, directory, stats=None):
+        """An adapter directory vLLM cannot load (its weights file is missing)."""
+        out = save(self, directory, stats)
+        (out / "adapter_model.safetensors").unlink()
+        return out
+
+    monkeypatch.setattr(Trainer, "save", save_without_weights)
     learner = Learner(LearnerConfig(
         store_url=store_url, backend_url=vllm.url, base_model=MODEL_NAME,
         model_dir=toy_model, adapters_dir=tmp_path / "adapters",
-        training=TrainingConfig(trainer=too_big)))
+        training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=2))))
     try:
         await drain(learner, rounds=3)
         status = learner.status()
