@@ -144,8 +144,8 @@ class LearnerStore:
         query = (
             select(turns.c.id, turns.c.prompt_token_ids, turns.c.completion_token_ids,
                    turns.c.logprobs, turns.c.served_model, turns.c.session_id,
-                   judgments.c.score, judgments.c.hints, judgments.c.teacher_logprobs,
-                   sessions.c.outcome)
+                   judgments.c.score, judgments.c.votes, judgments.c.hints,
+                   judgments.c.teacher_logprobs, sessions.c.outcome)
             .join(judgments, judgments.c.turn_id == turns.c.id)
             .outerjoin(sessions, sessions.c.id == turns.c.session_id)
             .where(*_ready_for(method))
@@ -240,7 +240,9 @@ def _has_teacher() -> Any:
 
 def _ready_for(method: str) -> tuple[Any, ...]:
     """Judged, untrained, and carrying the signal ``method`` trains on."""
-    has_reward = judgments.c.score.in_((1, -1))
+    has_reward = or_(judgments.c.score.in_((1, -1)), judgments.c.turn_id.in_(
+        select(turns.c.id).join(sessions, sessions.c.id == turns.c.session_id)
+        .where(sessions.c.outcome.is_not(None))))
     signal = {"binary": has_reward, "opd": _has_teacher()}.get(
         method, or_(has_reward, _has_teacher()))
     # Redacted turns have no token ids: nothing to train on.

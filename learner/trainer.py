@@ -73,6 +73,7 @@ class TrainItem:
     reward: float | None = None  # judge score (+ episode outcome); None: no evaluative signal
     teacher_logprobs: list[float] | None = None  # None: no hint
     weight: float = 1.0  # < 1 for stale turns when down-weighting
+    group: str | None = None  # the episode (session) a step belongs to, when it has one
 
 
 @dataclass

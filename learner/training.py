@@ -55,18 +55,42 @@ class StepResult:
 
 
 def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
-    """A store row as the trainer's input. Several hints: their teacher logprobs are
-    averaged token by token (a smoother target than any single hint's)."""
+    """A store row as the trainer's input.
+
+    Reward: the judge's score (+1/-1); for a step of an episode with an outcome (feedback
+    for the whole session, a test verdict), the outcome plus the step's mean judge vote.
+    Several hints: their teacher logprobs are averaged token by token (a smoother target
+    than any single hint's)."""
     teachers = [t for t in row.get("teacher_logprobs") or [] if t]
     teacher = [sum(col) / len(col) for col in zip(*teachers, strict=True)] if teachers else None
     score = row.get("score")
     reward = float(score) if score in (1, -1) else None
-    if row.get("outcome") is not None:  # the episode's outcome adds to each step's score
-        reward = (reward or 0.0) + float(row["outcome"])
+    if row.get("outcome") is not None:
+        votes = [v for v in row.get("votes") or [] if v is not None]
+        reward = float(row["outcome"]) + (sum(votes) / len(votes) if votes else 0.0)
     return TrainItem(turn_id=row["id"], prompt_ids=list(row["prompt_token_ids"]),
                      completion_ids=list(row["completion_token_ids"]),
                      sampler_logprobs=[float(x) for x in row["logprobs"]], reward=reward,
-                     teacher_logprobs=teacher, weight=weight)
+                     teacher_logprobs=teacher, weight=weight,
+                     group=row["session_id"] if row.get("outcome") is not None else None)
+
+
+def normalise_steps(items: list[TrainItem]) -> None:
+    """Rewards of the steps of one episode, made relative to each other (mean 0, std 1)
+    where the batch holds several steps of it: which step helped the outcome most."""
+    groups: dict[str, list[TrainItem]] = {}
+    for item in items:
+        if item.group is not None and item.reward is not None:
+            groups.setdefault(item.group, []).append(item)
+    for steps in groups.values():
+        if len(steps) < 2:
+            continue
+        rewards = [s.reward for s in steps if s.reward is not None]
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+        for step in steps:
+            assert step.reward is not None
+            step.reward = (step.reward - mean) / (std + 1e-6) if std > 1e-6 else 0.0
 
 
 class TrainingStage:
@@ -122,6 +146,7 @@ class TrainingStage:
         return await self.step(items[:batch_turns])
 
     async def step(self, items: list[TrainItem]) -> StepResult:
+        normalise_steps(items)
         trainer = await asyncio.to_thread(self._trainer)
         before = trainer.snapshot()
         stats = await asyncio.to_thread(trainer.step, items)

@@ -57,6 +57,9 @@ MIX: tuple[tuple[str, float], ...] = (
 class PretrainConfig:
     """The training stage's recipe; part of ``ToyModelRecipe`` and so of its digest."""
 
+    # Bump when ``styles`` or this module change the conversations they generate: the
+    # config is part of the model's digest, the generators' code is not.
+    data_version: int = 1
     steps: int = 1500
     batch_size: int = 32  # conversations per optimizer step
     learning_rate: float = 3e-3
@@ -67,8 +70,8 @@ class PretrainConfig:
     seed: int = 0
     # A fixed thread count: float sums are reduced in a thread-dependent order, so only
     # the same count gives the same weights (on the same kind of CPU). One thread, because
-    # on a busy 2-core machine two threads wait on each other at every op (measured 2-8x
-    # slower than one while other processes ran); alone on the machine two are ~1.5x faster.
+    # on a busy 2-core machine two threads wait on each other at every op: measured 2-8x
+    # slower than one while other processes ran (two can only win on an idle machine).
     threads: int = 1
     # Micro-batches are cut from length-sorted conversations under this many padded
     # tokens, so short conversations are not padded to the longest of the batch.
@@ -267,7 +270,7 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
     started = time.monotonic()
     report(f"pretraining {config.steps} steps of {config.batch_size} conversations "
            f"({sum(p.numel() for p in model.parameters()):,} parameters, "
-           f"{config.threads} threads)")
+           f"threads: {config.threads})")
     for step in range(config.steps):
         batch = [encode(tokenizer, next(data)) for _ in range(config.batch_size)]
         total = sum(sum(label != IGNORE for label in labels) for _, labels in batch)

@@ -108,12 +108,15 @@ _ANSWERS = {
                "The final answer is {n}."),
     "casual": ("So it's {n}, easy!", "Boom, {n}!", "That makes {n}, yay!"),
 }
-_FIRST_STEP = ("Step 1: {who} starts with {a} {item}s.", "Step 1: begin with {a}.")
+# Replies repeat numbers but never names or objects: the pretrained toy model copies
+# numbers from the question reliably and names poorly (it wrote "Chloe starts with 5
+# marbles" for Iris's books), and only the style is scored.
+_FIRST_STEP = ("Step 1: start with {a}.", "Step 1: begin with {a}.")
 _STEP = ("Step {i}: {v} {op} {n} = {r}.", "Step {i}: {v} {op} {n} gives {r}.")
 _DETAILS = (
-    "In other words, the number of {item}s comes to {n}.",
+    "In other words, the count comes to {n}.",
     "To double-check, go through the numbers {numbers} once more in order.",
-    "Put another way, {who} ends up counting {n} {item}s.",
+    "Put another way, the total ends up at {n}.",
     "This works because each change is applied in the order of the story.",
 )
 _ENCOURAGEMENTS = ("Keep up the great work!", "You're doing great, keep practicing!",
@@ -134,8 +137,7 @@ def make_reply(problem: Problem, attrs: Mapping[str, str], rng: random.Random) -
     if values["length"] == "detailed":
         numbers = ", ".join(str(n) for n in problem.numbers)
         for detail in rng.sample(_DETAILS, 2):
-            sentences.append(detail.format(item=problem.item, who=problem.who,
-                                           n=problem.answer, numbers=numbers))
+            sentences.append(detail.format(n=problem.answer, numbers=numbers))
     if values["closing"] == "encouragement":
         sentences.append(rng.choice(_ENCOURAGEMENTS))
     # Step lines each get their own line; the answer and what follows form one paragraph.
@@ -144,8 +146,7 @@ def make_reply(problem: Problem, attrs: Mapping[str, str], rng: random.Random) -
 
 
 def _steps(problem: Problem, rng: random.Random) -> list[str]:
-    lines = [rng.choice(_FIRST_STEP).format(who=problem.who, a=problem.numbers[0],
-                                           item=problem.item)]
+    lines = [rng.choice(_FIRST_STEP).format(a=problem.numbers[0])]
     value = problem.numbers[0]
     for i, (op, number) in enumerate(zip(problem.ops, problem.numbers[1:], strict=True)):
         result = _apply(value, op, number)

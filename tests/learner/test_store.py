@@ -52,3 +52,25 @@ def test_skipped_turns_are_never_ready_again(store_url):
     assert store.ready_count("binary") == 0
     assert store.judgment("t0")["trained_version"] == -1
     store.close()
+
+
+def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
+    from nextstate.learner.training import normalise_steps, to_item
+    from nextstate.proxy.record import FeedbackRecord
+
+    store = LearnerStore(store_url)
+    steps = [turn(i) for i in range(3)]
+    for t in steps:
+        t.session_id, t.session_done = "episode", False
+    store.store.write(steps)
+    store.store.write([FeedbackRecord(feedback_id="verdict", created_at=9.0, score=1,
+                                      source="endpoint", session_id="episode")])
+    for t, votes in zip(steps, [(1, 1, 1), (-1, -1, 1), (0, 0, 0)], strict=True):
+        store.save_judgment(t.turn_id, Judgment(score=0, votes=votes))
+    rows = store.ready_for_training("binary", 10)  # the outcome makes them trainable
+    items = [to_item(r) for r in rows]
+    assert [round(i.reward, 3) for i in items] == [2.0, round(1 - 1 / 3, 3), 1.0]
+    normalise_steps(items)
+    rewards = [i.reward for i in items]
+    assert abs(sum(rewards)) < 1e-6 and rewards[0] > rewards[2] > rewards[1]
+    store.close()
