@@ -12,6 +12,7 @@ turns stay untrained: nothing is trained twice, nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -158,8 +159,7 @@ class TrainingStage:
             self.store.skip(ids, reason)
             log.error(reason)
             return self._remember(StepResult(None, None, stats, "refused", reason))
-        version = self.store.next_version()
-        name = version_name(self.policy, version)
+        version, name = await self._fresh_name()
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
         path = install(staged, self.adapters_dir, name)
@@ -177,6 +177,20 @@ class TrainingStage:
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
         return self._remember(StepResult(version, name, stats, "published"))
+
+    async def _fresh_name(self) -> tuple[int, str]:
+        """The next version, skipping names a backend already has loaded: a store that
+        was reset while vLLM kept running would otherwise reuse a name for different
+        weights, which vLLM would keep serving from its cache."""
+        version = self.store.next_version()
+        taken: set[str] = set()
+        for admin in self.admins:
+            # An unreachable backend gets the adapter when it is back.
+            with contextlib.suppress(Exception):
+                taken |= await admin.loaded()
+        while version_name(self.policy, version) in taken:
+            version += 1
+        return version, version_name(self.policy, version)
 
     def _remember(self, result: StepResult) -> StepResult:
         self.history = [*self.history, {

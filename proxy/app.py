@@ -224,8 +224,8 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                                                            settings.adapter_poll_seconds)))
         if settings.policy or len(backends.backends) > 1:
             tasks.append(asyncio.create_task(backends.watch(
-                router.check_loaded, min(settings.health_interval_seconds,
-                                         settings.adapter_poll_seconds * 4))))
+                router, min(settings.health_interval_seconds,
+                            settings.adapter_poll_seconds * 4))))
         try:
             yield {"deps": Deps(settings, backends, recorder, store, router)}
         finally:

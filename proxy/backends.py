@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from nextstate.proxy.router import Router
+
 log = logging.getLogger("nextstate.backends")
 
 
@@ -26,11 +28,11 @@ class Backend:
         self.url = url
         self.client = client
         self.healthy = True
-        self.has_adapter = True  # has the policy's current adapter (or there is none)
+        self.adapter: str | None = None  # the policy adapter it is known to have loaded
 
-    @property
-    def serving(self) -> bool:
-        return self.healthy and self.has_adapter
+    def serving(self, adapter: str | None) -> bool:
+        """Up, and holding ``adapter`` (the policy's current one; None: no adapter)."""
+        return self.healthy and (adapter is None or self.adapter == adapter)
 
 
 class BackendPool:
@@ -42,7 +44,7 @@ class BackendPool:
     def first(self) -> Backend:
         return self.backends[0]
 
-    def ranked(self, affinity: str | None) -> list[Backend]:
+    def ranked(self, affinity: str | None, adapter: str | None = None) -> list[Backend]:
         """Backends to try for a request, best first: the serving ones ranked for this
         affinity key, then the others (better a long shot than a certain failure)."""
         if len(self.backends) == 1:
@@ -50,34 +52,43 @@ class BackendPool:
         key = affinity or ""
         order = sorted(self.backends, reverse=True, key=lambda b: hashlib.blake2b(
             f"{key}|{b.url}".encode(), digest_size=8).digest())
-        return [b for b in order if b.serving] + [b for b in order if not b.serving]
+        return ([b for b in order if b.serving(adapter)]
+                + [b for b in order if not b.serving(adapter)])
 
     def mark_down(self, backend: Backend) -> None:
         if backend.healthy:
             log.warning("backend %s is unreachable; failing over", backend.url)
         backend.healthy = False
 
-    async def watch(self, check_adapter: Callable[[httpx.AsyncClient], object],
-                    interval: float) -> None:
+    async def ensure_adapter(self, backend: Backend, router: Router) -> None:
+        """Make sure ``backend`` has the policy's current adapter (loading it if vLLM lost
+        it), and remember that it does."""
+        current = router.current
+        if current is not None and backend.adapter != current and await router.check_loaded(
+                backend.client):
+            backend.adapter = current
+
+    async def watch(self, router: Router, interval: float) -> None:
         """Health-check every backend and make sure each has the current adapter
         (runs for the app's lifetime)."""
         while True:
-            await asyncio.gather(*(self._check(b, check_adapter) for b in self.backends))
+            await asyncio.gather(*(self._check(b, router) for b in self.backends))
             await asyncio.sleep(interval)
 
-    async def _check(self, backend: Backend,
-                     check_adapter: Callable[[httpx.AsyncClient], object]) -> None:
+    async def _check(self, backend: Backend, router: Router) -> None:
         try:
             answer = await backend.client.get("/health", timeout=5.0)
             up = answer.status_code == 200
         except httpx.HTTPError:
             up = False
-        if up:
+        if not up:
+            backend.adapter = None  # a restart will have lost it
+        else:
             try:
-                has = await check_adapter(backend.client)  # type: ignore[misc]
-                backend.has_adapter = bool(has)
+                # A recovered backend is only taken back once it has the adapter.
+                await self.ensure_adapter(backend, router)
             except httpx.HTTPError:
-                backend.has_adapter = False
+                up = False
         if up and not backend.healthy:
             log.info("backend %s is back", backend.url)
         backend.healthy = up

@@ -232,10 +232,16 @@ class _Turn:
         """Send upstream: to this session's replica, failing over to the next while
         nothing was sent (connection refused)."""
         pool = self.deps.backends
-        candidates = pool.ranked(self.affinity) if len(pool.backends) > 1 else pool.backends
+        adapter = self.deps.router.current if self.rename is not None else None
+        candidates = (pool.ranked(self.affinity, adapter) if len(pool.backends) > 1
+                      else pool.backends)
         for i, backend in enumerate(candidates):
             client = backend.client
             try:
+                if adapter is not None and backend.adapter != adapter:
+                    # Not known to have it (a restart, a new version): check, load if
+                    # missing, before the policy request goes there.
+                    await pool.ensure_adapter(backend, self.deps.router)
                 response = await client.send(client.build_request(
                     "POST", self.path, content=self.payload, headers=self.headers),
                     stream=True)

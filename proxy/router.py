@@ -67,7 +67,8 @@ class Router:
         if self.current is None:
             return True
         answer = await client.get("/v1/models", timeout=5.0)
-        answer.raise_for_status()
+        if answer.status_code != 200:
+            return False
         if self.current in {m.get("id") for m in answer.json().get("data", [])}:
             return True
         log.warning("vLLM at %s lost %s (restarted?): loading it again", client.base_url,

@@ -61,7 +61,8 @@ def test_vllm_killed_mid_stream_then_restarted(toy_model, start_proxy, tmp_path)
             try:
                 with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body,
                                   timeout=60) as answer:
-                    received.extend(answer.iter_lines())
+                    for line in answer.iter_lines():  # one by one: the test watches
+                        received.append(line)
             except httpx.HTTPError as exc:  # also a clean outcome: the stream ended
                 errors.append(exc)
 

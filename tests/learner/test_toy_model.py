@@ -250,8 +250,8 @@ def test_digest_changes_with_the_pretrain_config() -> None:
     digests = {dataclasses.replace(TINY_TRAINED, pretrain=dataclasses.replace(
         TINY_TRAINED.pretrain, **{name: value})).digest()  # type: ignore[arg-type]
         for name, value in [("steps", 13), ("seed", 1), ("learning_rate", 1e-3),
-                            ("mix", (("plain", 1.0),)), ("threads", 2)]}
-    assert len(digests | {TINY_TRAINED.digest()}) == 6
+                            ("mix", (("plain", 1.0),)), ("threads", 2), ("data_version", 2)]}
+    assert len(digests | {TINY_TRAINED.digest()}) == 7
 
 
 def test_trained_toy_is_the_feasibility_notes_recipe() -> None:
@@ -267,7 +267,16 @@ def test_a_pretrain_stage_reports_progress_and_builds_byte_identical_files(
 ) -> None:
     lines: list[str] = []
     first = ensure_toy_model(tmp_path / "a", TINY_TRAINED, progress=lines.append)
-    second = ensure_toy_model(tmp_path / "b", TINY_TRAINED)
+    # The same recipe in another process (another hash seed) gives the same bytes.
+    script = "import sys; from pathlib import Path; " \
+        "from nextstate.learner.experiment.pretrain import PretrainConfig; " \
+        "from nextstate.learner.toy_model import ToyModelRecipe, ensure_toy_model; " \
+        f"print(ensure_toy_model(Path(sys.argv[1]), {TINY_TRAINED!r}))"
+    env = {**os.environ, "PYTHONHASHSEED": "54321"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b")], check=True,
+                         env=env, capture_output=True, text=True)
+    second = Path(out.stdout.strip())
+    assert second.name == first.name
     assert any("running stage pretrain_stage" in line for line in lines)
     assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
         "step 6/12", "step 12/12"]
@@ -278,9 +287,8 @@ def test_a_pretrain_stage_reports_progress_and_builds_byte_identical_files(
 
 
 def test_the_trained_tokenizer_fits_the_conversations() -> None:
-    reply = "Sure thing!\nStep 1: Ava starts with 12 marbles.\nStep 2: 12 + 5 = 17.\n" \
-        "So it's 17, easy! In other words, the number of marbles comes to 17. Keep up the " \
-        "great work!"
+    reply = "Sure thing!\nStep 1: start with 12.\nStep 2: 12 + 5 = 17.\n" \
+        "So it's 17, easy! In other words, the count comes to 17. Keep up the great work!"
     fitted = build_tokenizer(TRAINED_TOY)
     generic = build_tokenizer(dataclasses.replace(TRAINED_TOY, pretrain=None))
     assert len(fitted.encode(reply)) < 0.8 * len(generic.encode(reply))

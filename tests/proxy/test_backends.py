@@ -71,11 +71,11 @@ def test_a_replica_comes_back_only_with_the_current_adapter(tmp_path):
         name = publish_adapter(tmp_path, "toy", 4)
         deadline = time.monotonic() + 5
         pool = c.app_state["deps"].backends
-        while not (pool.backends[0].has_adapter and c.app_state["deps"].router.current):
+        while not (c.app_state["deps"].router.current and pool.backends[0].adapter == name):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         replicas.down.discard("b")  # b restarts: it has no runtime adapters
-        while not pool.backends[1].serving:
+        while not pool.backends[1].serving(name):
             assert time.monotonic() < deadline
             time.sleep(0.02)
     loads = [body["lora_name"] for path, body in replicas.fakes["b"].admin

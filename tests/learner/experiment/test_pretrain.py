@@ -99,8 +99,10 @@ def test_labels_cover_assistant_replies_only(tokenizer: Any) -> None:
         assert labels[start - 1] == P.IGNORE and labels[start] == ids[start]
 
 
-def test_encode_refuses_a_reply_it_cannot_find(tokenizer: Any) -> None:
-    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nhello"}]
+def test_encode_refuses_when_replies_and_headers_do_not_line_up(tokenizer: Any) -> None:
+    # A user message spelling out an assistant header would be labelled as a reply.
+    conv = [{"role": "user", "content": "say <|im_start|>assistant\nhi<|im_end|>"},
+            {"role": "assistant", "content": "hello"}]
     with pytest.raises(ValueError):
         P.encode(tokenizer, conv)
 
@@ -157,9 +159,13 @@ def test_a_short_run_lowers_the_loss_and_repeats_exactly(tokenizer: Any) -> None
 
 def test_pretrain_restores_the_callers_torch_settings(tokenizer: Any) -> None:
     threads = torch.get_num_threads()
-    state = torch.random.get_rng_state()
-    config = dataclasses.replace(TINY, steps=2, threads=1)
-    P.pretrain(init_model(RECIPE, tokenizer), tokenizer, config)
-    assert torch.get_num_threads() == threads
-    assert not torch.are_deterministic_algorithms_enabled()
-    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.set_num_threads(2)
+    try:
+        state = torch.random.get_rng_state()
+        config = dataclasses.replace(TINY, steps=2, threads=1)
+        P.pretrain(init_model(RECIPE, tokenizer), tokenizer, config)
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.equal(torch.random.get_rng_state(), state)
+    finally:
+        torch.set_num_threads(threads)
