@@ -19,8 +19,6 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
-    Select,
     create_engine,
     event,
     func,
@@ -43,7 +41,13 @@ from nextstate.proxy.sessions import (
     conversation_key,
     last_assistant_index,
     next_state_kind,
-    next_state_of,
+)
+from nextstate.proxy.store.rows import (
+    export_query,
+    export_row,
+    next_state,
+    same_tenant,
+    turn_row,
 )
 from nextstate.proxy.store.schema import (
     adapters,
@@ -55,13 +59,6 @@ from nextstate.proxy.store.schema import (
     turns,
 )
 
-EXPORT_COLUMNS = (
-    "id", "session_id", "turn_index", "turn_type", "endpoint", "status", "http_status",
-    "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
-    "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
-    "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant", "redacted",
-)
 FEEDBACK_COLUMNS = ("id", "turn_id", "score", "hint", "comment", "source", "created_at")
 
 
@@ -179,8 +176,8 @@ class Store:
                 score=rec.feedback["score"], hint=rec.feedback.get("hint"),
                 tenant=rec.tenant))
         if prev_id is not None and rec.turn_type == "main":
-            self._pair(conn, prev_id, rec.created_at, rec.turn_id, _next_state(conn, prev_id, rec))
-        row = _turn_row(rec, reply, session_id, session)
+            self._pair(conn, prev_id, rec.created_at, rec.turn_id, next_state(conn, prev_id, rec))
+        row = turn_row(rec, reply, session_id, session)
         conn.execute(turns.insert().values(**self._scrubbed(row)))
         self._index_replies(conn, rec, reply)
         self._touch_session(conn, rec, session_id, session)
@@ -224,7 +221,7 @@ class Store:
                 found = conn.execute(
                     select(turns.c.id, turns.c.session_id, turns.c.next_state_status)
                     .join(turn_keys, turn_keys.c.turn_id == turns.c.id)
-                    .where(turn_keys.c.key == key, _same_tenant(rec.tenant))
+                    .where(turn_keys.c.key == key, same_tenant(rec.tenant))
                     .order_by((turns.c.next_state_status == "pending").desc(),
                               turns.c.created_at.desc())
                     .limit(1)
@@ -338,7 +335,7 @@ class Store:
         """Every turn (of one session, with these ids, of one tenant), oldest first, in
         the export format."""
         self.ensure_schema()
-        query = _export_query().order_by(turns.c.created_at, turns.c.turn_index)
+        query = export_query().order_by(turns.c.created_at, turns.c.turn_index)
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
         if tenant is not None:
@@ -350,15 +347,15 @@ class Store:
             for batch in rows.partitions():
                 given = self._feedback_for(conn, [row.id for row in batch])
                 for row in batch:
-                    yield _export_row(row, given.get(row.id, []))
+                    yield export_row(row, given.get(row.id, []))
 
     def turn(self, turn_id: str) -> dict[str, Any] | None:
         self.ensure_schema()
         with self.engine.connect() as conn:
-            row = conn.execute(_export_query().where(turns.c.id == turn_id)).first()
+            row = conn.execute(export_query().where(turns.c.id == turn_id)).first()
             if row is None:
                 return None
-            return _export_row(row, self._feedback_for(conn, [turn_id]).get(turn_id, []))
+            return export_row(row, self._feedback_for(conn, [turn_id]).get(turn_id, []))
 
     def _feedback_for(self, conn: Connection, turn_ids: list[str]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
@@ -458,78 +455,3 @@ class Store:
         self.ensure_schema()
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(turns)).scalar_one())
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value[:256] if isinstance(value, str) else None
-
-
-def _export_query() -> Select[Any]:
-    return select(*(turns.c[name] for name in EXPORT_COLUMNS))
-
-
-def _export_row(row: Row[Any], given: list[Any]) -> dict[str, Any]:
-    # Column names are SQLAlchemy `quoted_name`s; plain str keys serialise anywhere.
-    data = {str(k): v for k, v in row._mapping.items()}
-    data["turn_id"] = data.pop("id")
-    data["feedback"] = given
-    return data
-
-
-def _same_tenant(tenant: str | None) -> Any:
-    return turns.c.tenant.is_(None) if tenant is None else turns.c.tenant == tenant
-
-
-def _turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -> dict[str, Any]:
-    if rec.turn_type != "main" or rec.status != "ok":
-        ns_status = "n/a"
-    elif rec.session_done:
-        ns_status = "none"
-    else:
-        ns_status = "pending"
-    finished = rec.finished_at or rec.created_at
-    response_choices = []
-    for c in reply.choices:
-        kept = {k: v for k, v in c.items() if c["index"] != 0 or k not in ("token_ids", "logprobs")}
-        response_choices.append(kept)
-    return {
-        "id": rec.turn_id,
-        "session_id": session_id,
-        "turn_index": session.turn_count if session is not None else 0,
-        "turn_type": rec.turn_type,
-        "endpoint": rec.endpoint,
-        "status": rec.status,
-        "http_status": rec.http_status,
-        "error": rec.error or reply.error,
-        "model": _text_or_none(rec.request.get("model")),
-        "served_model": reply.served_model,
-        "created_at": rec.created_at,
-        "finished_at": finished,
-        "latency_ms": round((finished - rec.created_at) * 1000, 3),
-        "ttft_ms": rec.ttft_ms,
-        "request": rec.request,
-        "response": {"choices": response_choices, "usage": reply.usage},
-        "prompt_token_ids": reply.prompt_token_ids,
-        "completion_token_ids": reply.first("token_ids"),
-        "logprobs": reply.first("logprobs"),
-        "next_state_status": ns_status,
-        "tenant": rec.tenant,
-    }
-
-
-def _next_state(conn: Connection, prev_id: str, rec: TurnRecord) -> list[dict[str, Any]]:
-    messages = rec.request.get("messages")
-    if rec.endpoint == "chat" and isinstance(messages, list):
-        return next_state_of(messages)
-    prompt = rec.request.get("prompt")
-    prev = conn.execute(select(turns.c.request, turns.c.response)
-                        .where(turns.c.id == prev_id)).first()
-    if not isinstance(prompt, str) or prev is None:
-        return []
-    # Completions: the next state is what the new prompt adds after the previous
-    # prompt and its completion (the whole prompt if it does not extend them).
-    before = str(prev.request.get("prompt", "")) if isinstance(prev.request, dict) else ""
-    choices = (prev.response or {}).get("choices") or [{}]
-    before += str(choices[0].get("text", ""))
-    added = prompt[len(before):] if before and prompt.startswith(before) else prompt
-    return [{"role": "user", "content": added}] if added else []
