@@ -3,9 +3,10 @@ and not, with faults injected, and the books balanced at the end.
 
 load generator -> nextstate proxy -> fake upstream; proxy -> SQLite store.
 Faults: the upstream (standing in for vLLM) is killed and restarted mid-round; the store
-is locked mid-round for longer than the writer waits (records go to the spool). Reported: requests served, errors by cause, records
-written vs requests that reached the proxy (must be equal: every request is recorded,
-served or not), and the proxy's memory over time (must stay flat).
+is locked mid-round for longer than the writer waits (records go to the spool).
+Reported: requests served, errors by cause, records written vs requests that reached the
+proxy (must be equal: every request is recorded, served or not), and the proxy's memory
+over time (must stay flat).
 
     python -m bench.soak [--requests 20000] [--out bench/results/soak.md]
 """
