@@ -64,6 +64,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
     from nextstate.learner.training import TrainingConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if model_dir is None and not no_train:
         from nextstate.learner.toy_model import ensure_toy_model
 

@@ -124,11 +124,14 @@ class TrainingStage:
         """Turns ready to train on, after dropping (or down-weighting) stale ones."""
         cfg = self.config
         rows = self.store.ready_for_training(cfg.trainer.method, 4 * cfg.trainer.batch_turns)
-        current = self.store.current_adapter(self.policy)
-        now = current["version"] if current else 0
+        # How far behind a turn is: this policy's versions published after the one that
+        # served it (version numbers themselves may skip, see `_fresh_name`).
+        published = sorted(a["version"] for a in self.store.adapters(self.policy)
+                           if a["status"] in ("current", "previous", "unloaded"))
         items, stale = [], []
         for row in rows:
-            behind = now - version_of(row["served_model"])
+            served = version_of(row["served_model"])
+            behind = sum(1 for v in published if v > served)
             if behind <= cfg.max_staleness:
                 items.append(to_item(row))
             elif cfg.stale == "downweight":

@@ -136,6 +136,22 @@ def toy_model() -> Path:
     return ensure_toy_model(data_dir())
 
 
+@pytest.fixture(autouse=True)
+def _unload_test_adapters(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests share one vLLM: what one test loaded must not leak into the next."""
+    yield
+    if "vllm" not in request.fixturenames:
+        return
+    import httpx
+
+    server: VLLMProcess = request.getfixturevalue("vllm")
+    with contextlib.suppress(httpx.HTTPError):
+        for model in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]:
+            if "@" in model["id"]:
+                httpx.post(f"{server.url}/v1/unload_lora_adapter",
+                           json={"lora_name": model["id"]}, timeout=30)
+
+
 @pytest.fixture(scope="session")
 def vllm(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
     """One real vLLM server for the whole test session."""

@@ -73,7 +73,10 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
                 break
             time.sleep(1)
         else:
-            raise AssertionError(f"no adapter published: {learner_log.read_text()[-3000:]}")
+            said = [line for line in learner_log.read_text().splitlines()
+                    if " nextstate" in line or "Error" in line]
+            raise AssertionError("no adapter published; the learner said:\n"
+                                 + "\n".join(said[-40:]))
         for url in backends:
             models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
             assert name in models, url
