@@ -1,10 +1,11 @@
 """The request path: relay chat/completions to vLLM and record the turn on the side.
 
 agent -> proxy -> vLLM. Each request gets a small responder object holding its own
-state. Bytes are forwarded as they arrive; the record is filled in alongside and
-handed to the recorder in ``finally`` (proxy -> store), whatever happened. A client that
-disconnects cancels the upstream request (closing the connection makes vLLM abort it)
-and its partial turn is kept, marked ``aborted``.
+state. It goes to the session's vLLM replica (failing over while nothing was sent), with
+the policy's name mapped to its current adapter. Bytes are forwarded as they arrive; the
+record is filled in alongside and handed to the recorder in ``finally`` (proxy -> store),
+whatever happened. A client that disconnects cancels the upstream request (closing the
+connection makes vLLM abort it) and its partial turn is kept, marked ``aborted``.
 """
 
 from __future__ import annotations

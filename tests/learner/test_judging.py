@@ -1,3 +1,5 @@
+"""The judging stage with a fake judge and teacher, on SQLite and PostgreSQL."""
+
 import itertools
 
 import pytest

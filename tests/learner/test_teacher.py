@@ -1,3 +1,5 @@
+"""Teacher prompts and teacher logprobs, against a vLLM-shaped fake."""
+
 import httpx
 import orjson
 import pytest

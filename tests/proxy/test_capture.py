@@ -1,3 +1,5 @@
+"""Token capture: what the proxy adds upstream and strips from replies."""
+
 from nextstate.proxy.capture import Asked, add_capture, is_usage_chunk, strip_response
 
 

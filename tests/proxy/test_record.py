@@ -1,3 +1,5 @@
+"""Assembling a turn's reply from vLLM's JSON or stream chunks."""
+
 from nextstate.proxy.record import TurnRecord, assemble
 
 

@@ -1,3 +1,5 @@
+"""The recorder: queue, spool, replay, deferral and rejection, with a store that fails."""
+
 import asyncio
 import time
 

@@ -1,3 +1,5 @@
+"""Redaction of secrets and personal data before storing."""
+
 from nextstate.proxy.redact import MASK, Redactor
 
 

@@ -1,3 +1,5 @@
+"""Session headers, conversation keys and next states."""
+
 from nextstate.proxy.sessions import (
     conversation_key,
     next_state_kind,

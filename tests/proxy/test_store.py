@@ -1,3 +1,5 @@
+"""The store on SQLite and PostgreSQL: sessions, pairing, retention, redaction."""
+
 import itertools
 
 import pytest
