@@ -164,6 +164,7 @@ def encode(tokenizer: PreTrainedTokenizerFast,
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert isinstance(im_end, int)
     labels = [IGNORE] * len(ids)
     spans = 0
     position = 0

@@ -128,7 +128,7 @@ def test_loss_is_the_mean_over_assistant_tokens_only(tokenizer: Any) -> None:
     logprobs = model(input_ids=ids_B_T).logits[0].log_softmax(-1)
     expected = -sum(logprobs[t - 1, labels[t]] for t in range(1, len(ids))
                     if labels[t] != P.IGNORE)
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
 
 
 def test_lr_warms_up_then_decays_to_the_floor() -> None:
