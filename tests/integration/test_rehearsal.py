@@ -85,7 +85,13 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
                 **ASK, "messages": [{"role": "user", "content": "And now?"}]})
             assert answer.status_code == 200 and answer.json()["model"] == MODEL_NAME
         store = Store(postgres_url)
-        turns = list(store.turns())
+        deadline = time.monotonic() + 30
+        while True:  # records are written off the request path: wait for them
+            turns = list(store.turns())
+            if sum(t["served_model"] == name for t in turns) >= 2 or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         store.close()
         assert sum(t["served_model"] == name for t in turns) >= 2
         sessions = {t["session_id"] for t in turns if t["turn_index"] == 1}
