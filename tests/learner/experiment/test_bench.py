@@ -1,0 +1,58 @@
+"""What the learning benchmark writes: means over seeds, the table beside the paper's
+numbers, the plot (runs -> results.json / results.md / PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nextstate.learner.experiment.bench import PAPER, markdown_table
+from nextstate.learner.experiment.plot import plot_curves
+from nextstate.learner.experiment.run import MethodRun, summarise
+
+
+def runs() -> list[MethodRun]:
+    return [MethodRun("combined", 0, scores=[0.2, 0.5, 0.9], seconds=60),
+            MethodRun("combined", 1, scores=[0.3, 0.4, 0.7], seconds=30),
+            MethodRun("binary", 0, scores=[0.2, 0.2, 0.3], seconds=45),
+            MethodRun("binary", 1, scores=[0.3, 0.2, 0.2], seconds=45)]
+
+
+def results(seeds: int = 2) -> dict[str, Any]:
+    chosen = [r for r in runs() if r.seed < seeds]
+    return {"persona": "student", "seeds": list(range(seeds)), "methods": summarise(chosen),
+            "paper": PAPER}
+
+
+def test_summarise_takes_mean_and_spread_per_step_over_seeds() -> None:
+    summary = summarise(runs())
+    assert list(summary) == ["combined", "binary"]
+    assert summary["combined"]["mean"] == pytest.approx([0.25, 0.45, 0.8])
+    assert summary["combined"]["min"] == [0.2, 0.4, 0.7]
+    assert summary["combined"]["max"] == [0.3, 0.5, 0.9]
+    assert summary["combined"]["seconds"] == 90
+    assert [s["seed"] for s in summary["binary"]["seeds"]] == [0, 1]
+
+
+def test_the_table_has_a_row_per_method_with_the_papers_numbers_beside() -> None:
+    table = markdown_table(results()).splitlines()
+    assert table[0] == "| method | step 0 | step 2 | paper | time |"
+    assert table[2] == ("| combined | 0.25 (0.20-0.30) | 0.80 (0.70-0.90) | "
+                        "0.17 @0, 0.76 @8, 0.81 @16 | 1.5 min |")
+    assert table[3].startswith("| binary | 0.25 (0.20-0.30) | 0.25 (0.20-0.30) | 0.25 @8 |")
+
+
+def test_one_seed_has_no_spread_and_long_runs_mark_steps_4_and_8() -> None:
+    long = MethodRun("opd", 0, scores=[i / 16 for i in range(17)], seconds=120)
+    table = markdown_table({"seeds": [0], "methods": summarise([long]), "paper": PAPER})
+    head, _, row = table.splitlines()
+    assert head == "| method | step 0 | step 4 | step 8 | step 16 | paper | time |"
+    assert row == "| opd | 0.00 | 0.25 | 0.50 | 1.00 | 0.25 @8, 0.72 @16 | 2.0 min |"
+
+
+def test_the_plot_is_a_png(tmp_path: Path) -> None:
+    path = plot_curves(results(), tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000  # axes, two curves, the paper's marks
