@@ -52,6 +52,7 @@ from nextstate.proxy.relay import (
 from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
+from nextstate.proxy.transport import UpstreamTransport
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
 # Endpoints that change the server; never reachable through the proxy.
@@ -172,7 +173,8 @@ async def learner_status(request: Request) -> Response:
     except Exception as exc:
         raise StoreUnavailable(f"the store cannot be read ({type(exc).__name__})") from exc
     body = {"object": "nextstate.learner_status", "policy": deps.settings.policy,
-            "serving": deps.router.current, "learner": status}
+            "serving": deps.router.current, "serving_personal": deps.router.personal,
+            "learner": status}
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -202,11 +204,12 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
         def make_client(url: str) -> httpx.AsyncClient:
+            # One pool of keep-alive connections per backend (proxy/transport.py).
             return httpx.AsyncClient(
-                base_url=url, transport=transport,
+                base_url=url,
+                transport=transport or UpstreamTransport(max_idle=256, keepalive_expiry=5.0),
                 timeout=httpx.Timeout(settings.upstream_timeout,
-                                      connect=settings.upstream_connect_timeout),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+                                      connect=settings.upstream_connect_timeout))
 
         backends = BackendPool(settings.backend_urls(), make_client)
         store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout,

@@ -29,6 +29,10 @@ class Backend:
         self.client = client
         self.healthy = True
         self.adapter: str | None = None  # the policy adapter it is known to have loaded
+        self.personal: set[str] = set()  # users' personal adapters it is known to have
+
+    def has(self, adapter: str) -> bool:
+        return adapter == self.adapter or adapter in self.personal
 
     def serving(self, adapter: str | None) -> bool:
         """Up, and holding ``adapter`` (the policy's current one; None: no adapter)."""
@@ -60,13 +64,18 @@ class BackendPool:
             log.warning("backend %s is unreachable; failing over", backend.url)
         backend.healthy = False
 
-    async def ensure_adapter(self, backend: Backend, router: Router) -> None:
-        """Make sure ``backend`` has the policy's current adapter (loading it if vLLM lost
-        it), and remember that it does."""
+    async def ensure_adapter(self, backend: Backend, router: Router,
+                             adapter: str | None = None) -> None:
+        """Make sure ``backend`` has the policy's current adapter, and ``adapter`` (a
+        user's own) when given, loading what vLLM lost; remember that it does."""
         current = router.current
         if current is not None and backend.adapter != current and await router.check_loaded(
                 backend.client):
             backend.adapter = current
+        if adapter is not None and not backend.has(adapter) and await router.check_loaded(
+                backend.client, adapter):
+            backend.personal &= set(router.personal.values())  # forget retired versions
+            backend.personal.add(adapter)
 
     async def watch(self, router: Router, interval: float) -> None:
         """Health-check every backend and make sure each has the current adapter
@@ -82,7 +91,8 @@ class BackendPool:
         except httpx.HTTPError:
             up = False
         if not up:
-            backend.adapter = None  # a restart will have lost it
+            backend.adapter = None  # a restart will have lost them
+            backend.personal.clear()
         else:
             try:
                 # A recovered backend is only taken back once it has the adapter.

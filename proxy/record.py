@@ -37,6 +37,7 @@ class TurnRecord:
     finished_at: float | None = None
     ttft_ms: float | None = None
     tenant: str | None = None
+    user: str | None = None  # whose turn: X-NextState-User within the tenant, else the tenant
     # Opt-in feedback sent with this request about the session's previous turn (or the
     # turn named by X-NextState-Feedback-For).
     feedback: dict[str, Any] | None = None

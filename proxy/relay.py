@@ -30,7 +30,7 @@ from nextstate.proxy.errors import (
     RequestTimeout,
 )
 from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.sessions import SessionMeta, read_session_meta
+from nextstate.proxy.sessions import SessionMeta, owner, read_session_meta
 from nextstate.proxy.types import Headers, Receive, Scope, Send
 
 TURN_ID_HEADER = b"x-nextstate-turn-id"
@@ -171,20 +171,23 @@ class _Turn:
         self.deps = deps
         self.started = time.time()
         self.recording = deps.settings.record and meta.record
+        user = owner(meta.user, tenant)
         self.record: TurnRecord | None = None
         self.asked: Asked | None = None
         if self.recording:
             self.record = TurnRecord(
                 turn_id=uuid.uuid4().hex, endpoint=endpoint, created_at=self.started,
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
-                session_done=meta.done, tenant=tenant, feedback=meta.feedback)
+                session_done=meta.done, tenant=tenant, user=user, feedback=meta.feedback)
             self.asked = add_capture(body, endpoint)
-        # The policy's name goes to its current adapter version; the reply comes back
-        # under the name the client used.
+        # The policy's name goes to its current adapter version (the user's own, if they
+        # have one); the reply comes back under the name the client used.
         self.rename: str | None = None
-        routed = deps.router.route(body.get("model"))
+        self.adapter: str | None = None  # the adapter a backend must have for this request
+        routed = deps.router.route(body.get("model"), user)
         if routed is not None and routed != body.get("model"):
             self.rename, body["model"] = body["model"], routed
+            self.adapter = routed if routed != deps.router.base_model else None
         self.transform = self.record is not None or self.rename is not None
         # Which replica: the session's, else the conversation's opening (same prefix,
         # same replica, so vLLM's prefix cache is reused).
@@ -233,16 +236,17 @@ class _Turn:
         """Send upstream: to this session's replica, failing over to the next while
         nothing was sent (connection refused)."""
         pool = self.deps.backends
-        adapter = self.deps.router.current if self.rename is not None else None
-        candidates = (pool.ranked(self.affinity, adapter) if len(pool.backends) > 1
+        adapter = self.adapter
+        shared = self.deps.router.current if adapter is not None else None
+        candidates = (pool.ranked(self.affinity, shared) if len(pool.backends) > 1
                       else pool.backends)
         for i, backend in enumerate(candidates):
             client = backend.client
             try:
-                if adapter is not None and backend.adapter != adapter:
+                if adapter is not None and not backend.has(adapter):
                     # Not known to have it (a restart, a new version): check, load if
                     # missing, before the policy request goes there.
-                    await pool.ensure_adapter(backend, self.deps.router)
+                    await pool.ensure_adapter(backend, self.deps.router, adapter)
                 response = await client.send(client.build_request(
                     "POST", self.path, content=self.payload, headers=self.headers),
                     stream=True)
@@ -254,7 +258,7 @@ class _Turn:
             if response.status_code == 404 and self.rename is not None:
                 # vLLM restarted between two checks and forgot the adapter: load, retry.
                 await response.aclose()
-                await self.deps.router.check_loaded(client)
+                await self.deps.router.check_loaded(client, adapter)
                 response = await client.send(client.build_request(
                     "POST", self.path, content=self.payload, headers=self.headers),
                     stream=True)

@@ -8,12 +8,19 @@ model's own name unless told otherwise. The current version is read from the sto
 the learner marks a version current only after vLLM has loaded it, so the switch never
 sends a request to an adapter that is not there, and requests already running finish on
 the old one.
+
+Personal adapters: when the learner trains a user their own adapter (its policy is
+``<policy>~<user>``, versioned like the shared one), that user's requests for the policy
+go to it; everyone else, and a user without one yet, gets the shared adapter. vLLM
+serves them all side by side on one base model (multi-LoRA).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 
 import httpx
 
@@ -21,16 +28,28 @@ from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.router")
 BASE_SUFFIX = "@base"
+PERSONAL = "~"  # <policy>~<user>: the policy of one user's own adapter
+# User ids that can name an adapter and its directory as they are; others are hashed.
+_PLAIN_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def personal_policy(policy: str, user: str) -> str:
+    """The policy name of ``user``'s own adapter (adapter versions are
+    ``<policy>~<user>@000007``); a user id unfit for a file name is replaced by its hash."""
+    if not _PLAIN_USER.fullmatch(user):
+        user = "u-" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
+    return f"{policy}{PERSONAL}{user}"
 
 
 class Router:
-    """The policy's current adapter (followed from the store), and a way to make sure a
-    vLLM has it loaded.
+    """The policy's current adapter, and each user's personal one (followed from the
+    store), and a way to make sure a vLLM has them loaded.
 
     vLLM forgets runtime-loaded adapters when it restarts: `check_loaded` looks at a
-    backend's model list and loads the current adapter again (from its directory,
-    recorded in the store) when it is missing; the backend pool asks it for every
-    backend it health-checks, and the relay when vLLM answers 404 for the adapter.
+    backend's model list and loads an adapter again (from its directory, recorded in the
+    store) when it is missing; the backend pool asks it for every backend it
+    health-checks and before a request goes to an adapter a backend is not known to
+    have, and the relay when vLLM answers 404 for the adapter.
     """
 
     def __init__(self, policy: str | None, base_model: str | None = None) -> None:
@@ -38,41 +57,65 @@ class Router:
         self.base_model = base_model or policy
         self.current: str | None = None  # the adapter version serving the policy
         self.path: str | None = None
+        self.personal: dict[str, str] = {}  # personal policy -> its current adapter
+        self.paths: dict[str, str] = {}  # every current adapter -> its directory
 
-    def route(self, model: object) -> str | None:
-        """The upstream model name for ``model``, or None to leave it as it is."""
+    def route(self, model: object, user: str | None = None) -> str | None:
+        """The upstream model name for ``model`` asked by ``user``, or None to leave it
+        as it is."""
         if self.policy is None or not isinstance(model, str):
             return None
         if model == self.policy:
+            if user is not None and self.personal:
+                mine = self.personal.get(personal_policy(self.policy, user))
+                if mine is not None:
+                    return mine
             return self.current or self.base_model
         if model == self.policy + BASE_SUFFIX:
             return self.base_model
         return None
 
+    def update(self, found: dict[str, tuple[str, str]]) -> None:
+        """Take the store's current adapters: {policy: (name, directory)} for the policy
+        and its personal policies."""
+        name, path = found.get(self.policy or "", (None, None))
+        if name != self.current:
+            log.info("policy %s now served by %s", self.policy, name or "the base")
+            self.current, self.path = name, path
+        personal = {p: n for p, (n, _) in found.items() if p != self.policy}
+        if personal != self.personal:
+            log.info("%d users have a personal adapter", len(personal))
+            self.personal = personal
+        self.paths = {n: p for n, p in found.values()}
+
     async def follow(self, store: Store, interval: float) -> None:
-        """Keep in step with the store (runs for the app's lifetime)."""
+        """Keep in step with the store (runs for the app's lifetime): one query a poll,
+        however many personal adapters there are."""
         while True:
             try:
-                found = await asyncio.to_thread(store.current_adapter, self.policy or "")
-                name, path = found if found is not None else (None, None)
-                if name != self.current:
-                    log.info("policy %s now served by %s", self.policy, name or "the base")
-                    self.current, self.path = name, path
+                self.update(await asyncio.to_thread(store.current_adapters,
+                                                    self.policy or ""))
             except Exception as exc:  # the store is away: keep serving what we have
-                log.debug("could not read the current adapter: %s", exc)
+                log.debug("could not read the current adapters: %s", exc)
             await asyncio.sleep(interval)
 
-    async def check_loaded(self, client: httpx.AsyncClient) -> bool:
-        """Does this backend have the current adapter? Loads it if vLLM lost it."""
-        if self.current is None:
+    async def check_loaded(self, client: httpx.AsyncClient, adapter: str | None = None,
+                           ) -> bool:
+        """Does this backend have ``adapter`` (default: the policy's current one)?
+        Loads it if vLLM lost it."""
+        name = adapter or self.current
+        if name is None:
             return True
         answer = await client.get("/v1/models", timeout=5.0)
         if answer.status_code != 200:
             return False
-        if self.current in {m.get("id") for m in answer.json().get("data", [])}:
+        if name in {m.get("id") for m in answer.json().get("data", [])}:
             return True
+        path = self.paths.get(name)
+        if path is None:  # no longer current: nothing to load it from
+            return False
         log.warning("vLLM at %s lost %s (restarted?): loading it again", client.base_url,
-                    self.current)
+                    name)
         loaded = await client.post("/v1/load_lora_adapter", timeout=120.0, json={
-            "lora_name": self.current, "lora_path": self.path})
+            "lora_name": name, "lora_path": path})
         return loaded.status_code == 200 or "already" in loaded.text

@@ -28,6 +28,8 @@ RECORD_HEADER = "x-nextstate-record"
 FEEDBACK_HEADER = "x-nextstate-feedback"
 HINT_HEADER = "x-nextstate-hint"
 FEEDBACK_FOR_HEADER = "x-nextstate-feedback-for"
+USER_HEADER = "x-nextstate-user"  # whose turn this is (for personal adapters)
+MAX_USER_LENGTH = 128
 # Body fields with the same meaning as the headers; removed before forwarding.
 BODY_FIELDS = ("session_id", "turn_type", "session_done")
 
@@ -44,6 +46,16 @@ class SessionMeta:
     record: bool = True
     # Opt-in feedback about the previous turn (or the turn named by Feedback-For).
     feedback: dict[str, Any] | None = None
+    user: str | None = None  # X-NextState-User, as sent
+
+
+def owner(user: str | None, tenant: str | None) -> str | None:
+    """Who a turn belongs to: the user the client names, within its API key's tenant
+    (``team-a:alice``, so that one tenant can never name another's user), else the
+    tenant itself, else nobody."""
+    if user and tenant:
+        return f"{tenant}:{user}"
+    return user or tenant
 
 
 def parse_score(value: object) -> int:
@@ -73,12 +85,16 @@ def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> Sessi
                     "turn_id": headers.get(FEEDBACK_FOR_HEADER) or None}
     elif HINT_HEADER in headers:
         raise ValueError(f"{HINT_HEADER} needs {FEEDBACK_HEADER} (+1, 0 or -1) beside it")
+    user = headers.get(USER_HEADER, "").strip() or None
+    if user is not None and len(user) > MAX_USER_LENGTH:
+        raise ValueError(f"{USER_HEADER} is at most {MAX_USER_LENGTH} characters")
     return SessionMeta(
         session_id=str(session_id) if session_id else None,
         turn_type="side" if turn_type.strip().lower() == "side" else "main",
         done=done_flag,
         record=record,
         feedback=feedback,
+        user=user,
     )
 
 

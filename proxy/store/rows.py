@@ -19,7 +19,7 @@ EXPORT_COLUMNS = (
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant", "redacted",
+    "tenant", "user", "redacted",
 )
 
 
@@ -77,6 +77,7 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "logprobs": reply.first("logprobs"),
         "next_state_status": ns_status,
         "tenant": rec.tenant,
+        "user": rec.user,
     }
 
 

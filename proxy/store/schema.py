@@ -10,6 +10,9 @@ The learner's tables live here too, so that the proxy can route to and report on
 it publishes: ``judgments`` (one per judged turn: score, votes, hints, teacher logprobs,
 and the adapter version that learned from it), ``adapters`` (every version the learner
 made, and which one is current) and ``learner_status``.
+
+A store created by an older nextstate gets the columns added since (all nullable) when
+it is opened: `add_missing_columns`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    Engine,
     Float,
     Index,
     Integer,
@@ -25,7 +29,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
+    text,
 )
+from sqlalchemy.schema import CreateColumn
 
 metadata = MetaData()
 
@@ -74,6 +81,9 @@ turns = Table(
     Column("next_state_at", Float),
     Column("next_turn_id", String(64)),
     Column("tenant", String(128)),
+    # Whose turn it is (X-NextState-User within the tenant, else the tenant): a user's
+    # turns train their personal adapter, when the learner makes personal adapters.
+    Column("user", String(300)),
     # Secrets or personal data were scrubbed from this turn; its token ids are dropped.
     Column("redacted", Boolean, nullable=False, default=False),
     Index("ix_turns_session", "session_id", "turn_index"),
@@ -153,3 +163,23 @@ learner_status = Table(
     Column("updated_at", Float, nullable=False),
     Column("status", JSON, nullable=False),
 )
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns a database created by an older nextstate lacks (ALTER TABLE ...
+    ADD COLUMN, the same on SQLite and PostgreSQL). Every column added after the first
+    release is nullable, so old rows simply read as NULL. Returns what was added."""
+    tables = inspect(engine)
+    preparer = engine.dialect.identifier_preparer
+    added = []
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in tables.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                assert column.nullable, f"{table.name}.{column.name} must be nullable"
+                ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {ddl}"))
+                added.append(f"{table.name}.{column.name}")
+    return added

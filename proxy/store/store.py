@@ -51,6 +51,7 @@ from nextstate.proxy.store.rows import (
 )
 from nextstate.proxy.store.schema import (
     adapters,
+    add_missing_columns,
     feedback,
     learner_status,
     metadata,
@@ -107,6 +108,7 @@ class Store:
             for attempt in range(5):
                 try:
                     metadata.create_all(self.engine)
+                    add_missing_columns(self.engine)  # a store made by an older version
                     break
                 except DBAPIError:
                     # Another process (or Store) created them between our check and our
@@ -384,6 +386,17 @@ class Store:
             row = conn.execute(select(adapters.c.name, adapters.c.path).where(
                 adapters.c.policy == policy, adapters.c.status == "current")).first()
         return (row.name, row.path) if row is not None else None
+
+    def current_adapters(self, policy: str) -> dict[str, tuple[str, str]]:
+        """The current version of ``policy`` and of each of its personal policies
+        (``<policy>~<user>``), in one query: {policy: (name, directory)}."""
+        self.ensure_schema()
+        personal = adapters.c.policy.startswith(f"{policy}~", autoescape=True)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(adapters.c.policy, adapters.c.name, adapters.c.path)
+                                .where(adapters.c.status == "current",
+                                       (adapters.c.policy == policy) | personal))
+            return {row.policy: (row.name, row.path) for row in rows}
 
     def learner_status(self) -> dict[str, Any] | None:
         """What the learner last reported, and when."""

@@ -59,3 +59,14 @@ def test_next_state_without_history_is_the_new_user_message():
     state = next_state_of([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
     assert state == [{"role": "user", "content": "u"}]
     assert next_state_kind(state) == "user"
+
+
+def test_a_turn_belongs_to_the_named_user_within_its_tenant():
+    from nextstate.proxy.sessions import owner, read_session_meta
+
+    assert read_session_meta({"x-nextstate-user": " alice "}, {}).user == "alice"
+    assert read_session_meta({}, {}).user is None
+    assert owner("alice", None) == "alice"
+    assert owner("alice", "team-a") == "team-a:alice"
+    assert owner(None, "team-a") == "team-a"
+    assert owner(None, None) is None

@@ -164,3 +164,40 @@ def test_forget_by_age_and_by_tenant(store):
     assert store.forget(older_than=500.0) == 1
     assert store.forget(tenant="alice") == 1
     assert [t["turn_id"] for t in store.turns()] == [new.turn_id]
+
+
+def test_a_store_made_before_the_user_column_gets_it_when_opened(store_url):
+    from sqlalchemy import text
+
+    old = Store(store_url)
+    before = chat_turn([{"role": "user", "content": "old"}], "r")
+    old.write([before])
+    with old.engine.begin() as conn:  # as an older nextstate created it
+        conn.execute(text('ALTER TABLE turns DROP COLUMN "user"'))
+    old.close()
+    reopened = Store(store_url)
+    after = chat_turn([{"role": "user", "content": "new"}], "r")
+    after.user = "alice"
+    reopened.write([after])
+    rows = {t["turn_id"]: t["user"] for t in reopened.turns()}
+    reopened.close()
+    assert rows == {before.turn_id: None, after.turn_id: "alice"}
+
+
+def test_current_adapters_of_a_policy_and_its_users_in_one_query(store):
+    from nextstate.proxy.store.schema import adapters
+
+    rows = [(1, "p@000001", "p", "previous"), (2, "p@000002", "p", "current"),
+            (3, "p~alice@000003", "p~alice", "current"), (4, "p~bob@000004", "p~bob", "failed"),
+            (5, "p_x~carol@000005", "p_x~carol", "current"),
+            (6, "pyx~dave@000006", "pyx~dave", "current"), (7, "q@000007", "q", "current")]
+    store.ensure_schema()
+    with store.engine.begin() as conn:
+        conn.execute(adapters.insert(), [
+            {"version": v, "name": n, "policy": p, "status": s, "path": f"/a/{n}",
+             "created_at": 0.0} for v, n, p, s in rows])
+    assert store.current_adapters("p") == {"p": ("p@000002", "/a/p@000002"),
+                                           "p~alice": ("p~alice@000003", "/a/p~alice@000003")}
+    assert store.current_adapters("p_x") == {  # `_` is no wildcard
+        "p_x~carol": ("p_x~carol@000005", "/a/p_x~carol@000005")}
+    assert store.current_adapters("nobody") == {}
