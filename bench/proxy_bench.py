@@ -38,7 +38,6 @@ from bench.loadgen import LoadResult, LoadSpec, Request, percentile, run_load
 from bench.report import (
     BEFORE,
     DIRECT,
-    LEAN,
     LITELLM,
     NEXTSTATE,
     Run,
@@ -116,7 +115,7 @@ async def measure(target: Target, stream: bool, conc: int, rnd: int, args: argpa
                   ) -> Run:
     payload = body(stream)
     await run_load(target.request(payload), LoadSpec(conc, args.warmup))
-    nextstate = target.name in (NEXTSTATE, BEFORE, LEAN)
+    nextstate = target.name in (NEXTSTATE, BEFORE)
     async with httpx.AsyncClient(timeout=10) as client:
         if nextstate:
             await _drain(client, target.server.url)
@@ -246,8 +245,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[1, 8, 32])
     parser.add_argument("--soak", type=float, default=60.0, help="seconds; 0 to skip")
     parser.add_argument("--no-litellm", action="store_true")
-    parser.add_argument("--lean", action="store_true",
-                        help=f"also measure '{LEAN}': the proxy on bench/lean_transport.py")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a folder with a copy of nextstate/proxy taken before a change: "
                              f"measured too, as '{BEFORE}'")
@@ -272,8 +269,6 @@ def fake_session(work: Path, args: argparse.Namespace,
         wanted: list[tuple[str, dict[str, Any]]] = [(NEXTSTATE, {})]
         if args.baseline is not None:
             wanted.append((BEFORE, {"name": BEFORE, "source": args.baseline}))
-        if args.lean:
-            wanted.append((LEAN, {"name": LEAN, "lean": True}))
         for name, options in wanted:
             port = free_port()
             servers.append(start_nextstate(upstream.url, port, SERVER_CORE, work, **options))

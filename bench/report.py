@@ -16,7 +16,6 @@ from typing import Any
 
 DIRECT, NEXTSTATE, LITELLM = "direct", "nextstate", "litellm"
 BEFORE = "nextstate-before"  # the proxy as it was before a change (--baseline)
-LEAN = "nextstate-lean"  # the proxy on the prototype transport (--lean)
 
 
 @dataclass
@@ -92,7 +91,7 @@ def scenario_table(runs: list[Run]) -> str:
 
 
 def _order(target: str) -> int:
-    return {DIRECT: 0, BEFORE: 1, NEXTSTATE: 2, LEAN: 3, LITELLM: 4}.get(target, 5)
+    return {DIRECT: 0, BEFORE: 1, NEXTSTATE: 2, LITELLM: 3}.get(target, 4)
 
 
 def _added(runs: list[Run], target: str, stream: bool, conc: int, metric: str) -> float:

@@ -161,17 +161,15 @@ def start_fake_upstream(port: int, core: int | None, workdir: Path) -> Server:
 
 def start_nextstate(backend: str, port: int, core: int | None, workdir: Path,
                     extra: tuple[str, ...] = (), name: str = "nextstate",
-                    source: Path | None = None, lean: bool = False) -> Server:
+                    source: Path | None = None) -> Server:
     """``nextstate serve`` with recording on, to a fresh SQLite store in ``workdir``.
 
     ``source``: a folder holding another ``nextstate/proxy`` (a copy taken before a
-    change) to run instead of the installed one, for before/after comparisons; ``lean``:
-    with the prototype transport of `bench.lean_transport` under its HTTP client."""
+    change) to run instead of the installed one, for before/after comparisons."""
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
-    launcher = (["-m", "bench.lean_transport"] if lean else
-                ["-c", "from nextstate.proxy.cli import main; main()"])
-    command = [sys.executable, *launcher, "serve", "--backend", backend, "--port", str(port),
+    command = [sys.executable, "-c", "from nextstate.proxy.cli import main; main()", "serve",
+               "--backend", backend, "--port", str(port),
                "--store", f"sqlite:///{home / 'store.db'}", *extra]
     env = {"NEXTSTATE_HOME": str(home)}
     if source is not None:

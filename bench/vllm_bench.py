@@ -28,7 +28,7 @@ import httpx
 
 from bench.fake_upstream import run
 from bench.loadgen import LoadResult, LoadSpec, Request, percentile, run_load
-from bench.report import DIRECT, LEAN, LITELLM, NEXTSTATE, Run, ratio_table, scenario_table
+from bench.report import DIRECT, LITELLM, NEXTSTATE, Run, ratio_table, scenario_table
 from bench.servers import API_KEY, Server, start_litellm, start_nextstate
 from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
 
@@ -164,11 +164,6 @@ def end_to_end(work: Path, args: argparse.Namespace) -> str:
             servers.append(start_nextstate(vllm.url, port, 0, work, name="nextstate-vllm"))
             targets: list[tuple[str, int, Server | None]] = [
                 (DIRECT, vllm.port, None), (NEXTSTATE, port, servers[-1])]
-            if args.lean:
-                port = free_port()
-                servers.append(start_nextstate(vllm.url, port, 0, work, name="lean-vllm",
-                                               lean=True))
-                targets.append((LEAN, port, servers[-1]))
             if not args.no_litellm:
                 port = free_port()
                 servers.append(start_litellm(vllm.url, port, 0, work, model=TOY))
