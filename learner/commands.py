@@ -51,11 +51,15 @@ _store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
               help="Default: 1e-3 for models under 100M parameters, else 2e-5.")
 @click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
               show_default=True, help="Whose logprobs teach under a hint.")
+@click.option("--personal-after", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Personal adapters: a user (X-NextState-User, or the API key's tenant) "
+              "with N judged turns gets their own adapter, trained on their turns from then "
+              "on. Default: one adapter for everyone.")
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
 def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no_train: bool,
           store: str | None, judge: str, judge_model: str | None, judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
-          once: bool) -> None:
+          personal_after: int | None, once: bool) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
     from dataclasses import replace
 
@@ -77,7 +81,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         base_model=base_model, model_dir=None if no_train else model_dir,
         adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
         judge_api_base=judge_api_base, teacher=teacher,
-        training=TrainingConfig(trainer=trainer))
+        training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after))
 
     async def go() -> None:
         learner = Learner(config)
@@ -121,6 +125,7 @@ def render_status(report: dict[str, Any]) -> str:
         f"serving   {adapter['name'] if adapter else 'the base model'}"
         + (f", published {_when(adapter['published_at'])}" if adapter else ""),
         f"next step [{bar}] {ready}/{batch} ready turns",
+        *_personal_lines(report),
         "",
         "turns     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()),
         "rewards   " + "  ".join(f"{k}: {v}" for k, v in (rewards.get("scores") or {}).items())
@@ -140,6 +145,17 @@ def render_status(report: dict[str, Any]) -> str:
     if errors:
         lines += ["", "recent errors:", *(f"  {e}" for e in errors[-5:])]
     return "\n".join(lines)
+
+
+def _personal_lines(report: dict[str, Any]) -> list[str]:
+    after = report.get("personal_after")
+    if after is None:
+        return []
+    personal = report.get("personal") or {}
+    names = ", ".join(f"{user} ({name})" for user, name in sorted(personal.items())[:5])
+    more = f" and {len(personal) - 5} more" if len(personal) > 5 else ""
+    return [f"personal  {len(personal)} users with their own adapter (after {after} judged "
+            f"turns){': ' + names + more if personal else ''}"]
 
 
 def _when(timestamp: float | None) -> str:

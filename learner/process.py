@@ -21,6 +21,7 @@ from typing import Any
 
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
+from nextstate.learner.personal import personal_adapters
 from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.teacher import Teacher
@@ -156,6 +157,8 @@ class Learner:
             "rewards": self.store.reward_stats(),
             "adapter": {"name": current["name"], "version": current["version"],
                         "published_at": current["published_at"]} if current else None,
+            "personal_after": self.config.training.personal_min_turns,
+            "personal": personal_adapters(self.store, self.policy),
             "steps": self.training.history if self.training else [],
             "backends": self.backends,
             "totals": asdict(self.totals),

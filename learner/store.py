@@ -137,10 +137,13 @@ class LearnerStore:
 
     # -- training and publishing ------------------------------------------------------------
 
-    def ready_for_training(self, method: str, limit: int) -> list[dict[str, Any]]:
+    def ready_for_training(self, method: str, limit: int, *, user: str | None = None,
+                           personal_after: int | None = None) -> list[dict[str, Any]]:
         """Judged, not yet trained turns that carry a signal for ``method``, oldest first,
         with what the trainer needs (token ids, sampler logprobs, signals, the version
-        that served them, the episode's outcome)."""
+        that served them, the episode's outcome). Only ``user``'s turns when given;
+        with ``personal_after``, only turns of users who have no personal adapter (see
+        `personal_users`)."""
         query = (
             select(turns.c.id, turns.c.prompt_token_ids, turns.c.completion_token_ids,
                    turns.c.logprobs, turns.c.served_model, turns.c.session_id,
@@ -152,8 +155,27 @@ class LearnerStore:
             .order_by(turns.c.created_at)
             .limit(limit)
         )
+        if user is not None:
+            query = query.where(turns.c.user == user)
+        elif personal_after is not None:
+            query = query.where(or_(turns.c.user.is_(None), turns.c.user.not_in(
+                _personal_users(method, personal_after))))
         with self._connect() as conn:
             return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
+
+    def personal_users(self, method: str, min_turns: int) -> list[str]:
+        """Users with at least ``min_turns`` judged turns carrying a signal for
+        ``method`` (trained or not): from then on their turns train their own adapter."""
+        with self._connect() as conn:
+            return sorted(row.user for row in conn.execute(_personal_users(method, min_turns)))
+
+    def ready_by_user(self, method: str) -> dict[str | None, int]:
+        """How many turns are ready to train on, per user (None: turns of nobody)."""
+        query = (select(turns.c.user, func.count().label("n"))
+                 .join(judgments, judgments.c.turn_id == turns.c.id)
+                 .where(*_ready_for(method)).group_by(turns.c.user))
+        with self._connect() as conn:
+            return {row.user: int(row.n) for row in conn.execute(query)}
 
     def skip(self, turn_ids: Sequence[str], reason: str) -> None:
         """Turns that will never be trained on (too stale, refused by the gate)."""
@@ -238,14 +260,25 @@ def _has_teacher() -> Any:
     return and_(column.is_not(None), column.cast(String).not_in(("[]", "null")))
 
 
-def _ready_for(method: str) -> tuple[Any, ...]:
-    """Judged, untrained, and carrying the signal ``method`` trains on."""
+def _signal(method: str) -> Any:
+    """A judged turn carries the signal ``method`` trains on."""
     has_reward = or_(judgments.c.score.in_((1, -1)), judgments.c.turn_id.in_(
         select(turns.c.id).join(sessions, sessions.c.id == turns.c.session_id)
         .where(sessions.c.outcome.is_not(None))))
-    signal = {"binary": has_reward, "opd": _has_teacher()}.get(
+    return {"binary": has_reward, "opd": _has_teacher()}.get(
         method, or_(has_reward, _has_teacher()))
+
+
+def _ready_for(method: str) -> tuple[Any, ...]:
+    """Judged, untrained, and carrying the signal ``method`` trains on."""
     # Redacted turns have no token ids: nothing to train on.
     has_tokens = judgments.c.turn_id.in_(select(turns.c.id).where(turns.c.redacted.is_(False)))
-    return (judgments.c.status == "ok", judgments.c.trained_version.is_(None), signal,
-            has_tokens)
+    return (judgments.c.status == "ok", judgments.c.trained_version.is_(None),
+            _signal(method), has_tokens)
+
+
+def _personal_users(method: str, min_turns: int) -> Any:
+    """The users with ``min_turns`` judged turns that carry a signal (a query)."""
+    return (select(turns.c.user).join(judgments, judgments.c.turn_id == turns.c.id)
+            .where(turns.c.user.is_not(None), judgments.c.status == "ok", _signal(method))
+            .group_by(turns.c.user).having(func.count() >= min_turns))

@@ -275,6 +275,28 @@ class Trainer:
             (directory / "step.json").write_text(json.dumps(asdict(stats)))
         return directory
 
+    def load(self, directory: Path) -> None:
+        """Put an adapter written by `save` into this trainer: its weights, and its
+        optimizer state (a fresh one if it has none). One trainer can so train many
+        adapters in turn (personal adapters) with one copy of the base model."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        if saved.get("r") != self.config.lora_rank:
+            raise ValueError(f"{directory.name} has LoRA rank {saved.get('r')}, the trainer "
+                             f"{self.config.lora_rank}: train a new policy or set the rank")
+        weights = load_file(directory / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if result.unexpected_keys:
+            raise ValueError(f"{directory.name} does not fit the trainer's adapter: "
+                             f"{result.unexpected_keys[:3]}")
+        state = directory / "optimizer.pt"
+        if state.exists():
+            self.optimizer.load_state_dict(torch.load(state, map_location=self.device))
+        else:
+            self.optimizer.state.clear()
+
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The trainable weights and optimizer state, to undo a step the gate refuses."""
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()

@@ -7,6 +7,11 @@ batch, as KL), is written to a new immutable directory, loaded into vLLM under a
 name, and only then made current in the store, in the same transaction that marks its
 turns trained. If anything fails before that, the trainer is put back as it was and the
 turns stay untrained: nothing is trained twice, nothing is lost.
+
+With personal adapters (`personal`), each user past ``personal_min_turns`` is a lane of
+its own; a step trains the lane with the most turns waiting. One trainer serves every
+lane: before a step it loads that lane's current adapter (weights and optimizer state)
+from its directory, so memory stays one base model and one adapter however many users.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nextstate.learner.personal import Lane, full_lanes, owns
 from nextstate.learner.publish import (
     PublishError,
     VLLMAdmin,
@@ -42,8 +48,11 @@ class TrainingConfig:
     stale: Literal["drop", "downweight"] = "drop"
     gate: bool = True
     gate_max_kl: float = 1.0  # nats per token on the step's own batch
-    keep: int = 5  # adapter directories kept on disk (loaded ones are never deleted)
+    keep: int = 5  # adapter directories kept per policy (loaded ones are never deleted)
     unload_grace: float = 120.0  # seconds an old version stays loaded for in-flight requests
+    # Personal adapters: a user with this many judged turns carrying a signal gets their
+    # own adapter, trained on their turns from then on. None: one adapter for everyone.
+    personal_min_turns: int | None = None
 
 
 @dataclass
@@ -105,28 +114,45 @@ class TrainingStage:
         self.adapters_dir = adapters_dir
         self.config = config
         self.trainer: Trainer | None = None
-        self.trained_from = 0  # the version the trainer's weights are (0: the base)
+        self.fresh: Any = None  # a new adapter's weights and optimizer state
+        # Whose weights the trainer holds: (policy, version; 0 for none yet).
+        self.loaded: tuple[str, int] | None = None
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
 
-    def _trainer(self) -> Trainer:
-        """Built from the current adapter and its optimizer state: on first use, and again
-        when someone rolled the current version back."""
-        current = self.store.current_adapter(self.policy)
-        version = current["version"] if current else 0
-        if self.trainer is None or version != self.trained_from:
-            self.store.abandon_staged()
-            resume = Path(current["path"]) if current else None
-            self.trainer = Trainer(self.model_dir, self.config.trainer, resume_from=resume)
-            self.trained_from = version
+    def _trainer(self, lane: Lane) -> Trainer:
+        """The trainer, holding ``lane``'s current adapter and its optimizer state (read
+        from its directory when another lane, or an earlier version after a rollback,
+        was there). A user's first adapter starts from the shared adapter's weights;
+        a policy's very first from a fresh LoRA."""
+        current = self.store.current_adapter(lane.policy)
+        key = (lane.policy, current["version"] if current else 0)
+        if self.trainer is not None and key == self.loaded:
+            return self.trainer
+        if self.trainer is None:
+            self.store.abandon_staged()  # a killed learner's
+            self.trainer = Trainer(self.model_dir, self.config.trainer)
+            self.fresh = self.trainer.snapshot()
+        source = current
+        if source is None and lane.user is not None:
+            source = self.store.current_adapter(self.policy)
+        if source is not None:
+            self.trainer.load(Path(source["path"]))
+        else:
+            self.trainer.restore(self.fresh)
+        self.loaded = key
         return self.trainer
 
-    def ready(self) -> list[TrainItem]:
-        """Turns ready to train on, after dropping (or down-weighting) stale ones."""
+    def ready(self, lane: Lane | None = None) -> list[TrainItem]:
+        """``lane``'s turns ready to train on (default: the shared lane), after dropping
+        (or down-weighting) stale ones."""
         cfg = self.config
-        rows = self.store.ready_for_training(cfg.trainer.method, 4 * cfg.trainer.batch_turns)
+        lane = lane or Lane(self.policy)
+        rows = self.store.ready_for_training(
+            cfg.trainer.method, 4 * cfg.trainer.batch_turns, user=lane.user,
+            personal_after=cfg.personal_min_turns if lane.user is None else None)
         # How far behind a turn is: this policy's versions published after the one that
-        # served it (version numbers themselves may skip, see `_fresh_name`).
-        published = sorted(a["version"] for a in self.store.adapters(self.policy)
+        # served it (version numbers are global and may skip, see `_fresh_name`).
+        published = sorted(a["version"] for a in self.store.adapters(lane.policy)
                            if a["status"] in ("current", "previous", "unloaded"))
         items, stale = [], []
         for row in rows:
@@ -143,15 +169,22 @@ class TrainingStage:
         return items
 
     async def maybe_step(self) -> StepResult | None:
-        batch_turns = self.config.trainer.batch_turns
-        items = await asyncio.to_thread(self.ready)
-        if len(items) < batch_turns:
-            return None
-        return await self.step(items[:batch_turns])
+        """One step for the lane with the most turns waiting, once it has a batch."""
+        cfg = self.config
+        batch_turns = cfg.trainer.batch_turns
+        lanes = await asyncio.to_thread(full_lanes, self.store, self.policy,
+                                        cfg.trainer.method, batch_turns,
+                                        cfg.personal_min_turns)
+        for lane in lanes:
+            items = await asyncio.to_thread(self.ready, lane)
+            if len(items) >= batch_turns:  # still, once stale turns were dropped
+                return await self.step(items[:batch_turns], lane)
+        return None
 
-    async def step(self, items: list[TrainItem]) -> StepResult:
+    async def step(self, items: list[TrainItem], lane: Lane | None = None) -> StepResult:
+        lane = lane or Lane(self.policy)
         normalise_steps(items)
-        trainer = await asyncio.to_thread(self._trainer)
+        trainer = await asyncio.to_thread(self._trainer, lane)
         before = trainer.snapshot()
         stats = await asyncio.to_thread(trainer.step, items)
         ids = [item.turn_id for item in items]
@@ -161,12 +194,12 @@ class TrainingStage:
                       f"over the bound {self.config.gate_max_kl}")
             self.store.skip(ids, reason)
             log.error(reason)
-            return self._remember(StepResult(None, None, stats, "refused", reason))
-        version, name = await self._fresh_name()
+            return self._remember(StepResult(None, None, stats, "refused", reason), lane)
+        version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
         path = install(staged, self.adapters_dir, name)
-        self.store.stage_adapter(version, name, self.policy, str(path), asdict(stats))
+        self.store.stage_adapter(version, name, lane.policy, str(path), asdict(stats))
         try:
             for admin in self.admins:  # verified on each; current only once all have it
                 await admin.load(name, path)
@@ -174,14 +207,14 @@ class TrainingStage:
             trainer.restore(before)  # the turns stay untrained: learn from them again
             self.store.set_adapter_status(version, "failed", str(exc))
             log.error("adapter %s not published: %s", name, exc)
-            return self._remember(StepResult(version, name, stats, "failed", str(exc)))
-        self.store.publish(version, ids, self.policy)
-        self.trained_from = version
+            return self._remember(StepResult(version, name, stats, "failed", str(exc)), lane)
+        self.store.publish(version, ids, lane.policy)
+        self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
-        return self._remember(StepResult(version, name, stats, "published"))
+        return self._remember(StepResult(version, name, stats, "published"), lane)
 
-    async def _fresh_name(self) -> tuple[int, str]:
+    async def _fresh_name(self, policy: str) -> tuple[int, str]:
         """The next version, skipping names a backend already has loaded: a store that
         was reset while vLLM kept running would otherwise reuse a name for different
         weights, which vLLM would keep serving from its cache."""
@@ -191,20 +224,21 @@ class TrainingStage:
             # An unreachable backend gets the adapter when it is back.
             with contextlib.suppress(Exception):
                 taken |= await admin.loaded()
-        while version_name(self.policy, version) in taken:
+        while version_name(policy, version) in taken:
             version += 1
-        return version, version_name(self.policy, version)
+        return version, version_name(policy, version)
 
-    def _remember(self, result: StepResult) -> StepResult:
+    def _remember(self, result: StepResult, lane: Lane) -> StepResult:
         self.history = [*self.history, {
             "version": result.version, "outcome": result.outcome, "at": time.time(),
-            **asdict(result.stats)}][-10:]
+            "user": lane.user, **asdict(result.stats)}][-10:]
         return result
 
     async def housekeeping(self) -> None:
-        """On every backend: reload the current adapter if vLLM lost it (a restart),
-        unload versions past their grace period; then delete old directories."""
-        rows = self.store.adapters(self.policy)
+        """On every backend: reload current adapters (the shared one and every personal
+        one) if vLLM lost them (a restart), unload versions past their grace period;
+        then delete old directories."""
+        rows = [r for r in self.store.adapters() if owns(self.policy, r["policy"])]
         for admin in self.admins:
             try:
                 loaded = await admin.loaded()
@@ -224,10 +258,16 @@ class TrainingStage:
             retired = row["retired_at"] or 0
             if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
                 self.store.set_adapter_status(row["version"], "unloaded")
-        prune(self.adapters_dir, self.store.adapters(self.policy), self.config.keep)
+        by_policy: dict[str, list[dict[str, Any]]] = {}
+        for row in self.store.adapters():
+            if owns(self.policy, row["policy"]):
+                by_policy.setdefault(row["policy"], []).append(row)
+        for mine in by_policy.values():
+            prune(self.adapters_dir, mine, self.config.keep)
 
     async def backends(self) -> dict[str, list[str]]:
-        """The adapter versions of this policy each backend has loaded (for status)."""
+        """The adapter versions of this policy (and its personal policies) each backend
+        has loaded (for status)."""
         out: dict[str, list[str]] = {}
         for admin in self.admins:
             try:
@@ -235,5 +275,6 @@ class TrainingStage:
             except Exception:
                 out[admin.url] = ["unreachable"]
                 continue
-            out[admin.url] = sorted(n for n in names if n.startswith(f"{self.policy}@"))
+            out[admin.url] = sorted(n for n in names if n.startswith(
+                (f"{self.policy}@", f"{self.policy}~")))
         return out

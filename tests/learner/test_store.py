@@ -74,3 +74,26 @@ def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
     rewards = [i.reward for i in items]
     assert abs(sum(rewards)) < 1e-6 and rewards[0] > rewards[2] > rewards[1]
     store.close()
+
+
+def test_a_user_with_enough_judged_turns_trains_apart_from_the_shared_lane(store_url):
+    store = LearnerStore(store_url)
+    turns = [turn(i) for i in range(7)]
+    for t, user in zip(turns, ["alice"] * 3 + ["bob"] * 2 + [None] * 2, strict=True):
+        t.user = user
+    store.store.write(turns)
+    for t in turns:
+        store.save_judgment(t.turn_id, Judgment(score=-1))
+    store.save_judgment("t4", Judgment(score=0))  # no signal: bob has one turn that counts
+    assert store.personal_users("binary", 2) == ["alice"]
+    assert store.personal_users("binary", 1) == ["alice", "bob"]
+    assert store.ready_by_user("binary") == {"alice": 3, "bob": 1, None: 2}
+    mine = store.ready_for_training("binary", 10, user="alice")
+    assert [r["id"] for r in mine] == ["t0", "t1", "t2"]
+    shared = store.ready_for_training("binary", 10, personal_after=2)
+    assert [r["id"] for r in shared] == ["t3", "t5", "t6"]  # bob's and nobody's
+    store.stage_adapter(1, "p~alice@000001", "p~alice", "/a/1", {})
+    store.publish(1, ["t0", "t1", "t2"], "p~alice")
+    assert store.personal_users("binary", 2) == ["alice"]  # trained turns still count
+    assert store.ready_for_training("binary", 10, user="alice") == []
+    store.close()

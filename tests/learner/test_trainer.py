@@ -73,3 +73,35 @@ def test_microbatches_respect_the_token_budget(toy_model):
     one = full.logprobs(items)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, trainer.logprobs(items),
                                                                  strict=True))
+
+
+def test_one_trainer_swaps_adapters_in_and_out(toy_model, tmp_path):
+    """Personal adapters: one trainer (one base model in memory) trains several adapters
+    in turn, each loaded with its weights and optimizer state."""
+    config = TrainerConfig(method="binary", learning_rate=1e-2)
+    trainer = Trainer(toy_model, config)
+    fresh = trainer.snapshot()
+    base = trainer.logprobs([item()])[0]
+    trainer.step([item(reward=1.0)])
+    trainer.save(tmp_path / "up")
+    up = trainer.logprobs([item()])[0]
+    trainer.restore(fresh)
+    assert torch.allclose(trainer.logprobs([item()])[0], base, atol=1e-6)
+    trainer.step([item(reward=-1.0)])
+    trainer.save(tmp_path / "down")
+
+    trainer.load(tmp_path / "up")
+    assert torch.allclose(trainer.logprobs([item()])[0], up, atol=1e-6)
+    trainer.step([item(reward=1.0)])  # continues as one trainer that never swapped would
+    alone = Trainer(toy_model, config, resume_from=tmp_path / "up")
+    alone.step([item(reward=1.0)])
+    assert torch.allclose(trainer.logprobs([item()])[0], alone.logprobs([item()])[0],
+                          atol=1e-5)
+    trainer.load(tmp_path / "down")
+    assert float(trainer.logprobs([item()])[0].mean()) < float(base.mean())
+
+
+def test_loading_an_adapter_of_another_rank_is_refused_clearly(toy_model, tmp_path):
+    Trainer(toy_model, TrainerConfig(lora_rank=8)).save(tmp_path / "r8")
+    with pytest.raises(ValueError, match="rank 8"):
+        Trainer(toy_model, TrainerConfig()).load(tmp_path / "r8")
