@@ -1,0 +1,88 @@
+"""Personal adapters against the real vLLM: users' own adapters trained, published and
+served side by side on one base model, everyone else on the shared one
+(users -> proxy -> vLLM -> store -> learner -> personal adapters -> vLLM -> proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from nextstate.learner.process import Learner, LearnerConfig
+from nextstate.learner.trainer import TrainerConfig
+from nextstate.learner.training import TrainingConfig
+from tests.conftest import MODEL_NAME
+from tests.integration.test_learner_training import ASK, CORRECTIONS
+
+pytestmark = pytest.mark.integration
+
+
+def converse(proxy, sessions: int, user: str | None, offset: int) -> None:
+    """Sessions of a question, a reply and a correction, as ``user``."""
+    headers = {"X-NextState-User": user} if user else {}
+    with httpx.Client(base_url=proxy.base_url, timeout=60, headers=headers) as client:
+        for i in range(offset, offset + sessions):
+            question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
+            first = client.post("/chat/completions", json={**ASK, "messages": question})
+            first.raise_for_status()
+            reply = first.json()["choices"][0]["message"]["content"]
+            follow = [*question, {"role": "assistant", "content": reply},
+                      {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
+            client.post("/chat/completions", json={**ASK, "messages": follow},
+                        headers={"X-Session-Done": "1"}).raise_for_status()
+
+
+async def ask_as(client: httpx.AsyncClient, user: str) -> httpx.Response:
+    answer = await client.post("/chat/completions", headers={"X-NextState-User": user},
+                               json={**ASK, "temperature": 0.0, "logprobs": True,
+                                     "messages": [{"role": "user", "content": "Hi there"}]})
+    answer.raise_for_status()
+    return answer
+
+
+async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_one(
+        vllm, start_proxy, toy_model, tmp_path):
+    proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
+    converse(proxy, 4, "alice", 0)
+    converse(proxy, 4, "bob", 10)
+    converse(proxy, 2, "carol", 20)  # too few turns for an adapter of her own
+    converse(proxy, 2, None, 30)
+    proxy.turns(24)
+    learner = Learner(LearnerConfig(
+        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
+        training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=4),
+                                personal_min_turns=4, unload_grace=0.0)))
+    try:
+        for _ in range(6):
+            if not await learner.step():
+                break
+        status = learner.status()
+    finally:
+        await learner.close()
+    shared, alice, bob = (status["adapter"]["name"], status["personal"]["alice"],
+                          status["personal"]["bob"])
+    assert shared.startswith(f"{MODEL_NAME}@")
+    assert alice.startswith(f"{MODEL_NAME}~alice@") and bob.startswith(f"{MODEL_NAME}~bob@")
+    assert set(status["personal"]) == {"alice", "bob"}
+    served = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+    assert {shared, alice, bob} <= served  # one base model, three adapters loaded
+
+    async with httpx.AsyncClient(base_url=proxy.base_url, timeout=60) as client:
+        await asyncio.sleep(0.5)  # the proxy follows the store
+        assert (await client.get("/learner/status")).json()["serving_personal"] == {
+            f"{MODEL_NAME}~alice": alice, f"{MODEL_NAME}~bob": bob}
+        answers = await asyncio.gather(*(ask_as(client, u) for u in ("alice", "bob", "carol")))
+        # vLLM lost alice's adapter (an eviction, a restart): the proxy loads it again.
+        httpx.post(f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": alice})
+        again = await ask_as(client, "alice")
+    assert {a.json()["model"] for a in [*answers, again]} == {MODEL_NAME}
+    rows = proxy.turns(28)[-4:]
+    by_user = {r["user"]: r["served_model"] for r in rows}
+    assert by_user == {"alice": alice, "bob": bob, "carol": shared}
+    # Different weights answer: the same prompt at temperature 0 scores differently.
+    logprobs = [[t["logprob"] for t in a.json()["choices"][0]["logprobs"]["content"]]
+                for a in answers]
+    assert logprobs[0] != logprobs[1] != logprobs[2]
