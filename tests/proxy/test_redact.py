@@ -1,5 +1,8 @@
 """Redaction of secrets and personal data before storing."""
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from nextstate.proxy.redact import MASK, Redactor
 
 
@@ -27,3 +30,23 @@ def test_scrub_walks_json_and_counts():
 def test_configured_patterns_replace_the_defaults():
     assert Redactor([r"secret\d+"]).text("secret42 a@b.io") == (f"{MASK} a@b.io", 1)
     assert Redactor([]).text("sk-abcdefghijklmnopqrstuv") == ("sk-abcdefghijklmnopqrstuv", 0)
+
+
+def test_a_value_that_cannot_match_is_returned_as_is_without_a_walk():
+    value = {"messages": [{"role": "user", "content": "plain words, no secrets"}], "n": 1}
+    out, hits = Redactor().scrub(value)
+    assert out is value and hits == 0
+
+
+_PIECES = ["sk-", "AKIA", "ASIA", "ghp_", "xoxb-", "Bearer ", "bEaReR\t", "@", "a@b.io",
+           "abcdefghijklmnop0123456789ABCD", "ABCDEFGHIJKLMNOP", ".", " ", "é", "\n", '"', "x"]
+
+
+@given(st.recursive(
+    st.lists(st.sampled_from(_PIECES), max_size=12).map("".join) | st.integers() | st.none(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
+                                                                 max_size=4),
+    max_leaves=12))
+def test_the_quick_check_never_misses_what_the_patterns_find(value):
+    redactor = Redactor()
+    assert redactor.scrub(value) == redactor._scrub(value)
