@@ -46,6 +46,7 @@ def run_benchmark(persona: Persona, methods: Sequence[str], config: BenchConfig,
                                    max_loras=4)
     progress(f"starting vLLM with {model_dir.name} (log: {out / 'vllm.log'})")
     runs: list[MethodRun] = []
+    results: dict[str, Any] = {}
     with VLLMProcess(vllm_config) as vllm:
         for seed in seeds:
             for method in methods:
@@ -53,12 +54,20 @@ def run_benchmark(persona: Persona, methods: Sequence[str], config: BenchConfig,
                     persona, method, replace(config, seed=seed), vllm_url=vllm.url,
                     base_model=BASE_MODEL, model_dir=model_dir, workdir=out / "work",
                     progress=progress)))
+                # Written after every run: a failure later leaves the finished ones.
+                results = write_results(persona, config, seeds, runs, out,
+                                        time.monotonic() - started)
+    return results
+
+
+def write_results(persona: Persona, config: BenchConfig, seeds: Sequence[int],
+                  runs: list[MethodRun], out: Path, seconds: float) -> dict[str, Any]:
     results = {
         "persona": persona.name, "prefers": persona.prefers,
         "config": asdict(config), "seeds": list(seeds),
-        "methods": summarise(runs),
+        "methods": summarise(runs, config.steps),
         "base_score": sum(r.scores[0] for r in runs) / len(runs),
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": seconds,
         "paper": PAPER,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -85,4 +94,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells.append(f"{m['mean'][s]:.2f}{spread}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} | "
                      f"{m['seconds'] / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
+    notes = [f"{name}: no step after step {min(s for s in m['stalled_after'] if s is not None)}"
+             " in some seed (the persona stopped correcting, so nothing was left to learn "
+             "from); its last score is carried forward"
+             for name, m in methods.items()
+             if any(s is not None for s in m.get("stalled_after", []))]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

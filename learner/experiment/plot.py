@@ -18,7 +18,14 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
     for method, m in results["methods"].items():
         steps = list(range(len(m["mean"])))
         color = COLORS.get(method, "gray")
-        ax.plot(steps, m["mean"], marker="o", color=color, label=f"{method} (nextstate)")
+        # Past a stalled run's last step its score is carried forward: drawn dashed.
+        stalled = [s for s in m.get("stalled_after", []) if s is not None]
+        cut = min(stalled) + 1 if stalled else len(steps)
+        ax.plot(steps[:cut], m["mean"][:cut], marker="o", color=color,
+                label=f"{method} (nextstate)")
+        if cut < len(steps):
+            ax.plot(steps[cut - 1:], m["mean"][cut - 1:], linestyle="--", color=color,
+                    label=f"{method}: no corrections left, carried")
         if len(results["seeds"]) > 1:
             ax.fill_between(steps, m["min"], m["max"], color=color, alpha=0.15)
         paper = results["paper"].get(method, {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import statistics
 import time
 import uuid
@@ -34,6 +35,7 @@ from nextstate.proxy.settings import ProxySettings
 
 Progress = Callable[[str], None]
 METHODS = ("binary", "opd", "combined")
+MAX_ROUNDS = 40  # rounds of `concurrency` conversations to wait for one training step
 
 
 @dataclass(frozen=True)
@@ -58,22 +60,28 @@ class MethodRun:
     turns_recorded: list[int] = field(default_factory=list)  # traffic turns per step
     versions: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Set when the persona stopped correcting: no step after this many, for want of
+    # signal; the policy is unchanged from then on, so later scores repeat the last one.
+    stalled_after: int | None = None
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
                      base_model: str, model_dir: Path, workdir: Path,
                      progress: Progress = print) -> MethodRun:
     policy = f"{persona.name}-{method}-s{config.seed}"
-    store_url = f"sqlite:///{workdir / policy}.db"
+    home = workdir / policy  # a fresh store and adapters: a re-run never sees the last one
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    store_url = f"sqlite:///{home / 'store.db'}"
     settings = ProxySettings(backend_url=vllm_url, store_url=store_url,
-                             spool_dir=workdir / "spool" / policy, policy=policy,
+                             spool_dir=home / "spool", policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05)
     trainer = TrainerConfig(method=method, batch_turns=config.batch_turns,  # type: ignore[arg-type]
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
     learner = Learner(LearnerConfig(
         store_url=store_url, backend_url=vllm_url, base_model=base_model, policy=policy,
-        model_dir=model_dir, adapters_dir=workdir / "adapters",
+        model_dir=model_dir, adapters_dir=home / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0)))
     run = MethodRun(method=method, seed=config.seed)
     started = time.monotonic()
@@ -86,8 +94,16 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                 run.scores.append(await evaluate(client, policy, persona, eval_set, config))
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 for step in range(1, config.steps + 1):
-                    recorded, version = await train_one_step(client, learner, policy, persona,
-                                                             traffic, config)
+                    trained = await train_one_step(client, learner, policy, persona,
+                                                   traffic, config)
+                    if trained is None:
+                        run.stalled_after = step - 1
+                        progress(f"{method:>8} seed {config.seed}: no step {step}: too few "
+                                 f"turns with a signal in {MAX_ROUNDS} rounds of traffic "
+                                 f"(the persona stopped correcting); the policy stays as "
+                                 f"it is")
+                        break
+                    recorded, version = trained
                     run.turns_recorded.append(recorded)
                     run.versions.append(version)
                     await _until_serving(client, policy, version)
@@ -103,8 +119,10 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
 
 async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
                          persona: Persona, rng: random.Random, config: BenchConfig,
-                         max_rounds: int = 40) -> tuple[int, str]:
-    """Talk until the learner publishes a new version; returns (turns of traffic, name)."""
+                         max_rounds: int = MAX_ROUNDS) -> tuple[int, str] | None:
+    """Talk until the learner publishes a new version; returns (turns of traffic, name),
+    or None when ``max_rounds`` of conversations did not give it a batch: with distillation
+    only corrected turns teach, and a persona that is pleased stops correcting."""
     before = learner.store.current_adapter(policy)
     recorded = 0
     for _ in range(max_rounds):
@@ -119,8 +137,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         current = learner.store.current_adapter(policy)
         if current is not None and current != before:
             return recorded, str(current["name"])
-    raise RuntimeError(f"no adapter published after {max_rounds} rounds of traffic; "
-                       f"learner: {learner.status()['totals']}")
+    return None
 
 
 async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUser,
@@ -177,17 +194,25 @@ async def _until_serving(client: httpx.AsyncClient, policy: str, version: str) -
     raise RuntimeError(f"the proxy did not switch {policy} to {version}")
 
 
-def summarise(runs: list[MethodRun]) -> dict[str, Any]:
-    """Mean (and spread) of the score per step, per method, over seeds."""
+def summarise(runs: list[MethodRun], steps: int | None = None) -> dict[str, Any]:
+    """Mean (and spread) of the score per step, per method, over seeds; a stalled run's
+    last score stands for the steps it could not take (up to ``steps``)."""
     out: dict[str, Any] = {}
     for method in dict.fromkeys(r.method for r in runs):
         mine = [r for r in runs if r.method == method]
-        per_step = list(zip(*(r.scores for r in mine), strict=True))
+        length = max(len(r.scores) for r in mine) if steps is None else steps + 1
+        per_step = list(zip(*(_padded(r.scores, length) for r in mine), strict=True))
         out[method] = {
             "mean": [statistics.fmean(s) for s in per_step],
             "min": [min(s) for s in per_step],
             "max": [max(s) for s in per_step],
             "seeds": [asdict(r) for r in mine],
             "seconds": sum(r.seconds for r in mine),
+            "stalled_after": [r.stalled_after for r in mine],
         }
     return out
+
+
+def _padded(scores: list[float], length: int) -> list[float]:
+    """A stalled run's policy no longer changes: its last score stands for later steps."""
+    return scores + scores[-1:] * (length - len(scores))

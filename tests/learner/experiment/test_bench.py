@@ -56,3 +56,14 @@ def test_the_plot_is_a_png(tmp_path: Path) -> None:
     path = plot_curves(results(), tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000  # axes, two curves, the paper's marks
+
+
+def test_a_stalled_run_carries_its_last_score_and_says_so(tmp_path: Path) -> None:
+    stalled = MethodRun("opd", 0, scores=[0.2, 0.9, 1.0], stalled_after=2)
+    summary = summarise([stalled, MethodRun("opd", 1, scores=[0.3, 0.5, 0.7, 0.8, 0.9])],
+                        steps=4)
+    assert summary["opd"]["mean"] == pytest.approx([0.25, 0.7, 0.85, 0.9, 0.95])
+    assert summary["opd"]["stalled_after"] == [2, None]
+    results = {"persona": "student", "seeds": [0, 1], "methods": summary, "paper": PAPER}
+    assert "opd: no step after step 2 in some seed" in markdown_table(results)
+    assert plot_curves(results, tmp_path / "stalled.png").exists()
