@@ -52,7 +52,7 @@ from nextstate.proxy.relay import (
 from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
-from nextstate.proxy.transport import UpstreamTransport
+from nextstate.proxy.transport import UpstreamClient, UpstreamTransport
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
 # Endpoints that change the server; never reachable through the proxy.
@@ -205,7 +205,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
         def make_client(url: str) -> httpx.AsyncClient:
             # One pool of keep-alive connections per backend (proxy/transport.py).
-            return httpx.AsyncClient(
+            return UpstreamClient(
                 base_url=url,
                 transport=transport or UpstreamTransport(max_idle=256, keepalive_expiry=5.0),
                 timeout=httpx.Timeout(settings.upstream_timeout,

@@ -15,7 +15,7 @@ import pytest
 from nextstate.proxy.backend import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.transport import HIGH_WATER, UpstreamTransport
+from nextstate.proxy.transport import HIGH_WATER, UpstreamClient, UpstreamTransport
 
 Handler = Callable[["Exchange"], Awaitable[bool]]  # returns: keep the connection open
 
@@ -269,3 +269,23 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_connection(tmp_pa
             await asyncio.wait_for(upstream.closed_by_client.wait(), 5)
         finally:
             await asyncio.to_thread(proxy.stop)
+
+
+async def test_the_direct_path_keeps_timeouts_and_never_sends_a_backends_cookies():
+    async def cookie_then_silence(exchange: Exchange) -> bool:
+        if len(upstream.requests) == 1:
+            await exchange.reply(headers=(("set-cookie", "id=abc"),))
+            return True
+        await asyncio.sleep(10)
+        return False
+
+    async with Upstream(cookie_then_silence) as upstream:
+        client = UpstreamClient(base_url=upstream.url, transport=UpstreamTransport(),
+                                timeout=httpx.Timeout(5.0, read=0.2))
+        async with client:
+            url = client.build_request("POST", "/v1/x").url
+            answer = await client.send_direct(client.direct_request("POST", url, b"{}", []))
+            assert answer.status_code == 200 and await answer.aread() == b"ok"
+            with pytest.raises(httpx.ReadTimeout):
+                await client.send_direct(client.direct_request("POST", url, b"{}", []))
+        assert b"cookie" not in upstream.requests[1].head.lower()
