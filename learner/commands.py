@@ -5,6 +5,7 @@
     nextstate adapters list           every adapter version and its state
     nextstate adapters rollback V     make version V current again
     nextstate bench learning          the paper's personalization experiment in miniature
+    nextstate bench personal          two opposite personas: shared vs personal adapters
     nextstate demo                    one persona, the combined method, live
 
 Heavy imports (torch, transformers) happen inside the commands, so the proxy-only
@@ -255,6 +256,35 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
                             progress=lambda m: click.echo(m, err=True))
     click.echo((out / "results.md").read_text())
     click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'learning_curves.png'} "
+               f"({results['wall_seconds'] / 60:.1f} min)")
+
+
+@bench.command("personal")
+@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A persona YAML file (default: the shipped student/teacher).")
+@click.option("--pair", default="student,teacher", show_default=True,
+              help="The two personas (comma-separated) whose traffic is interleaved.")
+@click.option("--steps", type=int, default=8, show_default=True,
+              help="Steps of two optimizer steps each.")
+@click.option("--seeds", type=int, default=1, show_default=True)
+@click.option("--eval-problems", type=int, default=32, show_default=True)
+@click.option("--personal-after", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Judged turns before a persona trains its own adapter.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/personal"),
+              show_default=True)
+def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int,
+                   eval_problems: int, personal_after: int, out: Path) -> None:
+    """Two personas with opposite tastes: one shared adapter vs an adapter each."""
+    from nextstate.learner.experiment.personal import run_personal_benchmark
+    from nextstate.learner.experiment.run import BenchConfig
+
+    chosen = [_persona(personas_file, name.strip()) for name in pair.split(",")]
+    results = run_personal_benchmark(
+        chosen, BenchConfig(steps=steps, eval_problems=eval_problems), out,
+        personal_after=personal_after, seeds=range(seeds),
+        progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'personal_adapters.png'} "
                f"({results['wall_seconds'] / 60:.1f} min)")
 
 

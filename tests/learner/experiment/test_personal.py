@@ -1,0 +1,50 @@
+"""The shared-vs-personal benchmark's summary, table and plot (the run itself needs vLLM:
+``nextstate bench personal``)."""
+
+from __future__ import annotations
+
+from nextstate.learner.experiment.personal import (
+    ModeRun,
+    markdown_table,
+    plot_personal,
+    summarise,
+)
+
+
+def runs() -> list[ModeRun]:
+    return [
+        ModeRun("shared", 0, {"student": [0.2, 0.3, 0.4], "teacher": [0.5, 0.5, 0.6]}),
+        ModeRun("shared", 1, {"student": [0.2, 0.5, 0.6], "teacher": [0.5, 0.7, 0.6]}),
+        ModeRun("personal", 0, {"student": [0.2, 0.6, 0.9], "teacher": [0.5, 0.8, 1.0]}),
+        ModeRun("personal", 1, {"student": [0.2, 0.6, 0.7], "teacher": [0.5, 0.6, 0.8]}),
+    ]
+
+
+def results(seeds: list[int]) -> dict:
+    return {"personas": {"student": {}, "teacher": {}}, "seeds": seeds,
+            "config": {"batch_turns": 16}, "optimizer_steps_per_step": 2,
+            "modes": summarise([r for r in runs() if r.seed in seeds], ["student", "teacher"])}
+
+
+def test_scores_are_summarised_per_mode_and_persona_over_seeds():
+    modes = summarise(runs(), ["student", "teacher"])
+    assert modes["shared"]["student"]["mean"] == [0.2, 0.4, 0.5]
+    assert modes["personal"]["teacher"]["min"] == [0.5, 0.6, 0.8]
+    assert modes["personal"]["teacher"]["max"] == [0.5, 0.8, 1.0]
+
+
+def test_the_table_sets_each_personas_shared_and_personal_scores_side_by_side():
+    table = markdown_table(results([0])).splitlines()
+    assert table[0] == "| persona | adapter | step 0 | step 2 |"
+    assert table[2:] == ["| student | shared | 0.20 | 0.40 |",
+                         "| student | personal | 0.20 | 0.90 |",
+                         "| teacher | shared | 0.50 | 0.60 |",
+                         "| teacher | personal | 0.50 | 1.00 |",
+                         "| both (mean) | shared | 0.35 | 0.50 |",
+                         "| both (mean) | personal | 0.35 | 0.95 |"]
+    assert "(0.40-0.60)" in markdown_table(results([0, 1]))  # the spread over seeds
+
+
+def test_the_plot_is_written(tmp_path):
+    path = plot_personal(results([0, 1]), tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
