@@ -6,6 +6,7 @@ agent -> **proxy** -> vLLM.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -26,7 +27,26 @@ def _config(settings: ProxySettings, host: str, port: int,
 
 def run_proxy(settings: ProxySettings, host: str, port: int) -> None:
     """Serve until interrupted (SIGINT/SIGTERM stop it cleanly)."""
-    uvicorn.Server(_config(settings, host, port)).run()
+    server = uvicorn.Server(_config(settings, host, port))
+    quiet_gc()
+    server.run()
+
+
+def quiet_gc() -> None:
+    """Tune the cyclic garbage collector for a process that serves the proxy.
+
+    Every request parses and builds JSON: many container objects, nearly all freed at once
+    by reference counting. At the default thresholds (a young collection every 700 net
+    allocations) the collector ran ~2,000 times a second, each time walking the records
+    still in flight, and its full collections walked everything imported at startup:
+    0.15 ms of CPU a request, 0.35 ms a stream (measured on the bench). Startup's objects
+    are frozen (never scanned again) and young collections wait for 50,000 net
+    allocations. Only for a process the proxy owns: `BackgroundProxy` leaves the host
+    process's collector alone.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 class BackgroundProxy:
