@@ -191,8 +191,18 @@ def summarise(runs: list[ModeRun], personas: Sequence[str]) -> dict[str, Any]:
             per_step = list(zip(*(r.scores[name] for r in mine), strict=True))
             out[mode][name] = {"mean": [statistics.fmean(s) for s in per_step],
                                "min": [min(s) for s in per_step],
-                               "max": [max(s) for s in per_step]}
+                               "max": [max(s) for s in per_step],
+                               "adapter_steps": statistics.fmean(
+                                   adapter_steps(r, name) for r in mine)}
     return out
+
+
+def adapter_steps(run: ModeRun, persona: str) -> int:
+    """Optimizer steps that shaped the adapter serving ``persona`` (the learner trains
+    the adapter with the most turns waiting, so a persona may get an extra one)."""
+    mine = (lambda name: f"~{persona}@" in name) if run.mode == "personal" else (
+        lambda name: "~" not in name)
+    return sum(1 for names in run.versions for name in names if mine(name))
 
 
 def run_personal_benchmark(personas: Sequence[Persona], config: BenchConfig, out: Path,
@@ -235,18 +245,19 @@ def markdown_table(results: dict[str, Any]) -> str:
     steps = len(modes["shared"][names[0]]["mean"]) - 1
     marks = sorted({0, min(2, steps), min(4, steps), steps})
     spread = len(results["seeds"]) > 1
-    lines = ["| persona | adapter | " + " | ".join(f"step {s}" for s in marks) + " |",
-             "|" + "---|" * (len(marks) + 2)]
+    lines = ["| persona | adapter | " + " | ".join(f"step {s}" for s in marks)
+             + " | its optimizer steps |", "|" + "---|" * (len(marks) + 3)]
     for name in [*names, "mean"]:
         for mode in MODES:
             if name == "mean":
                 curve = [statistics.fmean(modes[mode][n]["mean"][s] for n in names)
                          for s in range(steps + 1)]
-                cells = [f"{curve[s]:.2f}" for s in marks]
+                cells = [f"{curve[s]:.2f}" for s in marks] + [""]
             else:
                 m = modes[mode][name]
                 cells = [f"{m['mean'][s]:.2f}" + (f" ({m['min'][s]:.2f}-{m['max'][s]:.2f})"
                                                    if spread else "") for s in marks]
+                cells.append(f"{m['adapter_steps']:g}")
             label = "both (mean)" if name == "mean" else name
             lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

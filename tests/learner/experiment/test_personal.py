@@ -12,11 +12,18 @@ from nextstate.learner.experiment.personal import (
 
 
 def runs() -> list[ModeRun]:
+    shared = [["p@000001", "p@000002"], ["p@000003", "p@000004"]]
+    personal = [["p~student@000001", "p~teacher@000002"],
+                ["p~student@000003", "p~student@000004", "p~teacher@000005"]]
     return [
-        ModeRun("shared", 0, {"student": [0.2, 0.3, 0.4], "teacher": [0.5, 0.5, 0.6]}),
-        ModeRun("shared", 1, {"student": [0.2, 0.5, 0.6], "teacher": [0.5, 0.7, 0.6]}),
-        ModeRun("personal", 0, {"student": [0.2, 0.6, 0.9], "teacher": [0.5, 0.8, 1.0]}),
-        ModeRun("personal", 1, {"student": [0.2, 0.6, 0.7], "teacher": [0.5, 0.6, 0.8]}),
+        ModeRun("shared", 0, {"student": [0.2, 0.3, 0.4], "teacher": [0.5, 0.5, 0.6]},
+                shared),
+        ModeRun("shared", 1, {"student": [0.2, 0.5, 0.6], "teacher": [0.5, 0.7, 0.6]},
+                shared),
+        ModeRun("personal", 0, {"student": [0.2, 0.6, 0.9], "teacher": [0.5, 0.8, 1.0]},
+                personal),
+        ModeRun("personal", 1, {"student": [0.2, 0.6, 0.7], "teacher": [0.5, 0.6, 0.8]},
+                personal),
     ]
 
 
@@ -31,17 +38,21 @@ def test_scores_are_summarised_per_mode_and_persona_over_seeds():
     assert modes["shared"]["student"]["mean"] == [0.2, 0.4, 0.5]
     assert modes["personal"]["teacher"]["min"] == [0.5, 0.6, 0.8]
     assert modes["personal"]["teacher"]["max"] == [0.5, 0.8, 1.0]
+    # how many optimizer steps shaped the adapter that served each persona
+    assert modes["shared"]["student"]["adapter_steps"] == 4
+    assert modes["personal"]["student"]["adapter_steps"] == 3
+    assert modes["personal"]["teacher"]["adapter_steps"] == 2
 
 
 def test_the_table_sets_each_personas_shared_and_personal_scores_side_by_side():
     table = markdown_table(results([0])).splitlines()
-    assert table[0] == "| persona | adapter | step 0 | step 2 |"
-    assert table[2:] == ["| student | shared | 0.20 | 0.40 |",
-                         "| student | personal | 0.20 | 0.90 |",
-                         "| teacher | shared | 0.50 | 0.60 |",
-                         "| teacher | personal | 0.50 | 1.00 |",
-                         "| both (mean) | shared | 0.35 | 0.50 |",
-                         "| both (mean) | personal | 0.35 | 0.95 |"]
+    assert table[0] == "| persona | adapter | step 0 | step 2 | its optimizer steps |"
+    assert table[2:] == ["| student | shared | 0.20 | 0.40 | 4 |",
+                         "| student | personal | 0.20 | 0.90 | 3 |",
+                         "| teacher | shared | 0.50 | 0.60 | 4 |",
+                         "| teacher | personal | 0.50 | 1.00 | 2 |",
+                         "| both (mean) | shared | 0.35 | 0.50 |  |",
+                         "| both (mean) | personal | 0.35 | 0.95 |  |"]
     assert "(0.40-0.60)" in markdown_table(results([0, 1]))  # the spread over seeds
 
 
