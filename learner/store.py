@@ -261,12 +261,14 @@ def _has_teacher() -> Any:
 
 
 def _signal(method: str) -> Any:
-    """A judged turn carries the signal ``method`` trains on."""
+    """A judged turn counts toward a step of ``method``: a reward for binary RL; a reward
+    or a hint otherwise. Distillation learns only from the hinted ones, but a step is the
+    same amount of judged traffic for every method (as in the OpenClaw-RL paper), so the
+    turns a user was happy with are part of its steps too."""
     has_reward = or_(judgments.c.score.in_((1, -1)), judgments.c.turn_id.in_(
         select(turns.c.id).join(sessions, sessions.c.id == turns.c.session_id)
         .where(sessions.c.outcome.is_not(None))))
-    return {"binary": has_reward, "opd": _has_teacher()}.get(
-        method, or_(has_reward, _has_teacher()))
+    return has_reward if method == "binary" else or_(has_reward, _has_teacher())
 
 
 def _ready_for(method: str) -> tuple[Any, ...]:

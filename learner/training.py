@@ -60,7 +60,7 @@ class StepResult:
     version: int | None
     name: str | None
     stats: StepStats
-    outcome: Literal["published", "refused", "failed"]
+    outcome: Literal["published", "refused", "failed", "skipped"]
     error: str | None = None
 
 
@@ -83,6 +83,16 @@ def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
                      sampler_logprobs=[float(x) for x in row["logprobs"]], reward=reward,
                      teacher_logprobs=teacher, weight=weight,
                      group=row["session_id"] if row.get("outcome") is not None else None)
+
+
+def informative(items: list[TrainItem], config: TrainerConfig) -> list[TrainItem]:
+    """The batch's items that can move the policy under ``config.method``: a hint for
+    distillation, a reward for RL, either for both. (An update from zero advantages is
+    not a no-op: Adam's momentum would still move the weights.)"""
+    rewarded = {id(i) for i in items if i.reward is not None}
+    hinted = {id(i) for i in items if i.teacher_logprobs}
+    keep = {"binary": rewarded, "opd": hinted}.get(config.method, rewarded | hinted)
+    return [i for i in items if id(i) in keep]
 
 
 def normalise_steps(items: list[TrainItem]) -> None:
@@ -184,10 +194,19 @@ class TrainingStage:
     async def step(self, items: list[TrainItem], lane: Lane | None = None) -> StepResult:
         lane = lane or Lane(self.policy)
         normalise_steps(items)
+        ids = [item.turn_id for item in items]
+        # A step consumes its judged turns; those without the method's signal (a thank-you
+        # under distillation) are part of it but teach nothing, so they stay out of the
+        # loss instead of diluting it.
+        useful = informative(items, self.config.trainer)
+        if not useful:
+            reason = f"no {self.config.trainer.method} signal in these {len(items)} turns"
+            self.store.skip(ids, reason)
+            return self._remember(StepResult(None, None, StepStats(turns=len(items)),
+                                             "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
         before = trainer.snapshot()
-        stats = await asyncio.to_thread(trainer.step, items)
-        ids = [item.turn_id for item in items]
+        stats = await asyncio.to_thread(trainer.step, useful)
         if self.config.gate and stats.kl > self.config.gate_max_kl:
             trainer.restore(before)
             reason = (f"publish gate: the step moved the policy {stats.kl:.3f} nats/token, "

@@ -22,7 +22,7 @@ def test_ready_turns_follow_the_method_and_publish_marks_them_once(store_url):
     store.save_judgment("t1", Judgment(score=1))
     store.save_judgment("t2", Judgment(score=0))
     assert [r["id"] for r in store.ready_for_training("binary", 10)] == ["t0", "t1"]
-    assert [r["id"] for r in store.ready_for_training("opd", 10)] == ["t0"]
+    assert [r["id"] for r in store.ready_for_training("opd", 10)] == ["t0", "t1"]
     assert [r["id"] for r in store.ready_for_training("combined", 10)] == ["t0", "t1"]
     assert store.ready_count("combined") == 2
 
