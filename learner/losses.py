@@ -110,12 +110,15 @@ def combined_advantages(
     w_rl: float = 1.0,
     clip: float = 1.0,
 ) -> torch.Tensor:
-    """Both signals; a turn with only one of them contributes only that one.
-
+    """Both signals, each where it is sharpest: a turn with a hint learns token by token
+    from the teacher; a turn with only a reward (a thank-you, a verdict) from the reward.
         A_t = w_opd · [has teacher] · clip(logπ_teacher(t) − logπ_old(t), ±c)
-            + w_rl  · [has reward]  · r
+            + w_rl  · [has reward] · [no teacher] · r
+    A corrected turn's −1 and its hint are one judgment: the hint says which tokens were
+    wrong, while the −1 would push down every token of the reply, the right ones too
+    (measured on the learning benchmark: bench/README.md).
     """
     opd_B_T = opd_advantages(teacher_logprobs_B_T, old_logprobs_B_T, mask_B_T, clip)
     rl_B_T = binary_advantages(rewards_B, mask_B_T)
-    return (w_opd * has_teacher_B[:, None] * opd_B_T
-            + w_rl * has_reward_B[:, None] * rl_B_T)
+    reward_only_B = has_reward_B * (1.0 - has_teacher_B)
+    return w_opd * has_teacher_B[:, None] * opd_B_T + w_rl * reward_only_B[:, None] * rl_B_T

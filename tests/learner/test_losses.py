@@ -27,16 +27,17 @@ def test_opd_advantage_is_the_clipped_teacher_student_gap():
     assert opd_advantages(teacher, old, MASK, clip=1.0).tolist() == [[0.5, -1.0, 0.0]]
 
 
-def test_combined_uses_only_the_signals_a_turn_has():
-    teacher = torch.tensor([[-0.5, -0.5], [-0.5, -0.5]])
-    old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
-    mask = torch.ones(2, 2)
-    a = combined_advantages(teacher, old, torch.tensor([-1.0, 1.0]),
-                            has_teacher_B=torch.tensor([1.0, 0.0]),
-                            has_reward_B=torch.tensor([1.0, 1.0]), mask_B_T=mask,
+def test_combined_takes_the_teacher_where_there_is_a_hint_and_the_reward_elsewhere():
+    teacher = torch.tensor([[-0.5, -2.0]] * 3)
+    old = torch.tensor([[-1.0, -1.0]] * 3)
+    mask = torch.ones(3, 2)
+    a = combined_advantages(teacher, old, torch.tensor([-1.0, 1.0, 0.0]),
+                            has_teacher_B=torch.tensor([1.0, 0.0, 1.0]),
+                            has_reward_B=torch.tensor([1.0, 1.0, 0.0]), mask_B_T=mask,
                             w_opd=2.0, w_rl=0.5)
-    # turn 0: 2·0.5 + 0.5·(−1) = 0.5 ; turn 1: reward only: 0.5·1
-    assert a.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    # turn 0, corrected with a hint: the teacher only, 2·(0.5, −1); turn 1, thanked: 0.5·1;
+    # turn 2, a hint without a reward: the teacher
+    assert a.tolist() == [[1.0, -2.0], [0.5, 0.5], [1.0, -2.0]]
 
 
 def test_surrogate_at_ratio_one_is_minus_the_mean_advantage():
