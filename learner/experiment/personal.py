@@ -38,7 +38,7 @@ import httpx
 from nextstate.learner.experiment.bench import BASE_MODEL, trained_toy_model
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
-from nextstate.learner.experiment.styles import Problem, make_problem
+from nextstate.learner.experiment.styles import Problem, detect, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -57,6 +57,8 @@ class ModeRun:
     scores: dict[str, list[float]] = field(default_factory=dict)  # persona -> per step
     versions: list[list[str]] = field(default_factory=list)  # published in each step
     turns_recorded: list[int] = field(default_factory=list)
+    # persona -> per step: how often each of its preferences was met
+    attributes: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -76,7 +78,8 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
         model_dir=model_dir, adapters_dir=workdir / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0, personal_min_turns=(
             personal_after if mode == "personal" else None))))
-    run = ModeRun(mode=mode, seed=config.seed, scores={p.name: [] for p in personas})
+    run = ModeRun(mode=mode, seed=config.seed, scores={p.name: [] for p in personas},
+                  attributes={p.name: [] for p in personas})
     started = time.monotonic()
     eval_set = [make_problem(random.Random(f"eval-{config.seed}-{i}"))
                 for i in range(config.eval_problems)]
@@ -94,8 +97,9 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
                     run.versions.append(versions)
                     await until_serving(clients[personas[0].name], learner, policy)
                 for p in personas:
-                    run.scores[p.name].append(await evaluate(clients[p.name], policy, p,
-                                                             eval_set, config))
+                    score, met = await evaluate(clients[p.name], policy, p, eval_set, config)
+                    run.scores[p.name].append(score)
+                    run.attributes[p.name].append(met)
                 progress(f"{mode:>8} seed {config.seed}: step {step} "
                          + "  ".join(f"{p.name} {run.scores[p.name][-1]:.3f}" for p in personas)
                          + (f"  ({', '.join(run.versions[-1])})" if step else ""))
@@ -108,12 +112,13 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
 
 
 async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
-                   problems: list[Problem], config: BenchConfig) -> float:
+                   problems: list[Problem], config: BenchConfig,
+                   ) -> tuple[float, dict[str, float]]:
     """The persona's mean rating of first replies to held-out problems (not recorded;
-    problem i is always sampled with seed i)."""
+    problem i is always sampled with seed i), and how often each preference was met."""
     gate = asyncio.Semaphore(config.concurrency)
 
-    async def rate(i: int, problem: Problem) -> list[float]:
+    async def read(i: int, problem: Problem) -> list[str]:
         async with gate:
             answer = await client.post(
                 "/chat/completions", headers={"X-NextState-Record": "off"},
@@ -121,11 +126,13 @@ async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
                       "temperature": config.temperature, "max_tokens": config.max_tokens,
                       "messages": [{"role": "user", "content": problem.question}]})
             answer.raise_for_status()
-            return [persona.score(c["message"]["content"] or "")
-                    for c in answer.json()["choices"]]
+            return [c["message"]["content"] or "" for c in answer.json()["choices"]]
 
-    ratings = await asyncio.gather(*(rate(i, p) for i, p in enumerate(problems)))
-    return statistics.fmean(r for rs in ratings for r in rs)
+    replies = [r for rs in await asyncio.gather(*(read(i, p) for i, p in enumerate(problems)))
+               for r in rs]
+    found = [detect(r) for r in replies]
+    met = {a: statistics.fmean(f[a] == v for f in found) for a, v in persona.prefers.items()}
+    return statistics.fmean(persona.score(r) for r in replies), met
 
 
 def published(learner: Learner, policy: str) -> dict[str, str]:
@@ -193,7 +200,10 @@ def summarise(runs: list[ModeRun], personas: Sequence[str]) -> dict[str, Any]:
                                "min": [min(s) for s in per_step],
                                "max": [max(s) for s in per_step],
                                "adapter_steps": statistics.fmean(
-                                   adapter_steps(r, name) for r in mine)}
+                                   adapter_steps(r, name) for r in mine),
+                               "met_at_end": {a: statistics.fmean(
+                                   r.attributes[name][-1][a] for r in mine)
+                                   for a in mine[0].attributes.get(name, [{}])[-1]}}
     return out
 
 
@@ -215,6 +225,7 @@ def run_personal_benchmark(personas: Sequence[Persona], config: BenchConfig, out
                                    max_loras=4)
     progress(f"starting vLLM with {model_dir.name} (log: {out / 'vllm.log'})")
     runs: list[ModeRun] = []
+    results: dict[str, Any] = {}
     with VLLMProcess(vllm_config) as vllm:
         for seed in seeds:
             for mode in MODES:
@@ -222,12 +233,20 @@ def run_personal_benchmark(personas: Sequence[Persona], config: BenchConfig, out
                     personas, mode, replace(config, seed=seed), personal_after=personal_after,
                     vllm_url=vllm.url, base_model=BASE_MODEL, model_dir=model_dir,
                     workdir=out / "work", progress=progress)))
-    names = [p.name for p in personas]
+            # Written after every seed, so that a long run that is stopped keeps its seeds.
+            results = write_results(out, personas, config, personal_after, runs, started)
+    return results
+
+
+def write_results(out: Path, personas: Sequence[Persona], config: BenchConfig,
+                  personal_after: int, runs: list[ModeRun], started: float) -> dict[str, Any]:
     results = {
         "personas": {p.name: p.prefers for p in personas},
-        "config": asdict(config), "personal_after": personal_after, "seeds": list(seeds),
+        "config": asdict(config), "personal_after": personal_after,
+        "seeds": sorted({r.seed for r in runs}),
         "optimizer_steps_per_step": OPTIMIZER_STEPS_PER_STEP,
-        "modes": summarise(runs, names), "runs": [asdict(r) for r in runs],
+        "modes": summarise(runs, [p.name for p in personas]),
+        "runs": [asdict(r) for r in runs],
         "wall_seconds": time.monotonic() - started,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -260,7 +279,22 @@ def markdown_table(results: dict[str, Any]) -> str:
                 cells.append(f"{m['adapter_steps']:g}")
             label = "both (mean)" if name == "mean" else name
             lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _preferences_met(results, steps)
+
+
+def _preferences_met(results: dict[str, Any], steps: int) -> str:
+    """How often each preference was met at the last step: where a shared adapter has
+    to take sides."""
+    lines = ["", f"Preferences met at step {steps}:", ""]
+    for name, prefers in results["personas"].items():
+        lines += [f"| {name} | " + " | ".join(f"{a}: {v}" for a, v in prefers.items()) + " |",
+                  "|" + "---|" * (len(prefers) + 1)]
+        for mode in MODES:
+            met = results["modes"][mode][name].get("met_at_end") or {}
+            lines.append(f"| {mode} | " + " | ".join(
+                f"{met[a]:.2f}" if a in met else "-" for a in prefers) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot_personal(results: dict[str, Any], path: Path) -> Path:
