@@ -166,7 +166,10 @@ def _from_chunks(chunks: list[dict[str, Any]], endpoint: Endpoint) -> Assembled:
         if chunk.get("prompt_token_ids"):
             prompt_ids = chunk["prompt_token_ids"]
         for c in chunk.get("choices") or []:
-            slot = acc.setdefault(c.get("index", 0), _new_slot())
+            index = c.get("index", 0)
+            slot = acc.get(index)
+            if slot is None:
+                slot = acc[index] = _new_slot()
             if c.get("prompt_token_ids"):
                 prompt_ids = c["prompt_token_ids"]
             slot["token_ids"].extend(c.get("token_ids") or [])

@@ -67,6 +67,8 @@ class Prepared:
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self.processors[name] = processor
+        self._plan = [(name, self.processors.get(name), self.fixed.get(name, _REQUIRED))
+                      for name in order]
         self.row: Callable[..., Any] | None = None
         self.columns: list[Any] = []
         self.results: list[Processor | None] | None = None  # known once a row is read
@@ -78,12 +80,11 @@ class Prepared:
 
     def params(self, values: Mapping[str, Any]) -> Any:
         out = []
-        for name in self.names:
-            value = values[name] if name in values else self.fixed.get(name, _REQUIRED)
+        for name, processor, fixed in self._plan:
+            value = values.get(name, fixed)
             if value is _REQUIRED:
                 raise KeyError(f"no value for parameter {name!r} of {self.sql!r}")
-            processor = self.processors.get(name)
-            out.append(processor(value) if processor is not None else value)
+            out.append(value if processor is None else processor(value))
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
     def run(self, conn: Connection, values: Mapping[str, Any]) -> int:

@@ -92,6 +92,16 @@ def _sqlite_pragmas(busy_timeout: float) -> Any:
     return on_connect
 
 
+def _opening_key(rec: TurnRecord) -> str | None:
+    """The conversation a chat request without a session id continues: the key of its
+    messages up to the last reply (what that reply's turn was indexed under)."""
+    messages = rec.request.get("messages")
+    if rec.session_id or rec.endpoint != "chat" or not isinstance(messages, list):
+        return None
+    i = last_assistant_index(messages)
+    return None if i is None else conversation_key(messages[: i + 1])
+
+
 class Store:
     def __init__(self, url: str, *, busy_timeout: float = 5.0,
                  redactor: Redactor | None = None) -> None:
@@ -154,37 +164,38 @@ class Store:
         with self.engine.begin() as conn:
             for record in records:
                 if isinstance(record, TurnRecord):
+                    key = _opening_key(record)
                     if now - record.created_at < pairing_wait and self._parent_missing(
-                            conn, record):
+                            conn, record, key):
                         deferred.append(record)
                     else:
-                        written += self._write_turn(conn, record)
+                        written += self._write_turn(conn, record, key)
                 elif isinstance(record, FeedbackRecord):
                     written += self._write_feedback(conn, record)
                 else:
                     written += self._write_next_state(conn, record)
         return written, deferred
 
-    def _parent_missing(self, conn: Connection, rec: TurnRecord) -> bool:
+    def _parent_missing(self, conn: Connection, rec: TurnRecord, key: str | None) -> bool:
         """Does this turn continue a conversation the store has not seen yet?"""
-        messages = rec.request.get("messages")
-        if rec.turn_type != "main" or rec.endpoint != "chat" or not isinstance(messages, list):
-            return False
-        i = last_assistant_index(messages)
-        if i is None:
+        if rec.turn_type != "main":
             return False
         if rec.session_id:
-            return self._session(conn, rec.session_id) is None
-        key = conversation_key(messages[: i + 1])
+            messages = rec.request.get("messages")
+            return (rec.endpoint == "chat" and isinstance(messages, list)
+                    and last_assistant_index(messages) is not None
+                    and self._session(conn, rec.session_id) is None)
+        if key is None:
+            return False
         return self._sql("key_seen", lambda: select(turn_keys.c.turn_id).where(
             turn_keys.c.key == bindparam("key")).limit(1)).first(conn, {"key": key}) is None
 
-    def _write_turn(self, conn: Connection, rec: TurnRecord) -> int:
+    def _write_turn(self, conn: Connection, rec: TurnRecord, key: str | None) -> int:
         if self._sql("turn_seen", lambda: select(turns.c.id).where(
                 turns.c.id == bindparam("id"))).first(conn, {"id": rec.turn_id}):
             return 0  # replayed from the spool: already stored
         reply = assemble(rec)
-        session_id, prev_id, session = self._resolve_session(conn, rec)
+        session_id, prev_id, session = self._resolve_session(conn, rec, key)
         if rec.feedback is not None:
             last = session.last_main_turn_id if session is not None else None
             self._insert_feedback(conn, FeedbackRecord(
@@ -217,9 +228,10 @@ class Store:
             sessions.c.id == bindparam("id"))).first(conn, {"id": session_id})
 
     def _resolve_session(
-        self, conn: Connection, rec: TurnRecord
+        self, conn: Connection, rec: TurnRecord, key: str | None
     ) -> tuple[str, str | None, Any]:
-        """(session id, previous pending main turn to pair, existing session row).
+        """(session id, previous pending main turn to pair, existing session row); ``key``:
+        the conversation the request continues, if it has no session id (`_opening_key`).
 
         Sessions never cross tenants: a session id another tenant already uses is kept
         apart under a tenant prefix, and conversation matching looks at the tenant's own
@@ -232,24 +244,20 @@ class Store:
                 row = self._session(conn, session_id)
             prev = row.last_main_turn_id if row is not None else None
             return session_id, prev, row
-        messages = rec.request.get("messages")
-        if rec.endpoint == "chat" and isinstance(messages, list):
-            i = last_assistant_index(messages)
-            if i is not None:
-                key = conversation_key(messages[: i + 1])
-                tenant: Any = None if rec.tenant is None else bindparam("tenant")
-                found = self._sql(("by_key", rec.tenant is None), lambda: (
-                    select(turns.c.id, turns.c.session_id, turns.c.next_state_status)
-                    .join(turn_keys, turn_keys.c.turn_id == turns.c.id)
-                    .where(turn_keys.c.key == bindparam("key"), same_tenant(tenant))
-                    .order_by((turns.c.next_state_status == "pending").desc(),
-                              turns.c.created_at.desc())
-                    .limit(1)
-                )).first(conn, {"key": key, "tenant": rec.tenant})
-                if found is not None:
-                    row = self._session(conn, found.session_id)
-                    prev = found.id if found.next_state_status == "pending" else None
-                    return found.session_id, prev, row
+        if key is not None:
+            tenant: Any = None if rec.tenant is None else bindparam("tenant")
+            found = self._sql(("by_key", rec.tenant is None), lambda: (
+                select(turns.c.id, turns.c.session_id, turns.c.next_state_status)
+                .join(turn_keys, turn_keys.c.turn_id == turns.c.id)
+                .where(turn_keys.c.key == bindparam("key"), same_tenant(tenant))
+                .order_by((turns.c.next_state_status == "pending").desc(),
+                          turns.c.created_at.desc())
+                .limit(1)
+            )).first(conn, {"key": key, "tenant": rec.tenant})
+            if found is not None:
+                row = self._session(conn, found.session_id)
+                prev = found.id if found.next_state_status == "pending" else None
+                return found.session_id, prev, row
         return uuid.uuid4().hex, None, None
 
     def _pair(self, conn: Connection, prev_id: str, at: float, next_turn_id: str | None,

@@ -29,6 +29,13 @@ class FlakyStore:
         return 0
 
 
+async def until(condition, timeout=10.0):
+    """Wait for the writer (a thread, slow to start on a busy machine) to get there."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def rec(i):
     return TurnRecord(turn_id=f"r{i}", endpoint="chat", created_at=float(i),
                       request={"messages": [{"role": "user", "content": str(i)}]},
@@ -43,7 +50,7 @@ async def test_records_wait_on_disk_while_the_store_is_down(tmp_path):
     store.down = True
     for i in range(10):  # more than the queue holds
         recorder.submit(rec(i))
-    await asyncio.sleep(0.2)
+    await until(lambda: recorder.stats.spooled == 10)
     assert store.inner.count_turns() == 0
     assert recorder.stats.spooled == 10
     assert recorder.stats.dropped == 0
@@ -143,7 +150,7 @@ async def test_a_full_disk_while_the_store_is_down_drops_counted_and_never_raise
     recorder.spool.append = disk_full
     recorder.start()
     recorder.submit(rec(1))  # the request path never sees the failure
-    await asyncio.sleep(0.2)
+    await until(lambda: recorder.stats.dropped == 1)
     assert recorder.stats.dropped == 1
     assert "No space left" in recorder.stats.last_error
     recorder._task.cancel()

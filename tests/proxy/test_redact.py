@@ -1,6 +1,6 @@
 """Redaction of secrets and personal data before storing."""
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nextstate.proxy.redact import MASK, Redactor
@@ -42,6 +42,7 @@ _PIECES = ["sk-", "AKIA", "ASIA", "ghp_", "xoxb-", "Bearer ", "bEaReR\t", "@", "
            "abcdefghijklmnop0123456789ABCD", "ABCDEFGHIJKLMNOP", ".", " ", "é", "\n", '"', "x"]
 
 
+@settings(deadline=None)  # a busy machine must not fail it
 @given(st.recursive(
     st.lists(st.sampled_from(_PIECES), max_size=12).map("".join) | st.integers() | st.none(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
