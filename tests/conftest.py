@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +30,37 @@ from nextstate.proxy.settings import ProxySettings, data_dir
 from nextstate.proxy.store import Store
 
 MODEL_NAME = "nextstate-toy"
+
+
+LEARNING_TEST = "tests/integration/test_learning.py"
+_BUILD = pytest.StashKey[subprocess.Popen]()  # type: ignore[type-arg]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The learning test runs last, so that building its model (below) overlaps the rest."""
+    items.sort(key=lambda item: item.nodeid.startswith(LEARNING_TEST))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the hint-following model in the background when the learning test
+    will need it (~8 minutes, one thread): its fixture then waits on the build's lock
+    instead of building from scratch."""
+    from nextstate.learner.toy_model import TRAINED_TOY
+
+    wanted = any(item.nodeid.startswith(LEARNING_TEST) for item in session.items)
+    if not wanted or (data_dir() / "models" / f"toy-{TRAINED_TOY.digest()}").is_dir():
+        return
+    data_dir().mkdir(parents=True, exist_ok=True)
+    log = open(data_dir() / "trained-toy-build.log", "ab")  # noqa: SIM115 (outlives this hook)
+    session.config.stash[_BUILD] = subprocess.Popen(
+        [sys.executable, "-c", "from nextstate.learner.experiment.bench import "
+         "trained_toy_model; trained_toy_model(print)"], stdout=log, stderr=log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    build = session.config.stash.get(_BUILD, None)
+    if build is not None and build.poll() is None:
+        build.terminate()  # a later run cleans up the partial build
 
 
 def _require_vllm() -> None:
