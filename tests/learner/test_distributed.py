@@ -51,6 +51,9 @@ def test_two_processes_make_the_same_step_as_one(toy_model, tmp_path):
     assert got.keys() == expected.keys()
     moved = max(float((expected[k] - before[k]).abs().max()) for k in expected)
     assert moved > 1e-3  # the step really changed the adapter, by far more than...
-    for key in expected:  # ...the float noise of summing gradients in another order
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-3)
+    # ...the float noise of summing gradients in another order. Adam divides each
+    # gradient by its own running size, so on a weight whose gradient is ~0 that noise
+    # can become a visible update: allow 1% of the learning rate (1e-2).
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-3)
 
