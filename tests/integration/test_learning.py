@@ -44,4 +44,6 @@ async def test_the_combined_method_raises_the_students_score_well_above_base(
     assert base <= 0.4, f"the base model already pleases the student ({base:.2f})"
     assert final >= base + 0.25, f"score {base:.2f} -> {final:.2f} after 6 steps: {run.scores}"
     assert len(run.versions) == 6 and len(set(run.versions)) == 6  # one adapter per step
-    assert all(t >= config.batch_turns for t in run.turns_recorded)
+    # Every turn trained on was made by the simulated user (a step may also use turns
+    # left over from the traffic of the step before, so only the total is exact).
+    assert sum(run.turns_recorded) >= config.steps * config.batch_turns
