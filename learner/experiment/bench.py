@@ -14,7 +14,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,25 @@ def trained_toy_model(progress: Progress) -> Path:
     return ensure_toy_model(data_dir(), TRAINED_TOY, progress=progress)
 
 
-def run_benchmark(persona: Persona, methods: Sequence[str], config: BenchConfig, out: Path,
-                  seeds: Sequence[int] = (0,), progress: Progress = print) -> dict[str, Any]:
+@contextmanager
+def serving_trained_toy(out: Path, progress: Progress) -> Iterator[tuple[VLLMProcess, Path]]:
+    """A vLLM serving the hint-following toy model (built first if needed), logging into
+    ``out``; yields it and the model's directory (the trainer's base)."""
     out.mkdir(parents=True, exist_ok=True)
     model_dir = trained_toy_model(progress)
-    started = time.monotonic()
     vllm_config = toy_model_config(model_dir, BASE_MODEL, log_path=out / "vllm.log",
                                    max_loras=4)
     progress(f"starting vLLM with {model_dir.name} (log: {out / 'vllm.log'})")
+    with VLLMProcess(vllm_config) as vllm:
+        yield vllm, model_dir
+
+
+def run_benchmark(persona: Persona, methods: Sequence[str], config: BenchConfig, out: Path,
+                  seeds: Sequence[int] = (0,), progress: Progress = print) -> dict[str, Any]:
+    started = time.monotonic()
     runs: list[MethodRun] = []
     results: dict[str, Any] = {}
-    with VLLMProcess(vllm_config) as vllm:
+    with serving_trained_toy(out, progress) as (vllm, model_dir):
         for seed in seeds:
             for method in methods:
                 runs.append(asyncio.run(run_method(

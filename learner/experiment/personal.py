@@ -35,14 +35,14 @@ from typing import Any
 
 import httpx
 
-from nextstate.learner.experiment.bench import BASE_MODEL, trained_toy_model
+from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
 from nextstate.learner.experiment.styles import Problem, detect, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from nextstate.proxy.backend import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 
@@ -218,15 +218,10 @@ def adapter_steps(run: ModeRun, persona: str) -> int:
 def run_personal_benchmark(personas: Sequence[Persona], config: BenchConfig, out: Path,
                            personal_after: int = 1, seeds: Sequence[int] = (0,),
                            progress: Progress = print) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = trained_toy_model(progress)
     started = time.monotonic()
-    vllm_config = toy_model_config(model_dir, BASE_MODEL, log_path=out / "vllm.log",
-                                   max_loras=4)
-    progress(f"starting vLLM with {model_dir.name} (log: {out / 'vllm.log'})")
     runs: list[ModeRun] = []
     results: dict[str, Any] = {}
-    with VLLMProcess(vllm_config) as vllm:
+    with serving_trained_toy(out, progress) as (vllm, model_dir):
         for seed in seeds:
             for mode in MODES:
                 runs.append(asyncio.run(run_mode(
