@@ -1,6 +1,8 @@
 """The learner's commands of the ``nextstate`` CLI (store -> learner -> vLLM).
 
-    nextstate learn --backend URL     judge, train and publish, until stopped
+    nextstate learn --backend URL     judge, train and publish, until stopped (several
+                                      GPUs: torchrun --nproc-per-node N --no-python
+                                      nextstate learn ...)
     nextstate status                  what the learner is doing, with progress to the next step
     nextstate adapters list           every adapter version and its state
     nextstate adapters rollback V     make version V current again
@@ -56,26 +58,34 @@ _store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
               help="Personal adapters: a user (X-NextState-User, or the API key's tenant) "
               "with N judged turns gets their own adapter, trained on their turns from then "
               "on. Default: one adapter for everyone.")
+@click.option("--shard", is_flag=True,
+              help="Under torchrun with N processes: each holds 1/N of the weights (FSDP), "
+              "for a base model that does not fit one GPU.")
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
 def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no_train: bool,
           store: str | None, judge: str, judge_model: str | None, judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
-          personal_after: int | None, once: bool) -> None:
+          personal_after: int | None, shard: bool, once: bool) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
     from dataclasses import replace
 
+    from nextstate.learner import ranks
     from nextstate.learner.process import Learner, LearnerConfig
     from nextstate.learner.trainer import TrainerConfig
     from nextstate.learner.training import TrainingConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    rank = ranks.start()
+    if rank:  # launched as one of several: rank 0 is the learner, this one trains
+        ranks.follow()
+        return
     if model_dir is None and not no_train:
         from nextstate.learner.toy_model import ensure_toy_model
 
         model_dir = ensure_toy_model(data_dir())
     trainer = replace(TrainerConfig(), method=method, batch_turns=batch_turns,
-                      learning_rate=learning_rate)
+                      learning_rate=learning_rate, shard=shard)
     config = LearnerConfig(
         store_url=store or default_store_url(), backend_url=backends[0].rstrip("/"),
         backend_urls=tuple(b.rstrip("/") for b in backends),
@@ -91,7 +101,10 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         finally:
             await learner.close()
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        ranks.stop()
 
 
 @click.command()

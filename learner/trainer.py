@@ -10,11 +10,13 @@ logprobs under a hindsight hint. Nothing is re-tokenized. A step:
    micro-batches bounded by a token budget (gradients accumulate across them);
 4. measure how far the policy moved (KL on the batch), for the publish gate.
 
-Several processes (``torchrun --nproc-per-node N``, gloo on CPU, NCCL on GPUs): each rank
-takes every N-th turn of the same batch and weighs its loss by its share of the WHOLE
-batch's tokens, so summing the ranks' LoRA gradients (one all-reduce per pass) gives
-exactly the single-process gradient, and every rank takes the same optimizer step.
-Sharding the weights themselves (FSDP, for models that do not fit one GPU) is not done.
+Several processes (``torchrun --nproc-per-node N``, gloo on CPU, NCCL on GPUs; see
+`ranks` for how the learner drives them): each rank takes every N-th turn of the same
+batch and weighs its loss by its share of the WHOLE batch's tokens, so summing the ranks'
+LoRA gradients gives exactly the single-process gradient, and every rank takes the same
+optimizer step. Without ``shard`` each rank holds the whole model and the gradients are
+summed by one all-reduce per pass (DDP's scheme); with it, FSDP holds 1/N of every weight
+on each rank (`sharding`) and sums the gradients as it goes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from nextstate.learner import sharding
 from nextstate.learner.losses import (
     binary_advantages,
     clipped_surrogate,
@@ -62,6 +65,9 @@ class TrainerConfig:
     kl_coef: float = 0.0  # KL to the base model (adapter off); 0: off
     max_grad_norm: float = 1.0
     seed: int = 0
+    # FSDP: with N processes, each holds 1/N of the weights (for a base model that does
+    # not fit one GPU). Off: each holds the whole model, which is faster when it fits.
+    shard: bool = False
 
 
 @dataclass
@@ -104,6 +110,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.config = config
         self.device = device or pick_device()
+        self.sharded = config.shard and _rank_and_world()[1] > 1
+        self._marks: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
         n_params = sum(p.numel() for p in model.parameters())
@@ -118,13 +126,15 @@ class Trainer:
             self.model = get_peft_model(model, LoraConfig(
                 r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                 target_modules=targets, task_type="CAUSAL_LM"))
-        self.model.to(self.device)
+        if self.sharded:  # still on the CPU: each rank moves only its shard to the GPU
+            sharding.shard(self.model, self.device)
+        else:
+            self.model.to(self.device)
         lr = config.learning_rate or (1e-3 if n_params < 1e8 else 2e-5)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         if resume_from is not None and (resume_from / "optimizer.pt").exists():
-            self.optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt",
-                                                      map_location=self.device))
+            self._load_optimizer(resume_from / "optimizer.pt")
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -140,13 +150,17 @@ class Trainer:
         advantages = [self._advantages(item, old_t) for item, old_t in zip(items, old,
                                                                             strict=True)]
         total_tokens = sum(len(item.completion_ids) for item in items)
-        mine = list(range(rank, len(items), world))
+        groups = self._rank_microbatches(items, rank, world)
+        # FSDP averages the ranks' gradients; the shares below are made to be summed.
+        scale = world if self.sharded else 1
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         stats: list[tuple[float, Any]] = []
         for _ in range(cfg.passes):
             self.optimizer.zero_grad(set_to_none=True)
-            for local in self._microbatches([items[i] for i in mine]):
-                batch = [mine[i] for i in local]
+            for group in groups:
+                # An empty group keeps a sharded rank in step with the others (every
+                # forward and backward is collective): it runs, and counts for nothing.
+                batch = group or [0]
                 logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
                 old_B_T = _pad([old[i] for i in batch], mask_B_T)
                 adv_B_T = _pad([advantages[i] for i in batch], mask_B_T)
@@ -159,10 +173,11 @@ class Trainer:
                 if ref is not None:
                     loss = loss + cfg.kl_coef * kl_to_reference(
                         logp_B_T, _pad([ref[i] for i in batch], mask_B_T), mask_B_T)
-                share = float(mask_B_T.sum()) / total_tokens
-                (loss * share).backward()
-                stats.append((share, s))
-            if world > 1:
+                share = float(mask_B_T.sum()) / total_tokens if group else 0.0
+                (loss * share * scale).backward()
+                if group:
+                    stats.append((share, s))
+            if world > 1 and not self.sharded:
                 _sum_gradients(trainable)
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             self.optimizer.step()
@@ -228,6 +243,22 @@ class Trainer:
             mask_B_T[row, :t] = 1.0
         return logp_B_T, mask_B_T
 
+    def _rank_microbatches(self, items: Sequence[TrainItem], rank: int,
+                           world: int) -> list[list[int]]:
+        """This rank's micro-batches (indices into ``items``): every ``world``-th item from
+        ``rank`` on. Sharded, every rank gets as many (padded with empty ones), since each
+        forward and backward pass is a collective operation."""
+        def of(r: int) -> list[list[int]]:
+            mine = list(range(r, len(items), world))
+            return [[mine[i] for i in local]
+                    for local in self._microbatches([items[i] for i in mine])]
+
+        groups = of(rank)
+        if self.sharded:
+            most = max(len(of(r)) for r in range(world))
+            groups += [[] for _ in range(most - len(groups))]
+        return groups
+
     def _microbatches(self, items: Sequence[TrainItem]) -> Iterator[list[int]]:
         """Indices of items grouped so that each padded group fits the token budget
         (an item longer than the budget goes alone)."""
@@ -267,38 +298,48 @@ class Trainer:
     # -- saving and restoring -------------------------------------------------------------------
 
     def save(self, directory: Path, stats: StepStats | None = None) -> Path:
-        """The adapter (peft format, loadable by vLLM) plus the optimizer state to resume."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        if stats is not None:
-            (directory / "step.json").write_text(json.dumps(asdict(stats)))
+        """The adapter (peft format, loadable by vLLM) plus the optimizer state to resume.
+        Every rank calls it (sharded, each holds a part of the weights); rank 0 writes."""
+        weights = self.full_lora()
+        optimizer = sharding.full_optimizer_state(self.optimizer)
+        rank, world = _rank_and_world()
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(directory, state_dict=weights)
+            torch.save(optimizer, directory / "optimizer.pt")
+            if stats is not None:
+                (directory / "step.json").write_text(json.dumps(asdict(stats)))
+        if world > 1:
+            torch.distributed.barrier()  # written, before any rank may `load` it
         return directory
 
     def load(self, directory: Path) -> None:
         """Put an adapter written by `save` into this trainer: its weights, and its
         optimizer state (a fresh one if it has none). One trainer can so train many
         adapters in turn (personal adapters) with one copy of the base model."""
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         saved = json.loads((directory / "adapter_config.json").read_text())
         if saved.get("r") != self.config.lora_rank:
             raise ValueError(f"{directory.name} has LoRA rank {saved.get('r')}, the trainer "
                              f"{self.config.lora_rank}: train a new policy or set the rank")
-        weights = load_file(directory / "adapter_model.safetensors", device=str(self.device))
-        result = set_peft_model_state_dict(self.model, weights)
-        if result.unexpected_keys:
-            raise ValueError(f"{directory.name} does not fit the trainer's adapter: "
-                             f"{result.unexpected_keys[:3]}")
+        try:
+            sharding.set_lora(self.model, load_file(directory / "adapter_model.safetensors"))
+        except ValueError as exc:
+            raise ValueError(f"{directory.name} does not fit the trainer's adapter: {exc}") \
+                from exc
         state = directory / "optimizer.pt"
         if state.exists():
-            self.optimizer.load_state_dict(torch.load(state, map_location=self.device))
+            self._load_optimizer(state)
         else:
             self.optimizer.state.clear()
 
+    def _load_optimizer(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu")
+        self.optimizer.load_state_dict(sharding.local_optimizer_state(self.optimizer, state))
+
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The trainable weights and optimizer state, to undo a step the gate refuses."""
+        """The trainable weights and optimizer state (this rank's part), to undo a step."""
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                    if "lora_" in k}
         return weights, copy.deepcopy(self.optimizer.state_dict())
@@ -307,6 +348,18 @@ class Trainer:
         weights, optimizer = snapshot
         self.model.load_state_dict(weights, strict=False)
         self.optimizer.load_state_dict(optimizer)
+
+    def full_lora(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights, whole (gathered from every rank when sharded)."""
+        return sharding.full_lora(self.model)
+
+    def mark(self, name: str) -> None:
+        """`snapshot` kept under a name, so that a caller on another rank can say which
+        state to go back to (`rewind`) without holding the tensors itself."""
+        self._marks[name] = self.snapshot()
+
+    def rewind(self, name: str) -> None:
+        self.restore(self._marks[name])
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -33,6 +33,7 @@ from nextstate.learner.publish import (
     version_name,
     version_of,
 )
+from nextstate.learner.ranks import Leader, make_trainer
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
@@ -123,13 +124,13 @@ class TrainingStage:
         self.admins = admins  # one per vLLM backend: every adapter goes to all of them
         self.adapters_dir = adapters_dir
         self.config = config
-        self.trainer: Trainer | None = None
-        self.fresh: Any = None  # a new adapter's weights and optimizer state
+        # Its marks: "fresh" (a new adapter), "before" (the weights as a step starts).
+        self.trainer: Trainer | Leader | None = None
         # Whose weights the trainer holds: (policy, version; 0 for none yet).
         self.loaded: tuple[str, int] | None = None
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
 
-    def _trainer(self, lane: Lane) -> Trainer:
+    def _trainer(self, lane: Lane) -> Trainer | Leader:
         """The trainer, holding ``lane``'s current adapter and its optimizer state (read
         from its directory when another lane, or an earlier version after a rollback,
         was there). A user's first adapter starts from the shared adapter's weights;
@@ -140,15 +141,15 @@ class TrainingStage:
             return self.trainer
         if self.trainer is None:
             self.store.abandon_staged()  # a killed learner's
-            self.trainer = Trainer(self.model_dir, self.config.trainer)
-            self.fresh = self.trainer.snapshot()
+            self.trainer = make_trainer(self.model_dir, self.config.trainer)
+            self.trainer.mark("fresh")
         source = current
         if source is None and lane.user is not None:
             source = self.store.current_adapter(self.policy)
         if source is not None:
             self.trainer.load(Path(source["path"]))
         else:
-            self.trainer.restore(self.fresh)
+            self.trainer.rewind("fresh")
         self.loaded = key
         return self.trainer
 
@@ -205,10 +206,10 @@ class TrainingStage:
             return self._remember(StepResult(None, None, StepStats(turns=len(items)),
                                              "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
-        before = trainer.snapshot()
+        trainer.mark("before")
         stats = await asyncio.to_thread(trainer.step, useful)
         if self.config.gate and stats.kl > self.config.gate_max_kl:
-            trainer.restore(before)
+            trainer.rewind("before")
             reason = (f"publish gate: the step moved the policy {stats.kl:.3f} nats/token, "
                       f"over the bound {self.config.gate_max_kl}")
             self.store.skip(ids, reason)
@@ -223,7 +224,7 @@ class TrainingStage:
             for admin in self.admins:  # verified on each; current only once all have it
                 await admin.load(name, path)
         except PublishError as exc:
-            trainer.restore(before)  # the turns stay untrained: learn from them again
+            trainer.rewind("before")  # the turns stay untrained: learn from them again
             self.store.set_adapter_status(version, "failed", str(exc))
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(StepResult(version, name, stats, "failed", str(exc)), lane)

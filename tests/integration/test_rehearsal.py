@@ -1,7 +1,7 @@
 """A local rehearsal of a team deployment (README: "Scaling"): two vLLM backends, two
-proxy processes in front of both, one PostgreSQL store, one learner publishing to both
-backends. Traffic goes through both proxies; the learner trains and publishes; both
-backends get the adapter and both proxies serve it."""
+proxy processes in front of both, one PostgreSQL store, one learner of two processes
+(torchrun, FSDP) publishing to both backends. Traffic goes through both proxies; the
+learner trains and publishes; both backends get the adapter and both proxies serve it."""
 
 from __future__ import annotations
 
@@ -48,11 +48,14 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
                 *[arg for b in backends for arg in ("--backend", b)]], log))
             proxies.append(f"http://127.0.0.1:{port}")
             wait_up(proxies[-1], log)
+        # The learner on "a GPU node" with two GPUs: two processes, weights sharded.
         learner_log = tmp_path / "learner.log"
         processes.append(spawn([
-            sys.executable, "-m", "nextstate.proxy.cli", "learn", "--store", postgres_url,
-            "--model", MODEL_NAME, "--model-dir", str(toy_model), "--batch-turns", "4",
-            *[arg for b in backends for arg in ("--backend", b)]], learner_log))
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", "-m", "nextstate.proxy.cli", "learn", "--shard",
+            "--store", postgres_url, "--model", MODEL_NAME, "--model-dir", str(toy_model),
+            "--batch-turns", "4", *[arg for b in backends for arg in ("--backend", b)]],
+            learner_log))
 
         # Conversations whose turns alternate between the two proxies.
         for i in range(6):
@@ -77,6 +80,8 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
                     if " nextstate" in line or "Error" in line]
             raise AssertionError("no adapter published; the learner said:\n"
                                  + "\n".join(said[-40:]))
+        said = learner_log.read_text()
+        assert "rank 0 of 2" in said and "rank 1 of 2" in said
         for url in backends:
             models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
             assert name in models, url

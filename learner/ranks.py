@@ -1,0 +1,124 @@
+"""Several training processes for one learner (learner -> trainer, on every rank).
+
+``torchrun --nproc-per-node N --no-python nextstate learn ...`` (or ``accelerate
+launch``, which sets the same variables) starts N copies of the learner. Rank 0 is the
+learner proper: it reads the store, judges, asks the teacher, publishes. The other ranks
+only train: each holds a `Trainer` and makes the calls rank 0's trainer makes, in the
+same order, with the same arguments. Rank 0 broadcasts each call before making it
+(`Leader`), the others wait for the next one (`follow`), and the collective operations
+inside the calls (the gradient sum, FSDP's gathers) meet.
+
+A call is small (a batch's token ids, a directory name), so the broadcast costs nothing
+next to the step. The adapter directories must be visible to every rank (one node, or a
+shared file system). If a rank fails mid-call, the others wait in a collective until the
+process group's timeout and exit; torchrun then stops the rest (``--max-restarts``
+starts them again). Nothing is lost: the learner's state is in the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
+
+log = logging.getLogger("nextstate.learner.ranks")
+# How long a rank waits in a collective before giving up: long enough for rank 0 to
+# judge a backlog between two steps, while its followers wait for the next call.
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+def start() -> int | None:
+    """Join the process group when launched as one of several (WORLD_SIZE > 1); returns
+    this process's rank, or None when it runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=TIMEOUT)
+    rank = dist.get_rank()
+    log.info("rank %d of %d (%s)%s", rank, dist.get_world_size(), dist.get_backend(),
+             "" if rank else ": the learner; the other ranks follow its trainer")
+    return rank
+
+
+def several() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def make_trainer(model_dir: Path, config: TrainerConfig) -> Trainer | Leader:
+    """The learner's trainer: a plain `Trainer`, or rank 0's `Leader` of several."""
+    return Leader(model_dir, config) if several() else Trainer(model_dir, config)
+
+
+class Leader:
+    """Rank 0's trainer: each call is sent to the other ranks, then made here."""
+
+    def __init__(self, model_dir: Path, config: TrainerConfig) -> None:
+        _send("init", model_dir, config)
+        self.trainer = Trainer(model_dir, config)
+        self.config = config
+
+    def step(self, items: Sequence[TrainItem]) -> StepStats:
+        _send("step", list(items))
+        return self.trainer.step(items)
+
+    def save(self, directory: Path, stats: StepStats | None = None) -> Path:
+        _send("save", directory)  # every rank gathers its part; rank 0 writes
+        return self.trainer.save(directory, stats)
+
+    def load(self, directory: Path) -> None:
+        _send("load", directory)
+        self.trainer.load(directory)
+
+    def mark(self, name: str) -> None:
+        _send("mark", name)
+        self.trainer.mark(name)
+
+    def rewind(self, name: str) -> None:
+        _send("rewind", name)
+        self.trainer.rewind(name)
+
+
+def follow() -> Trainer | None:
+    """A rank other than 0: make rank 0's trainer calls until it says stop; returns the
+    trainer as the calls left it."""
+    trainer: Trainer | None = None
+    while True:
+        call, args = _receive()
+        if call == "stop":
+            return trainer
+        if call == "init":
+            trainer = Trainer(*args)
+            continue
+        assert trainer is not None, f"{call} before init"
+        try:
+            getattr(trainer, call)(*args)
+        except Exception:  # rank 0 met the same error (same call, same data) and goes on
+            log.exception("rank %d: %s failed", dist.get_rank(), call)
+
+
+def stop() -> None:
+    """Rank 0, leaving: let the other ranks return."""
+    if several():
+        _send("stop")
+
+
+def _send(call: str, *args: Any) -> None:
+    dist.broadcast_object_list([(call, args)], src=0)
+
+
+def _receive() -> tuple[str, tuple[Any, ...]]:
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    call, args = box[0]
+    return str(call), tuple(args)

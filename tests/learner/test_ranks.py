@@ -1,0 +1,60 @@
+"""Rank 0 drives, the other ranks follow (gloo, CPU): a learner's sequence of trainer
+calls made through `Leader` on two processes ends with the same adapter on both ranks as
+the same calls on one process."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from nextstate.learner import ranks
+from nextstate.learner.trainer import Trainer
+from tests.learner.test_distributed import CONFIG, train
+
+
+def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        if rank == 0:
+            trainer = ranks.make_trainer(Path(model), replace(CONFIG, shard=shard))
+            assert isinstance(trainer, ranks.Leader)
+            train(trainer, Path(out))  # type: ignore[arg-type]
+            ranks.stop()
+            trainer.trainer.full_lora()  # sharded, the gather below takes both ranks
+        else:
+            follower = ranks.follow()
+            assert follower is not None
+            # What this rank holds: its whole copy, or its shard gathered.
+            torch.save({k.replace(".default", ""): v
+                        for k, v in follower.full_lora().items()}, Path(out) / "rank1.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])
+def test_the_other_ranks_make_rank_0s_calls(toy_model, tmp_path, shard):
+    single = Trainer(toy_model, CONFIG)
+    train(single, tmp_path / "single")
+
+    (tmp_path / "two").mkdir()
+    mp.spawn(_rank, args=(2, str(toy_model), shard, str(tmp_path / "init"),
+                          str(tmp_path / "two")), nprocs=2, join=True)
+    expected = load_file(tmp_path / "single" / "two" / "adapter_model.safetensors")
+    published = load_file(tmp_path / "two" / "two" / "adapter_model.safetensors")
+    follower = torch.load(tmp_path / "two" / "rank1.pt")
+    for key in expected:  # tolerance: see test_distributed
+        torch.testing.assert_close(published[key], expected[key], atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(follower[key], published[key], atol=1e-6, rtol=0)
+
+
+def test_alone_the_learner_has_a_plain_trainer(toy_model):
+    assert ranks.start() is None  # no WORLD_SIZE: not launched as one of several
+    assert type(ranks.make_trainer(toy_model, CONFIG)) is Trainer
