@@ -131,19 +131,23 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
 @click.option("--vllm-arg", multiple=True, help="Extra argument for vLLM (repeatable), "
               "e.g. --vllm-arg=--tool-call-parser=hermes --vllm-arg=--enable-auto-tool-choice")
 @click.option("--no-learner", is_flag=True, help="Serve and record, but do not learn.")
+@click.option("--personal-after", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Personal adapters: a user with N judged turns gets their own adapter "
+              "(see nextstate learn). Default: one adapter for everyone.")
 @_host
 @_store
 @_api_key
 @_no_record
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
-       vllm_arg: tuple[str, ...], no_learner: bool, host: str, store: str | None,
-       api_key: str | None, no_record: bool) -> None:
+       vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
+       store: str | None, api_key: str | None, no_record: bool) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
     store_url = store or ProxySettings().resolved_store_url()
     if backend:
         names = check_backend(backend)
         name = model_name or (names[0] if names else TOY_MODEL_NAME)
-        with _learner(backend, name, model_dir, store_url, no_learner, train=bool(model_dir)):
+        with _learner(backend, name, model_dir, store_url, train=bool(model_dir),
+                      off=no_learner, personal_after=personal_after):
             _announce(host, port, name, store, api_key)
             run_proxy(_settings(backend, store, api_key, None, no_record, policy=name),
                       host, port)
@@ -159,7 +163,8 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
     click.echo(f"starting vLLM with {config.model} (log: {config.log_path}) ...", err=True)
     try:
         with VLLMProcess(config) as vllm, _learner(vllm.url, name, config.model, store_url,
-                                                  no_learner, train=True):
+                                                  train=True, off=no_learner,
+                                                  personal_after=personal_after):
             _announce(host, port, name, store, api_key)
             run_proxy(_settings(vllm.url, store, api_key, None, no_record, policy=name),
                       host, port)
@@ -168,8 +173,8 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
 
 
 @contextlib.contextmanager
-def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, off: bool,
-             train: bool) -> Iterator[None]:
+def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, train: bool,
+             off: bool = False, personal_after: int | None = None) -> Iterator[None]:
     """``nextstate learn`` as its own process for as long as the stack is up."""
     if off:
         yield
@@ -177,6 +182,8 @@ def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, of
     command = [sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", backend,
                "--model", name, "--store", store_url]
     command += ["--model-dir", str(model_dir)] if train and model_dir else ["--no-train"]
+    if personal_after is not None:
+        command += ["--personal-after", str(personal_after)]
     log_path = data_dir() / "logs" / "learner.log"
     process = spawn(command, log_path)
     click.echo(f"learner running (log: {log_path})", err=True)
