@@ -58,7 +58,8 @@ async def judge_pending(store: LearnerStore, judge: Judge, teacher: Teacher | No
                 log.warning("turn %s not judged: %s", turn["turn_id"], reason)
                 return
             await asyncio.to_thread(store.save_judgment, turn["turn_id"], judgment,
-                                    teacher_logprobs, teacher.model if teacher else None)
+                                    teacher_logprobs,
+                                    teacher.model_for(turn) if teacher else None)
             report.judged += 1
             report.hints += len(judgment.hints)
 

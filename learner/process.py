@@ -26,6 +26,7 @@ from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
+from nextstate.proxy.router import Router
 
 log = logging.getLogger("nextstate.learner")
 
@@ -44,7 +45,9 @@ class LearnerConfig:
     judge_model: str | None = None  # for llm: a litellm model string
     judge_api_base: str | None = None
     judge_api_key: str | None = None
-    teacher: str = "base"  # whose logprobs teach: base (the paper's choice) | policy
+    # Whose logprobs teach: base (the paper's choice) | policy (the adapter serving the
+    # turn's user: their own, else the shared one).
+    teacher: str = "base"
     poll_seconds: float = 1.0
     judging: JudgingConfig = field(default_factory=JudgingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -86,7 +89,8 @@ class Learner:
         self.policy = config.policy or config.base_model
         self.store = LearnerStore(config.store_url)
         self.judge = judge or make_judge(config)
-        self.teacher = Teacher(config.backend_url, config.base_model)
+        router = Router(self.policy, config.base_model) if config.teacher == "policy" else None
+        self.teacher = Teacher(config.backend_url, config.base_model, router=router)
         self.admins = [VLLMAdmin(url) for url in config.backend_urls or (config.backend_url,)]
         self.training: TrainingStage | None = None
         if config.model_dir is not None:
@@ -107,9 +111,8 @@ class Learner:
     async def step(self) -> int:
         """One round of work; returns how much it did (turns judged, steps trained)."""
         self._set_state("judging")
-        if self.config.teacher == "policy":
-            current = self.store.current_adapter(self.policy)
-            self.teacher.model = current["name"] if current else self.config.base_model
+        if self.teacher.router is not None:  # --teacher policy: follow what serves whom
+            self.teacher.router.update(self.store.store.current_adapters(self.policy))
         report = await judge_pending(self.store, self.judge, self.teacher,
                                      self.config.judging)
         self.totals.add(report)
@@ -149,7 +152,7 @@ class Learner:
         return {
             "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
             "policy": self.policy,
-            "judge": self.judge.name, "teacher": self.teacher.model,
+            "judge": self.judge.name, "teacher": self.teacher.model_for({}),
             "method": training.method if self.training else None,
             "batch_turns": training.batch_turns,
             "counts": {**self.store.counts(), "ready": self.store.ready_count(training.method),

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from nextstate.proxy.router import Router
+
 HINT_MARKER = "\n\n[user's hint / instruction]\n"
 
 
@@ -53,13 +55,18 @@ def completion_logprobs(prompt_logprobs: Sequence[Any], completion_ids: Sequence
 class Teacher:
     """Scores recorded completions under a hint, with a model served by vLLM.
 
-    ``model`` is the served name of the teacher: the frozen base model (the paper's
-    choice) or the current adapter's version name.
+    The teacher is the frozen base model ``model`` (the paper's choice) or, given a
+    ``router`` that follows the learner's adapters, the policy as it serves the turn's
+    user now: their personal adapter if they have one, else the shared adapter, else the
+    base model. So a user's own adapter learns from itself shown the hint, as the shared
+    one does.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
-                 timeout: float = 120.0, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, base_url: str, model: str, *, router: Router | None = None,
+                 api_key: str | None = None, timeout: float = 120.0,
+                 client: httpx.AsyncClient | None = None) -> None:
         self.model = model
+        self.router = router
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
                                                   timeout=timeout, headers=headers)
@@ -67,32 +74,40 @@ class Teacher:
     async def close(self) -> None:
         await self.client.aclose()
 
+    def model_for(self, turn: dict[str, Any]) -> str:
+        """The served name of ``turn``'s teacher."""
+        if self.router is None or self.router.policy is None:
+            return self.model
+        return self.router.route(self.router.policy, turn.get("user")) or self.model
+
     async def logprobs(self, turn: dict[str, Any], hint: str | None) -> list[float]:
         """Teacher logprobs of ``turn``'s completion tokens; ``hint=None`` scores the
         original prompt (which reproduces the sampler's logprobs)."""
         completion = turn.get("completion_token_ids") or []
         if not completion:
             raise TeacherError("the turn has no completion tokens")
-        prompt = await self._prompt_ids(turn, hint)
+        model = self.model_for(turn)
+        prompt = await self._prompt_ids(turn, hint, model)
         answer = await self._post("/v1/completions", {
-            "model": self.model, "prompt": prompt + list(completion), "max_tokens": 1,
+            "model": model, "prompt": prompt + list(completion), "max_tokens": 1,
             "temperature": 0, "prompt_logprobs": 0})
         scored = answer["choices"][0].get("prompt_logprobs")
         if not scored or len(scored) != len(prompt) + len(completion):
             raise TeacherError("vLLM returned no prompt logprobs for the sequence")
         return completion_logprobs(scored, completion, len(prompt))
 
-    async def _prompt_ids(self, turn: dict[str, Any], hint: str | None) -> list[int]:
+    async def _prompt_ids(self, turn: dict[str, Any], hint: str | None,
+                          model: str) -> list[int]:
         request = turn["request"]
         if turn.get("endpoint") == "completions":
             if hint is None:
                 return list(turn["prompt_token_ids"])
             prompt = f"{request.get('prompt', '')}{HINT_MARKER}{hint}"
-            answer = await self._post("/tokenize", {"model": self.model, "prompt": prompt})
+            answer = await self._post("/tokenize", {"model": model, "prompt": prompt})
         else:
             if hint is None:
                 return list(turn["prompt_token_ids"])
-            body: dict[str, Any] = {"model": self.model, "add_generation_prompt": True,
+            body: dict[str, Any] = {"model": model, "add_generation_prompt": True,
                                     "messages": with_hint(request["messages"], hint)}
             if request.get("tools"):
                 body["tools"] = request["tools"]

@@ -40,6 +40,9 @@ class FakeJudge:
 class FakeTeacher:
     model = "base"
 
+    def model_for(self, t):
+        return self.model
+
     async def logprobs(self, t, hint):
         return [-0.5] * len(t["completion_token_ids"])
 

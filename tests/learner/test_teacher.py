@@ -35,8 +35,8 @@ def test_completion_logprobs_are_picked_by_position_and_token():
         completion_logprobs(scored, [7, 8], prompt_len=2)
 
 
-async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_tokens():
-    seen = []
+def scoring_vllm(seen: list) -> httpx.MockTransport:
+    """/tokenize gives three tokens; /v1/completions scores token i at -i."""
 
     def vllm(request: httpx.Request) -> httpx.Response:
         body = orjson.loads(request.content)
@@ -46,8 +46,14 @@ async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_token
         return httpx.Response(200, json={"choices": [{"prompt_logprobs": [None] + [
             {str(t): {"logprob": -float(i)}} for i, t in enumerate(body["prompt"][1:], 1)]}]})
 
+    return httpx.MockTransport(vllm)
+
+
+async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_tokens():
+    seen = []
+    vllm = scoring_vllm(seen)
     teacher = Teacher("http://vllm", "base", client=httpx.AsyncClient(
-        base_url="http://vllm", transport=httpx.MockTransport(vllm)))
+        base_url="http://vllm", transport=vllm))
     turn = {"endpoint": "chat", "request": {"messages": [{"role": "user", "content": "q"}],
                                              "tools": [{"type": "function"}]},
             "prompt_token_ids": [1, 2], "completion_token_ids": [8, 9]}
@@ -60,3 +66,63 @@ async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_token
     assert await teacher.logprobs(turn, None) == [-2.0, -3.0]
     assert seen[-1][1]["prompt"] == [1, 2, 8, 9]
     await teacher.close()
+
+
+async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
+    """--teacher policy: a user with their own adapter is taught by it, everyone else by
+    the shared adapter (and by the base model while there is none)."""
+    from nextstate.proxy.router import Router
+
+    seen = []
+    router = Router("p", base_model="base")
+    teacher = Teacher("http://vllm", "base", router=router, client=httpx.AsyncClient(
+        base_url="http://vllm", transport=scoring_vllm(seen)))
+
+    async def models(user):
+        turn = {"endpoint": "chat", "user": user, "completion_token_ids": [8, 9],
+                "request": {"messages": [{"role": "user", "content": "q"}]}}
+        await teacher.logprobs(turn, "hint")
+        return {body["model"] for _, body in seen[-2:]}, teacher.model_for(turn)
+
+    assert await models("alice") == ({"base"}, "base")
+    router.update({"p": ("p@000001", "/a/1"), "p~alice": ("p~alice@000002", "/a/2")})
+    assert await models("alice") == ({"p~alice@000002"}, "p~alice@000002")
+    assert await models("bob") == ({"p@000001"}, "p@000001")
+    assert await models(None) == ({"p@000001"}, "p@000001")
+    await teacher.close()
+    plain = Teacher("http://vllm", "base")  # --teacher base, the default: always the base
+    assert plain.model_for({"user": "alice"}) == "base"
+    await plain.close()
+
+
+async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch):
+    """The learner follows the store's current adapters for its policy teacher: each
+    judgment names the adapter whose logprobs taught it."""
+    from nextstate.learner.process import Learner, LearnerConfig
+    from nextstate.learner.store import LearnerStore
+    from tests.learner.test_judging import FakeJudge, turn
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = LearnerStore(url)
+    records = []
+    for user, session in (("alice", "a"), ("bob", "b")):
+        pair = [turn(session, "q", "r", 1.0), turn(session, "no, in French", "bonjour", 2.0)]
+        for rec in pair:
+            rec.user = user
+        records += pair
+    store.store.write(records)
+    for version, policy in ((1, "p"), (2, "p~alice")):
+        store.stage_adapter(version, f"{policy}@{version:06d}", policy, f"/a/{version}", {})
+        store.publish(version, [], policy)
+    learner = Learner(LearnerConfig(store_url=url, backend_url="http://vllm",
+                                    base_model="p", teacher="policy"), judge=FakeJudge())
+    await learner.teacher.client.aclose()
+    learner.teacher.client = httpx.AsyncClient(base_url="http://vllm",
+                                               transport=scoring_vllm([]))
+    try:
+        await learner.step()
+    finally:
+        await learner.close()
+    assert [store.judgment(r.turn_id)["teacher_model"] for r in records[0::2]] == [
+        "p~alice@000002", "p@000001"]
+    store.close()
