@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
-from nextstate.learner.personal import personal_adapters
+from nextstate.learner.personal import owns, personal_adapters
 from nextstate.learner.publish import VLLMAdmin
-from nextstate.learner.store import LearnerStore
+from nextstate.learner.store import LearnerStore, TurnsForgotten
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
 from nextstate.proxy.router import Router
@@ -101,6 +102,7 @@ class Learner:
         self.started_at = time.time()
         self.state = "idle"
         self.backends: dict[str, list[str]] = {}  # adapter versions loaded, per backend
+        self.erased: set[int] = set()  # forgotten versions gone from disk and every backend
 
     async def close(self) -> None:
         await self.teacher.close()
@@ -117,18 +119,47 @@ class Learner:
                                      self.config.judging)
         self.totals.add(report)
         done = report.judged + report.failed
+        await self._erase_forgotten()  # before housekeeping looks at what vLLM has
         if self.training is not None:
             await self.training.housekeeping()
             self._set_state("training")
-            result = await self.training.maybe_step()
+            try:
+                result = await self.training.maybe_step()
+            except TurnsForgotten as exc:
+                # The trainer stepped on turns that are gone: it must not go on from
+                # those weights, so the lane's next step reads its adapter (or, for a
+                # user without one now, the shared adapter) from disk again.
+                self.training.loaded = None
+                log.warning("step discarded: %s", exc)
+                self._error(f"step discarded: {exc}")
+                result = None
+                done += 1
             self.backends = await self.training.backends()
             if result is not None:
                 done += 1
                 if result.error:
-                    self.totals.recent_errors = [*self.totals.recent_errors,
-                                                 result.error][-10:]
+                    self._error(result.error)
         self._set_state("idle")
         return done
+
+    async def _erase_forgotten(self) -> None:
+        """Unload and delete the versions of forgotten users (see `forget`) not yet gone
+        everywhere: forgotten through the proxy's admin endpoint, a backend was down when
+        ``nextstate forget`` ran, or a step published one while its turns were being
+        forgotten."""
+        rows = [r for r in self.store.adapters() if r["status"] == "forgotten"
+                and r["version"] not in self.erased and owns(self.policy, r["policy"])]
+        if not rows:
+            return
+        erased = await erase(rows, self.admins)
+        if erased.unloaded or erased.directories:
+            log.info("erased forgotten adapters: unloaded %s, deleted %s", erased.unloaded,
+                     erased.directories)
+        if erased.complete:
+            self.erased |= {r["version"] for r in rows}
+
+    def _error(self, error: str) -> None:
+        self.totals.recent_errors = [*self.totals.recent_errors, error][-10:]
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -139,8 +170,7 @@ class Learner:
                 busy = await self.step()
             except Exception as exc:  # the store or vLLM is away: report, wait, go on
                 log.exception("learner round failed")
-                self.totals.recent_errors = [*self.totals.recent_errors,
-                                             f"{type(exc).__name__}: {exc}"][-10:]
+                self._error(f"{type(exc).__name__}: {exc}")
                 busy = 0
             if not busy:
                 with contextlib.suppress(TimeoutError):

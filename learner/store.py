@@ -28,6 +28,11 @@ from nextstate.proxy.store.schema import (
 )
 
 
+class TurnsForgotten(Exception):
+    """Turns a step learned from were forgotten before its adapter was published: the
+    adapter is discarded, and the trainer's weights with it."""
+
+
 class LearnerStore:
     def __init__(self, url: str) -> None:
         self.store = Store(url)
@@ -96,6 +101,8 @@ class LearnerStore:
                                .where(judgments.c.turn_id == turn_id)).first()
             attempts = (row.attempts if row is not None else 0) + (1 if count_attempt else 0)
             if row is None:
+                if conn.execute(select(turns.c.id).where(turns.c.id == turn_id)).first() is None:
+                    return  # forgotten while it was judged: its hints must not stay behind
                 conn.execute(judgments.insert().values(
                     turn_id=turn_id, created_at=now, attempts=attempts, **values))
             else:
@@ -196,16 +203,31 @@ class LearnerStore:
 
     def publish(self, version: int, turn_ids: Sequence[str], policy: str) -> None:
         """Make ``version`` current for ``policy`` and mark the turns it learned from,
-        atomically."""
+        atomically. Raises `TurnsForgotten`, and marks the version forgotten instead, if
+        any of those turns were forgotten while the step trained on them (or the version
+        was, with its user): an adapter never serves what was forgotten."""
         now = time.time()
-        with self._begin() as conn:
-            conn.execute(update(adapters).where(adapters.c.status == "current",
-                                                adapters.c.policy == policy)
-                         .values(status="previous", retired_at=now))
-            conn.execute(update(adapters).where(adapters.c.version == version)
-                         .values(status="current", published_at=now, error=None))
-            conn.execute(update(judgments).where(judgments.c.turn_id.in_(list(turn_ids)))
-                         .values(trained_version=version))
+        try:
+            with self._begin() as conn:
+                # The turns first, then the adapters: the order `Store.forget` takes them
+                # in, so that the two wait for each other rather than deadlock.
+                kept = conn.execute(update(judgments)
+                                    .where(judgments.c.turn_id.in_(list(turn_ids)))
+                                    .values(trained_version=version)).rowcount
+                if kept < len(set(turn_ids)):
+                    raise TurnsForgotten(f"{len(set(turn_ids)) - kept} of the turns version "
+                                         f"{version} learned from were forgotten")
+                conn.execute(update(adapters).where(adapters.c.status == "current",
+                                                    adapters.c.policy == policy)
+                             .values(status="previous", retired_at=now))
+                made = conn.execute(update(adapters).where(adapters.c.version == version,
+                                                           adapters.c.status == "staged")
+                                    .values(status="current", published_at=now, error=None))
+                if not made.rowcount:
+                    raise TurnsForgotten(f"version {version} was forgotten before it served")
+        except TurnsForgotten as exc:
+            self.set_adapter_status(version, "forgotten", str(exc))
+            raise
 
     def set_adapter_status(self, version: int, status: str, error: str | None = None) -> None:
         with self._begin() as conn:

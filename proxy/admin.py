@@ -2,7 +2,8 @@
 
     GET    /v1/export?session_id=          the caller's turns as JSON lines (admin: all)
     DELETE /v1/sessions/{session_id}       forget a session and what was derived from it
-    DELETE /v1/tenants/{tenant}            forget everything of a tenant (admin)
+    DELETE /v1/tenants/{tenant}            forget everything of a tenant, its users'
+                                           personal adapters included (admin)
     GET    /v1/adapters                    the learner's adapter versions (admin)
     POST   /v1/adapters/rollback {version} serve an earlier version again (admin)
 
@@ -14,9 +15,11 @@ loopback by default).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -24,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
 from nextstate.proxy.relay import TENANT, parse_object, read_body
+from nextstate.proxy.store.store import NOT_SERVABLE
 
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
@@ -60,16 +64,31 @@ async def delete_session(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     deleted = await asyncio.to_thread(deps.store.forget, session_id=session_id,
                                       tenant=None if admin else tenant)
-    if not deleted:
+    if not deleted.turns:
         raise NotFound(f"No session {session_id}.")  # also for another tenant's
-    return _json({"object": "nextstate.deleted", "session_id": session_id, "turns": deleted})
+    return _json({"object": "nextstate.deleted", "session_id": session_id,
+                  "turns": deleted.turns})
 
 
 async def delete_tenant(request: Request) -> Response:
+    """The tenant's turns go, and its users' personal adapters stop being served: the
+    proxies stop routing to them at their next look at the store, and each backend is
+    told to unload them (a backend that cannot be reached now is left to the learner,
+    which also deletes their directories)."""
     deps = _require_admin(request)
     tenant = request.path_params["tenant"]
     deleted = await asyncio.to_thread(deps.store.forget, tenant=tenant)
-    return _json({"object": "nextstate.deleted", "tenant": tenant, "turns": deleted})
+    names = [row["name"] for row in deleted.adapters]
+    if names:  # this proxy at once, so that no request of theirs loads one again
+        deps.router.update(await asyncio.to_thread(deps.store.current_adapters,
+                                                   deps.router.policy or ""))
+    for backend in deps.backends.backends:
+        for name in names:
+            with contextlib.suppress(httpx.HTTPError):
+                await backend.client.post("/v1/unload_lora_adapter", timeout=30.0,
+                                          json={"lora_name": name})
+    return _json({"object": "nextstate.deleted", "tenant": tenant, "turns": deleted.turns,
+                  "adapters": names})
 
 
 async def list_adapters(request: Request) -> Response:
@@ -87,7 +106,7 @@ async def rollback(request: Request) -> Response:
         raise InvalidRequest("version must be an integer", param="version")
     rows = {r["version"]: r for r in await asyncio.to_thread(deps.store.adapter_versions)}
     row = rows.get(version)
-    if row is None or row["status"] in ("refused", "failed", "abandoned", "staged"):
+    if row is None or row["status"] in NOT_SERVABLE:
         raise NotFound(f"No published adapter version {version}.")
     for backend in deps.backends.backends:  # every replica has it before it is current
         loaded = await backend.client.post("/v1/load_lora_adapter", timeout=120.0, json={

@@ -8,7 +8,7 @@
     nextstate toy-model   build (or find in the cache) the embedded toy model
     nextstate bench learning / demo   the paper's experiment in miniature
     nextstate export      write recorded turns as JSON lines
-    nextstate forget      delete a session, a tenant, or turns past an age
+    nextstate forget      delete a session, a user, a tenant, or turns past an age
 
 Learner-side commands import torch lazily, so the proxy's own install never needs it.
 """
@@ -236,25 +236,69 @@ def toy_model(out: Path | None, trained: bool) -> None:
 @main.command()
 @_store
 @click.option("--session", default=None, help="Forget this session.")
-@click.option("--tenant", default=None, help="Forget everything of this tenant.")
+@click.option("--user", default=None,
+              help="Forget this user (as `nextstate export` shows it: tenant:id, the "
+              "tenant, or the id): their turns and their personal adapters.")
+@click.option("--tenant", default=None,
+              help="Forget everything of this tenant, its users' personal adapters included.")
 @click.option("--older-than-days", type=float, default=None,
               help="Forget turns older than this many days.")
-def forget(store: str | None, session: str | None, tenant: str | None,
-           older_than_days: float | None) -> None:
-    """Delete recorded turns and everything derived from them (feedback, judgments)."""
+@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", multiple=True,
+              help="A vLLM serving the adapters (repeatable): forgotten personal adapters "
+              "are unloaded from it.")
+@_backend_key
+def forget(store: str | None, session: str | None, user: str | None, tenant: str | None,
+           older_than_days: float | None, backends: tuple[str, ...],
+           backend_api_key: str | None) -> None:
+    """Delete recorded turns and everything derived from them (feedback, judgments); for
+    a user or a tenant, their personal adapters too."""
     import time
 
     from nextstate.proxy.store import Store
 
-    if session is None and tenant is None and older_than_days is None:
-        raise click.UsageError("give --session, --tenant or --older-than-days")
+    if session is None and user is None and tenant is None and older_than_days is None:
+        raise click.UsageError("give --session, --user, --tenant or --older-than-days")
     db = Store(store or ProxySettings().resolved_store_url())
     try:
         cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
-        deleted = db.forget(session_id=session, tenant=tenant, older_than=cutoff)
+        forgotten = db.forget(session_id=session, tenant=tenant, user=user, older_than=cutoff)
     finally:
         db.close()
-    click.echo(f"deleted {deleted} turns")
+    click.echo(f"deleted {forgotten.turns} turns")
+    if forgotten.adapters:
+        click.echo("\n".join(_erase(forgotten.adapters, backends, backend_api_key)))
+
+
+def _erase(rows: list[dict[str, object]], backends: tuple[str, ...],
+           api_key: str | None) -> list[str]:
+    """Delete forgotten adapters' directories and unload them from ``backends``; what
+    happened, in words."""
+    import asyncio
+
+    from nextstate.learner.forget import Erased, erase
+    from nextstate.learner.publish import VLLMAdmin
+
+    async def go() -> Erased:
+        admins = [VLLMAdmin(url, api_key, timeout=30.0) for url in backends]
+        try:
+            return await erase(rows, admins)
+        finally:
+            for admin in admins:
+                await admin.close()
+
+    erased = asyncio.run(go())
+    names = sorted(str(row["name"]) for row in rows)
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    lines = [f"forgot {len(names)} personal adapter versions ({shown}): the proxy serves "
+             "their users the shared adapter from its next look at the store",
+             f"deleted {len(erased.directories)} adapter directories"]
+    lines += [f"unloaded from {url}: {', '.join(done)}" for url, done in erased.unloaded.items()]
+    lines += [f"could not reach {url} ({why}): it may keep them loaded until it restarts"
+              for url, why in erased.unreachable.items()]
+    if not backends:
+        lines.append("no --backend given: a vLLM that has them loaded keeps them until it "
+                     "restarts, or until a running learner unloads them from its backends")
+    return lines
 
 
 @main.command()

@@ -33,12 +33,18 @@ PERSONAL = "~"  # <policy>~<user>: the policy of one user's own adapter
 _PLAIN_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
+def personal_key(user: str) -> str:
+    """``user`` as their adapter's name shows it: as is, or its hash when the id is unfit
+    for a file name."""
+    if _PLAIN_USER.fullmatch(user):
+        return user
+    return "u-" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
+
+
 def personal_policy(policy: str, user: str) -> str:
     """The policy name of ``user``'s own adapter (adapter versions are
-    ``<policy>~<user>@000007``); a user id unfit for a file name is replaced by its hash."""
-    if not _PLAIN_USER.fullmatch(user):
-        user = "u-" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
-    return f"{policy}{PERSONAL}{user}"
+    ``<policy>~<user>@000007``)."""
+    return f"{policy}{PERSONAL}{personal_key(user)}"
 
 
 class Router:

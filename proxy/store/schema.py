@@ -147,7 +147,8 @@ adapters = Table(
     Column("name", String(256), nullable=False, unique=True),  # <policy>@<version:06d>
     Column("policy", String(256), nullable=False),
     Column("path", Text, nullable=False),
-    # staged -> current -> previous -> unloaded; refused (gate) | failed (load) | abandoned
+    # staged -> current -> previous -> unloaded; refused (gate) | failed (load) | abandoned;
+    # forgotten: a personal adapter whose user was forgotten (its directory is deleted)
     Column("status", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("published_at", Float),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -64,6 +65,19 @@ from nextstate.proxy.store.schema import (
 )
 
 FEEDBACK_COLUMNS = ("id", "turn_id", "score", "hint", "comment", "source", "created_at")
+# Adapter versions that never served, or may never serve again: no rollback to them.
+NOT_SERVABLE = ("refused", "failed", "abandoned", "staged", "forgotten")
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What `Store.forget` deleted."""
+
+    turns: int
+    # The personal adapter versions of users forgotten as a whole, now marked
+    # ``forgotten``: unloading them from vLLM and deleting their directories is the
+    # caller's (or the learner's) job.
+    adapters: list[dict[str, Any]]
 
 
 def make_engine(url: str, busy_timeout: float = 5.0) -> Engine:
@@ -437,10 +451,13 @@ class Store:
     # -- retention and administration ------------------------------------------------------
 
     def forget(self, *, session_id: str | None = None, tenant: str | None = None,
-               older_than: float | None = None) -> int:
-        """Delete turns (of a session, of a tenant, or created before ``older_than``)
+               user: str | None = None, older_than: float | None = None) -> Forgotten:
+        """Delete turns (of a session, a tenant, a user, or created before ``older_than``)
         with everything derived from them: conversation keys, feedback, judgments, and
-        sessions left empty. Returns how many turns were deleted."""
+        sessions left empty. A user or a tenant forgotten as a whole (no session, no age)
+        also loses the personal adapters trained on their turns: their versions are
+        marked ``forgotten`` in the same transaction, so the proxy stops routing to them
+        and the learner never loads them again nor starts a step from them."""
         from nextstate.proxy.store.schema import judgments
 
         self.ensure_schema()
@@ -449,11 +466,21 @@ class Store:
             where.append(turns.c.session_id == session_id)
         if tenant is not None:
             where.append(turns.c.tenant == tenant)
+        if user is not None:
+            where.append(turns.c.user == user)
         if older_than is not None:
             where.append(turns.c.created_at < older_than)
         if not where:
-            raise ValueError("forget what? give a session, a tenant or an age")
+            raise ValueError("forget what? give a session, a tenant, a user or an age")
+        whole = session_id is None and older_than is None
         with self.engine.begin() as conn:
+            # Who the doomed turns belonged to, before they go: a user id that cannot name
+            # a directory is hashed in its adapter's name, so only the id finds it.
+            people: set[str] = set()
+            if whole:
+                people = {row.user for row in conn.execute(
+                    select(turns.c.user).where(*where, turns.c.user.is_not(None)).distinct())}
+                people.add(user if user is not None else str(tenant))
             doomed = select(turns.c.id).where(*where).scalar_subquery()
             for table, column in ((turn_keys, turn_keys.c.turn_id),
                                   (feedback, feedback.c.turn_id),
@@ -462,11 +489,39 @@ class Store:
             deleted = conn.execute(turns.delete().where(*where)).rowcount
             if session_id is not None:
                 conn.execute(feedback.delete().where(feedback.c.session_id == session_id))
-            if tenant is not None:
+            if tenant is not None and whole and user is None:
                 conn.execute(feedback.delete().where(feedback.c.tenant == tenant))
             conn.execute(sessions.delete().where(~sessions.c.id.in_(
                 select(turns.c.session_id).distinct())))
-        return int(deleted or 0)
+            # After the turns: a learner step that read them fails to publish (see
+            # LearnerStore.publish), and one that published already is marked here.
+            marked = (self._forget_adapters(conn, people, tenant if user is None else None)
+                      if whole else [])
+        return Forgotten(int(deleted or 0), marked)
+
+    def _forget_adapters(self, conn: Connection, people: Collection[str],
+                         tenant: str | None) -> list[dict[str, Any]]:
+        """Mark the personal adapters of ``people``, and of every user of ``tenant``
+        (``tenant:id``), forgotten. The rows stay (names only, their directories go):
+        version numbers and names are never reused, and a vLLM that was out of reach can
+        still be told to unload them."""
+        from nextstate.proxy.router import PERSONAL, personal_key
+
+        rows = conn.execute(select(adapters).where(
+            adapters.c.policy.contains(PERSONAL, autoescape=True),
+            adapters.c.status != "forgotten")).all()
+        keys = {personal_key(who) for who in people}
+
+        def theirs(policy: str) -> bool:
+            key = policy.rpartition(PERSONAL)[2]  # a user's part never holds "~"
+            return key in keys or (tenant is not None and key.startswith(f"{tenant}:"))
+
+        marked = [{str(k): v for k, v in row._mapping.items()}
+                  for row in rows if theirs(row.policy)]
+        if marked:
+            conn.execute(update(adapters).where(adapters.c.version.in_(
+                [row["version"] for row in marked])).values(status="forgotten"))
+        return [{**row, "status": "forgotten"} for row in marked]
 
     def adapter_versions(self, policy: str | None = None) -> list[dict[str, Any]]:
         self.ensure_schema()
@@ -483,7 +538,7 @@ class Store:
         now = time.time()
         with self.engine.begin() as conn:
             row = conn.execute(select(adapters).where(adapters.c.version == version)).first()
-            if row is None or row.status in ("refused", "failed", "abandoned", "staged"):
+            if row is None or row.status in NOT_SERVABLE:
                 raise LookupError(f"no published version {version}")
             conn.execute(update(adapters).where(adapters.c.status == "current",
                                                 adapters.c.policy == row.policy)

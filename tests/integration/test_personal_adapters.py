@@ -1,5 +1,6 @@
 """Personal adapters against the real vLLM: users' own adapters trained, published and
-served side by side on one base model, everyone else on the shared one
+served side by side on one base model, everyone else on the shared one, and a forgotten
+user's adapter gone from vLLM and from disk
 (users -> proxy -> vLLM -> store -> learner -> personal adapters -> vLLM -> proxy)."""
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from dataclasses import replace
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
+from nextstate.proxy.cli import main
 from tests.conftest import MODEL_NAME
 from tests.integration.test_learner_training import ASK, CORRECTIONS
 
@@ -42,6 +45,10 @@ async def ask_as(client: httpx.AsyncClient, user: str) -> httpx.Response:
     return answer
 
 
+def served_by(vllm) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+
+
 async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_one(
         vllm, start_proxy, toy_model, tmp_path):
     proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
@@ -60,15 +67,19 @@ async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_o
             if not await learner.step():
                 break
         status = learner.status()
+        await served_side_by_side(vllm, proxy, status)
+        await forgotten_users_adapter_goes(vllm, proxy, learner, status, tmp_path)
     finally:
         await learner.close()
+
+
+async def served_side_by_side(vllm, proxy, status) -> None:
     shared, alice, bob = (status["adapter"]["name"], status["personal"]["alice"],
                           status["personal"]["bob"])
     assert shared.startswith(f"{MODEL_NAME}@")
     assert alice.startswith(f"{MODEL_NAME}~alice@") and bob.startswith(f"{MODEL_NAME}~bob@")
     assert set(status["personal"]) == {"alice", "bob"}
-    served = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
-    assert {shared, alice, bob} <= served  # one base model, three adapters loaded
+    assert {shared, alice, bob} <= served_by(vllm)  # one base model, three adapters loaded
 
     async with httpx.AsyncClient(base_url=proxy.base_url, timeout=60) as client:
         await asyncio.sleep(0.5)  # the proxy follows the store
@@ -86,3 +97,27 @@ async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_o
     logprobs = [[t["logprob"] for t in a.json()["choices"][0]["logprobs"]["content"]]
                 for a in answers]
     assert logprobs[0] != logprobs[1] != logprobs[2]
+
+
+async def forgotten_users_adapter_goes(vllm, proxy, learner, status, tmp_path) -> None:
+    """``nextstate forget --user alice``: her adapter is unloaded from vLLM and deleted,
+    the learner does not load it again, and she is served the shared adapter."""
+    shared, alice, bob = (status["adapter"]["name"], status["personal"]["alice"],
+                          status["personal"]["bob"])
+    result = await asyncio.to_thread(CliRunner().invoke, main, [
+        "forget", "--store", proxy.settings.resolved_store_url(), "--user", "alice",
+        "--backend", vllm.url])
+    assert result.exit_code == 0, result.output
+    assert "deleted 10 turns" in result.output and alice in result.output
+    assert f"unloaded from {vllm.url}: " in result.output
+    assert not (tmp_path / "adapters" / alice).exists()
+    await learner.step()  # its housekeeping reloads lost current adapters, not this one
+    served = served_by(vllm)
+    assert alice not in served and not any("~alice@" in name for name in served)
+    assert {shared, bob} <= served
+    assert learner.status()["personal"] == {"bob": bob}
+    async with httpx.AsyncClient(base_url=proxy.base_url, timeout=60) as client:
+        await asyncio.sleep(0.5)  # the proxy follows the store
+        answer = await ask_as(client, "alice")
+    assert answer.json()["model"] == MODEL_NAME
+    assert [r["served_model"] for r in proxy.turns(1, user="alice")] == [shared]

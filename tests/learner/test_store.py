@@ -97,3 +97,34 @@ def test_a_user_with_enough_judged_turns_trains_apart_from_the_shared_lane(store
     assert store.personal_users("binary", 2) == ["alice"]  # trained turns still count
     assert store.ready_for_training("binary", 10, user="alice") == []
     store.close()
+
+
+def test_an_adapter_whose_turns_were_forgotten_while_it_trained_never_serves(store_url):
+    import pytest
+
+    from nextstate.learner.store import TurnsForgotten
+
+    store = LearnerStore(store_url)
+    turns = [turn(i) for i in range(4)]
+    for t in turns:
+        t.user = "alice"
+    store.store.write(turns)
+    for t in turns:
+        store.save_judgment(t.turn_id, Judgment(score=-1))
+    store.stage_adapter(1, "p~alice@000001", "p~alice", "/a/1", {})
+    store.store.forget(session_id="s1")  # one of the step's turns, while it trained
+    with pytest.raises(TurnsForgotten):
+        store.publish(1, ["t0", "t1"], "p~alice")
+    # The user forgotten after their adapter was staged: it has no turns left to mark,
+    # and is never made current either.
+    store.stage_adapter(2, "p~alice@000002", "p~alice", "/a/2", {})
+    store.store.forget(user="alice")
+    with pytest.raises(TurnsForgotten):
+        store.publish(2, [], "p~alice")
+    assert store.current_adapter("p~alice") is None
+    assert {a["version"]: a["status"] for a in store.adapters()} == {1: "forgotten",
+                                                                     2: "forgotten"}
+    assert store.judgment("t0") is None
+    store.save_judgment("t0", Judgment(score=-1, hints=("Say it in French.",)))
+    assert store.judgment("t0") is None  # judged while it was forgotten: nothing stays
+    store.close()

@@ -426,6 +426,29 @@ def test_adapter_administration_needs_the_admin_key(tmp_path, fake):
                                       "lora_path": f"/adapters/{first}"}) in fake.admin
 
 
+def test_deleting_a_tenant_stops_serving_its_users_personal_adapters(tmp_path, fake):
+    from nextstate.proxy.router import personal_policy
+
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02, **KEYS) as c:
+        shared = publish_adapter(tmp_path, "toy", 1)
+        bobs = publish_adapter(tmp_path, personal_policy("toy", "bob"), 2)
+        alices = publish_adapter(tmp_path, personal_policy("toy", "alice"), 3)
+        wait_for_router(c, shared)
+        router = c.app_state["deps"].router
+        deadline = time.monotonic() + 5
+        while len(router.personal) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        c.post("/v1/chat/completions", json={**CHAT, "model": "toy"}, headers=BOB)
+        records(c, submitted=1)
+        deleted = c.delete("/v1/tenants/bob", headers=ROOT).json()
+        c.post("/v1/chat/completions", json={**CHAT, "model": "toy"}, headers=BOB)
+        c.post("/v1/chat/completions", json={**CHAT, "model": "toy"}, headers=ALICE)
+    assert (deleted["turns"], deleted["adapters"]) == (1, [bobs])
+    assert [r["model"] for r in fake.requests] == [bobs, shared, alices]
+    assert ("/v1/unload_lora_adapter", {"lora_name": bobs}) in fake.admin
+    assert bobs not in fake.loaded
+
+
 def test_a_wrong_key_is_refused_everywhere_but_health(tmp_path, fake):
     with open_client(tmp_path, fake, **KEYS) as c:
         for method, path in [("GET", "/v1/export"), ("DELETE", "/v1/sessions/x"),

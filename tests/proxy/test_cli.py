@@ -1,10 +1,16 @@
-"""The ``nextstate`` command line: what ``up`` starts."""
+"""The ``nextstate`` command line: what ``up`` starts, what ``forget`` deletes and says."""
 
 from __future__ import annotations
 
+import httpx
+import pytest
 from click.testing import CliRunner
 
+from nextstate.learner import publish
 from nextstate.proxy import cli
+from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.store import Store
+from tests.proxy.fake_vllm import FakeVLLM
 
 
 def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
@@ -20,3 +26,74 @@ def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
     with_personal, without = started
     assert with_personal[with_personal.index("--personal-after") + 1] == "8"
     assert "--personal-after" not in without
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    """A store in which alice has two turns and a personal adapter (two versions on
+    disk, one of them loaded), beside the shared adapter."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
+                            request={"messages": [{"role": "user", "content": str(i)}]},
+                            session_id=f"s{i}", user="alice") for i in range(2)])
+    from nextstate.proxy.store.schema import adapters
+
+    with store.engine.begin() as conn:
+        for version, policy, status in ((1, "p", "current"), (2, "p~alice", "previous"),
+                                        (3, "p~alice", "current")):
+            name = f"{policy}@{version:06d}"
+            (tmp_path / name).mkdir()
+            conn.execute(adapters.insert().values(
+                version=version, name=name, policy=policy, status=status,
+                path=str(tmp_path / name), created_at=0.0))
+    store.close()
+    return url
+
+
+def test_forgetting_a_user_unloads_and_deletes_their_adapters(store_url, tmp_path,
+                                                              monkeypatch):
+    fake = FakeVLLM()
+    fake.loaded = {"p@000001", "p~alice@000003"}
+    real = publish.VLLMAdmin
+    monkeypatch.setattr(publish, "VLLMAdmin", lambda url, key, timeout: real(
+        url, key, client=httpx.AsyncClient(base_url=url, transport=httpx.MockTransport(fake))))
+    result = CliRunner().invoke(cli.main, ["forget", "--store", store_url, "--user", "alice",
+                                           "--backend", "http://vllm"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "deleted 2 turns",
+        "forgot 2 personal adapter versions (p~alice@000002, p~alice@000003): the proxy "
+        "serves their users the shared adapter from its next look at the store",
+        "deleted 2 adapter directories",
+        "unloaded from http://vllm: p~alice@000003"]
+    assert fake.loaded == {"p@000001"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["p@000001"]
+    store = Store(store_url)
+    assert store.current_adapters("p") == {"p": ("p@000001", str(tmp_path / "p@000001"))}
+    store.close()
+
+
+def test_forgetting_without_a_reachable_backend_says_what_vllm_may_keep(store_url):
+    unreachable = CliRunner().invoke(cli.main, [
+        "forget", "--store", store_url, "--user", "alice", "--backend", "http://127.0.0.1:9"])
+    assert unreachable.exit_code == 0, unreachable.output
+    assert "could not reach http://127.0.0.1:9" in unreachable.output
+    assert "may keep them loaded until it restarts" in unreachable.output
+    assert "deleted 2 adapter directories" in unreachable.output
+
+
+def test_forgetting_without_a_backend_still_forgets_and_says_so(store_url, monkeypatch):
+    monkeypatch.delenv("NEXTSTATE_BACKEND", raising=False)
+    result = CliRunner().invoke(cli.main, ["forget", "--store", store_url, "--user", "alice"])
+    assert result.exit_code == 0, result.output
+    assert "forgot 2 personal adapter versions" in result.output
+    assert "no --backend given: a vLLM that has them loaded keeps them until it restarts" \
+        in result.output
+    store = Store(store_url)
+    assert {a["name"]: a["status"] for a in store.adapter_versions()} == {
+        "p@000001": "current", "p~alice@000002": "forgotten", "p~alice@000003": "forgotten"}
+    store.close()
+    # A session or an age never takes adapters, and says nothing about them.
+    again = CliRunner().invoke(cli.main, ["forget", "--store", store_url, "--session", "s9"])
+    assert again.output == "deleted 0 turns\n"

@@ -144,7 +144,7 @@ def test_forget_removes_a_session_and_everything_derived(store):
     keep = chat_turn([{"role": "user", "content": "q2"}], "r2", session_id="kept")
     store.write([t1, keep, FeedbackRecord(feedback_id="f", created_at=1.0, score=1,
                                           source="endpoint", turn_id=t1.turn_id)])
-    assert store.forget(session_id="gone") == 1
+    assert store.forget(session_id="gone").turns == 1
     assert [t["session_id"] for t in store.turns()] == ["kept"]
     assert store.owner(session_id="gone") == (False, None)
     with store.engine.connect() as conn:
@@ -161,8 +161,8 @@ def test_forget_by_age_and_by_tenant(store):
     mine = chat_turn([{"role": "user", "content": "mine"}], "r", at=1001.0)
     mine.tenant = "alice"
     store.write([old, new, mine])
-    assert store.forget(older_than=500.0) == 1
-    assert store.forget(tenant="alice") == 1
+    assert store.forget(older_than=500.0).turns == 1
+    assert store.forget(tenant="alice").turns == 1
     assert [t["turn_id"] for t in store.turns()] == [new.turn_id]
 
 
@@ -201,3 +201,72 @@ def test_current_adapters_of_a_policy_and_its_users_in_one_query(store):
     assert store.current_adapters("p_x") == {  # `_` is no wildcard
         "p_x~carol": ("p_x~carol@000005", "/a/p_x~carol@000005")}
     assert store.current_adapters("nobody") == {}
+
+
+def add_adapters(store, rows):
+    from nextstate.proxy.store.schema import adapters
+
+    store.ensure_schema()
+    with store.engine.begin() as conn:
+        conn.execute(adapters.insert(), [
+            {"version": v, "name": f"{p}@{v:06d}", "policy": p, "status": s,
+             "path": f"/a/{p}@{v:06d}", "created_at": 0.0} for v, p, s in rows])
+
+
+def user_turn(user, tenant=None, session_id=None):
+    rec = chat_turn([{"role": "user", "content": f"q{next(_ids)}"}], "r", session_id=session_id)
+    rec.user, rec.tenant = user, tenant
+    return rec
+
+
+def test_forgetting_a_user_takes_their_personal_adapters_and_no_one_elses(store):
+    from nextstate.proxy.router import personal_policy
+
+    odd = "alice smith/../x"  # an id unfit for a file name: its adapter is named by a hash
+    store.write([user_turn("alice"), user_turn("alice"), user_turn(odd), user_turn("bob")])
+    mine, theirs = personal_policy("p", odd), "p~bob"
+    add_adapters(store, [(1, "p", "current"), (2, "p~alice", "unloaded"),
+                         (3, "p~alice", "current"), (4, mine, "current"), (5, theirs, "current"),
+                         (6, "q~alice", "previous")])
+
+    forgotten = store.forget(user="alice")
+    assert forgotten.turns == 2
+    assert sorted(a["name"] for a in forgotten.adapters) == [
+        "p~alice@000002", "p~alice@000003", "q~alice@000006"]
+    assert {a["status"] for a in forgotten.adapters} == {"forgotten"}
+    assert set(store.current_adapters("p")) == {"p", mine, theirs}  # no longer routed
+    with pytest.raises(LookupError):
+        store.rollback(3)  # and never served again
+    assert [a["name"] for a in store.forget(user=odd).adapters] == [f"{mine}@000004"]
+    assert store.forget(user="alice").adapters == []  # already forgotten
+    assert {a["version"]: a["status"] for a in store.adapter_versions()} == {
+        1: "current", 2: "forgotten", 3: "forgotten", 4: "forgotten", 5: "current",
+        6: "forgotten"}
+
+
+def test_forgetting_a_tenant_takes_its_users_adapters_but_a_session_or_an_age_does_not(store):
+    from nextstate.proxy.record import FeedbackRecord
+    from nextstate.proxy.router import personal_policy
+
+    odd = "team-a:" + "x" * 80  # hashed in its adapter's name
+    store.write([user_turn("team-a", "team-a", "a1"), user_turn("team-a:bob", "team-a", "a2"),
+                 user_turn(odd, "team-a", "a3"), user_turn("team-b:dan", "team-b", "b1"),
+                 FeedbackRecord(feedback_id="f", created_at=1.0, score=1, source="endpoint",
+                                turn_id=None, session_id="a2", tenant="team-a")])
+    add_adapters(store, [(1, "p~team-a", "current"), (2, "p~team-a:bob", "current"),
+                         (3, personal_policy("p", odd), "current"),
+                         (4, "p~team-a:carol", "previous"),  # her turns are gone already
+                         (5, "p~team-ab:eve", "current"), (6, "p~team-b:dan", "current")])
+    # A session deleted by its own client, turns past an age: the adapters stay.
+    assert store.forget(session_id="a1", tenant="team-a").adapters == []
+    assert store.forget(older_than=0.5).adapters == []
+    with store.engine.connect() as conn:  # and the tenant's other feedback stays too
+        from sqlalchemy import func, select
+
+        from nextstate.proxy.store.schema import feedback
+        assert conn.execute(select(func.count()).select_from(feedback)).scalar() == 1
+
+    forgotten = store.forget(tenant="team-a")
+    assert forgotten.turns == 2
+    assert sorted(a["version"] for a in forgotten.adapters) == [1, 2, 3, 4]
+    assert set(store.current_adapters("p")) == {"p~team-ab:eve", "p~team-b:dan"}
