@@ -10,9 +10,15 @@ inside the calls (the gradient sum, FSDP's gathers) meet.
 
 A call is small (a batch's token ids, a directory name), so the broadcast costs nothing
 next to the step. The adapter directories must be visible to every rank (one node, or a
-shared file system). If a rank fails mid-call, the others wait in a collective until the
-process group's timeout and exit; torchrun then stops the rest (``--max-restarts``
-starts them again). Nothing is lost: the learner's state is in the store.
+shared file system).
+
+Failures: a call that fails the same way on every rank before any communication (a
+`ValueError`: an adapter that does not fit) is raised on rank 0 and logged on the others,
+and all go on. Any other failure (out of memory on one GPU, say) would leave the ranks out
+of step, waiting in different collectives, so the rank that meets it exits at once;
+torchrun then stops the others (``--max-restarts`` starts them all again) and nothing is
+lost: the learner's state is in the store. Between calls rank 0 says it is alive
+(`keep_alive`, every learner round), so an idle learner does not time its followers out.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,9 +36,10 @@ import torch.distributed as dist
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
 log = logging.getLogger("nextstate.learner.ranks")
-# How long a rank waits in a collective before giving up: long enough for rank 0 to
-# judge a backlog between two steps, while its followers wait for the next call.
-TIMEOUT = datetime.timedelta(hours=2)
+T = TypeVar("T")
+# How long a rank waits in a collective before giving up: longer than a learner round
+# (judging a backlog) can take, while the followers wait for rank 0's next call.
+TIMEOUT = datetime.timedelta(hours=1)
 
 
 def start() -> int | None:
@@ -60,33 +67,39 @@ def make_trainer(model_dir: Path, config: TrainerConfig) -> Trainer | Leader:
     return Leader(model_dir, config) if several() else Trainer(model_dir, config)
 
 
+def keep_alive() -> None:
+    """Rank 0, between calls: the followers' wait for the next call starts again."""
+    if several():
+        _send("alive")
+
+
 class Leader:
     """Rank 0's trainer: each call is sent to the other ranks, then made here."""
 
     def __init__(self, model_dir: Path, config: TrainerConfig) -> None:
         _send("init", model_dir, config)
-        self.trainer = Trainer(model_dir, config)
+        self.trainer = _guarded("init", Trainer, model_dir, config)
         self.config = config
 
     def step(self, items: Sequence[TrainItem]) -> StepStats:
         _send("step", list(items))
-        return self.trainer.step(items)
+        return _guarded("step", self.trainer.step, items)
 
     def save(self, directory: Path, stats: StepStats | None = None) -> Path:
         _send("save", directory)  # every rank gathers its part; rank 0 writes
-        return self.trainer.save(directory, stats)
+        return _guarded("save", self.trainer.save, directory, stats)
 
     def load(self, directory: Path) -> None:
         _send("load", directory)
-        self.trainer.load(directory)
+        _guarded("load", self.trainer.load, directory)
 
     def mark(self, name: str) -> None:
         _send("mark", name)
-        self.trainer.mark(name)
+        _guarded("mark", self.trainer.mark, name)
 
     def rewind(self, name: str) -> None:
         _send("rewind", name)
-        self.trainer.rewind(name)
+        _guarded("rewind", self.trainer.rewind, name)
 
 
 def follow() -> Trainer | None:
@@ -97,13 +110,15 @@ def follow() -> Trainer | None:
         call, args = _receive()
         if call == "stop":
             return trainer
+        if call == "alive":
+            continue
         if call == "init":
-            trainer = Trainer(*args)
+            trainer = _guarded(call, Trainer, *args)
             continue
         assert trainer is not None, f"{call} before init"
         try:
-            getattr(trainer, call)(*args)
-        except Exception:  # rank 0 met the same error (same call, same data) and goes on
+            _guarded(call, getattr(trainer, call), *args)
+        except ValueError:  # rank 0 met the same error (same call, same data) and goes on
             log.exception("rank %d: %s failed", dist.get_rank(), call)
 
 
@@ -111,6 +126,20 @@ def stop() -> None:
     """Rank 0, leaving: let the other ranks return."""
     if several():
         _send("stop")
+
+
+def _guarded(call: str, make: Callable[..., T], *args: Any) -> T:
+    """``make(*args)``; a failure other than a `ValueError` ends the process (see above)."""
+    try:
+        return make(*args)
+    except ValueError:
+        raise
+    except Exception:
+        log.critical("rank %d: %s failed; ending this process, so that torchrun stops the "
+                     "other ranks, which would otherwise wait for it", dist.get_rank(), call,
+                     exc_info=True)
+        logging.shutdown()
+        os._exit(1)
 
 
 def _send(call: str, *args: Any) -> None:

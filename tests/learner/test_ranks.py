@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from nextstate.learner import ranks
 from nextstate.learner.trainer import Trainer
-from tests.learner.test_distributed import CONFIG, train
+from tests.learner.test_distributed import CONFIG, batch, train
 
 
 def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
@@ -58,3 +58,63 @@ def test_the_other_ranks_make_rank_0s_calls(toy_model, tmp_path, shard):
 def test_alone_the_learner_has_a_plain_trainer(toy_model):
     assert ranks.start() is None  # no WORLD_SIZE: not launched as one of several
     assert type(ranks.make_trainer(toy_model, CONFIG)) is Trainer
+
+
+def _mismatch(rank: int, world: int, model: str, init_file: str, wrong: str,
+              out: str) -> None:
+    """Rank 0 loads an adapter of the wrong LoRA rank (refused on every rank alike), then
+    goes on training."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        if rank == 0:
+            trainer = ranks.make_trainer(Path(model), CONFIG)
+            with pytest.raises(ValueError, match="LoRA rank"):
+                trainer.load(Path(wrong))
+            trainer.step(batch())
+            trainer.save(Path(out))
+            ranks.stop()
+        else:
+            follower = ranks.follow()
+            assert follower is not None
+            torch.save(follower.full_lora(), Path(out) / "rank1.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_every_rank_meets_alike_is_raised_and_the_ranks_go_on(toy_model, tmp_path):
+    wrong = Trainer(toy_model, replace(CONFIG, lora_rank=4)).save(tmp_path / "rank4")
+    mp.spawn(_mismatch, args=(2, str(toy_model), str(tmp_path / "init"), str(wrong),
+                              str(tmp_path)), nprocs=2, join=True)
+    published = load_file(tmp_path / "adapter_model.safetensors")
+    follower = torch.load(tmp_path / "rank1.pt")
+    for key, value in follower.items():  # still in step
+        torch.testing.assert_close(published[key.replace(".default", "")], value,
+                                   atol=1e-6, rtol=0)
+
+
+def _one_fails(rank: int, world: int, model: str, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    if rank == 0:
+        trainer = ranks.make_trainer(Path(model), CONFIG)
+        trainer.mark("fresh")
+        trainer.step(batch())  # waits for rank 1 in vain, until stopped (as torchrun does)
+        raise AssertionError("rank 0 went on alone")
+
+    def out_of_memory(self: Trainer, name: str) -> None:
+        raise RuntimeError("CUDA out of memory (on this rank only)")
+
+    Trainer.mark = out_of_memory  # type: ignore[method-assign]
+    ranks.follow()
+    raise AssertionError("rank 1 went on after failing")
+
+
+def test_a_rank_that_fails_otherwise_ends_its_process(toy_model, tmp_path):
+    """Rather than go on out of step with the others; its launcher then stops them."""
+    with pytest.raises(mp.ProcessExitedException) as ended:
+        mp.spawn(_one_fails, args=(2, str(toy_model), str(tmp_path / "init")), nprocs=2,
+                 join=True)
+    assert ended.value.error_index == 1 and ended.value.exit_code == 1
