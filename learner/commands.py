@@ -135,7 +135,8 @@ def render_status(report: dict[str, Any]) -> str:
     age = report.get("age_seconds", 0.0)
     lines = [
         f"learner   {report.get('state', '?')} (reported {age:.0f}s ago, pid "
-        f"{report.get('pid')}), judge {report.get('judge')}, method {report.get('method')}",
+        f"{report.get('pid')}), judge {report.get('judge')}, method {report.get('method')}"
+        + _ranks(report),
         f"serving   {adapter['name'] if adapter else 'the base model'}"
         + (f", published {_when(adapter['published_at'])}" if adapter else ""),
         f"next step [{bar}] {ready}/{batch} ready turns",
@@ -159,6 +160,13 @@ def render_status(report: dict[str, Any]) -> str:
     if errors:
         lines += ["", "recent errors:", *(f"  {e}" for e in errors[-5:])]
     return "\n".join(lines)
+
+
+def _ranks(report: dict[str, Any]) -> str:
+    n = int(report.get("ranks") or 1)
+    if n == 1:
+        return ""
+    return f", training on {n} processes" + (" (FSDP)" if report.get("sharded") else "")
 
 
 def _personal_lines(report: dict[str, Any]) -> list[str]:
@@ -217,7 +225,8 @@ def rollback(version: int, backend: str, store: str | None) -> None:
     db = LearnerStore(store or default_store_url())
     try:
         row = next((r for r in db.adapters() if r["version"] == version), None)
-        if row is None or row["status"] in ("refused", "failed", "abandoned", "staged"):
+        if row is None or row["status"] in ("refused", "failed", "abandoned", "staged",
+                                            "forgotten"):
             raise click.ClickException(f"no published version {version}")
         if not Path(row["path"]).exists():
             raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstate.learner import ranks
 from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
@@ -184,6 +185,8 @@ class Learner:
             "policy": self.policy,
             "judge": self.judge.name, "teacher": self.teacher.model_for({}),
             "method": training.method if self.training else None,
+            # Training processes (torchrun), and whether each holds a shard of the model.
+            "ranks": ranks.world_size(), "sharded": training.shard,
             "batch_turns": training.batch_turns,
             "counts": {**self.store.counts(), "ready": self.store.ready_count(training.method),
                        "trained": self.store.trained_count()},

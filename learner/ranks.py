@@ -58,8 +58,12 @@ def start() -> int | None:
     return rank
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def several() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def make_trainer(model_dir: Path, config: TrainerConfig) -> Trainer | Leader:

@@ -82,6 +82,8 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
                                  + "\n".join(said[-40:]))
         said = learner_log.read_text()
         assert "rank 0 of 2" in said and "rank 1 of 2" in said
+        learner = status["learner"]
+        assert learner["ranks"] == 2 and learner["sharded"] is True
         for url in backends:
             models = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
             assert name in models, url

@@ -118,3 +118,13 @@ def test_a_rank_that_fails_otherwise_ends_its_process(toy_model, tmp_path):
         mp.spawn(_one_fails, args=(2, str(toy_model), str(tmp_path / "init")), nprocs=2,
                  join=True)
     assert ended.value.error_index == 1 and ended.value.exit_code == 1
+
+
+def test_status_says_how_many_processes_train():
+    from nextstate.learner.commands import render_status
+
+    report = {"state": "idle", "counts": {}, "method": "combined"}
+    assert "processes" not in render_status({**report, "ranks": 1})
+    assert "training on 2 processes (FSDP)" in render_status(
+        {**report, "ranks": 2, "sharded": True})
+    assert ranks.world_size() == 1  # alone
