@@ -282,15 +282,21 @@ class Trainer:
         mask = torch.ones(1, total_tokens)
         old_all, new_all = torch.cat(old)[None], torch.cat(new)[None]
         rewards = [item.reward for item in items if item.reward is not None]
+        # Token-weighted sums over this rank's micro-batches; over all ranks' when several.
+        sums_3 = torch.tensor([[share * s.loss, share * s.clip_fraction,
+                                share * s.importance_weight] for share, s in stats]
+                              ).reshape(-1, 3).sum(0, dtype=torch.float64)
+        if _rank_and_world()[1] > 1:
+            sums_3 = sums_3.to(self.device)
+            torch.distributed.all_reduce(sums_3)
+        loss, clip_fraction, importance_weight = (sums_3.cpu() / passes).tolist()
         seconds = time.monotonic() - start
         return StepStats(
-            turns=len(items), tokens=total_tokens,
-            loss=sum(share * s.loss for share, s in stats) / passes,
-            clip_fraction=sum(share * s.clip_fraction for share, s in stats) / passes,
+            turns=len(items), tokens=total_tokens, loss=loss, clip_fraction=clip_fraction,
             advantage_mean=float(torch.cat(advantages).mean()),
             reward_mean=sum(rewards) / len(rewards) if rewards else None,
             kl=float(kl_to_reference(new_all, old_all, mask)),
-            importance_weight=sum(share * s.importance_weight for share, s in stats) / passes,
+            importance_weight=importance_weight,
             tokens_per_second=total_tokens * (passes + 2) / max(seconds, 1e-9),
             seconds=seconds,
         )

@@ -4,6 +4,7 @@ the whole model (gradients summed by all-reduce) or half of every weight (FSDP).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def train(trainer: Trainer, out: Path) -> None:
     """What the learner does with a trainer: step and save; go back to a fresh adapter;
     load the saved one (weights and optimizer state) and step again."""
     trainer.mark("fresh")
-    trainer.step(batch())
-    trainer.save(out / "one")
+    stats = trainer.step(batch())
+    trainer.save(out / "one", stats)
     trainer.rewind("fresh")
     trainer.load(out / "one")
     trainer.step(batch()[::-1])
@@ -74,6 +75,11 @@ def test_two_processes_make_the_same_steps_as_one(toy_model, tmp_path, shard):
     moved = max(float((expected[k] - fresh[k.replace(".weight", ".default.weight")])
                       .abs().max()) for k in expected)
     assert moved > 1e-2
+    # The step's numbers cover the whole batch, not rank 0's share of it.
+    one, two = (json.loads((tmp_path / run / "one" / "step.json").read_text())
+                for run in ("single", "two"))
+    for key in ("loss", "clip_fraction", "importance_weight", "kl", "advantage_mean"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-6), key
     # The optimizer state resumes the same way whoever wrote it.
     mine = torch.load(tmp_path / "two" / "two" / "optimizer.pt")
     theirs = torch.load(tmp_path / "single" / "two" / "optimizer.pt")
