@@ -210,9 +210,14 @@ class Recorder:
     async def stop(self) -> None:
         """Write what is queued (or spool it), then stop."""
         if self._task is not None:
-            self._task.cancel()
+            # Python 3.11's wait_for can swallow a cancellation that arrives as the queue
+            # hands over a record (the loop then runs on and this await never returns):
+            # cancel until the task is done.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                self._task.result()
         self.pairing_wait = 0.0  # shutting down: write what waits, paired or not
         batch = self._deferred + self._take_batch(limit=None)
         self._deferred = []

@@ -154,3 +154,26 @@ async def test_a_full_disk_while_the_store_is_down_drops_counted_and_never_raise
     assert recorder.stats.dropped == 1
     assert "No space left" in recorder.stats.last_error
     recorder._task.cancel()
+
+
+async def test_stop_ends_a_writer_that_swallowed_a_cancellation(tmp_path):
+    """Python 3.11's wait_for returns the queue's record, and drops the cancellation, when
+    both arrive together: stop() must still end the writer and write what is queued."""
+    recorder = Recorder(FlakyStore(), tmp_path / "spool")
+    swallowed = asyncio.Event()
+
+    async def deaf() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # as wait_for does in that race: carry on
+        await asyncio.sleep(3600)
+
+    recorder._task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    recorder.submit(rec(1))
+    stopping = asyncio.create_task(recorder.stop())
+    await asyncio.wait([stopping], timeout=5)  # (unlike wait_for, never cancels it)
+    assert stopping.done(), "stop() hangs on the writer"
+    assert swallowed.is_set() and recorder._task.done()
+    assert recorder.stats.written == 1
