@@ -79,6 +79,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
     rank = ranks.start()
     if rank:  # launched as one of several: rank 0 is the learner, this one trains
         ranks.follow()
+        ranks.leave()
         return
     if model_dir is None and not no_train:
         from nextstate.learner.toy_model import ensure_toy_model
@@ -105,6 +106,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         asyncio.run(go())
     finally:
         ranks.stop()
+        ranks.leave()
 
 
 @click.command()

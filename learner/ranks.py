@@ -1,7 +1,8 @@
 """Several training processes for one learner (learner -> trainer, on every rank).
 
-``torchrun --nproc-per-node N --no-python nextstate learn ...`` (or ``accelerate
-launch``, which sets the same variables) starts N copies of the learner. Rank 0 is the
+``torchrun --nproc-per-node N --no-python nextstate learn ...`` (any launcher that sets
+torchrun's variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) starts N copies
+of the learner. Rank 0 is the
 learner proper: it reads the store, judges, asks the teacher, publishes. The other ranks
 only train: each holds a `Trainer` and makes the calls rank 0's trainer makes, in the
 same order, with the same arguments. Rank 0 broadcasts each call before making it
@@ -130,6 +131,13 @@ def stop() -> None:
     """Rank 0, leaving: let the other ranks return."""
     if several():
         _send("stop")
+
+
+def leave() -> None:
+    """Every rank, last: leave the process group (a process that exits still in it can
+    abort as its communication threads are torn down)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _guarded(call: str, make: Callable[..., T], *args: Any) -> T:

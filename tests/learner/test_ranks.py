@@ -128,3 +128,19 @@ def test_status_says_how_many_processes_train():
     assert "training on 2 processes (FSDP)" in render_status(
         {**report, "ranks": 2, "sharded": True})
     assert ranks.world_size() == 1  # alone
+
+
+def test_the_launched_learner_runs_a_round_and_every_rank_exits_cleanly(tmp_path):
+    """The README's launch line, on two CPU processes: a round of work (nothing to do
+    here), then rank 0 lets its follower go and both leave the group with exit code 0."""
+    import subprocess
+    import sys
+
+    nextstate = str(Path(sys.executable).parent / "nextstate")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "--no-python", nextstate, "learn", "--backend", "http://127.0.0.1:9",
+         "--store", f"sqlite:///{tmp_path}/s.db", "--no-train", "--once"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0 of 2" in done.stderr and "rank 1 of 2" in done.stderr
