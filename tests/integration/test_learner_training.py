@@ -23,22 +23,25 @@ CORRECTIONS = ["No, that's wrong. Give me just the number.",
                "I meant the total, not each part."]
 
 
-def converse(proxy, n_sessions: int, offset: int = 0) -> None:
-    """Sessions of two turns: a question, a reply, a correction (some with feedback)."""
-    client = httpx.Client(base_url=proxy.base_url, timeout=60)
-    for i in range(offset, offset + n_sessions):
-        question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
-        first = client.post("/chat/completions", json={**ASK, "messages": question})
-        first.raise_for_status()
-        reply = first.json()["choices"][0]["message"]["content"]
-        follow = [*question, {"role": "assistant", "content": reply},
-                  {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
-        headers = {"X-Session-Done": "1"}
-        if i % 3 == 0:
-            headers |= {"X-NextState-Feedback": "-1",
-                        "X-NextState-Hint": "State only the final number."}
-        client.post("/chat/completions", json={**ASK, "messages": follow},
-                    headers=headers).raise_for_status()
+def converse(proxy, n_sessions: int, offset: int = 0, user: str | None = None,
+             feedback: bool = True) -> None:
+    """Sessions of two turns: a question, a reply, a correction (with ``feedback``, every
+    third one also carries a -1 and a hint), as ``user`` when given."""
+    headers = {"X-NextState-User": user} if user else {}
+    with httpx.Client(base_url=proxy.base_url, timeout=60, headers=headers) as client:
+        for i in range(offset, offset + n_sessions):
+            question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
+            first = client.post("/chat/completions", json={**ASK, "messages": question})
+            first.raise_for_status()
+            reply = first.json()["choices"][0]["message"]["content"]
+            follow = [*question, {"role": "assistant", "content": reply},
+                      {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
+            done = {"X-Session-Done": "1"}
+            if feedback and i % 3 == 0:
+                done |= {"X-NextState-Feedback": "-1",
+                         "X-NextState-Hint": "State only the final number."}
+            client.post("/chat/completions", json={**ASK, "messages": follow},
+                        headers=done).raise_for_status()
 
 
 def learner_for(proxy, vllm, toy_model, tmp_path, **training) -> Learner:

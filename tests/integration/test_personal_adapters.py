@@ -17,24 +17,9 @@ from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.cli import main
 from tests.conftest import MODEL_NAME
-from tests.integration.test_learner_training import ASK, CORRECTIONS
+from tests.integration.test_learner_training import ASK, converse
 
 pytestmark = pytest.mark.integration
-
-
-def converse(proxy, sessions: int, user: str | None, offset: int) -> None:
-    """Sessions of a question, a reply and a correction, as ``user``."""
-    headers = {"X-NextState-User": user} if user else {}
-    with httpx.Client(base_url=proxy.base_url, timeout=60, headers=headers) as client:
-        for i in range(offset, offset + sessions):
-            question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
-            first = client.post("/chat/completions", json={**ASK, "messages": question})
-            first.raise_for_status()
-            reply = first.json()["choices"][0]["message"]["content"]
-            follow = [*question, {"role": "assistant", "content": reply},
-                      {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
-            client.post("/chat/completions", json={**ASK, "messages": follow},
-                        headers={"X-Session-Done": "1"}).raise_for_status()
 
 
 async def ask_as(client: httpx.AsyncClient, user: str) -> httpx.Response:
@@ -52,10 +37,10 @@ def served_by(vllm) -> set[str]:
 async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_one(
         vllm, start_proxy, toy_model, tmp_path):
     proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
-    converse(proxy, 4, "alice", 0)
-    converse(proxy, 4, "bob", 10)
-    converse(proxy, 2, "carol", 20)  # too few turns for an adapter of her own
-    converse(proxy, 2, None, 30)
+    converse(proxy, 4, 0, user="alice", feedback=False)
+    converse(proxy, 4, 10, user="bob", feedback=False)
+    converse(proxy, 2, 20, user="carol", feedback=False)  # too few for an adapter of her own
+    converse(proxy, 2, 30, feedback=False)
     proxy.turns(24)
     learner = Learner(LearnerConfig(
         store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
