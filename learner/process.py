@@ -113,6 +113,7 @@ class Learner:
 
     async def step(self) -> int:
         """One round of work; returns how much it did (turns judged, steps trained)."""
+        ranks.keep_alive()  # every round: the other training processes (if any) wait on us
         self._set_state("judging")
         if self.teacher.router is not None:  # --teacher policy: follow what serves whom
             self.teacher.router.update(self.store.store.current_adapters(self.policy))

@@ -33,7 +33,7 @@ from nextstate.learner.publish import (
     version_name,
     version_of,
 )
-from nextstate.learner.ranks import Leader, keep_alive, make_trainer
+from nextstate.learner.ranks import Leader, make_trainer
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
@@ -181,7 +181,6 @@ class TrainingStage:
 
     async def maybe_step(self) -> StepResult | None:
         """One step for the lane with the most turns waiting, once it has a batch."""
-        keep_alive()  # every round, so that the other ranks (if any) know rank 0 is there
         cfg = self.config
         batch_turns = cfg.trainer.batch_turns
         lanes = await asyncio.to_thread(full_lanes, self.store, self.policy,
