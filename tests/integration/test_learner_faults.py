@@ -14,13 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.vllm_bench import converse
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.backend import spawn, stop_group
 from tests.conftest import MODEL_NAME
-from tests.integration.test_learner_training import converse, drain
+from tests.integration.test_learner_training import drain
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def policy_proxy(vllm, start_proxy):
 async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_once(
         vllm, policy_proxy, toy_model, tmp_path):
     proxy = policy_proxy
-    converse(proxy, 8)
+    converse(proxy.base_url, 8)
     turns = proxy.turns(16)
     store_url = proxy.settings.resolved_store_url()
     command = [sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", vllm.url,
@@ -80,7 +81,7 @@ async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_on
 
 async def test_a_judge_that_is_down_or_answers_garbage_leaves_turns_for_later(
         vllm, policy_proxy, tmp_path):
-    converse(policy_proxy, 2)
+    converse(policy_proxy.base_url, 2)
     policy_proxy.turns(4)
     store_url = policy_proxy.settings.resolved_store_url()
     retry_now = JudgingConfig(retry_after=0.0)
@@ -113,7 +114,7 @@ async def test_a_judge_that_is_down_or_answers_garbage_leaves_turns_for_later(
 
 async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_serving(
         vllm, policy_proxy, toy_model, tmp_path, monkeypatch):
-    converse(policy_proxy, 2)
+    converse(policy_proxy.base_url, 2)
     policy_proxy.turns(4)
     store_url = policy_proxy.settings.resolved_store_url()
     save = Trainer.save

@@ -10,6 +10,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from bench.vllm_bench import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -17,33 +18,6 @@ from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
 ASK = {"model": MODEL_NAME, "temperature": 1.0, "max_tokens": 12}
-CORRECTIONS = ["No, that's wrong. Give me just the number.",
-               "Try again, and keep it short please.",
-               "That's not what I asked. Answer in one sentence.",
-               "I meant the total, not each part."]
-
-
-def converse(proxy, n_sessions: int, offset: int = 0, user: str | None = None,
-             feedback: bool = True) -> None:
-    """Sessions of two turns: a question, a reply, a correction (with ``feedback``, every
-    third one also carries a -1 and a hint), as ``user`` when given."""
-    headers = {"X-NextState-User": user} if user else {}
-    with httpx.Client(base_url=proxy.base_url, timeout=60, headers=headers) as client:
-        for i in range(offset, offset + n_sessions):
-            question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
-            first = client.post("/chat/completions", json={**ASK, "messages": question})
-            first.raise_for_status()
-            reply = first.json()["choices"][0]["message"]["content"]
-            follow = [*question, {"role": "assistant", "content": reply},
-                      {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
-            done = {"X-Session-Done": "1"}
-            if feedback and i % 3 == 0:
-                done |= {"X-NextState-Feedback": "-1",
-                         "X-NextState-Hint": "State only the final number."}
-            client.post("/chat/completions", json={**ASK, "messages": follow},
-                        headers=done).raise_for_status()
-
-
 def learner_for(proxy, vllm, toy_model, tmp_path, **training) -> Learner:
     trainer = replace(TrainerConfig(), batch_turns=4, **training)
     return Learner(LearnerConfig(
@@ -66,7 +40,7 @@ def policy_proxy(vllm, start_proxy):
 async def test_learner_publishes_versions_the_proxy_serves(vllm, policy_proxy, toy_model,
                                                            tmp_path):
     proxy = policy_proxy
-    converse(proxy, 8)
+    converse(proxy.base_url, 8)
     proxy.turns(16)
     learner = learner_for(proxy, vllm, toy_model, tmp_path)
     try:
@@ -103,7 +77,7 @@ async def test_learner_publishes_versions_the_proxy_serves(vllm, policy_proxy, t
 async def test_publishing_under_load_fails_no_request(vllm, policy_proxy, toy_model,
                                                       tmp_path):
     proxy = policy_proxy
-    converse(proxy, 4)
+    converse(proxy.base_url, 4)
     proxy.turns(8)
     stop = threading.Event()
     results: list[int] = []
@@ -146,7 +120,7 @@ class Killed(BaseException):
 async def test_a_learner_killed_mid_publish_resumes_and_trains_nothing_twice(
         vllm, policy_proxy, toy_model, tmp_path):
     proxy = policy_proxy
-    converse(proxy, 4)
+    converse(proxy.base_url, 4)
     proxy.turns(8)
     learner = learner_for(proxy, vllm, toy_model, tmp_path)
 

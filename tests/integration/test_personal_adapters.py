@@ -12,12 +12,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from bench.vllm_bench import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.cli import main
 from tests.conftest import MODEL_NAME
-from tests.integration.test_learner_training import ASK, converse
+from tests.integration.test_learner_training import ASK
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +38,11 @@ def served_by(vllm) -> set[str]:
 async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_one(
         vllm, start_proxy, toy_model, tmp_path):
     proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1)
-    converse(proxy, 4, 0, user="alice", feedback=False)
-    converse(proxy, 4, 10, user="bob", feedback=False)
-    converse(proxy, 2, 20, user="carol", feedback=False)  # too few for an adapter of her own
-    converse(proxy, 2, 30, feedback=False)
+    converse(proxy.base_url, 4, 0, user="alice", feedback=False)
+    converse(proxy.base_url, 4, 10, user="bob", feedback=False)
+    # Too few turns for an adapter of her own:
+    converse(proxy.base_url, 2, 20, user="carol", feedback=False)
+    converse(proxy.base_url, 2, 30, feedback=False)
     proxy.turns(24)
     learner = Learner(LearnerConfig(
         store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,

@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 
+from bench.vllm_bench import CORRECTIONS
 from nextstate.proxy.backend import VLLMProcess, free_port, spawn, stop_group, toy_model_config
 from nextstate.proxy.store import Store
 from tests.conftest import MODEL_NAME
-from tests.integration.test_learner_training import CORRECTIONS
 
 pytestmark = pytest.mark.integration
 ASK = {"model": MODEL_NAME, "temperature": 1.0, "max_tokens": 10}
