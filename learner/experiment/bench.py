@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -78,12 +78,21 @@ def write_results(persona: Persona, config: BenchConfig, seeds: Sequence[int],
         "base_score": sum(r.scores[0] for r in runs) / len(runs),
         "wall_seconds": seconds,
         "paper": PAPER,
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }
+    return save_results(out, results, plot_curves, "learning_curves.png", markdown_table)
+
+
+def save_results(out: Path, results: dict[str, Any],
+                 plot: Callable[[dict[str, Any], Path], Any], plot_name: str,
+                 table: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """``results`` stamped with the date and the machine, as results.json, a plot and a
+    markdown table (results.md) in ``out`` (both benchmarks)."""
+    results = {**results, "date": datetime.date.today().isoformat(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                          f"{platform.python_version()}"}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_curves(results, out / "learning_curves.png")
-    (out / "results.md").write_text(markdown_table(results))
+    plot(results, out / plot_name)
+    (out / "results.md").write_text(table(results))
     return results
 
 

@@ -20,10 +20,6 @@ problem, so that both modes' scores differ by their adapters and not by sampling
 from __future__ import annotations
 
 import asyncio
-import datetime
-import json
-import os
-import platform
 import random
 import statistics
 import time
@@ -35,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
+from nextstate.learner.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
 from nextstate.learner.experiment.styles import Problem, detect, make_problem
@@ -243,13 +239,8 @@ def write_results(out: Path, personas: Sequence[Persona], config: BenchConfig,
         "modes": summarise(runs, [p.name for p in personas]),
         "runs": [asdict(r) for r in runs],
         "wall_seconds": time.monotonic() - started,
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_personal(results, out / "personal_adapters.png")
-    (out / "results.md").write_text(markdown_table(results))
-    return results
+    return save_results(out, results, plot_personal, "personal_adapters.png", markdown_table)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
