@@ -223,12 +223,12 @@ def rollback(version: int, backend: str, store: str | None) -> None:
     """Serve VERSION again (loaded into vLLM first, then made current)."""
     from nextstate.learner.publish import PublishError, VLLMAdmin
     from nextstate.learner.store import LearnerStore
+    from nextstate.proxy.store.store import NOT_SERVABLE
 
     db = LearnerStore(store or default_store_url())
     try:
         row = next((r for r in db.adapters() if r["version"] == version), None)
-        if row is None or row["status"] in ("refused", "failed", "abandoned", "staged",
-                                            "forgotten"):
+        if row is None or row["status"] in NOT_SERVABLE:
             raise click.ClickException(f"no published version {version}")
         if not Path(row["path"]).exists():
             raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")
