@@ -18,12 +18,13 @@ from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
 ASK = {"model": MODEL_NAME, "temperature": 1.0, "max_tokens": 12}
-def learner_for(proxy, vllm, toy_model, tmp_path, **training) -> Learner:
+def learner_for(proxy, vllm, toy_model, tmp_path, unload_grace: float = 0.0,
+                **training) -> Learner:
     trainer = replace(TrainerConfig(), batch_turns=4, **training)
     return Learner(LearnerConfig(
         store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
         base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
-        training=TrainingConfig(trainer=trainer, unload_grace=0.0)))
+        training=TrainingConfig(trainer=trainer, unload_grace=unload_grace)))
 
 
 async def drain(learner: Learner, rounds: int = 6) -> None:
@@ -42,9 +43,13 @@ async def test_learner_publishes_versions_the_proxy_serves(vllm, policy_proxy, t
     proxy = policy_proxy
     converse(proxy.base_url, 8)
     proxy.turns(16)
-    learner = learner_for(proxy, vllm, toy_model, tmp_path)
+    # A grace longer than the proxy's poll (0.1 s): with none, the learner could unload a
+    # version the proxy still took for current, and the proxy would load it again.
+    learner = learner_for(proxy, vllm, toy_model, tmp_path, unload_grace=1.0)
     try:
         await drain(learner)
+        await asyncio.sleep(1.5)
+        await learner.training.housekeeping()  # past the grace: the old version goes
         versions = learner.store.adapters()
         status = learner.status()
     finally:
