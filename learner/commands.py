@@ -24,17 +24,20 @@ from typing import Any
 
 import click
 
+from nextstate.proxy.options import (
+    TOY_MODEL_NAME,
+    backend_option,
+    existing_store,
+    require_learner_extra,
+)
+from nextstate.proxy.options import store_option as _store
 from nextstate.proxy.settings import data_dir, default_store_url
-
-TOY_MODEL_NAME = "nextstate-toy"
-_store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
-                      help="SQLAlchemy URL of the store (default: SQLite in the data dir).")
 
 
 @click.command()
-@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", required=True,
-              multiple=True, help="URL of a vLLM server (repeatable: every adapter is "
-              "published to each).")
+@backend_option(multiple=True, required=True,
+                help="URL of a vLLM server (http://HOST:PORT, with or without /v1; "
+                "repeatable: every adapter is published to each).")
 @click.option("--model", "base_model", default=TOY_MODEL_NAME, show_default=True,
               help="vLLM's name for the base model (clients use it for the policy).")
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -48,9 +51,9 @@ _store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
 @click.option("--judge-api-base", default=None)
 @click.option("--method", type=click.Choice(["binary", "opd", "combined"]),
               default="combined", show_default=True)
-@click.option("--batch-turns", type=int, default=16, show_default=True,
+@click.option("--batch-turns", type=click.IntRange(min=1), default=16, show_default=True,
               help="Judged turns per optimizer step.")
-@click.option("--learning-rate", type=float, default=None,
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Default: 1e-3 for models under 100M parameters, else 2e-5.")
 @click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
               show_default=True, help="Whose logprobs teach under a hint.")
@@ -68,6 +71,8 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
           personal_after: int | None, shard: bool, once: bool) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
     from dataclasses import replace
+
+    require_learner_extra("nextstate learn")
 
     from nextstate.learner import ranks
     from nextstate.learner.process import Learner, LearnerConfig
@@ -88,8 +93,8 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
     trainer = replace(TrainerConfig(), method=method, batch_turns=batch_turns,
                       learning_rate=learning_rate, shard=shard)
     config = LearnerConfig(
-        store_url=store or default_store_url(), backend_url=backends[0].rstrip("/"),
-        backend_urls=tuple(b.rstrip("/") for b in backends),
+        store_url=store or default_store_url(), backend_url=backends[0],
+        backend_urls=backends,
         base_model=base_model, model_dir=None if no_train else model_dir,
         adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
         judge_api_base=judge_api_base, teacher=teacher,
@@ -115,14 +120,15 @@ def status(store: str | None) -> None:
     """What the learner is doing: state, counts, rewards, recent steps."""
     from nextstate.proxy.store import Store
 
-    db = Store(store or default_store_url())
+    url = existing_store(store)
+    db = Store(url)
     try:
         report = db.learner_status()
     finally:
         db.close()
     if report is None:
-        raise click.ClickException("no learner has reported to this store yet "
-                                   "(is `nextstate learn` running?)")
+        raise click.ClickException(f"no learner has reported to the store at {url} yet: is "
+                                   "`nextstate learn` running against it?")
     click.echo(render_status(report))
 
 
@@ -199,7 +205,7 @@ def list_adapters(store: str | None) -> None:
     """Every version: its state, when it was published, its step's numbers."""
     from nextstate.learner.store import LearnerStore
 
-    db = LearnerStore(store or default_store_url())
+    db = LearnerStore(existing_store(store))
     try:
         rows = db.adapters()
     finally:
@@ -216,8 +222,8 @@ def list_adapters(store: str | None) -> None:
 
 @adapters.command()
 @click.argument("version", type=int)
-@click.option("--backend", envvar="NEXTSTATE_BACKEND", required=True,
-              help="URL of the vLLM server (the version is loaded there first).")
+@backend_option(required=True, help="URL of the vLLM server (the version is loaded there "
+                "first).")
 @_store
 def rollback(version: int, backend: str, store: str | None) -> None:
     """Serve VERSION again (loaded into vLLM first, then made current)."""
@@ -225,7 +231,7 @@ def rollback(version: int, backend: str, store: str | None) -> None:
     from nextstate.learner.store import LearnerStore
     from nextstate.proxy.store.store import NOT_SERVABLE
 
-    db = LearnerStore(store or default_store_url())
+    db = LearnerStore(existing_store(store))
     try:
         row = next((r for r in db.adapters() if r["version"] == version), None)
         if row is None or row["status"] in NOT_SERVABLE:
@@ -261,15 +267,16 @@ def bench() -> None:
 @click.option("--persona", default="student", show_default=True)
 @click.option("--method", type=click.Choice(["binary", "opd", "combined", "all"]),
               default="all", show_default=True)
-@click.option("--steps", type=int, default=8, show_default=True)
-@click.option("--seeds", type=int, default=1, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Repeat with seeds 0..N-1 and report the mean and spread.")
-@click.option("--eval-problems", type=int, default=32, show_default=True)
+@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
               show_default=True)
 def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
                    seeds: int, eval_problems: int, out: Path) -> None:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
+    require_learner_extra("nextstate bench learning")
     from nextstate.learner.experiment.bench import run_benchmark
     from nextstate.learner.experiment.run import METHODS, BenchConfig
 
@@ -288,10 +295,10 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
               default=None, help="A persona YAML file (default: the shipped student/teacher).")
 @click.option("--pair", default="student,teacher", show_default=True,
               help="The two personas (comma-separated) whose traffic is interleaved.")
-@click.option("--steps", type=int, default=8, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
               help="Steps of two optimizer steps each.")
-@click.option("--seeds", type=int, default=1, show_default=True)
-@click.option("--eval-problems", type=int, default=32, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--personal-after", type=click.IntRange(min=1), default=1, show_default=True,
               help="Judged turns before a persona trains its own adapter.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/personal"),
@@ -299,6 +306,7 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
 def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int,
                    eval_problems: int, personal_after: int, out: Path) -> None:
     """Two personas with opposite tastes: one shared adapter vs an adapter each."""
+    require_learner_extra("nextstate bench personal")
     from nextstate.learner.experiment.personal import run_personal_benchmark
     from nextstate.learner.experiment.run import BenchConfig
 
@@ -314,11 +322,12 @@ def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int
 
 @click.command()
 @click.option("--persona", default="student", show_default=True)
-@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Default: <data dir>/demo")
 def demo(persona: str, steps: int, out: Path | None) -> None:
     """Watch an agent adapt to a simulated user: one persona, the combined method."""
+    require_learner_extra("nextstate demo")
     from nextstate.learner.experiment.bench import run_benchmark
     from nextstate.learner.experiment.run import BenchConfig
 

@@ -29,6 +29,7 @@ from nextstate.learner.store import LearnerStore, TurnsForgotten
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
 from nextstate.proxy.router import Router
+from nextstate.proxy.settings import backend_root
 
 log = logging.getLogger("nextstate.learner")
 
@@ -53,6 +54,12 @@ class LearnerConfig:
     poll_seconds: float = 1.0
     judging: JudgingConfig = field(default_factory=JudgingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        # Accept the URLs as users write them (http://host:8000/v1 as well).
+        object.__setattr__(self, "backend_url", backend_root(self.backend_url))
+        object.__setattr__(self, "backend_urls",
+                           tuple(backend_root(u) for u in self.backend_urls))
 
 
 def make_judge(config: LearnerConfig) -> Judge:

@@ -295,8 +295,9 @@ def _signal(method: str) -> Any:
 
 def _ready_for(method: str) -> tuple[Any, ...]:
     """Judged, untrained, and carrying the signal ``method`` trains on."""
-    # Redacted turns have no token ids: nothing to train on.
-    has_tokens = judgments.c.turn_id.in_(select(turns.c.id).where(turns.c.redacted.is_(False)))
+    # Only turns whose tokens are exactly what vLLM sampled (redacted turns have none).
+    has_tokens = judgments.c.turn_id.in_(select(turns.c.id).where(
+        turns.c.redacted.is_(False), turns.c.untrainable.is_(None)))
     return (judgments.c.status == "ok", judgments.c.trained_version.is_(None),
             _signal(method), has_tokens)
 

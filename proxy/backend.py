@@ -175,11 +175,35 @@ class VLLMProcess:
         self.stop()
 
 
-def check_backend(url: str, timeout: float = 5.0) -> list[str]:
-    """Model names served by an existing vLLM; raises BackendStartError if unreachable."""
+class BackendUnreachable(BackendStartError):
+    """Nothing answers at the backend's address (yet)."""
+
+
+def check_backend(url: str, timeout: float = 5.0, api_key: str | None = None) -> list[str]:
+    """Model names served by an existing vLLM at ``url`` (its root URL). Raises
+    `BackendUnreachable` when nothing answers, `BackendStartError` (one sentence saying
+    what to do) when something answers that is not a usable OpenAI-compatible server."""
+    models = f"{url.rstrip('/')}/v1/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        answer = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=timeout)
-        answer.raise_for_status()
+        answer = httpx.get(models, timeout=timeout, headers=headers)
     except httpx.HTTPError as exc:
-        raise BackendStartError(f"No OpenAI-compatible server answers at {url}: {exc}") from exc
-    return [m["id"] for m in answer.json().get("data", [])]
+        raise BackendUnreachable(
+            f"nothing answers at {url} ({type(exc).__name__}): is vLLM running there?") from exc
+    if answer.status_code == 404:
+        raise BackendStartError(
+            f"{url} answers 404 for /v1/models: that is not the address of an OpenAI-"
+            "compatible server such as vLLM; give its root URL, e.g. http://HOST:8000 "
+            "(with or without /v1)")
+    if answer.status_code in (401, 403):
+        raise BackendStartError(
+            f"{url} refused {'the key given' if api_key else 'a request without a key'} "
+            f"({answer.status_code}): give the key vLLM was started with (--api-key) as "
+            "--backend-api-key or NEXTSTATE_BACKEND_API_KEY")
+    try:
+        answer.raise_for_status()
+        return [m["id"] for m in answer.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise BackendStartError(
+            f"{url} answered {answer.status_code} for /v1/models, not a model list: is it "
+            "an OpenAI-compatible server such as vLLM?") from exc

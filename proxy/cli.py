@@ -26,6 +26,7 @@ import orjson
 
 from nextstate.proxy.backend import (
     BackendStartError,
+    BackendUnreachable,
     VLLMConfig,
     VLLMProcess,
     check_backend,
@@ -33,11 +34,18 @@ from nextstate.proxy.backend import (
     stop_group,
     toy_model_config,
 )
+from nextstate.proxy.options import (
+    TOY_MODEL_NAME,
+    backend_key_option,
+    backend_option,
+    existing_store,
+    free_port_or_fail,
+    store_option,
+)
 from nextstate.proxy.server import run_proxy
 from nextstate.proxy.settings import ProxySettings, data_dir
 
 DEFAULT_PORT = 8400
-TOY_MODEL_NAME = "nextstate-toy"
 
 
 def _settings(backend: str, store: str | None, api_key: str | None,
@@ -51,7 +59,7 @@ def _settings(backend: str, store: str | None, api_key: str | None,
             raise click.BadParameter(f"expected TENANT=KEY, got {item!r}",
                                      param_hint="--client-key")
         pairs.append((tenant, key))
-    return ProxySettings(backend_url=backend.rstrip("/"), store_url=store or "",
+    return ProxySettings(backend_url=backend, store_url=store or "",
                          api_key=api_key, backend_api_key=backend_api_key,
                          record=not no_record, client_keys=tuple(pairs), policy=policy,
                          **more)  # type: ignore[arg-type]
@@ -70,27 +78,36 @@ def _ensure_toy_model(progress: bool = True) -> Path:
 
 @click.group()
 def main() -> None:
-    """nextstate: turn ordinary agent traffic into training signal."""
+    """nextstate: turn ordinary agent traffic into training signal.
+
+    \b
+    Start here:
+      nextstate up                          vLLM + toy model + learner + proxy
+      export OPENAI_BASE_URL=http://127.0.0.1:8400/v1
+      nextstate status                      what the learner is doing
+    In front of a vLLM you run:  nextstate serve --backend http://HOST:8000
+    """
 
 
-_store = click.option("--store", envvar="NEXTSTATE_STORE", default=None,
-                      help="SQLAlchemy URL of the store (default: SQLite in the data dir).")
+_store = store_option
 _api_key = click.option("--api-key", envvar="NEXTSTATE_API_KEY", default=None,
                         help="Bearer key clients must present to the proxy.")
-_backend_key = click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY",
-                            default=None, help="Key the proxy presents to vLLM.")
+_backend_key = backend_key_option
 _no_record = click.option("--no-record", is_flag=True, help="Forward without recording.")
 _client_key = click.option(
     "--client-key", multiple=True, metavar="TENANT=KEY",
     help="A per-client key (repeatable); each tenant sees only its own sessions.")
-_host = click.option("--host", default="127.0.0.1", show_default=True)
+_host = click.option("--host", default="127.0.0.1", show_default=True,
+                     help="Address to listen on (0.0.0.0: every interface; give keys then).")
 
 
 @main.command()
-@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", required=True,
-              multiple=True, help="URL of a running vLLM server; repeat it for replicas "
-              "(sessions are spread across them, with affinity and failover).")
-@click.option("--port", default=DEFAULT_PORT, show_default=True)
+@backend_option(multiple=True, required=True,
+                help="URL of a running vLLM server (http://HOST:PORT, with or without /v1); "
+                "repeat it for replicas (sessions are spread across them, with affinity "
+                "and failover).")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+              show_default=True, help="The proxy's port.")
 @_host
 @_store
 @_api_key
@@ -101,7 +118,7 @@ _host = click.option("--host", default="127.0.0.1", show_default=True)
               help="Model name whose requests go to the learner's current adapter.")
 @click.option("--admin-key", envvar="NEXTSTATE_ADMIN_KEY", default=None,
               help="Key for export of all data, deletion of tenants, adapters, rollback.")
-@click.option("--retention-days", type=float, default=None,
+@click.option("--retention-days", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Delete turns (and what was derived from them) older than this.")
 @click.option("--no-redact", is_flag=True,
               help="Store message text as sent (default: mask API keys, tokens, e-mails).")
@@ -112,22 +129,46 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           no_redact: bool) -> None:
     """Run the recording proxy in front of an existing vLLM."""
     extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
-                                "more_backends": tuple(b.rstrip("/") for b in backends[1:])}
+                                "more_backends": backends[1:]}
     backend = backends[0]
     if no_redact:
         extra["redact_patterns"] = ()
     settings = _settings(backend, store, api_key, backend_api_key, no_record, client_key,
                          policy, **extra)
+    free_port_or_fail(host, port)
+    for url in settings.backend_urls():
+        _look_at_backend(url, backend_api_key, policy)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
 
 
+def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
+    """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
+    key); one that does not answer yet only gets a warning: the proxy answers 502 until
+    it does, then serves."""
+    try:
+        names = check_backend(url, api_key=api_key)
+    except BackendUnreachable as exc:
+        click.echo(f"warning: {exc} The proxy starts anyway and answers 502 until it does.",
+                   err=True)
+        return
+    except BackendStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if policy is not None and policy not in names:
+        click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not the policy "
+                   f"{policy!r}: requests for {policy!r} will get vLLM's 404 until it does "
+                   "(--policy is the name vLLM serves the base model under, "
+                   "--served-model-name)", err=True)
+
+
 @main.command()
-@click.option("--port", default=DEFAULT_PORT, show_default=True, help="The proxy's port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+              show_default=True, help="The proxy's port.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, path_type=Path),
               default=None, help="A local Hugging Face model dir (default: the toy model).")
 @click.option("--model-name", default=None, help="Name clients use for the model.")
-@click.option("--backend", default=None, help="Attach to this vLLM instead of starting one.")
+@backend_option(help="Attach to this running vLLM (http://HOST:PORT, with or without /v1) "
+                "instead of starting one.")
 @click.option("--vllm-arg", multiple=True, help="Extra argument for vLLM (repeatable), "
               "e.g. --vllm-arg=--tool-call-parser=hermes --vllm-arg=--enable-auto-tool-choice")
 @click.option("--no-learner", is_flag=True, help="Serve and record, but do not learn.")
@@ -142,9 +183,13 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
        vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
        store: str | None, api_key: str | None, no_record: bool) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
+    free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
     if backend:
-        names = check_backend(backend)
+        try:
+            names = check_backend(backend)
+        except BackendStartError as exc:
+            raise click.ClickException(str(exc)) from exc
         name = model_name or (names[0] if names else TOY_MODEL_NAME)
         with _learner(backend, name, model_dir, store_url, train=bool(model_dir),
                       off=no_learner, personal_after=personal_after):
@@ -243,9 +288,8 @@ def toy_model(out: Path | None, trained: bool) -> None:
               help="Forget everything of this tenant, its users' personal adapters included.")
 @click.option("--older-than-days", type=float, default=None,
               help="Forget turns older than this many days.")
-@click.option("--backend", "backends", envvar="NEXTSTATE_BACKEND", multiple=True,
-              help="A vLLM serving the adapters (repeatable): forgotten personal adapters "
-              "are unloaded from it.")
+@backend_option(multiple=True, help="A vLLM serving the adapters (repeatable): forgotten "
+                "personal adapters are unloaded from it.")
 @_backend_key
 def forget(store: str | None, session: str | None, user: str | None, tenant: str | None,
            older_than_days: float | None, backends: tuple[str, ...],
@@ -258,7 +302,7 @@ def forget(store: str | None, session: str | None, user: str | None, tenant: str
 
     if session is None and user is None and tenant is None and older_than_days is None:
         raise click.UsageError("give --session, --user, --tenant or --older-than-days")
-    db = Store(store or ProxySettings().resolved_store_url())
+    db = Store(existing_store(store))
     try:
         cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
         forgotten = db.forget(session_id=session, tenant=tenant, user=user, older_than=cutoff)
@@ -311,12 +355,18 @@ def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> 
     """Write recorded turns, one JSON object a turn, oldest first."""
     from nextstate.proxy.store import Store
 
-    db = Store(store or ProxySettings().resolved_store_url())
+    url = existing_store(store)
+    db = Store(url)
+    written = 0
     try:
         for turn in db.turns(session_id=session):
             out.write(orjson.dumps(turn) + b"\n")
+            written += 1
     finally:
         db.close()
+    if not written:
+        click.echo(f"no turns{f' in session {session}' if session else ''} in the store at "
+                   f"{url}", err=True)
 
 
 def _register_learner_commands() -> None:

@@ -106,6 +106,32 @@ class Assembled:
         return self.choices[0].get(key) if self.choices else None
 
 
+def untrainable(reply: Assembled) -> str | None:
+    """Why the first choice's tokens cannot be trained on, or None when they are exactly
+    what vLLM sampled: the prompt's ids, the completion's ids and one sampler logprob a
+    token, their counts matching the usage vLLM reported. Through the proxy they always
+    are; a client-side recorder (the LiteLLM callback) gets whatever its library passed
+    on, which depends on the library's version."""
+    ids = reply.first("token_ids") or []
+    logprobs = reply.first("logprobs") or []
+    usage = reply.usage or {}
+    if not reply.prompt_token_ids:
+        return "no prompt token ids"
+    if not ids:
+        return "no completion token ids"
+    if len(logprobs) != len(ids):
+        return f"{len(logprobs)} sampler logprobs for {len(ids)} tokens"
+    if not usage:
+        return "no usage to check the token counts against"
+    sampled = sum(len(c.get("token_ids") or []) for c in reply.choices)
+    if (usage.get("completion_tokens"), usage.get("prompt_tokens")) != (
+            sampled, len(reply.prompt_token_ids)):
+        return (f"token counts ({len(reply.prompt_token_ids)} prompt, {sampled} completion) "
+                f"differ from usage ({usage.get('prompt_tokens')}, "
+                f"{usage.get('completion_tokens')})")
+    return None
+
+
 def assemble(record: TurnRecord) -> Assembled:
     if record.response is not None:
         return _from_response(record.response, record.endpoint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from nextstate.proxy.redact import DEFAULT_PATTERNS
 
@@ -22,6 +23,25 @@ def data_dir() -> Path:
 
 def default_store_url() -> str:
     return f"sqlite:///{data_dir() / 'nextstate.db'}"
+
+
+def backend_root(url: str) -> str:
+    """A vLLM server's root URL from the way people write it: with or without the
+    ``/v1`` that ``OPENAI_BASE_URL`` carries, with or without a trailing slash. The proxy
+    and the learner add the API paths (``/v1/chat/completions``, ``/tokenize``) to it.
+    Raises ValueError, in one sentence, for something that is not an http(s) URL."""
+    given = url.strip()
+    parts = urlsplit(given)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not a backend URL: give the vLLM server's address "
+                         "with its scheme, e.g. http://127.0.0.1:8000 (with or without /v1)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: a backend URL has no query or fragment; give e.g. "
+                         "http://127.0.0.1:8000")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,12 @@ class ProxySettings:
     max_body_bytes: int = 32 * 1024 * 1024
     body_timeout_seconds: float = 30.0  # a client must send its whole body within this
     sqlite_busy_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Accept the URLs as users write them (http://host:8000/v1 as well).
+        object.__setattr__(self, "backend_url", backend_root(self.backend_url))
+        object.__setattr__(self, "more_backends",
+                           tuple(backend_root(u) for u in self.more_backends))
 
     def tenants_by_key(self) -> dict[bytes, str]:
         """Client keys and their tenants (``api_key``'s tenant is "default")."""

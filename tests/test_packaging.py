@@ -39,3 +39,7 @@ def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
     cli = subprocess.run([env_dir / "bin" / "nextstate", "--help"], capture_output=True,
                          text=True)
     assert "export" in cli.stdout and cli.returncode == 0
+    learn = subprocess.run([env_dir / "bin" / "nextstate", "learn", "--backend",
+                            "http://127.0.0.1:9/v1"], capture_output=True, text=True)
+    assert learn.returncode == 1 and "Traceback" not in learn.stderr
+    assert "pip install 'nextstate[learner]'" in learn.stderr

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, Select, select
 
-from nextstate.proxy.record import Assembled, TurnRecord
+from nextstate.proxy.record import Assembled, TurnRecord, untrainable
 from nextstate.proxy.sessions import next_state_of
 from nextstate.proxy.store.schema import turns
 
@@ -19,7 +19,7 @@ EXPORT_COLUMNS = (
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant", "user", "redacted",
+    "tenant", "user", "redacted", "untrainable",
 )
 
 
@@ -78,6 +78,7 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "next_state_status": ns_status,
         "tenant": rec.tenant,
         "user": rec.user,
+        "untrainable": untrainable(reply) if rec.status == "ok" else None,
     }
 
 

@@ -86,6 +86,9 @@ turns = Table(
     Column("user", String(300)),
     # Secrets or personal data were scrubbed from this turn; its token ids are dropped.
     Column("redacted", Boolean, nullable=False, default=False),
+    # Why this turn's tokens cannot be trained on (see record.untrainable); NULL: they are
+    # exactly what vLLM sampled. The learner never trains on a turn that has a reason.
+    Column("untrainable", String(200)),
     Index("ix_turns_session", "session_id", "turn_index"),
     Index("ix_turns_created", "created_at"),
     Index("ix_turns_pending", "next_state_status", "created_at"),

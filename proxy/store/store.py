@@ -234,7 +234,7 @@ class Store:
             hits += n
         if hits:
             row.update(redacted=True, prompt_token_ids=None, completion_token_ids=None,
-                       logprobs=None)
+                       logprobs=None, untrainable="redacted: its token ids were dropped")
         return row
 
     def _session(self, conn: Connection, session_id: str) -> Any:

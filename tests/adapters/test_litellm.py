@@ -20,6 +20,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from nextstate.adapters.litellm import NextStateLogger
+from nextstate.learner.judgment import Judgment
+from nextstate.learner.store import LearnerStore
 from nextstate.proxy.record import TurnRecord
 from nextstate.proxy.store import Store
 from tests.conftest import MODEL_NAME
@@ -75,6 +77,16 @@ def recorded(store_url: str, count: int, timeout: float = 15.0) -> list[dict[str
         store.close()
 
 
+def trainable_ids(store_url: str, turn: dict[str, Any]) -> list[str]:
+    """The turn's id if the learner would train on it once judged, else nothing."""
+    learner = LearnerStore(store_url)
+    try:
+        learner.save_judgment(turn["turn_id"], Judgment(score=-1))
+        return [row["id"] for row in learner.ready_for_training("binary", 10)]
+    finally:
+        learner.close()
+
+
 @pytest.mark.integration
 def test_call_is_recorded_with_messages_reply_session_and_token_ids(
         vllm, recorder, store_url, toy_model):
@@ -98,6 +110,7 @@ def test_call_is_recorded_with_messages_reply_session_and_token_ids(
     assert turn["logprobs"] == pytest.approx(
         [e.logprob for e in reply.choices[0].logprobs.content])
     assert turn["next_state_status"] == "pending"
+    assert turn["untrainable"] is None and trainable_ids(store_url, turn) == [turn["turn_id"]]
 
 
 @pytest.mark.integration
@@ -106,25 +119,40 @@ def test_without_return_token_ids_only_text_is_recorded(vllm, recorder, store_ur
     [turn] = recorded(store_url, 1)
     assert turn["response"]["choices"][0]["message"]["content"] == reply.choices[0].message.content
     assert (turn["prompt_token_ids"], turn["completion_token_ids"]) == (None, [])
+    assert turn["untrainable"] == "no prompt token ids"
 
 
 @pytest.mark.integration
-def test_stream_is_recorded_with_assembled_text_but_loses_token_ids(vllm, recorder, store_url):
-    pieces, client_ids = [], []
+def test_stream_keeps_the_sampled_token_ids_litellm_passes_on_and_marks_what_it_drops(
+        vllm, recorder, store_url, toy_model):
+    pieces, client_ids, usage = [], [], None
     for chunk in litellm.completion(**ask(vllm), stream=True, extra_body=TOKENS,
+                                    stream_options={"include_usage": True},
                                     metadata={"session_id": "lite-stream"}):
+        usage = getattr(chunk, "usage", None) or usage
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
             client_ids += getattr(chunk.choices[0], "token_ids", None) or []
     [turn] = recorded(store_url, 1)
+    text = "".join(pieces)
     assert turn["session_id"] == "lite-stream"
     assert turn["request"]["stream"] is True and turn["ttft_ms"] is not None
-    assert turn["response"]["choices"][0]["message"]["content"] == "".join(pieces) != ""
-    # The client's chunks carry vLLM's token ids; LiteLLM's reassembled response, the only
-    # thing callbacks see, does not, and the prompt's ids reach neither.
-    assert len(client_ids) > 0
-    assert (turn["prompt_token_ids"], turn["completion_token_ids"], turn["logprobs"]) == (
-        None, [], [])
+    assert turn["response"]["choices"][0]["message"]["content"] == text != ""
+    assert len(client_ids) == usage.completion_tokens > 0  # what vLLM sampled
+    # What reaches the callback depends on LiteLLM's version (1.106 passed no token ids
+    # on, 1.110 passes the completion's but not the prompt's nor the logprobs). Whatever
+    # it passes on is recorded only if it is what vLLM sampled; a turn missing any piece
+    # is kept, says what it lacks, and is never trained on.
+    ids = turn["completion_token_ids"]
+    if ids:
+        assert ids == client_ids
+        tokenizer = AutoTokenizer.from_pretrained(toy_model)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    if turn["untrainable"] is None:
+        assert ids and turn["prompt_token_ids"] and len(turn["logprobs"]) == len(ids)
+        assert trainable_ids(store_url, turn) == [turn["turn_id"]]
+    else:
+        assert trainable_ids(store_url, turn) == []
 
 
 @pytest.mark.integration

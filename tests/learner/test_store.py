@@ -12,7 +12,8 @@ def turn(i: int) -> TurnRecord:
                       response={"choices": [{"index": 0, "token_ids": [1, 2],
                                              "logprobs": {"content": [{"logprob": -1.0}] * 2},
                                              "message": {"role": "assistant", "content": "x"}}],
-                                "prompt_token_ids": [5]})
+                                "prompt_token_ids": [5],
+                                "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
 
 
 def test_ready_turns_follow_the_method_and_publish_marks_them_once(store_url):
@@ -51,6 +52,20 @@ def test_skipped_turns_are_never_ready_again(store_url):
     store.skip(["t0"], "stale")
     assert store.ready_count("binary") == 0
     assert store.judgment("t0")["trained_version"] == -1
+    store.close()
+
+
+def test_turns_whose_tokens_are_not_exact_are_kept_but_never_ready(store_url):
+    store = LearnerStore(store_url)
+    partial = turn(1)
+    assert partial.response is not None
+    partial.response["prompt_token_ids"] = None  # e.g. a client library dropped them
+    store.store.write([turn(0), partial])
+    for turn_id in ("t0", "t1"):
+        store.save_judgment(turn_id, Judgment(score=-1))
+    assert [r["id"] for r in store.ready_for_training("binary", 10)] == ["t0"]
+    kept = store.store.turn("t1")
+    assert kept is not None and kept["untrainable"] == "no prompt token ids"
     store.close()
 
 

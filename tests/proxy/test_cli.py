@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import click
 import httpx
 import pytest
 from click.testing import CliRunner
+from starlette.testclient import TestClient
 
 from nextstate.learner import publish
 from nextstate.proxy import cli
+from nextstate.proxy.app import make_app
+from nextstate.proxy.backend import free_port
 from nextstate.proxy.record import TurnRecord
+from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
 from tests.proxy.fake_vllm import FakeVLLM
 
@@ -97,3 +107,130 @@ def test_forgetting_without_a_backend_still_forgets_and_says_so(store_url, monke
     # A session or an age never takes adapters, and says nothing about them.
     again = CliRunner().invoke(cli.main, ["forget", "--store", store_url, "--session", "s9"])
     assert again.output == "deleted 0 turns\n"
+
+
+# -- a newcomer's mistakes: one sentence each, never a traceback --------------------------
+
+def _commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield f"{prefix}{name}", command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix}{name} ")
+
+
+def test_every_backend_option_takes_the_url_with_or_without_v1():
+    found = {}
+    for name, command in _commands(cli.main):
+        for param in command.params:
+            if "--backend" in getattr(param, "opts", ()):
+                found[name] = param.process_value(
+                    click.Context(command), ("http://h:8000/v1/",) if param.multiple
+                    else "http://h:8000/v1/")
+    assert set(found) == {"serve", "up", "learn", "forget", "adapters rollback"}
+    assert all(v in ("http://h:8000", ("http://h:8000",)) for v in found.values()), found
+
+
+def test_a_backend_that_is_not_a_url_gets_one_sentence():
+    result = CliRunner().invoke(cli.main, ["serve", "--backend", "localhost:8000"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "give the vLLM server's address with its scheme, e.g. http://127.0.0.1:8000" \
+        in result.output
+
+
+def test_serve_with_the_openai_base_url_form_proxies_to_the_right_paths(tmp_path):
+    seen: list[str] = []
+    fake = FakeVLLM()
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return fake(request)
+
+    settings = ProxySettings(backend_url="http://vllm:8000/v1", store_url=f"sqlite:///"
+                             f"{tmp_path}/s.db", spool_dir=tmp_path / "spool")
+    assert settings.backend_url == "http://vllm:8000"
+    with TestClient(make_app(settings, transport=httpx.MockTransport(upstream))) as client:
+        answer = client.post("/v1/chat/completions", json={
+            "model": "toy", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200
+        assert client.get("/health").json()["status"] == "ok"
+    assert seen[:2] == ["/v1/chat/completions", "/health"]
+
+
+class _Answers404(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_vllm() -> Iterator[str]:
+    """A server that answers, but not as vLLM: 404 for /v1/models."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers404)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch):
+    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    result = CliRunner().invoke(cli.main, ["serve", "--backend", f"{not_vllm}/api",
+                                           "--port", str(free_port())])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{not_vllm}/api answers 404 for /v1/models" in result.output
+    assert "give its root URL, e.g. http://HOST:8000 (with or without /v1)" in result.output
+
+
+def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
+    started = []
+    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: started.append(settings))
+    result = CliRunner().invoke(cli.main, ["serve", "--backend", "http://127.0.0.1:9/v1",
+                                           "--port", str(free_port())])
+    assert result.exit_code == 0, result.output
+    assert "nothing answers at http://127.0.0.1:9" in result.output
+    assert "answers 502 until it does" in result.output
+    assert started[0].backend_url == "http://127.0.0.1:9"
+
+
+def test_a_port_in_use_is_named_before_anything_starts(monkeypatch):
+    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = CliRunner().invoke(cli.main, ["serve", "--backend", "http://127.0.0.1:9",
+                                               "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "give another --port" in result.output
+
+
+@pytest.mark.parametrize("command", [["status"], ["export"], ["adapters", "list"],
+                                     ["forget", "--session", "s1"]])
+def test_commands_that_read_a_store_say_which_one_is_missing(command, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEXTSTATE_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("NEXTSTATE_STORE", raising=False)
+    result = CliRunner().invoke(cli.main, command)
+    expected = f"sqlite:///{tmp_path / 'fresh' / 'nextstate.db'}"
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"no store at {expected} (no such file)" in result.output
+    assert "--store URL or NEXTSTATE_STORE" in result.output
+    assert not (tmp_path / "fresh").exists()  # nothing was created on the way
+
+
+@pytest.mark.parametrize("store, says", [
+    ("nonsense", "'nonsense' is not a database URL"),
+    ("postgresql+psycopg://nobody@127.0.0.1:9/db", "cannot be read (connection failed"),
+])
+def test_a_store_url_that_cannot_work_is_named(store, says):
+    result = CliRunner().invoke(cli.main, ["status", "--store", store])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert says in result.output
+
+
+def test_status_names_the_store_no_learner_reported_to(store_url):
+    result = CliRunner().invoke(cli.main, ["status", "--store", store_url])
+    assert result.exit_code == 1
+    assert f"no learner has reported to the store at {store_url} yet" in result.output

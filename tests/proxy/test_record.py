@@ -1,6 +1,6 @@
 """Assembling a turn's reply from vLLM's JSON or stream chunks."""
 
-from nextstate.proxy.record import TurnRecord, assemble
+from nextstate.proxy.record import TurnRecord, assemble, untrainable
 
 
 def _record(**kw):
@@ -56,3 +56,31 @@ def test_whole_response_drops_vllm_null_extras_from_the_message():
                              "token_ids": [1], "logprobs": None}]}
     out = assemble(_record(response=response))
     assert out.choices[0]["message"] == {"role": "assistant", "content": "hi"}
+
+
+def _reply(ids=(7, 8), logprobs=(-0.5, -1.5), prompt=(1, 2), usage=None, more=()):
+    choices = [{"index": 0, "token_ids": list(ids), "logprobs": {"content": [
+        {"logprob": lp} for lp in logprobs]}, "message": {"role": "assistant"}}]
+    choices += [{"index": i + 1, "token_ids": list(extra), "message": {"role": "assistant"}}
+                for i, extra in enumerate(more)]
+    sampled = sum(len(c["token_ids"]) for c in choices)
+    response = {"choices": choices, "prompt_token_ids": list(prompt) or None,
+                "usage": usage if usage is not None else {"prompt_tokens": len(prompt),
+                                                          "completion_tokens": sampled}}
+    return assemble(_record(response=response))
+
+
+def test_tokens_matching_usage_are_trainable():
+    assert untrainable(_reply()) is None
+    # n>1: usage counts every choice's tokens.
+    assert untrainable(_reply(more=[(3, 4, 5)])) is None
+
+
+def test_tokens_a_client_library_dropped_or_miscounted_are_marked_untrainable():
+    assert untrainable(_reply(prompt=())) == "no prompt token ids"
+    assert untrainable(_reply(ids=(), logprobs=())) == "no completion token ids"
+    assert untrainable(_reply(logprobs=())) == "0 sampler logprobs for 2 tokens"
+    assert untrainable(_reply(usage={})) == "no usage to check the token counts against"
+    # LiteLLM's own estimate of a stream's usage, not vLLM's.
+    assert untrainable(_reply(usage={"prompt_tokens": 2, "completion_tokens": 1})) == (
+        "token counts (2 prompt, 2 completion) differ from usage (2, 1)")

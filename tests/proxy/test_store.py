@@ -133,6 +133,7 @@ def test_secrets_are_scrubbed_and_the_turn_loses_its_token_ids(store):
     row = store.turn(leaky.turn_id)
     assert "sk-" not in str(row["request"]) and "@" not in str(row["response"])
     assert row["redacted"] is True
+    assert row["untrainable"] == "redacted: its token ids were dropped"
     assert row["completion_token_ids"] is None and row["prompt_token_ids"] is None
     assert store.turn(clean.turn_id)["completion_token_ids"] == [5, 6]
 

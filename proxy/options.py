@@ -1,0 +1,89 @@
+"""Options and checks the ``nextstate`` commands share, defined once (user -> CLI).
+
+Every command takes a backend URL the way people write it (``http://host:8000`` or the
+``OPENAI_BASE_URL`` form ``http://host:8000/v1``) and a store; the commands that only
+read a store first make sure it is there, and say which one they tried and how to point
+at another instead of creating an empty one or printing a driver's traceback.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import click
+
+from nextstate.proxy.settings import backend_root, default_store_url
+from nextstate.proxy.store.locate import StoreNotFound, check_url, require_store
+
+TOY_MODEL_NAME = "nextstate-toy"
+
+
+def _backend_urls(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Normalise ``--backend`` (one or many) to root URLs; a bad one is a usage error."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, tuple):
+            return tuple(backend_root(v) for v in value)
+        return backend_root(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def backend_option(*, multiple: bool = False, required: bool = False,
+                   help: str) -> Any:  # noqa: A002 - click's own name
+    """``--backend URL`` (env NEXTSTATE_BACKEND), repeatable when ``multiple``."""
+    return click.option("--backend", "backends" if multiple else "backend",
+                        envvar="NEXTSTATE_BACKEND", multiple=multiple, required=required,
+                        callback=_backend_urls, metavar="URL", help=help)
+
+
+def _store_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_url(value)
+        except StoreNotFound as exc:
+            raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+store_option = click.option(
+    "--store", envvar="NEXTSTATE_STORE", default=None, metavar="URL", callback=_store_url,
+    help="SQLAlchemy URL of the store (default: SQLite in the data dir, $NEXTSTATE_HOME).")
+
+backend_key_option = click.option(
+    "--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY", default=None,
+    help="Key to present to vLLM (the one it was started with, --api-key).")
+
+
+def require_learner_extra(what: str) -> None:
+    """Training needs torch, which the proxy's own install leaves out on purpose."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"{what} needs the learner extra ({', '.join(missing)} not installed): "
+            "pip install 'nextstate[learner]'")
+
+
+def free_port_or_fail(host: str, port: int) -> None:
+    """A port someone else holds is named now, before anything slow starts."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port} ({exc.strerror}): another nextstate or "
+                "another server holds it; give another --port") from exc
+
+
+def existing_store(store: str | None) -> str:
+    """The store URL a reading command uses; a click error if no store is there."""
+    url = store or default_store_url()
+    try:
+        require_store(url)
+    except StoreNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    return url
