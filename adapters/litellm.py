@@ -11,12 +11,17 @@ For teams that keep their traffic on LiteLLM instead of moving it onto the nexts
 Each chat call becomes a `TurnRecord` for a daemon thread that writes batches to the store;
 a full queue drops (counted in `stats`), a failing store is retried with backoff.
 
-What it cannot capture, compared with the nextstate proxy (seen with LiteLLM 1.106, vLLM 0.32):
+What reaches the callback depends on LiteLLM's version. The store checks what it got
+(`nextstate.proxy.record.untrainable`): a turn is trainable only with the prompt's ids,
+the completion's ids and a logprob a token, counts matching vLLM's usage; anything less
+is kept, marked with the reason, and never trained on. Compared with the nextstate proxy
+(seen with vLLM 0.32):
 - Token ids only when the caller asks vLLM for them (``return_token_ids``, as above); the
   proxy asks on every request. Non-streaming, LiteLLM keeps them and the logprobs.
-- Streaming: callbacks get only LiteLLM's reassembled response (text, tool calls, finish
-  reason, usage). vLLM's ``token_ids`` and ``logprobs`` reach the client's chunks but not
-  the callback, ``prompt_token_ids`` reach neither: streamed turns are text only.
+- Streaming: callbacks get LiteLLM's reassembled response (text, tool calls, finish
+  reason, usage). LiteLLM 1.106 kept no token ids in it; 1.110 keeps the completion's
+  (the sampled ones), but neither version keeps ``prompt_token_ids`` (they reach not even
+  the client) nor the logprobs: streamed turns stay untrainable.
 - Sessions: the SDK shows callbacks none of a call's ``extra_headers``, so pass
   ``metadata={"session_id": ..., "turn_type": ..., "session_done": ...}``. Behind the
   LiteLLM proxy, ``X-Session-Id``, ``X-Turn-Type`` and ``X-Session-Done`` headers work
