@@ -27,6 +27,7 @@ is a 404.
 from __future__ import annotations
 
 import string
+import urllib.parse
 
 from nextstate.proxy.errors import InvalidRequest, shape_for
 from nextstate.proxy.relay import send_error
@@ -76,6 +77,8 @@ def _describe(char: int) -> str:
         return f"a control character (0x{char:02x})"
     if char >= 0x80:
         return f"a non-ASCII byte (0x{char:02x})"
+    if char == ord("\\"):
+        return "a backslash"
     return repr(chr(char))
 
 
@@ -94,7 +97,9 @@ class PathGuard:
         try:
             scope["path"] = canonical(raw)
         except InvalidRequest as exc:
-            await send_error(send, exc, shape_for(raw.decode("latin-1")))
+            # Anthropic's clients read Anthropic's error shape, however they spelled it.
+            shape = shape_for(urllib.parse.unquote(raw.decode("latin-1")))
+            await send_error(send, exc, shape)
             return
         scope["raw_path"] = raw
         await self.app(scope, receive, send)

@@ -60,6 +60,8 @@ class FakeVLLM:
                 {"id": name} for name in ["toy", *sorted(self.loaded)]]})
         if request.url.path == "/health":
             return httpx.Response(200)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"count": len(PROMPT_IDS), "tokens": PROMPT_IDS})
         self.requests.append(body)
         self.headers.append(request.headers)
         if self.fail_with is not None:
