@@ -51,10 +51,12 @@ async def test_erase_deletes_directories_and_unloads_from_every_backend_it_reach
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Every client to vLLM the learner makes talks to one fake vLLM."""
-    fake = FakeVLLM()
+    """Every client to vLLM the learner makes talks to one fake vLLM, which wants the
+    backend's key ("k") on every call."""
+    fake = FakeVLLM(api_key="k")
     monkeypatch.setattr(process, "VLLMClient", lambda url, key, **_: client_of(fake, url, key))
-    return fake
+    yield fake
+    assert fake.unauthorized == []
 
 
 async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_shared_one(
@@ -66,7 +68,7 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
     url = f"sqlite:///{tmp_path / 'store.db'}"
     learner = Learner(LearnerConfig(
         store_url=url, backend_url="http://vllm", base_model="p", model_dir=toy_model,
-        adapters_dir=tmp_path / "adapters",
+        adapters_dir=tmp_path / "adapters", backend_api_key="k",
         training=TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                                 personal_min_turns=2, unload_grace=0.0)))
     store, admin = learner.store, Store(url)

@@ -127,3 +127,33 @@ async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch)
     assert [store.judgment(r.turn_id)["teacher_model"] for r in records[0::2]] == [
         "p~alice@000002", "p@000001"]
     store.close()
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_learn_gives_the_backends_key_to_every_client_it_makes(monkeypatch, tmp_path, how):
+    """``nextstate learn --backend-api-key`` (or NEXTSTATE_BACKEND_API_KEY): the teacher
+    and each backend's publisher get it (the client sends it on every call:
+    tests/core/test_vllm.py)."""
+    from click.testing import CliRunner
+
+    from nextstate.learner import process
+    from nextstate.proxy import cli
+
+    made: list[tuple[str, str | None]] = []
+    real = process.VLLMClient
+    monkeypatch.setattr(process, "VLLMClient", lambda url, key, **kw: (
+        made.append((url, key)), real(url, key, **kw))[1])
+
+    async def one_round(self):
+        return 0
+
+    monkeypatch.setattr(process.Learner, "step", one_round)
+    args = ["learn", "--backend", "http://a:8000", "--backend", "http://b:8000", "--no-train",
+            "--once", "--store", f"sqlite:///{tmp_path / 's.db'}"]
+    if how == "option":
+        args += ["--backend-api-key", "k"]
+    else:
+        monkeypatch.setenv("NEXTSTATE_BACKEND_API_KEY", "k")
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert made == [("http://a:8000", "k"), ("http://a:8000", "k"), ("http://b:8000", "k")]

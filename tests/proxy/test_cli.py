@@ -126,6 +126,21 @@ def test_forgetting_a_user_unloads_and_deletes_their_adapters(store_url, tmp_pat
     store.close()
 
 
+def test_rollback_loads_the_version_with_the_backends_key(store_url, monkeypatch):
+    fake = FakeVLLM(api_key="k")
+    real = vllm.VLLMClient
+    monkeypatch.setattr(vllm, "VLLMClient", lambda url, key: real(
+        url, key, http=httpx.AsyncClient(transport=httpx.MockTransport(fake))))
+    result = CliRunner().invoke(cli.main, ["adapters", "rollback", "2", "--store", store_url,
+                                           "--backend", "http://vllm"])
+    assert result.exit_code != 0 and "401" in result.output  # no key: vLLM refuses
+    result = CliRunner().invoke(cli.main, ["adapters", "rollback", "1", "--store", store_url,
+                                           "--backend", "http://vllm", "--backend-api-key",
+                                           "k"])
+    assert result.exit_code == 0, result.output
+    assert "p@000001" in fake.loaded and fake.unauthorized == ["POST /v1/load_lora_adapter"]
+
+
 def test_forgetting_without_a_reachable_backend_says_what_vllm_may_keep(store_url):
     unreachable = CliRunner().invoke(cli.main, [
         "forget", "--store", store_url, "--user", "alice", "--backend", "http://127.0.0.1:9"])
