@@ -33,7 +33,8 @@ from nextstate.proxy.errors import InvalidRequest, shape_for
 from nextstate.proxy.relay import send_error
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
-_PATH_CHARS = frozenset((string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode())
+_PATH_BYTES = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode()
+_PATH_CHARS = frozenset(_PATH_BYTES)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _NEVER_ENCODED = frozenset(b"/\\.%;?#")  # an escape of these is an attempt to hide one
 
@@ -43,6 +44,8 @@ def canonical(raw: bytes) -> str:
     InvalidRequest saying what is wrong with it."""
     if not raw.startswith(b"/"):
         raise InvalidRequest("The request path must start with '/'.")
+    if b"%" not in raw and not raw.translate(None, _PATH_BYTES):  # nothing to decode
+        return _segments_checked(raw.decode("ascii"))
     decoded = bytearray()
     i = 0
     while i < len(raw):
@@ -61,7 +64,10 @@ def canonical(raw: bytes) -> str:
             i += 2
         decoded.append(char)
         i += 1
-    path = decoded.decode("ascii")
+    return _segments_checked(decoded.decode("ascii"))
+
+
+def _segments_checked(path: str) -> str:
     segments = path.split("/")[1:]
     for n, segment in enumerate(segments):
         if segment in (".", ".."):
