@@ -46,8 +46,10 @@ class VLLMUnreachable(VLLMError):
 
 
 class VLLMRefused(VLLMError):
-    def __init__(self, url: str, status: int, body: str) -> None:
-        super().__init__(url, f"{status} {body[:300]}")
+    """``asked``: what was asked, in words (``load adapter p@000003``)."""
+
+    def __init__(self, url: str, asked: str, status: int, body: str) -> None:
+        super().__init__(url, f"refused to {asked}: {status} {body[:300]}")
         self.status = status
         self.body = body
 
@@ -105,7 +107,7 @@ class VLLMClient:
                                   json={"lora_name": name, "lora_path": path})
         if answer.status_code != 200 and not (answer.status_code == 400
                                               and ALREADY_LOADED in answer.text):
-            raise VLLMRefused(self.url, answer.status_code, answer.text)
+            raise VLLMRefused(self.url, f"load adapter {name}", answer.status_code, answer.text)
 
     async def unload_adapter(self, name: str) -> bool:
         """Unload ``name``; False when it was not loaded."""
@@ -114,14 +116,14 @@ class VLLMClient:
             return True
         if answer.status_code == 404 and NOT_LOADED in answer.text:
             return False
-        raise VLLMRefused(self.url, answer.status_code, answer.text)
+        raise VLLMRefused(self.url, f"unload adapter {name}", answer.status_code, answer.text)
 
     async def tokenize(self, body: dict[str, Any]) -> list[int]:
         """``POST /tokenize``: the token ids of a prompt or of chat messages, built as
         vLLM builds them for generation."""
         tokens = (await self._json("POST", "/tokenize", body)).get("tokens")
         if not isinstance(tokens, list):
-            raise VLLMRefused(self.url, 200, "/tokenize answered without tokens")
+            raise VLLMRefused(self.url, "tokenize", 200, "an answer without tokens")
         return [int(t) for t in tokens]
 
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -133,14 +135,15 @@ class VLLMClient:
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None,
                     ) -> dict[str, Any]:
         answer = await self._call(method, path, json=body)
+        asked = f"answer {method} {path}"
         if answer.status_code != 200:
-            raise VLLMRefused(self.url, answer.status_code, answer.text)
+            raise VLLMRefused(self.url, asked, answer.status_code, answer.text)
         try:
             found = answer.json()
         except ValueError as exc:
-            raise VLLMRefused(self.url, 200, f"{path} answered with no JSON") from exc
+            raise VLLMRefused(self.url, asked, 200, "an answer that is not JSON") from exc
         if not isinstance(found, dict):
-            raise VLLMRefused(self.url, 200, f"{path} answered with no JSON object")
+            raise VLLMRefused(self.url, asked, 200, "an answer that is not a JSON object")
         return found
 
     async def _call(self, method: str, path: str, *, json: dict[str, Any] | None = None,
