@@ -26,12 +26,15 @@ import click
 
 from nextstate.proxy.options import (
     TOY_MODEL_NAME,
+    backend_key_option,
     backend_option,
     existing_store,
     require_learner_extra,
 )
 from nextstate.proxy.options import store_option as _store
 from nextstate.proxy.settings import data_dir, default_store_url
+
+_backend_key = backend_key_option
 
 
 @click.command()
@@ -44,6 +47,7 @@ from nextstate.proxy.settings import data_dir, default_store_url
               default=None, help="The base model's weights (default: the toy model).")
 @click.option("--no-train", is_flag=True, help="Only judge; never train.")
 @_store
+@_backend_key
 @click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
               show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
 @click.option("--judge-model", default=None,
@@ -66,7 +70,8 @@ from nextstate.proxy.settings import data_dir, default_store_url
               "for a base model that does not fit one GPU.")
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
 def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no_train: bool,
-          store: str | None, judge: str, judge_model: str | None, judge_api_base: str | None,
+          store: str | None, backend_api_key: str | None, judge: str, judge_model: str | None,
+          judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
           personal_after: int | None, shard: bool, once: bool) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
@@ -94,7 +99,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
                       learning_rate=learning_rate, shard=shard)
     config = LearnerConfig(
         store_url=store or default_store_url(), backend_url=backends[0],
-        backend_urls=backends,
+        backend_urls=backends, backend_api_key=backend_api_key,
         base_model=base_model, model_dir=None if no_train else model_dir,
         adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
         judge_api_base=judge_api_base, teacher=teacher,
@@ -224,10 +229,13 @@ def list_adapters(store: str | None) -> None:
 @click.argument("version", type=int)
 @backend_option(required=True, help="URL of the vLLM server (the version is loaded there "
                 "first).")
+@_backend_key
 @_store
-def rollback(version: int, backend: str, store: str | None) -> None:
+def rollback(version: int, backend: str, backend_api_key: str | None, store: str | None,
+             ) -> None:
     """Serve VERSION again (loaded into vLLM first, then made current)."""
-    from nextstate.learner.publish import PublishError, VLLMAdmin
+    from nextstate.core.vllm import VLLMClient
+    from nextstate.learner.publish import PublishError, load_verified
     from nextstate.learner.store import LearnerStore
     from nextstate.proxy.store.store import NOT_SERVABLE
 
@@ -240,11 +248,11 @@ def rollback(version: int, backend: str, store: str | None) -> None:
             raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")
 
         async def load() -> None:
-            admin = VLLMAdmin(backend)
+            vllm = VLLMClient(backend, backend_api_key)
             try:
-                await admin.load(row["name"], Path(row["path"]))
+                await load_verified(vllm, row["name"], Path(row["path"]))
             finally:
-                await admin.close()
+                await vllm.aclose()
 
         try:
             asyncio.run(load())

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from nextstate.learner.publish import PublishError, VLLMAdmin
+from nextstate.core.vllm import VLLMClient, VLLMError
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Erased:
         return not self.unreachable
 
 
-async def erase(rows: Sequence[dict[str, Any]], admins: Sequence[VLLMAdmin]) -> Erased:
+async def erase(rows: Sequence[dict[str, Any]], vllms: Sequence[VLLMClient]) -> Erased:
     """Delete the directories of these adapter versions and unload them from every
     backend that has them."""
     erased = Erased()
@@ -49,13 +47,12 @@ async def erase(rows: Sequence[dict[str, Any]], admins: Sequence[VLLMAdmin]) -> 
         if path.name == row["name"] and path.is_dir():
             shutil.rmtree(path)
             erased.directories.append(str(path))
-    for admin in admins:
+    for vllm in vllms:
         try:
-            loaded = await admin.loaded()
+            loaded = await vllm.models()
             for row in rows:
-                if row["name"] in loaded:
-                    await admin.unload(row["name"])
-                    erased.unloaded.setdefault(admin.url, []).append(row["name"])
-        except (httpx.HTTPError, PublishError) as exc:
-            erased.unreachable[admin.url] = f"{type(exc).__name__}: {exc}"
+                if row["name"] in loaded and await vllm.unload_adapter(row["name"]):
+                    erased.unloaded.setdefault(vllm.url, []).append(row["name"])
+        except VLLMError as exc:
+            erased.unreachable[vllm.url] = f"{type(exc).__name__}: {exc}"
     return erased

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
 from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
 from nextstate.learner.personal import owns, personal_adapters
-from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.store import LearnerStore, TurnsForgotten
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
@@ -42,6 +42,8 @@ class LearnerConfig:
     policy: str | None = None  # the name clients use; adapters are <policy>@<version>
     # Every vLLM serving the policy (default: backend_url); adapters go to all of them.
     backend_urls: tuple[str, ...] = ()
+    # The key every vLLM wants (its --api-key / VLLM_API_KEY); sent on every call.
+    backend_api_key: str | None = None
     model_dir: Path | None = None  # the base model's weights; None: judge only, no training
     adapters_dir: Path | None = None  # where adapter versions are written
     judge: str = "rules"  # rules | llm
@@ -73,7 +75,10 @@ def make_judge(config: LearnerConfig) -> Judge:
         model = config.judge_model or f"hosted_vllm/{config.base_model}"
         api_base = config.judge_api_base or (
             f"{config.backend_url}/v1" if config.judge_model is None else None)
-        return LLMJudge(model, api_base=api_base, api_key=config.judge_api_key)
+        # The backend's own model answers with the backend's key.
+        api_key = config.judge_api_key or (
+            config.backend_api_key if config.judge_model is None else None)
+        return LLMJudge(model, api_base=api_base, api_key=api_key)
     raise ValueError(f"unknown judge {config.judge!r} (rules or llm)")
 
 
@@ -99,13 +104,16 @@ class Learner:
         self.store = LearnerStore(config.store_url)
         self.judge = judge or make_judge(config)
         router = Router(self.policy, config.base_model) if config.teacher == "policy" else None
-        self.teacher = Teacher(config.backend_url, config.base_model, router=router)
-        self.admins = [VLLMAdmin(url) for url in config.backend_urls or (config.backend_url,)]
+        key = config.backend_api_key
+        self.teacher = Teacher(VLLMClient(config.backend_url, key, timeout=120.0),
+                               config.base_model, router=router)
+        self.vllms = [VLLMClient(url, key)
+                      for url in config.backend_urls or (config.backend_url,)]
         self.training: TrainingStage | None = None
         if config.model_dir is not None:
             adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"
             self.training = TrainingStage(self.store, config.model_dir, self.policy,
-                                          self.admins, adapters_dir, config.training)
+                                          self.vllms, adapters_dir, config.training)
         self.totals = Totals()
         self.started_at = time.time()
         self.state = "idle"
@@ -114,8 +122,8 @@ class Learner:
 
     async def close(self) -> None:
         await self.teacher.close()
-        for admin in self.admins:
-            await admin.close()
+        for vllm in self.vllms:
+            await vllm.aclose()
         self.store.close()
 
     async def step(self) -> int:
@@ -160,7 +168,7 @@ class Learner:
                 and r["version"] not in self.erased and owns(self.policy, r["policy"])]
         if not rows:
             return
-        erased = await erase(rows, self.admins)
+        erased = await erase(rows, self.vllms)
         if erased.unloaded or erased.directories:
             log.info("erased forgotten adapters: unloaded %s, deleted %s", erased.unloaded,
                      erased.directories)

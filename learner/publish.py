@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import httpx
+from nextstate.core.vllm import VLLMClient, VLLMError
 
 VERSION = re.compile(r"@(\d+)$")
 
@@ -45,39 +45,16 @@ def install(staged: Path, adapters_dir: Path, name: str) -> Path:
     return final
 
 
-class VLLMAdmin:
-    """vLLM's runtime LoRA endpoints (never reachable through the proxy)."""
-
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0,
-                 client: httpx.AsyncClient | None = None) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self.url = base_url.rstrip("/")
-        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=timeout,
-                                                  headers=headers)
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-    async def loaded(self) -> set[str]:
-        answer = await self.client.get("/v1/models")
-        answer.raise_for_status()
-        return {m["id"] for m in answer.json().get("data", [])}
-
-    async def load(self, name: str, path: Path) -> None:
-        try:
-            answer = await self.client.post("/v1/load_lora_adapter", json={
-                "lora_name": name, "lora_path": str(path)})
-        except httpx.HTTPError as exc:
-            raise PublishError(f"vLLM unreachable: {type(exc).__name__}: {exc}") from exc
-        if answer.status_code != 200 and "already" not in answer.text:
-            raise PublishError(f"vLLM refused {name}: {answer.status_code} {answer.text[:300]}")
-        if name not in await self.loaded():
-            raise PublishError(f"vLLM does not list {name} after loading it")
-
-    async def unload(self, name: str) -> None:
-        answer = await self.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        if answer.status_code not in (200, 400, 404):
-            raise PublishError(f"vLLM could not unload {name}: {answer.text[:300]}")
+async def load_verified(vllm: VLLMClient, name: str, path: Path) -> None:
+    """Load adapter ``name`` from ``path`` into one vLLM and check that it lists it
+    (through `nextstate.core.vllm`, with the backend's key); PublishError if not."""
+    try:
+        await vllm.load_adapter(name, str(path))
+        listed = name in await vllm.models()
+    except VLLMError as exc:
+        raise PublishError(str(exc)) from exc
+    if not listed:
+        raise PublishError(f"vLLM at {vllm.url} does not list {name} after loading it")
 
 
 def prune(adapters_dir: Path, rows: list[dict[str, Any]], keep: int) -> list[str]:

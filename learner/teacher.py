@@ -14,8 +14,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
+from nextstate.core.vllm import VLLMClient, VLLMError
 from nextstate.proxy.router import Router
 
 HINT_MARKER = "\n\n[user's hint / instruction]\n"
@@ -62,17 +61,14 @@ class Teacher:
     one does.
     """
 
-    def __init__(self, base_url: str, model: str, *, router: Router | None = None,
-                 api_key: str | None = None, timeout: float = 120.0,
-                 client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, vllm: VLLMClient, model: str, *, router: Router | None = None,
+                 ) -> None:
+        self.vllm = vllm  # nextstate.core.vllm: with the backend's key, retried
         self.model = model
         self.router = router
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        self.client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
-                                                  timeout=timeout, headers=headers)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.vllm.aclose()
 
     def model_for(self, turn: dict[str, Any]) -> str:
         """The served name of ``turn``'s teacher."""
@@ -88,10 +84,16 @@ class Teacher:
             raise TeacherError("the turn has no completion tokens")
         model = self.model_for(turn)
         prompt = await self._prompt_ids(turn, hint, model)
-        answer = await self._post("/v1/completions", {
-            "model": model, "prompt": prompt + list(completion), "max_tokens": 1,
-            "temperature": 0, "prompt_logprobs": 0})
-        scored = answer["choices"][0].get("prompt_logprobs")
+        try:
+            answer = await self.vllm.completion({
+                "model": model, "prompt": prompt + list(completion), "max_tokens": 1,
+                "temperature": 0, "prompt_logprobs": 0})
+        except VLLMError as exc:
+            raise TeacherError(f"vLLM could not score the turn: {exc}") from exc
+        try:
+            scored = answer["choices"][0]["prompt_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            scored = None
         if not scored or len(scored) != len(prompt) + len(completion):
             raise TeacherError("vLLM returned no prompt logprobs for the sequence")
         return completion_logprobs(scored, completion, len(prompt))
@@ -103,24 +105,15 @@ class Teacher:
             if hint is None:
                 return list(turn["prompt_token_ids"])
             prompt = f"{request.get('prompt', '')}{HINT_MARKER}{hint}"
-            answer = await self._post("/tokenize", {"model": model, "prompt": prompt})
+            body: dict[str, Any] = {"model": model, "prompt": prompt}
         else:
             if hint is None:
                 return list(turn["prompt_token_ids"])
-            body: dict[str, Any] = {"model": model, "add_generation_prompt": True,
-                                    "messages": with_hint(request["messages"], hint)}
+            body = {"model": model, "add_generation_prompt": True,
+                    "messages": with_hint(request["messages"], hint)}
             if request.get("tools"):
                 body["tools"] = request["tools"]
-            answer = await self._post("/tokenize", body)
-        return list(answer["tokens"])
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            answer = await self.client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise TeacherError(f"vLLM unreachable for {path}: {type(exc).__name__}") from exc
-        if answer.status_code != 200:
-            raise TeacherError(f"vLLM answered {answer.status_code} to {path}: "
-                               f"{answer.text[:300]}")
-        result: dict[str, Any] = answer.json()
-        return result
+            return await self.vllm.tokenize(body)
+        except VLLMError as exc:
+            raise TeacherError(f"vLLM could not tokenize the hinted prompt: {exc}") from exc

@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner.personal import Lane, full_lanes, owns
 from nextstate.learner.publish import (
     PublishError,
-    VLLMAdmin,
     install,
+    load_verified,
     prune,
     version_name,
     version_of,
@@ -116,12 +117,12 @@ def normalise_steps(items: list[TrainItem]) -> None:
 
 class TrainingStage:
     def __init__(self, store: LearnerStore, model_dir: Path, policy: str,
-                 admins: list[VLLMAdmin], adapters_dir: Path,
+                 vllms: list[VLLMClient], adapters_dir: Path,
                  config: TrainingConfig = TrainingConfig()) -> None:
         self.store = store
         self.model_dir = model_dir
         self.policy = policy
-        self.admins = admins  # one per vLLM backend: every adapter goes to all of them
+        self.vllms = vllms  # one per vLLM backend: every adapter goes to all of them
         self.adapters_dir = adapters_dir
         self.config = config
         # Its marks: "fresh" (a new adapter), "before" (the weights as a step starts).
@@ -221,8 +222,8 @@ class TrainingStage:
         path = install(staged, self.adapters_dir, name)
         self.store.stage_adapter(version, name, lane.policy, str(path), asdict(stats))
         try:
-            for admin in self.admins:  # verified on each; current only once all have it
-                await admin.load(name, path)
+            for vllm in self.vllms:  # verified on each; current only once all have it
+                await load_verified(vllm, name, path)
         except PublishError as exc:
             trainer.rewind("before")  # the turns stay untrained: learn from them again
             self.store.set_adapter_status(version, "failed", str(exc))
@@ -240,10 +241,10 @@ class TrainingStage:
         weights, which vLLM would keep serving from its cache."""
         version = self.store.next_version()
         taken: set[str] = set()
-        for admin in self.admins:
+        for vllm in self.vllms:
             # An unreachable backend gets the adapter when it is back.
             with contextlib.suppress(Exception):
-                taken |= await admin.loaded()
+                taken |= await vllm.models()
         while version_name(policy, version) in taken:
             version += 1
         return version, version_name(policy, version)
@@ -259,21 +260,21 @@ class TrainingStage:
         one) if vLLM lost them (a restart), unload versions past their grace period;
         then delete old directories."""
         rows = [r for r in self.store.adapters() if owns(self.policy, r["policy"])]
-        for admin in self.admins:
+        for vllm in self.vllms:
             try:
-                loaded = await admin.loaded()
+                loaded = await vllm.models()
             except Exception as exc:  # that backend is down: the proxy routes around it
-                log.warning("backend %s unreachable: %s", admin.url, exc)
+                log.warning("backend %s unreachable: %s", vllm.url, exc)
                 continue
             for row in rows:
                 if row["status"] == "current" and row["name"] not in loaded:
-                    log.warning("%s lost %s (restarted?): loading it again", admin.url,
+                    log.warning("%s lost %s (restarted?): loading it again", vllm.url,
                                 row["name"])
-                    await admin.load(row["name"], Path(row["path"]))
+                    await load_verified(vllm, row["name"], Path(row["path"]))
                 retired = row["retired_at"] or 0
                 if row["status"] == "previous" and \
                         time.time() - retired > self.config.unload_grace:
-                    await admin.unload(row["name"])
+                    await vllm.unload_adapter(row["name"])
         for row in rows:
             retired = row["retired_at"] or 0
             if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
@@ -289,12 +290,12 @@ class TrainingStage:
         """The adapter versions of this policy (and its personal policies) each backend
         has loaded (for status)."""
         out: dict[str, list[str]] = {}
-        for admin in self.admins:
+        for vllm in self.vllms:
             try:
-                names = await admin.loaded()
+                names = await vllm.models()
             except Exception:
-                out[admin.url] = ["unreachable"]
+                out[vllm.url] = ["unreachable"]
                 continue
-            out[admin.url] = sorted(n for n in names if n.startswith(
+            out[vllm.url] = sorted(n for n in names if n.startswith(
                 (f"{self.policy}@", f"{self.policy}~")))
         return out

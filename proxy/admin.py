@@ -19,11 +19,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from nextstate.core.vllm import VLLMError
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
 from nextstate.proxy.relay import TENANT, parse_object, read_body
@@ -84,9 +84,8 @@ async def delete_tenant(request: Request) -> Response:
                                                    deps.router.policy or ""))
     for backend in deps.backends.backends:
         for name in names:
-            with contextlib.suppress(httpx.HTTPError):
-                await backend.client.post("/v1/unload_lora_adapter", timeout=30.0,
-                                          json={"lora_name": name})
+            with contextlib.suppress(VLLMError):
+                await backend.vllm.unload_adapter(name)
     return _json({"object": "nextstate.deleted", "tenant": tenant, "turns": deleted.turns,
                   "adapters": names})
 
@@ -109,11 +108,10 @@ async def rollback(request: Request) -> Response:
     if row is None or row["status"] in NOT_SERVABLE:
         raise NotFound(f"No published adapter version {version}.")
     for backend in deps.backends.backends:  # every replica has it before it is current
-        loaded = await backend.client.post("/v1/load_lora_adapter", timeout=120.0, json={
-            "lora_name": row["name"], "lora_path": row["path"]})
-        if loaded.status_code != 200 and "already" not in loaded.text:
-            raise BackendUnavailable(
-                f"vLLM at {backend.url} did not load {row['name']}: {loaded.text[:300]}")
+        try:
+            await backend.vllm.load_adapter(row["name"], row["path"])
+        except VLLMError as exc:
+            raise BackendUnavailable(f"{row['name']} was not loaded: {exc}") from exc
     await asyncio.to_thread(deps.store.rollback, version)
     return _json({"object": "nextstate.adapter", "name": row["name"], "status": "current"})
 

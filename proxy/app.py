@@ -1,11 +1,14 @@
 """The proxy's ASGI application: `make_app(settings)` (agent -> proxy -> vLLM).
 
-Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are relayed and
-recorded; ``POST /v1/feedback`` and ``POST /v1/next_state`` take what clients tell about
-earlier turns; ``GET /v1/learner/status`` shows what the learner does; export, deletion
-and adapter administration are in `admin`; ``GET /health`` reports the backend and the
-recorder; vLLM's administrative endpoints are refused; any other ``/v1/*`` request passes
-through unchanged. The HTTP client, the store, the
+Routes, an allowlist: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are
+relayed and recorded; the other inference endpoints (responses, messages, models,
+embeddings, tokenize) are forwarded as they are (`passthrough`); ``POST /v1/feedback``
+and ``POST /v1/next_state`` take what clients tell about earlier turns;
+``GET /v1/learner/status`` shows what the learner does; export, deletion and adapter
+administration are in `admin`; ``GET /health`` reports the backends and the recorder.
+Anything else, vLLM's own administration included, is a 404 from the proxy and never
+reaches vLLM. Before routing, `paths.PathGuard` settles the one path every later step
+sees, then `ApiKeyMiddleware` checks the client's key. The HTTP clients, the store, the
 recorder and the adapter router are built in the lifespan and closed there.
 """
 
@@ -24,45 +27,36 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from nextstate.proxy import admin
+from nextstate.proxy import admin, passthrough
 from nextstate.proxy.backends import BackendPool
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
-    BackendUnavailable,
-    Forbidden,
     InvalidRequest,
     NotFound,
     ProxyError,
     StoreUnavailable,
     Unauthorized,
+    shape_for,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
 from nextstate.proxy.openapi import openapi_schema
+from nextstate.proxy.paths import PathGuard
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.redact import Redactor
-from nextstate.proxy.relay import (
-    TENANT,
-    Generation,
-    downstream_headers,
-    read_body,
-    send_error,
-    until_disconnect,
-    upstream_headers,
-)
+from nextstate.proxy.relay import TENANT, Generation, send_error
 from nextstate.proxy.router import Router
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.store import Store
 from nextstate.proxy.transport import UpstreamClient, UpstreamTransport
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
-# Endpoints that change the server; never reachable through the proxy.
-ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
 class ApiKeyMiddleware:
-    """Pure-ASGI check of ``Authorization: Bearer <key>`` when the proxy has keys; the
-    key's tenant goes into the scope for the endpoints."""
+    """Pure-ASGI check of ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as
+    Anthropic's clients send it) when the proxy has keys; the key's tenant goes into the
+    scope for the endpoints."""
 
     def __init__(self, app: ASGIApp, tenants_by_key: dict[bytes, str],
                  admin_key: str | None) -> None:
@@ -76,7 +70,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        token = given[7:] if given[:7].lower() == b"bearer " else b""
+        token = given[7:] if given[:7].lower() == b"bearer " else next(
+            (v for k, v in scope["headers"] if k == b"x-api-key"), b"")
         if self.admin_key is not None and hmac.compare_digest(token, self.admin_key):
             scope[admin.ADMIN] = True
             await self.app(scope, receive, send)
@@ -86,71 +81,18 @@ class ApiKeyMiddleware:
             if hmac.compare_digest(token, key):
                 tenant = name
         if tenant is None:
-            await send_error(send, Unauthorized("Missing or invalid API key for the proxy."))
+            await send_error(send, Unauthorized("Missing or invalid API key for the proxy."),
+                             shape_for(scope["path"]))
             return
         scope[TENANT] = tenant
         await self.app(scope, receive, send)
 
 
-class Passthrough:
-    """Any other ``/v1/*`` request, forwarded as is and streamed back as is."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        deps: Deps = scope["state"]["deps"]
-        if scope["path"].rstrip("/") in ADMIN_PATHS:
-            await send_error(send, Forbidden(
-                f"{scope['path']} changes the model server and is not reachable through "
-                "the proxy."))
-            return
-        try:
-            body = await read_body(receive, deps.settings.max_body_bytes,
-                                   deps.settings.body_timeout_seconds)
-        except ProxyError as exc:
-            await send_error(send, exc)
-            return
-        query = scope.get("query_string", b"")
-        url = scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        request = deps.client.build_request(
-            scope["method"], url, content=body, headers=upstream_headers(scope["headers"], deps))
-        response: httpx.Response | None = None
-        done = False
-
-        async def work() -> None:
-            nonlocal response, done
-            try:
-                response = await deps.client.send(request, stream=True)
-            except httpx.TransportError as exc:
-                done = True
-                await send_error(send, BackendUnavailable(
-                    f"The model backend could not be reached ({type(exc).__name__})."))
-                return
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": downstream_headers(response)})
-            async for chunk in response.aiter_bytes():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            done = True
-            await send({"type": "http.response.body", "body": b""})
-
-        try:
-            await until_disconnect(receive, work, lambda: done)
-        finally:
-            if response is not None:
-                await response.aclose()
-
-
 async def health(request: Request) -> Response:
     deps: Deps = request.state.deps
-    key = deps.settings.backend_api_key
-
-    async def check(url: str, client: httpx.AsyncClient) -> dict[str, object]:
-        try:
-            answer = await client.get("/health", timeout=2.0, headers={
-                "authorization": f"Bearer {key}"} if key else None)
-            return {"url": url, "ok": answer.status_code == 200}
-        except httpx.HTTPError:
-            return {"url": url, "ok": False}
-
-    found = await asyncio.gather(*(check(b.url, b.client) for b in deps.backends.backends))
+    oks = await asyncio.gather(*(b.vllm.health(timeout=2.0) for b in deps.backends.backends))
+    found = [{"url": b.url, "ok": ok} for b, ok in zip(deps.backends.backends, oks,
+                                                       strict=True)]
     up = any(b["ok"] for b in found)
     body = {
         "status": "ok" if all(b["ok"] for b in found) else "degraded" if up else "down",
@@ -178,23 +120,27 @@ async def learner_status(request: Request) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _error_response(exc: ProxyError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type="application/json")
+def _error_response(request: Request, exc: ProxyError) -> Response:
+    return Response(exc.body(shape_for(request.scope["path"])), status_code=exc.status,
+                    media_type="application/json")
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return _error_response(exc)
+    return _error_response(request, exc)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = request.scope["path"]
     if exc.status_code == 404:
-        return _error_response(NotFound(f"No route for {request.url.path}."))
+        return _error_response(request, NotFound(
+            f"No route for {path}: the proxy serves the inference endpoints (chat, "
+            "completions, responses, messages, models, embeddings, tokenize) and its own."))
     if exc.status_code == 405:
-        return _error_response(InvalidRequest(
-            f"Method {request.method} is not allowed on {request.url.path}."))
-    return _error_response(InvalidRequest(str(exc.detail)))
+        return _error_response(request, InvalidRequest(
+            f"Method {request.method} is not allowed on {path}."))
+    return _error_response(request, InvalidRequest(str(exc.detail)))
 
 
 def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | None = None,
@@ -211,7 +157,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                 timeout=httpx.Timeout(settings.upstream_timeout,
                                       connect=settings.upstream_connect_timeout))
 
-        backends = BackendPool(settings.backend_urls(), make_client)
+        backends = BackendPool(settings.backend_urls(), make_client, settings.backend_api_key)
         store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout,
                       redactor=Redactor(settings.redact_patterns))
         recorder = Recorder(store, settings.resolved_spool_dir(),
@@ -254,12 +200,13 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/tenants/{tenant}", admin.delete_tenant, methods=["DELETE"]),
             Route("/v1/adapters", admin.list_adapters, methods=["GET"]),
             Route("/v1/adapters/rollback", admin.rollback, methods=["POST"]),
-            Route("/v1/{path:path}", Passthrough(),
-                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+            *passthrough.routes(),
         ],
         exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a trailing slash is a 404, not a redirect
     app.add_middleware(ApiKeyMiddleware, tenants_by_key=settings.tenants_by_key(),
                        admin_key=settings.admin_key)
+    app.add_middleware(PathGuard)  # added last: the outermost, before the key check
     return app

@@ -4,7 +4,10 @@ agent -> proxy -> **vLLM**. `VLLMProcess` starts ``python -m vllm.entrypoints.op
 api_server`` from the current environment with runtime LoRA loading enabled and
 ``--logprobs-mode processed_logprobs`` (so recorded logprobs match the sampling
 distribution), on a free loopback port; it waits until the server answers, and fails
-with the tail of vLLM's log if it does not. The child is stopped with its whole process
+with the tail of vLLM's log if it does not. Given a key, vLLM asks for it on every path
+but ``/health``: vLLM's own check (``VLLM_API_KEY``, which guards ``/v1/*``) and
+`nextstate.core.vllm_guard` for the rest. The key goes through the environment, not the
+command line, where any local user could read it. The child is stopped with its whole process
 group on exit, and is told to die with its parent (PR_SET_PDEATHSIG), so no orphan
 survives even a ``kill -9`` of nextstate.
 """
@@ -24,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from nextstate.core.vllm import auth_headers
+from nextstate.core.vllm_guard import KEY_ENV
+
+GUARD = "nextstate.core.vllm_guard.RequireKey"
 
 
 class BackendStartError(RuntimeError):
@@ -47,6 +55,7 @@ class VLLMConfig:
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None  # clients must send it (Bearer); None: vLLM is open
 
 
 def toy_model_config(model: Path, served_model_name: str, **overrides: Any) -> VLLMConfig:
@@ -127,12 +136,17 @@ class VLLMProcess:
             "--max-model-len", str(c.max_model_len), "--dtype", c.dtype,
             *(["--enable-auto-tool-choice", "--tool-call-parser", c.tool_call_parser]
               if c.tool_call_parser else []),
+            *(["--middleware", GUARD] if c.api_key else []),
             *c.extra_args,
         ]
 
     def start(self) -> VLLMProcess:
         env = vllm_env({"VLLM_CPU_KVCACHE_SPACE": str(self.config.kv_cache_gib),
                         **self.config.env})
+        if self.config.api_key:
+            env[KEY_ENV] = self.config.api_key
+        elif KEY_ENV not in self.config.env:  # not a key of the shell's we would not send
+            env.pop(KEY_ENV, None)
         self.process = spawn(self.command(), self.log_path, env)
         self._wait_ready()
         return self
@@ -146,7 +160,8 @@ class VLLMProcess:
                     f"vLLM exited with code {self.process.returncode} while starting.\n"
                     f"Last lines of {self.log_path}:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}/v1/models", timeout=2.0,
+                             headers=auth_headers(self.config.api_key)).status_code == 200:
                     return
             time.sleep(0.5)
         self.stop()
@@ -179,14 +194,13 @@ class BackendUnreachable(BackendStartError):
     """Nothing answers at the backend's address (yet)."""
 
 
-def check_backend(url: str, timeout: float = 5.0, api_key: str | None = None) -> list[str]:
+def check_backend(url: str, api_key: str | None = None, timeout: float = 5.0) -> list[str]:
     """Model names served by an existing vLLM at ``url`` (its root URL). Raises
     `BackendUnreachable` when nothing answers, `BackendStartError` (one sentence saying
     what to do) when something answers that is not a usable OpenAI-compatible server."""
     models = f"{url.rstrip('/')}/v1/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        answer = httpx.get(models, timeout=timeout, headers=headers)
+        answer = httpx.get(models, timeout=timeout, headers=auth_headers(api_key))
     except httpx.HTTPError as exc:
         raise BackendUnreachable(
             f"nothing answers at {url} ({type(exc).__name__}): is vLLM running there?") from exc

@@ -18,15 +18,23 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from nextstate.core.vllm import VLLMClient, VLLMUnreachable
 from nextstate.proxy.router import Router
 
 log = logging.getLogger("nextstate.backends")
 
 
 class Backend:
-    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
+    """One replica: ``client`` carries relayed requests, ``vllm`` the proxy's own calls
+    (health, adapters), over the same connections and with the backend's key."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient, api_key: str | None = None,
+                 ) -> None:
         self.url = url
         self.client = client
+        # No retries: a request fails over to another replica instead, and the watcher
+        # asks again in a moment.
+        self.vllm = VLLMClient(url, api_key, timeout=10.0, retries=0, http=client)
         self.healthy = True
         self.adapter: str | None = None  # the policy adapter it is known to have loaded
         self.personal: set[str] = set()  # users' personal adapters it is known to have
@@ -40,9 +48,9 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, urls: Sequence[str],
-                 make_client: Callable[[str], httpx.AsyncClient]) -> None:
-        self.backends = [Backend(url, make_client(url)) for url in urls]
+    def __init__(self, urls: Sequence[str], make_client: Callable[[str], httpx.AsyncClient],
+                 api_key: str | None = None) -> None:
+        self.backends = [Backend(url, make_client(url), api_key) for url in urls]
 
     @property
     def first(self) -> Backend:
@@ -70,10 +78,10 @@ class BackendPool:
         user's own) when given, loading what vLLM lost; remember that it does."""
         current = router.current
         if current is not None and backend.adapter != current and await router.check_loaded(
-                backend.client):
+                backend.vllm):
             backend.adapter = current
         if adapter is not None and not backend.has(adapter) and await router.check_loaded(
-                backend.client, adapter):
+                backend.vllm, adapter):
             backend.personal &= set(router.personal.values())  # forget retired versions
             backend.personal.add(adapter)
 
@@ -85,11 +93,7 @@ class BackendPool:
             await asyncio.sleep(interval)
 
     async def _check(self, backend: Backend, router: Router) -> None:
-        try:
-            answer = await backend.client.get("/health", timeout=5.0)
-            up = answer.status_code == 200
-        except httpx.HTTPError:
-            up = False
+        up = await backend.vllm.health(timeout=5.0)
         if not up:
             backend.adapter = None  # a restart will have lost them
             backend.personal.clear()
@@ -97,7 +101,7 @@ class BackendPool:
             try:
                 # A recovered backend is only taken back once it has the adapter.
                 await self.ensure_adapter(backend, router)
-            except httpx.HTTPError:
+            except VLLMUnreachable:
                 up = False
         if up and not backend.healthy:
             log.info("backend %s is back", backend.url)

@@ -16,6 +16,8 @@ Learner-side commands import torch lazily, so the proxy's own install never need
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,39 +181,47 @@ def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
 @_store
 @_api_key
 @_no_record
+@click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY", default=None,
+              help="With --backend: the key that vLLM wants. Otherwise the key the vLLM "
+              "started here asks for (default: a random one).")
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
        vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
-       store: str | None, api_key: str | None, no_record: bool) -> None:
+       store: str | None, api_key: str | None, no_record: bool,
+       backend_api_key: str | None) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
     free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
     if backend:
         try:
-            names = check_backend(backend)
+            names = check_backend(backend, backend_api_key)
         except BackendStartError as exc:
             raise click.ClickException(str(exc)) from exc
         name = model_name or (names[0] if names else TOY_MODEL_NAME)
         with _learner(backend, name, model_dir, store_url, train=bool(model_dir),
-                      off=no_learner, personal_after=personal_after):
+                      off=no_learner, personal_after=personal_after,
+                      backend_api_key=backend_api_key):
             _announce(host, port, name, store, api_key)
-            run_proxy(_settings(backend, store, api_key, None, no_record, policy=name),
-                      host, port)
+            run_proxy(_settings(backend, store, api_key, backend_api_key, no_record,
+                                policy=name), host, port)
         return
+    # The vLLM started here is never open: only this proxy and learner know its key.
+    key = backend_api_key or secrets.token_urlsafe(32)
     log_path = data_dir() / "logs" / "vllm.log"
     if model_dir is None:
         config = toy_model_config(_ensure_toy_model(), model_name or TOY_MODEL_NAME,
-                                  log_path=log_path, extra_args=vllm_arg)
+                                  log_path=log_path, extra_args=vllm_arg, api_key=key)
     else:
         config = VLLMConfig(model=model_dir, served_model_name=model_name or model_dir.name,
-                            log_path=log_path, extra_args=vllm_arg)
+                            log_path=log_path, extra_args=vllm_arg, api_key=key)
     name = config.served_model_name
     click.echo(f"starting vLLM with {config.model} (log: {config.log_path}) ...", err=True)
     try:
         with VLLMProcess(config) as vllm, _learner(vllm.url, name, config.model, store_url,
                                                   train=True, off=no_learner,
-                                                  personal_after=personal_after):
+                                                  personal_after=personal_after,
+                                                  backend_api_key=key):
             _announce(host, port, name, store, api_key)
-            run_proxy(_settings(vllm.url, store, api_key, None, no_record, policy=name),
+            run_proxy(_settings(vllm.url, store, api_key, key, no_record, policy=name),
                       host, port)
     except BackendStartError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -219,8 +229,10 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
 
 @contextlib.contextmanager
 def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, train: bool,
-             off: bool = False, personal_after: int | None = None) -> Iterator[None]:
-    """``nextstate learn`` as its own process for as long as the stack is up."""
+             off: bool = False, personal_after: int | None = None,
+             backend_api_key: str | None = None) -> Iterator[None]:
+    """``nextstate learn`` as its own process for as long as the stack is up (the
+    backend's key in its environment, where other users cannot read it)."""
     if off:
         yield
         return
@@ -230,7 +242,11 @@ def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, tr
     if personal_after is not None:
         command += ["--personal-after", str(personal_after)]
     log_path = data_dir() / "logs" / "learner.log"
-    process = spawn(command, log_path)
+    env = dict(os.environ)
+    env.pop("NEXTSTATE_BACKEND_API_KEY", None)
+    if backend_api_key:
+        env["NEXTSTATE_BACKEND_API_KEY"] = backend_api_key
+    process = spawn(command, log_path, env=env)
     click.echo(f"learner running (log: {log_path})", err=True)
     try:
         yield
@@ -319,16 +335,16 @@ def _erase(rows: list[dict[str, object]], backends: tuple[str, ...],
     happened, in words."""
     import asyncio
 
+    from nextstate.core.vllm import VLLMClient
     from nextstate.learner.forget import Erased, erase
-    from nextstate.learner.publish import VLLMAdmin
 
     async def go() -> Erased:
-        admins = [VLLMAdmin(url, api_key, timeout=30.0) for url in backends]
+        vllms = [VLLMClient(url, api_key) for url in backends]
         try:
-            return await erase(rows, admins)
+            return await erase(rows, vllms)
         finally:
-            for admin in admins:
-                await admin.close()
+            for vllm in vllms:
+                await vllm.aclose()
 
     erased = asyncio.run(go())
     names = sorted(str(row["name"]) for row in rows)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
-
 from nextstate.proxy.backends import BackendPool
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.router import Router
@@ -23,8 +21,3 @@ class Deps:
     recorder: Recorder
     store: Store
     router: Router
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The first backend's client (for requests with no session to keep together)."""
-        return self.backends.first.client

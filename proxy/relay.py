@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 
+from nextstate.core.vllm import VLLMUnreachable
 from nextstate.proxy.capture import Asked, Endpoint, add_capture, is_usage_chunk, strip_response
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
@@ -28,10 +29,11 @@ from nextstate.proxy.errors import (
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    Shape,
 )
 from nextstate.proxy.record import TurnRecord
 from nextstate.proxy.sessions import SessionMeta, owner, read_session_meta
-from nextstate.proxy.transport import UpstreamClient
+from nextstate.proxy.transport import NOTHING_SENT, UpstreamClient
 from nextstate.proxy.types import Headers, Receive, Scope, Send
 
 TURN_ID_HEADER = b"x-nextstate-turn-id"
@@ -41,6 +43,10 @@ _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b
         b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
         b"accept-encoding", b"content-encoding", b"date", b"server"}
 _OURS = (b"x-session-", b"x-turn-type", b"x-nextstate-")
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+# A request may go to another replica after these: it was not sent (or the replica could
+# not even be asked whether it has the request's adapter).
+_FAIL_OVER: tuple[type[Exception], ...] = (*NOTHING_SENT, VLLMUnreachable)
 
 
 async def read_body(receive: Receive, limit: int, timeout: float = 30.0) -> bytes:
@@ -80,13 +86,15 @@ def ours(headers: Headers) -> dict[str, str]:
 
 
 def upstream_headers(headers: Headers, deps: Deps) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones, ours, and credentials for the proxy."""
+    """The client's headers minus hop-by-hop ones, ours, and credentials: vLLM gets the
+    backend's key, or (a proxy with no keys of its own and none for vLLM) the client's."""
     out = [(k, v) for k, v in headers
-           if k not in _HOP and not k.startswith(_OURS) and k != b"authorization"]
-    if deps.settings.backend_api_key:
-        out.append((b"authorization", f"Bearer {deps.settings.backend_api_key}".encode()))
-    elif deps.settings.api_key is None and not deps.settings.client_keys:
-        out.extend((k, v) for k, v in headers if k == b"authorization")
+           if k not in _HOP and not k.startswith(_OURS) and k not in _CREDENTIALS]
+    settings = deps.settings
+    if settings.backend_api_key:
+        out.append((b"authorization", f"Bearer {settings.backend_api_key}".encode()))
+    elif settings.api_key is None and not settings.client_keys and settings.admin_key is None:
+        out.extend((k, v) for k, v in headers if k in _CREDENTIALS)
     return out
 
 
@@ -94,8 +102,8 @@ def downstream_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
     return [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP]
 
 
-async def send_error(send: Send, exc: ProxyError) -> None:
-    body = exc.body()
+async def send_error(send: Send, exc: ProxyError, shape: Shape = "openai") -> None:
+    body = exc.body(shape)
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -218,7 +226,7 @@ class _Turn:
             nonlocal response
             try:
                 response = await self._send()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, VLLMUnreachable) as exc:
                 self._fail(502, f"backend unreachable: {type(exc).__name__}: {exc}")
                 self.finished = True
                 await send_error(send, BackendUnavailable(
@@ -246,7 +254,8 @@ class _Turn:
 
     async def _send(self) -> httpx.Response:
         """Send upstream: to this session's replica, failing over to the next while
-        nothing was sent (connection refused)."""
+        nothing was sent (the connection was refused or timed out, or the replica
+        could not be asked for the adapter the request needs)."""
         pool = self.deps.backends
         adapter = self.adapter
         shared = self.deps.router.current if adapter is not None else None
@@ -260,7 +269,7 @@ class _Turn:
                     # missing, before the policy request goes there.
                     await pool.ensure_adapter(backend, self.deps.router, adapter)
                 response = await self._post(client)
-            except httpx.ConnectError:
+            except _FAIL_OVER:
                 pool.mark_down(backend)
                 if i == len(candidates) - 1:
                     raise
@@ -268,7 +277,7 @@ class _Turn:
             if response.status_code == 404 and self.rename is not None:
                 # vLLM restarted between two checks and forgot the adapter: load, retry.
                 await response.aclose()
-                await self.deps.router.check_loaded(client, adapter)
+                await self.deps.router.check_loaded(backend.vllm, adapter)
                 response = await self._post(client)
             return response
         raise AssertionError("unreachable: the pool always has a backend")

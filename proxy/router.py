@@ -22,8 +22,7 @@ import hashlib
 import logging
 import re
 
-import httpx
-
+from nextstate.core.vllm import VLLMClient, VLLMRefused
 from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.router")
@@ -105,23 +104,22 @@ class Router:
                 log.debug("could not read the current adapters: %s", exc)
             await asyncio.sleep(interval)
 
-    async def check_loaded(self, client: httpx.AsyncClient, adapter: str | None = None,
-                           ) -> bool:
+    async def check_loaded(self, vllm: VLLMClient, adapter: str | None = None) -> bool:
         """Does this backend have ``adapter`` (default: the policy's current one)?
-        Loads it if vLLM lost it."""
+        Loads it if vLLM lost it. False when it cannot have it (vLLM refused, or the
+        adapter is no longer current); VLLMUnreachable when vLLM does not answer."""
         name = adapter or self.current
         if name is None:
             return True
-        answer = await client.get("/v1/models", timeout=5.0)
-        if answer.status_code != 200:
+        try:
+            if name in await vllm.models():
+                return True
+            path = self.paths.get(name)
+            if path is None:  # no longer current: nothing to load it from
+                return False
+            log.warning("vLLM at %s lost %s (restarted?): loading it again", vllm.url, name)
+            await vllm.load_adapter(name, path)
+        except VLLMRefused as exc:
+            log.warning("%s", exc)
             return False
-        if name in {m.get("id") for m in answer.json().get("data", [])}:
-            return True
-        path = self.paths.get(name)
-        if path is None:  # no longer current: nothing to load it from
-            return False
-        log.warning("vLLM at %s lost %s (restarted?): loading it again", client.base_url,
-                    name)
-        loaded = await client.post("/v1/load_lora_adapter", timeout=120.0, json={
-            "lora_name": name, "lora_path": path})
-        return loaded.status_code == 200 or "already" in loaded.text
+        return True

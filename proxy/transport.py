@@ -39,6 +39,10 @@ import httptools
 import httpx
 
 HIGH_WATER = 256 * 1024  # reply bytes buffered before reading pauses
+# The errors after which the backend cannot have seen the request: safe to send it to
+# another replica. (ConnectTimeout is not a subclass of ConnectError.)
+NOTHING_SENT: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError,
+                                                        httpx.ConnectTimeout)
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 

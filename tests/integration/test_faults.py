@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from nextstate.learner.publish import VLLMAdmin, version_name
+from nextstate.core.vllm import VLLMClient
+from nextstate.learner.publish import load_verified, version_name
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
 from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
@@ -33,9 +34,9 @@ def publish_one_adapter(toy_model, tmp_path, store_url: str, vllm_url: str) -> s
     store.stage_adapter(1, name, MODEL_NAME, str(path), {})
 
     async def load() -> None:
-        admin = VLLMAdmin(vllm_url)
-        await admin.load(name, path)
-        await admin.close()
+        vllm = VLLMClient(vllm_url)
+        await load_verified(vllm, name, path)
+        await vllm.aclose()
 
     asyncio.run(load())
     store.publish(1, [], MODEL_NAME)

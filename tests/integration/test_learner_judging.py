@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.teacher import Teacher
 from tests.conftest import MODEL_NAME
@@ -26,7 +27,7 @@ async def test_teacher_logprobs_reproduce_the_recorded_ones_and_move_under_a_hin
         "model": MODEL_NAME, "messages": QUESTION, "add_generation_prompt": True}).json()
     assert tokenized["tokens"] == turn["prompt_token_ids"]  # /tokenize == the served prompt
 
-    teacher = Teacher(vllm.url, MODEL_NAME)
+    teacher = Teacher(VLLMClient(vllm.url), MODEL_NAME)
     try:
         same = await teacher.logprobs(turn, None)
         hinted = await teacher.logprobs(turn, "Answer in French, in one word.")

@@ -7,10 +7,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner import process
 from nextstate.learner.forget import erase
 from nextstate.learner.process import Learner, LearnerConfig
-from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.store import Store
@@ -18,9 +18,10 @@ from tests.learner.test_personal import judged
 from tests.proxy.fake_vllm import FakeVLLM
 
 
-def admin_of(fake: FakeVLLM, url: str = "http://vllm") -> VLLMAdmin:
-    return VLLMAdmin(url, client=httpx.AsyncClient(base_url=url,
-                                                   transport=httpx.MockTransport(fake)))
+def client_of(fake: FakeVLLM, url: str = "http://vllm", key: str | None = None,
+              ) -> VLLMClient:
+    return VLLMClient(url, key, retries=0, http=httpx.AsyncClient(
+        transport=httpx.MockTransport(fake)))
 
 
 def down(request: httpx.Request) -> httpx.Response:
@@ -35,12 +36,12 @@ async def test_erase_deletes_directories_and_unloads_from_every_backend_it_reach
             {"name": "p~alice@000003", "path": str(odd)}]  # not its own directory: kept
     fake, other = FakeVLLM(), FakeVLLM()
     fake.loaded = {"p~alice@000002", "p~alice@000003", "p@000001"}
-    admins = [admin_of(fake), admin_of(other, "http://other"),
-              VLLMAdmin("http://down", client=httpx.AsyncClient(
-                  base_url="http://down", transport=httpx.MockTransport(down)))]
-    erased = await erase(rows, admins)
-    for admin in admins:
-        await admin.close()
+    vllms = [client_of(fake), client_of(other, "http://other"),
+             VLLMClient("http://down", retries=0, http=httpx.AsyncClient(
+                 transport=httpx.MockTransport(down)))]
+    erased = await erase(rows, vllms)
+    for vllm in vllms:
+        await vllm.aclose()
     assert erased.directories == [str(gone)]
     assert not gone.exists() and odd.exists()
     assert erased.unloaded == {"http://vllm": ["p~alice@000002", "p~alice@000003"]}
@@ -50,10 +51,12 @@ async def test_erase_deletes_directories_and_unloads_from_every_backend_it_reach
 
 @pytest.fixture
 def fake(monkeypatch):
-    """Every VLLMAdmin the learner makes talks to one fake vLLM."""
-    fake = FakeVLLM()
-    monkeypatch.setattr(process, "VLLMAdmin", lambda url: admin_of(fake, url))
-    return fake
+    """Every client to vLLM the learner makes talks to one fake vLLM, which wants the
+    backend's key ("k") on every call."""
+    fake = FakeVLLM(api_key="k")
+    monkeypatch.setattr(process, "VLLMClient", lambda url, key, **_: client_of(fake, url, key))
+    yield fake
+    assert fake.unauthorized == []
 
 
 async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_shared_one(
@@ -65,7 +68,7 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
     url = f"sqlite:///{tmp_path / 'store.db'}"
     learner = Learner(LearnerConfig(
         store_url=url, backend_url="http://vllm", base_model="p", model_dir=toy_model,
-        adapters_dir=tmp_path / "adapters",
+        adapters_dir=tmp_path / "adapters", backend_api_key="k",
         training=TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                                 personal_min_turns=2, unload_grace=0.0)))
     store, admin = learner.store, Store(url)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane, full_lanes, personal_adapters
-from nextstate.learner.publish import VLLMAdmin
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig, TrainingStage
@@ -63,8 +63,8 @@ async def test_each_lane_trains_its_own_adapter_with_one_trainer(store, toy_mode
     monkeypatch.setattr(Trainer, "__init__", init)
     monkeypatch.setattr(Trainer, "load", load)
     fake = FakeVLLM()
-    admin = VLLMAdmin("http://vllm", client=httpx.AsyncClient(
-        base_url="http://vllm", transport=httpx.MockTransport(fake)))
+    admin = VLLMClient("http://vllm", http=httpx.AsyncClient(
+        transport=httpx.MockTransport(fake)))
     config = TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                             personal_min_turns=3, keep=1, unload_grace=0.0)
     stage = TrainingStage(store, toy_model, "p", [admin], tmp_path / "adapters", config)
@@ -74,7 +74,7 @@ async def test_each_lane_trains_its_own_adapter_with_one_trainer(store, toy_mode
     while (result := await stage.maybe_step()) is not None:
         results.append(result)
         await stage.housekeeping()
-    await admin.close()
+    await admin.aclose()
 
     names = [r.name for r in results]
     assert [r.outcome for r in results] == ["published"] * 3
@@ -101,8 +101,8 @@ async def test_a_users_first_adapter_starts_from_the_shared_one(store, toy_model
     monkeypatch.setattr(Trainer, "load", lambda self, d: (loads.append(d.name),
                                                           real_load(self, d)))
     fake = FakeVLLM()
-    admin = VLLMAdmin("http://vllm", client=httpx.AsyncClient(
-        base_url="http://vllm", transport=httpx.MockTransport(fake)))
+    admin = VLLMClient("http://vllm", http=httpx.AsyncClient(
+        transport=httpx.MockTransport(fake)))
     config = TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                             personal_min_turns=2)
     stage = TrainingStage(store, toy_model, "p", [admin], tmp_path / "adapters", config)
@@ -110,7 +110,7 @@ async def test_a_users_first_adapter_starts_from_the_shared_one(store, toy_model
     shared = await stage.maybe_step()
     judged(store, ["alice", "alice"], start=2)
     mine = await stage.maybe_step()
-    await admin.close()
+    await admin.aclose()
     assert (shared.name, mine.name) == ("p@000001", "p~alice@000002")
     assert loads == ["p@000001"]  # alice's lane began from the shared weights
 

@@ -4,6 +4,7 @@ import httpx
 import orjson
 import pytest
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.learner.teacher import (
     HINT_MARKER,
     Teacher,
@@ -52,8 +53,8 @@ def scoring_vllm(seen: list) -> httpx.MockTransport:
 async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_tokens():
     seen = []
     vllm = scoring_vllm(seen)
-    teacher = Teacher("http://vllm", "base", client=httpx.AsyncClient(
-        base_url="http://vllm", transport=vllm))
+    teacher = Teacher(VLLMClient("http://vllm", http=httpx.AsyncClient(transport=vllm)),
+                      "base")
     turn = {"endpoint": "chat", "request": {"messages": [{"role": "user", "content": "q"}],
                                              "tools": [{"type": "function"}]},
             "prompt_token_ids": [1, 2], "completion_token_ids": [8, 9]}
@@ -75,8 +76,8 @@ async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
 
     seen = []
     router = Router("p", base_model="base")
-    teacher = Teacher("http://vllm", "base", router=router, client=httpx.AsyncClient(
-        base_url="http://vllm", transport=scoring_vllm(seen)))
+    teacher = Teacher(VLLMClient("http://vllm", http=httpx.AsyncClient(
+        transport=scoring_vllm(seen))), "base", router=router)
 
     async def models(user):
         turn = {"endpoint": "chat", "user": user, "completion_token_ids": [8, 9],
@@ -90,7 +91,7 @@ async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
     assert await models("bob") == ({"p@000001"}, "p@000001")
     assert await models(None) == ({"p@000001"}, "p@000001")
     await teacher.close()
-    plain = Teacher("http://vllm", "base")  # --teacher base, the default: always the base
+    plain = Teacher(VLLMClient("http://vllm"), "base")  # --teacher base: always the base
     assert plain.model_for({"user": "alice"}) == "base"
     await plain.close()
 
@@ -116,9 +117,9 @@ async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch)
         store.publish(version, [], policy)
     learner = Learner(LearnerConfig(store_url=url, backend_url="http://vllm",
                                     base_model="p", teacher="policy"), judge=FakeJudge())
-    await learner.teacher.client.aclose()
-    learner.teacher.client = httpx.AsyncClient(base_url="http://vllm",
-                                               transport=scoring_vllm([]))
+    await learner.teacher.vllm.aclose()
+    learner.teacher.vllm = VLLMClient("http://vllm", http=httpx.AsyncClient(
+        transport=scoring_vllm([])))
     try:
         await learner.step()
     finally:
@@ -126,3 +127,33 @@ async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch)
     assert [store.judgment(r.turn_id)["teacher_model"] for r in records[0::2]] == [
         "p~alice@000002", "p@000001"]
     store.close()
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_learn_gives_the_backends_key_to_every_client_it_makes(monkeypatch, tmp_path, how):
+    """``nextstate learn --backend-api-key`` (or NEXTSTATE_BACKEND_API_KEY): the teacher
+    and each backend's publisher get it (the client sends it on every call:
+    tests/core/test_vllm.py)."""
+    from click.testing import CliRunner
+
+    from nextstate.learner import process
+    from nextstate.proxy import cli
+
+    made: list[tuple[str, str | None]] = []
+    real = process.VLLMClient
+    monkeypatch.setattr(process, "VLLMClient", lambda url, key, **kw: (
+        made.append((url, key)), real(url, key, **kw))[1])
+
+    async def one_round(self):
+        return 0
+
+    monkeypatch.setattr(process.Learner, "step", one_round)
+    args = ["learn", "--backend", "http://a:8000", "--backend", "http://b:8000", "--no-train",
+            "--once", "--store", f"sqlite:///{tmp_path / 's.db'}"]
+    if how == "option":
+        args += ["--backend-api-key", "k"]
+    else:
+        monkeypatch.setenv("NEXTSTATE_BACKEND_API_KEY", "k")
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert made == [("http://a:8000", "k"), ("http://a:8000", "k"), ("http://b:8000", "k")]

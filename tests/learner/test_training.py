@@ -43,7 +43,7 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     for i in range(2):
         store.save_judgment(f"t{i}", Judgment(score=1))
     assert store.ready_count("opd") == 2  # a step is the same traffic for every method
-    stage = TrainingStage(store, tmp_path / "no-model-needed", "p", admins=[],
+    stage = TrainingStage(store, tmp_path / "no-model-needed", "p", vllms=[],
                           adapters_dir=tmp_path / "adapters",
                           config=TrainingConfig(trainer=TrainerConfig(method="opd")))
     thanked = [item(f"t{i}", 1.0, False) for i in range(2)]

@@ -21,27 +21,47 @@ FINGERPRINT = "vllm-fake"
 
 
 class FakeVLLM:
-    def __init__(self) -> None:
+    """``api_key``: like a vLLM started with a key (and nextstate's guard), every path but
+    ``/health`` wants it; requests without it get a 401 and are kept in ``unauthorized``."""
+
+    def __init__(self, api_key: str | None = None) -> None:
         self.requests: list[dict[str, Any]] = []  # what clients sent (through the proxy)
         self.headers: list[httpx.Headers] = []
         self.admin: list[tuple[str, dict[str, Any]]] = []  # adapter loads and unloads
         self.loaded: set[str] = set()
         self.fail_with: int | None = None
+        self.api_key = api_key
+        self.unauthorized: list[str] = []  # "METHOD path" of requests without the key
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.api_key is not None and request.url.path != "/health" and request.headers.get(
+                "authorization") != f"Bearer {self.api_key}":
+            self.unauthorized.append(f"{request.method} {request.url.path}")
+            return httpx.Response(401, json={"error": "Unauthorized"})
         body = orjson.loads(request.content) if request.content else {}
         if request.url.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
             self.admin.append((request.url.path, body))
+            name = body["lora_name"]
             if request.url.path.startswith("/v1/load"):
-                self.loaded.add(body["lora_name"])
+                if name in self.loaded:  # as vLLM 0.32 words it
+                    return httpx.Response(400, json={"error": {
+                        "message": f"The lora adapter '{name}' has already been loaded.",
+                        "type": "InvalidUserInput", "param": None, "code": 400}})
+                self.loaded.add(name)
+            elif name in self.loaded:
+                self.loaded.discard(name)
             else:
-                self.loaded.discard(body["lora_name"])
+                return httpx.Response(404, json={"error": {
+                    "message": f"The lora adapter '{name}' cannot be found.",
+                    "type": "NotFoundError", "param": None, "code": 404}})
             return httpx.Response(200, text="Success")
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [
                 {"id": name} for name in ["toy", *sorted(self.loaded)]]})
         if request.url.path == "/health":
             return httpx.Response(200)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"count": len(PROMPT_IDS), "tokens": PROMPT_IDS})
         self.requests.append(body)
         self.headers.append(request.headers)
         if self.fail_with is not None:

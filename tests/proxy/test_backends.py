@@ -81,3 +81,35 @@ def test_a_replica_comes_back_only_with_the_current_adapter(tmp_path):
     loads = [body["lora_name"] for path, body in replicas.fakes["b"].admin
              if path == "/v1/load_lora_adapter"]
     assert loads == [name]  # loaded on b before b was taken back
+
+
+def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatch):
+    """The first replica in a session's ranking drops SYNs (a real listener that accepts
+    nothing), the second is a fake vLLM over real HTTP: the request waits out the connect
+    timeout, goes to the second, and is answered and recorded once."""
+    from nextstate.proxy.backends import BackendPool
+    from tests.proxy.upstream import RecordingUpstream, black_hole
+
+    async def no_watcher(self, router, interval):  # the relay's own failover, alone
+        return None
+
+    monkeypatch.setattr(BackendPool, "watch", no_watcher)
+    with black_hole() as hole, RecordingUpstream() as upstream:
+        app = make_app(ProxySettings(backend_url=hole, more_backends=(upstream.url,),
+                                     store_url=f"sqlite:///{tmp_path}/s.db",
+                                     spool_dir=tmp_path / "spool",
+                                     upstream_connect_timeout=0.3))
+        with TestClient(app) as c:
+            pool = c.app_state["deps"].backends
+            session = next(s for s in (f"s{i}" for i in range(100))
+                           if pool.ranked(s)[0].url == hole)
+            answers = [ask(c, session).status_code,
+                       c.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                              headers={"X-Session-Id": session}).status_code]
+            c.portal.call(c.app_state["deps"].recorder.flush)
+            turns = list(c.app_state["deps"].store.turns())
+            down = not pool.backends[0].healthy
+    assert answers == [200, 200]
+    assert down  # and skipped by the next requests until the watcher sees it again
+    assert upstream.paths() == ["/v1/chat/completions"] * 2
+    assert [t["status"] for t in turns] == ["ok", "ok"]

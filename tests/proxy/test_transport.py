@@ -289,3 +289,16 @@ async def test_the_direct_path_keeps_timeouts_and_never_sends_a_backends_cookies
             with pytest.raises(httpx.ReadTimeout):
                 await client.send_direct(client.direct_request("POST", url, b"{}", []))
         assert b"cookie" not in upstream.requests[1].head.lower()
+
+
+async def test_a_backend_that_drops_syns_is_a_connect_timeout():
+    """What the relay fails over on: nothing was sent (tests/proxy/test_backends.py)."""
+    from tests.proxy.upstream import black_hole
+
+    with black_hole() as url:
+        transport = UpstreamTransport()
+        client = httpx.AsyncClient(transport=transport,
+                                   timeout=httpx.Timeout(5.0, connect=0.3))
+        with pytest.raises(httpx.ConnectTimeout):
+            await client.get(f"{url}/v1/models")
+        await client.aclose()

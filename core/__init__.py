@@ -1,0 +1,1 @@
+"""nextstate.core: what the proxy and the learner share; imports neither of them."""

@@ -1,0 +1,124 @@
+"""The inference endpoints the proxy forwards without recording (agent -> proxy -> vLLM).
+
+The proxy is an allowlist. Chat and completions are relayed and recorded
+(proxy/relay.py); the endpoints below are forwarded as they are; everything else is
+answered by the proxy itself (its own endpoints, or a 404) and never reaches vLLM:
+
+    POST /v1/responses                    OpenAI's Responses API
+    GET  /v1/responses/{response_id}      a stored response
+    POST /v1/responses/{response_id}/cancel
+    POST /v1/messages                     Anthropic's Messages API (errors in its shape)
+    POST /v1/messages/count_tokens
+    GET  /v1/models                       the served models
+    POST /v1/embeddings                   embedding models
+    POST /tokenize, POST /detokenize      vLLM's tokenizer, as clients count tokens with it
+
+Each is a `Forward`: the body (within the proxy's size and time limits) and the query go
+to the route's own path, never the client's spelling of it, on the first backend that
+can be reached (failing over while nothing was sent), with the backend's key instead of
+the client's; vLLM's answer streams back untouched. Recording one of these later means
+replacing its line in `routes` with an endpoint of its own.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import httpx
+from starlette.routing import Route
+
+from nextstate.proxy.deps import Deps
+from nextstate.proxy.errors import BackendUnavailable, ProxyError, shape_for
+from nextstate.proxy.relay import (
+    downstream_headers,
+    read_body,
+    send_error,
+    until_disconnect,
+    upstream_headers,
+)
+from nextstate.proxy.transport import NOTHING_SENT
+from nextstate.proxy.types import Receive, Scope, Send
+
+
+class Forward:
+    """An ASGI endpoint that sends the request to ``path`` on vLLM (``{name}`` parts
+    filled in from the route's path parameters) and streams the answer back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.shape = shape_for(path)
+
+    def target(self, scope: Scope) -> str:
+        params = scope.get("path_params") or {}
+        return self.path.format(**{k: urllib.parse.quote(str(v), safe="")
+                                   for k, v in params.items()})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deps: Deps = scope["state"]["deps"]
+        try:
+            body = await read_body(receive, deps.settings.max_body_bytes,
+                                   deps.settings.body_timeout_seconds)
+        except ProxyError as exc:
+            await send_error(send, exc, self.shape)
+            return
+        response: httpx.Response | None = None
+        done = False
+
+        async def work() -> None:
+            nonlocal response, done
+            try:
+                response = await self._send(deps, scope, body)
+            except httpx.TransportError as exc:
+                done = True
+                await send_error(send, BackendUnavailable(
+                    f"The model backend could not be reached ({type(exc).__name__})."),
+                    self.shape)
+                return
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": downstream_headers(response)})
+            async for chunk in response.aiter_bytes():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            done = True
+            await send({"type": "http.response.body", "body": b""})
+
+        try:
+            await until_disconnect(receive, work, lambda: done)
+        finally:
+            if response is not None:
+                await response.aclose()
+
+    async def _send(self, deps: Deps, scope: Scope, body: bytes) -> httpx.Response:
+        pool = deps.backends
+        candidates = pool.ranked(None)
+        headers = upstream_headers(scope["headers"], deps)
+        query: bytes = scope.get("query_string", b"")
+        for i, backend in enumerate(candidates):
+            request = backend.client.build_request(scope["method"], self.target(scope),
+                                                   content=body, headers=headers)
+            if query:
+                request.url = request.url.copy_with(query=query)
+            try:
+                return await backend.client.send(request, stream=True)
+            except NOTHING_SENT:
+                pool.mark_down(backend)
+                if i == len(candidates) - 1:
+                    raise
+        raise AssertionError("unreachable: the pool always has a backend")
+
+
+def routes() -> list[Route]:
+    """The allowlisted inference endpoints that are forwarded as they are."""
+    return [
+        Route("/v1/responses", Forward("/v1/responses"), methods=["POST"]),
+        Route("/v1/responses/{response_id}", Forward("/v1/responses/{response_id}"),
+              methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel",
+              Forward("/v1/responses/{response_id}/cancel"), methods=["POST"]),
+        Route("/v1/messages", Forward("/v1/messages"), methods=["POST"]),
+        Route("/v1/messages/count_tokens", Forward("/v1/messages/count_tokens"),
+              methods=["POST"]),
+        Route("/v1/models", Forward("/v1/models"), methods=["GET"]),
+        Route("/v1/embeddings", Forward("/v1/embeddings"), methods=["POST"]),
+        Route("/tokenize", Forward("/tokenize"), methods=["POST"]),
+        Route("/detokenize", Forward("/detokenize"), methods=["POST"]),
+    ]
