@@ -25,6 +25,7 @@ from __future__ import annotations
 import urllib.parse
 
 import httpx
+import orjson
 from starlette.routing import Route
 
 from nextstate.proxy.deps import Deps
@@ -33,6 +34,7 @@ from nextstate.proxy.relay import (
     downstream_headers,
     read_body,
     send_error,
+    unknown_model,
     until_disconnect,
     upstream_headers,
 )
@@ -61,6 +63,10 @@ class Forward:
         except ProxyError as exc:
             await send_error(send, exc, self.shape)
             return
+        model = _model(body)
+        if deps.router.private(model):
+            await send_error(send, unknown_model(str(model)), self.shape)
+            return
         response: httpx.Response | None = None
         done = False
 
@@ -74,6 +80,10 @@ class Forward:
                     f"The model backend could not be reached ({type(exc).__name__})."),
                     self.shape)
                 return
+            if self.path == "/v1/models" and response.status_code == 200:
+                await self._models(deps, response, send)
+                done = True
+                return
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": downstream_headers(response)})
             async for chunk in response.aiter_bytes():
@@ -86,6 +96,21 @@ class Forward:
         finally:
             if response is not None:
                 await response.aclose()
+
+    async def _models(self, deps: Deps, response: httpx.Response, send: Send) -> None:
+        """vLLM's model list without the policy's adapter versions: which users have a
+        personal adapter (their ids are in the names) is no client's business."""
+        raw = await response.aread()
+        try:
+            listing = orjson.loads(raw)
+            listing["data"] = [m for m in listing["data"] if not deps.router.private(m["id"])]
+            raw = orjson.dumps(listing)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass  # not vLLM's shape: passed on as it came
+        headers = [(k, v) for k, v in downstream_headers(response) if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
+        await send({"type": "http.response.body", "body": raw})
 
     async def _send(self, deps: Deps, scope: Scope, body: bytes) -> httpx.Response:
         pool = deps.backends
@@ -104,6 +129,17 @@ class Forward:
                 if i == len(candidates) - 1:
                     raise
         raise AssertionError("unreachable: the pool always has a backend")
+
+
+def _model(body: bytes) -> object:
+    """The ``model`` a JSON request body names, if any (vLLM judges the rest)."""
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed.get("model") if isinstance(parsed, dict) else None
 
 
 def routes() -> list[Route]:

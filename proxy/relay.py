@@ -26,6 +26,7 @@ from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     BackendUnavailable,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -68,6 +69,12 @@ async def read_body(receive: Receive, limit: int, timeout: float = 30.0) -> byte
                     return b"".join(chunks)
     except TimeoutError as exc:
         raise RequestTimeout(f"the request body did not arrive within {timeout:.0f}s") from exc
+
+
+def unknown_model(model: str) -> NotFound:
+    """What a client that names an adapter version itself is told (vLLM's own words for a
+    model it does not serve): versions are reached through the policy's name only."""
+    return NotFound(f"The model `{model}` does not exist.", param="model")
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -175,6 +182,9 @@ class Generation:
             meta = read_session_meta(ours(headers), body)
         except ValueError as exc:
             await send_error(send, InvalidRequest(str(exc)))
+            return
+        if deps.router.private(body.get("model")):
+            await send_error(send, unknown_model(body["model"]))
             return
         turn = _Turn(self.endpoint, self.url, deps, meta, body, headers, scope.get(TENANT))
         await turn.run(receive, send)

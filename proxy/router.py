@@ -80,6 +80,18 @@ class Router:
             return self.base_model
         return None
 
+    def private(self, model: object) -> bool:
+        """Is ``model`` the name of one of the policy's adapter versions
+        (``<policy>@000007``, ``<policy>~alice@000003``)? Clients never name those
+        themselves: they ask for the policy and are routed, so that no one reaches
+        another user's personal adapter, nor pins a version the learner has retired."""
+        if self.policy is None or not isinstance(model, str):
+            return False
+        if model.startswith(self.policy + PERSONAL):
+            return True
+        prefix = self.policy + "@"
+        return model.startswith(prefix) and model[len(prefix):].isdigit()
+
     def update(self, found: dict[str, tuple[str, str]]) -> None:
         """Take the store's current adapters: {policy: (name, directory)} for the policy
         and its personal policies."""

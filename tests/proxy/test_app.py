@@ -457,3 +457,28 @@ def test_a_wrong_key_is_refused_everywhere_but_health(tmp_path, fake):
             answer = c.request(method, path, headers={"Authorization": "Bearer nope"})
             assert answer.status_code == 401, path
         assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("model", ["toy@000007", "toy~alice@000008", "toy~bob"])
+def test_no_client_names_an_adapter_version_itself(tmp_path, fake, model):
+    """Versions are reached through the policy's name only: nobody reaches another
+    user's personal adapter, nor pins a version the learner retired."""
+    fake.loaded = {"toy@000007", "toy~alice@000008"}
+    with open_client(tmp_path, fake, policy="toy") as c:
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses",
+                     "/v1/embeddings"):
+            answer = c.post(path, json={**CHAT, "model": model})
+            assert answer.status_code == 404, path
+            assert answer.json()["error"]["message"] == f"The model `{model}` does not exist."
+        anthropic = c.post("/v1/messages", json={**CHAT, "model": model, "max_tokens": 4})
+        assert anthropic.status_code == 404 and anthropic.json()["type"] == "error"
+    assert fake.requests == []
+
+
+def test_the_model_list_hides_the_adapter_versions(tmp_path, fake):
+    fake.loaded = {"toy@000007", "toy~alice@000008"}
+    with open_client(tmp_path, fake, policy="toy") as c:
+        answer = c.get("/v1/models")
+    assert answer.status_code == 200
+    assert answer.json()["data"] == [{"id": "toy"}]
+    assert int(answer.headers["content-length"]) == len(answer.content)
