@@ -218,7 +218,8 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             queue_size=settings.queue_size,
                             idle_seconds=settings.session_idle_seconds,
                             pairing_wait=settings.pairing_wait_seconds,
-                            retention_days=settings.retention_days)
+                            retention_days=settings.retention_days,
+                            sync_interval=settings.journal_sync_seconds)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
         tasks = []

@@ -51,9 +51,13 @@ class ProxySettings:
     policy: str | None = None
     base_model: str | None = None  # vLLM's name for the base model (default: the policy's)
     adapter_poll_seconds: float = 0.5
-    # Records waiting for the writer; beyond this they are spooled to disk, not dropped.
+    # Records kept in memory when the journal cannot take them (the disk failed); beyond
+    # this they are dropped (counted).
     queue_size: int = 2048
-    spool_dir: Path | None = None  # default: <data dir>/spool
+    spool_dir: Path | None = None  # the journal's directory; default: <data dir>/spool
+    # The journal's group commit: a machine crash loses at most this many seconds of
+    # answered turns (a killed process loses none).
+    journal_sync_seconds: float = 1.0
     # A session with no new turn for this long ends; its last turn has no next state.
     session_idle_seconds: float = 900.0
     # A turn continuing a conversation the store has not seen yet waits this long for
