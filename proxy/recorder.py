@@ -150,7 +150,7 @@ class Recorder:
 
     def snapshot(self) -> dict[str, Any]:
         return {**asdict(self.stats), "queued": self._in_memory,
-                "spool_pending": self.pending}
+                "spool_pending": self.pending, "starting": self._starting}
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far is in the store (tests, shutdown)."""
@@ -167,11 +167,12 @@ class Recorder:
         self._starting = False
         next_sweep = time.monotonic()
         while not self._stopping.is_set():
-            busy = self._guard(self._pass)
+            if self._guard(self._pass) >= self.batch_size:
+                continue  # a backlog: the next batch at once
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
                 self._guard(self._sweep)
-            if not busy and self._wake.wait(0.05 if self._deferred or self._held else 1.0):
+            if self._wake.wait(0.05 if self._deferred or self._held else 1.0):
                 self._wake.clear()
                 # Let a batch gather: the store's cost is mostly per transaction and per
                 # call, so a few records a write cost much less each than one.
@@ -182,21 +183,22 @@ class Recorder:
         while time.monotonic() < deadline and self._guard(self._pass):
             pass
 
-    def _guard(self, work: Callable[[], object]) -> bool:
+    def _guard(self, work: Callable[[], int]) -> int:
         """Run a piece of the writer's work; the thread never dies of a bug in it."""
         try:
-            return bool(work())
+            return work()
         except Exception as exc:
             self.stats.last_error = f"recorder: {type(exc).__name__}: {exc}"[:500]
             log.exception("recorder writer failed")
-            return False
+            return 0
 
-    def _pass(self) -> bool:
-        """Write one batch; True if some of it reached the store (more may wait)."""
+    def _pass(self) -> int:
+        """Write one batch; returns how many of its records were settled (0: none, the
+        store failed, or nothing was waiting)."""
         retry = bool(self._held)
         if retry:
             if time.monotonic() < self._retry_at:
-                return False
+                return 0
             batch, self._held = self._held, []
         else:
             batch, self._deferred = self._deferred, []
@@ -206,9 +208,9 @@ class Recorder:
                 entry = self._decode(segment, line)
                 if entry is not None:
                     batch.append(entry)
-        progressed = self._write(batch, retry) if batch else False
+        done = self._write(batch, retry) if batch else 0
         self.journal.maintain()
-        return progressed
+        return done
 
     def _decode(self, segment: Segment, line: bytes) -> Entry | None:
         if not line.strip():
@@ -220,13 +222,13 @@ class Recorder:
             self._reject(segment, None, line, exc)
             return None
 
-    def _write(self, batch: list[Entry], retry: bool) -> bool:
+    def _write(self, batch: list[Entry], retry: bool) -> int:
         try:
             written, deferred = self.store.write_or_defer([r for _, r, _ in batch],
                                                           self.pairing_wait)
         except (DBAPIError, OSError) as exc:  # the store is away: they wait in the journal
             self._store_failed(exc, batch, retry)
-            return False
+            return 0
         except Exception:  # a record the store cannot take: find it, set it aside
             return self._isolate(batch)
         self._backoff = 0.5
@@ -234,9 +236,9 @@ class Recorder:
         waiting = {id(r) for r in deferred}
         self._deferred = [e for e in batch if id(e[1]) in waiting]
         self._settle([e for e in batch if id(e[1]) not in waiting])
-        return len(self._deferred) < len(batch)
+        return len(batch) - len(self._deferred)
 
-    def _isolate(self, batch: list[Entry]) -> bool:
+    def _isolate(self, batch: list[Entry]) -> int:
         """Write a failed batch one record at a time, so that one bad record (a bug, or
         data no store can take) never holds up the rest: it goes to a rejected-*.jsonl
         file beside the journal, counted, instead of being retried forever."""
@@ -245,12 +247,12 @@ class Recorder:
                 self.stats.written += self.store.write([entry[1]])
             except (DBAPIError, OSError) as exc:
                 self._store_failed(exc, batch[i:], retry=True)
-                return i > 0
+                return i
             except Exception as exc:
                 self._reject(*entry, exc)
             else:
                 self._settle([entry])
-        return True
+        return len(batch)
 
     def _reject(self, segment: Segment | None, record: Record | None, line: bytes | None,
                 exc: Exception) -> None:
@@ -289,7 +291,7 @@ class Recorder:
         log.warning("store unavailable, records wait in the journal: %s",
                     self.stats.last_error)
 
-    def _sweep(self) -> None:
+    def _sweep(self) -> int:
         """End idle sessions; delete turns past their retention period; adopt the journal
         of a process that died since."""
         try:
@@ -298,4 +300,4 @@ class Recorder:
                 self.store.forget(older_than=time.time() - self.retention_days * 86400)
         except Exception as exc:
             self._store_failed(exc)
-        self.journal.adopt()
+        return self.journal.adopt()
