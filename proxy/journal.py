@@ -78,6 +78,7 @@ class Journal:
         self._append_lock = threading.Lock()  # the active segment: appends vs rotation
         self._files_lock = threading.Lock()  # the segment list: fsync vs deletion
         self.appended = 0
+        self.handed = 0  # of our own lines, handed out by `read`
         self.adopted = 0
         self.settled = 0
         self.torn = 0  # incomplete last lines of segments of processes that died
@@ -119,15 +120,19 @@ class Journal:
 
     # -- the writer thread -----------------------------------------------------------------
 
-    def read(self, limit: int) -> list[tuple[Segment, bytes]]:
-        """Up to ``limit`` lines not yet handed out, oldest segment first."""
-        out: list[tuple[Segment, bytes]] = []
+    def read(self, limit: int) -> list[tuple[Segment, bytes, int]]:
+        """Up to ``limit`` lines not yet handed out, oldest segment first, each with its
+        number among this process's appends (-1: a line of an adopted segment)."""
+        out: list[tuple[Segment, bytes, int]] = []
         for segment in list(self.segments):
             while len(out) < limit:
                 if not segment.lines and not self._fill(segment):
                     break
                 while segment.lines and len(out) < limit:
-                    out.append((segment, segment.lines.popleft()))
+                    seq = -1
+                    if not segment.adopted:
+                        seq, self.handed = self.handed, self.handed + 1
+                    out.append((segment, segment.lines.popleft(), seq))
                     segment.unsettled += 1
             if len(out) >= limit:
                 break

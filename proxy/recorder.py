@@ -64,7 +64,8 @@ class Recorder:
                  sync_interval: float = 1.0, stop_timeout: float = 10.0) -> None:
         self.store = store
         self.journal = Journal(spool_dir, sync_interval=sync_interval)
-        self.queue_size = queue_size  # records kept in memory when the journal fails
+        # Records kept in memory for the writer (and when the journal fails).
+        self.queue_size = queue_size
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
         self.linger = linger
@@ -72,6 +73,9 @@ class Recorder:
         self.retention_days = retention_days
         self.stop_timeout = stop_timeout
         self.stats = RecorderStats()
+        # Records just appended, with their number in the journal: the writer takes them
+        # from here rather than parse their lines again (up to ``queue_size``).
+        self._fresh: deque[tuple[int, Record]] = deque()
         self._memory: deque[Record] = deque()
         self._in_memory = 0  # records only in memory, not yet in the store
         # Turns whose earlier turn is not in the store yet, retried shortly.
@@ -98,9 +102,12 @@ class Recorder:
                 self._remember(f"session:{record.session_id}", record.tenant)
         try:
             self.journal.append(encode(record))
-            self.stats.logged += 1
         except (OSError, TypeError) as exc:  # a full disk; a value JSON cannot hold
             self._keep_in_memory(record, exc)
+        else:
+            self.stats.logged += 1
+            if len(self._fresh) < self.queue_size:
+                self._fresh.append((self.journal.appended - 1, record))
         if not self._wake.is_set():
             self._wake.set()
 
@@ -204,15 +211,22 @@ class Recorder:
             batch, self._deferred = self._deferred, []
             while self._memory and len(batch) < self.batch_size:
                 batch.append((None, self._memory.popleft(), None))
-            for segment, line in self.journal.read(self.batch_size - len(batch)):
-                entry = self._decode(segment, line)
+            for segment, line, seq in self.journal.read(self.batch_size - len(batch)):
+                entry = self._entry(segment, line, seq)
                 if entry is not None:
                     batch.append(entry)
         done = self._write(batch, retry) if batch else 0
         self.journal.maintain()
         return done
 
-    def _decode(self, segment: Segment, line: bytes) -> Entry | None:
+    def _entry(self, segment: Segment, line: bytes, seq: int) -> Entry | None:
+        """A journal line as the record it holds: the one just submitted, if still in
+        memory, else parsed from the line."""
+        fresh = self._fresh
+        while fresh and fresh[0][0] < seq:
+            fresh.popleft()  # (read before it was remembered: parsed instead)
+        if fresh and fresh[0][0] == seq:
+            return segment, fresh.popleft()[1], line
         if not line.strip():
             self.journal.settle(segment)
             return None

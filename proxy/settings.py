@@ -63,6 +63,10 @@ class ProxySettings:
     # A turn continuing a conversation the store has not seen yet waits this long for
     # the earlier turn (which another proxy process may still be writing).
     pairing_wait_seconds: float = 2.0
+    # An idle client connection stays open this long: longer than clients keep theirs in
+    # their pools (httpx and the OpenAI SDK 5 s, aiohttp 15 s), so that no client sends a
+    # request on a connection the proxy is closing (it would get a reset, httpx.ReadError).
+    keep_alive_seconds: int = 75
     upstream_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
