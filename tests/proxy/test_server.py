@@ -36,12 +36,12 @@ def test_a_client_connection_idle_longer_than_client_pools_keep_it_is_still_serv
     settings = ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
                              spool_dir=tmp_path / "spool")
     port = free_port()
-    with BackgroundProxy(settings, port, transport=httpx.MockTransport(FakeVLLM())):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            for _ in range(2):
-                conn.sendall(b"GET /health HTTP/1.1\r\nhost: proxy\r\n\r\n")
-                assert _response(conn).startswith(b"HTTP/1.1 200")
-                time.sleep(5.5)  # past every client pool's expiry: the proxy keeps it
+    with (BackgroundProxy(settings, port, transport=httpx.MockTransport(FakeVLLM())),
+          socket.create_connection(("127.0.0.1", port), timeout=10) as conn):
+        for _ in range(2):
+            conn.sendall(b"GET /health HTTP/1.1\r\nhost: proxy\r\n\r\n")
+            assert _response(conn).startswith(b"HTTP/1.1 200")
+            time.sleep(5.5)  # past every client pool's expiry: the proxy keeps it
 
 
 def _response(conn) -> bytes:
