@@ -78,6 +78,7 @@ class Recorder:
         self._fresh: deque[tuple[int, Record]] = deque()
         self._memory: deque[Record] = deque()
         self._in_memory = 0  # records only in memory, not yet in the store
+        self._memory_lock = threading.Lock()  # (counted from both threads)
         # Turns whose earlier turn is not in the store yet, retried shortly.
         self._deferred: list[Entry] = []
         self._held: list[Entry] = []  # a batch the store failed on, retried after a backoff
@@ -117,8 +118,9 @@ class Recorder:
             self.stats.dropped += 1
             log.error("record dropped (journal and memory full): %s", exc)
             return
+        with self._memory_lock:
+            self._in_memory += 1
         self._memory.append(record)
-        self._in_memory += 1
         self.stats.unlogged += 1
         log.warning("record kept in memory only: %s", exc)
 
@@ -280,17 +282,18 @@ class Recorder:
             self.journal.reject(line, f"{type(exc).__name__}: {exc}")
         except OSError as error:
             log.error("could not set the record aside: %s", error)
-        if segment is None:
-            self._in_memory -= 1
-        else:
-            self.journal.settle(segment)
+        self._settle_one(segment)
 
     def _settle(self, entries: list[Entry]) -> None:
         for segment, _, _ in entries:
-            if segment is None:
+            self._settle_one(segment)
+
+    def _settle_one(self, segment: Segment | None) -> None:
+        if segment is None:
+            with self._memory_lock:
                 self._in_memory -= 1
-            else:
-                self.journal.settle(segment)
+        else:
+            self.journal.settle(segment)
 
     def _store_failed(self, exc: Exception, batch: list[Entry] | None = None,
                       retry: bool = False) -> None:
