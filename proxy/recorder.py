@@ -155,7 +155,7 @@ class Recorder:
             self._stopping.set()
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
-        self.journal.close()
+        await asyncio.to_thread(self.journal.close)  # (fsyncs: off the event loop)
 
     def snapshot(self) -> dict[str, Any]:
         return {**asdict(self.stats), "queued": self._in_memory,
