@@ -1,5 +1,6 @@
 """The journal: on disk at once, adopted after a crash, rotated, never fsynced per record."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -74,8 +75,6 @@ def test_records_of_a_killed_process_are_written_once_by_the_next_one(tmp_path):
 
 
 def _flush(recorder):
-    import asyncio
-
     async def go():
         await recorder.flush()
         await recorder.stop()
@@ -141,3 +140,16 @@ def test_appends_are_fsynced_in_groups_not_one_by_one(tmp_path, monkeypatch):
     time.sleep(0.3)
     assert 1 <= len(synced) <= 4  # one group commit for all of them (and maybe an idle one)
     recorder.journal.close()
+
+
+async def test_a_running_proxy_takes_over_the_journal_of_one_that_died_since(tmp_path):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path, idle_seconds=0.4)  # its sweep: every 0.1 s
+    recorder.start()
+    await recorder.flush()
+    (tmp_path / "journal-1-1-000001.jsonl").write_bytes(encode(rec(7)))  # left by the dead
+    deadline = time.monotonic() + 10
+    while store.inner.count_turns() == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await recorder.stop()
+    assert [t["turn_id"] for t in store.inner.turns()] == ["r7"]
