@@ -58,7 +58,7 @@ class RecorderStats:
 
 
 class Recorder:
-    def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
+    def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 512,
                  idle_seconds: float = 900.0, batch_size: int = 128, linger: float = 0.02,
                  pairing_wait: float = 2.0, retention_days: float | None = None,
                  sync_interval: float = 1.0, stop_timeout: float = 10.0) -> None:

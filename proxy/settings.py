@@ -51,9 +51,10 @@ class ProxySettings:
     policy: str | None = None
     base_model: str | None = None  # vLLM's name for the base model (default: the policy's)
     adapter_poll_seconds: float = 0.5
-    # Records kept in memory when the journal cannot take them (the disk failed); beyond
-    # this they are dropped (counted).
-    queue_size: int = 2048
+    # Records the writer keeps in memory, the last submitted (so as not to parse them back
+    # from the journal), and those the journal could not take (the disk failed; beyond
+    # this many they are dropped, counted). Memory per record: ~50 KB as Python objects.
+    queue_size: int = 512
     spool_dir: Path | None = None  # the journal's directory; default: <data dir>/spool
     # The journal's group commit: a machine crash loses at most this many seconds of
     # answered turns (a killed process loses none).
