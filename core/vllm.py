@@ -76,8 +76,11 @@ class VLLMClient:
         self.backoff = backoff
         self._headers = auth_headers(api_key)
         self._owned = http is None
-        self.http = http if http is not None else httpx.AsyncClient(base_url=self.url,
-                                                                    timeout=timeout)
+        # Idle connections expire before vLLM's own 5 s keep-alive does: a request sent
+        # on a connection the server is closing gets a reset (the ReadError that once
+        # ended a benchmark run, see bench/README).
+        self.http = http if http is not None else httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, limits=httpx.Limits(keepalive_expiry=4.0))
 
     async def aclose(self) -> None:
         if self._owned:

@@ -129,6 +129,7 @@ class TrainingStage:
         self.trainer: Trainer | Leader | None = None
         # Whose weights the trainer holds: (policy, version; 0 for none yet).
         self.loaded: tuple[str, int] | None = None
+        self.started = False  # versions a killed learner staged are marked abandoned
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
 
     def _trainer(self, lane: Lane) -> Trainer | Leader:
@@ -141,7 +142,6 @@ class TrainingStage:
         if self.trainer is not None and key == self.loaded:
             return self.trainer
         if self.trainer is None:
-            self.store.abandon_staged()  # a killed learner's
             self.trainer = make_trainer(self.model_dir, self.config.trainer)
             self.trainer.mark("fresh")
         source = current
@@ -208,7 +208,9 @@ class TrainingStage:
                                              "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
         trainer.mark("before")
+        log.info("training %s on %d turns", lane.policy, len(useful))
         stats = await asyncio.to_thread(trainer.step, useful)
+        log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
         if self.config.gate and stats.kl > self.config.gate_max_kl:
             trainer.rewind("before")
             reason = (f"publish gate: the step moved the policy {stats.kl:.3f} nats/token, "
@@ -221,6 +223,7 @@ class TrainingStage:
         await asyncio.to_thread(trainer.save, staged, stats)
         path = install(staged, self.adapters_dir, name)
         self.store.stage_adapter(version, name, lane.policy, str(path), asdict(stats))
+        log.info("publishing %s", name)
         try:
             for vllm in self.vllms:  # verified on each; current only once all have it
                 await load_verified(vllm, name, path)
@@ -257,8 +260,15 @@ class TrainingStage:
 
     async def housekeeping(self) -> None:
         """On every backend: reload current adapters (the shared one and every personal
-        one) if vLLM lost them (a restart), unload versions past their grace period;
-        then delete old directories."""
+        one) if vLLM lost them (a restart), unload versions past their grace period and
+        versions that never became current (a learner killed while publishing one, after
+        vLLM had loaded it); then delete old directories."""
+        if not self.started:  # what a killed learner was publishing will never serve
+            abandoned = self.store.abandon_staged()
+            if abandoned:
+                log.warning("%d version(s) a stopped learner was publishing: abandoned",
+                            abandoned)
+            self.started = True
         rows = [r for r in self.store.adapters() if owns(self.policy, r["policy"])]
         for vllm in self.vllms:
             try:
@@ -274,6 +284,10 @@ class TrainingStage:
                 retired = row["retired_at"] or 0
                 if row["status"] == "previous" and \
                         time.time() - retired > self.config.unload_grace:
+                    await vllm.unload_adapter(row["name"])
+                if row["status"] in ("abandoned", "failed") and row["name"] in loaded:
+                    log.warning("unloading %s from %s: it never served", row["name"],
+                                vllm.url)
                     await vllm.unload_adapter(row["name"])
         for row in rows:
             retired = row["retired_at"] or 0

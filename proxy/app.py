@@ -150,10 +150,11 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
         def make_client(url: str) -> httpx.AsyncClient:
-            # One pool of keep-alive connections per backend (proxy/transport.py).
+            # One pool of keep-alive connections per backend (proxy/transport.py), each
+            # idle one dropped before vLLM's own keep-alive timeout (uvicorn's 5 s) ends it.
             return UpstreamClient(
                 base_url=url,
-                transport=transport or UpstreamTransport(max_idle=256, keepalive_expiry=5.0),
+                transport=transport or UpstreamTransport(max_idle=256, keepalive_expiry=4.0),
                 timeout=httpx.Timeout(settings.upstream_timeout,
                                       connect=settings.upstream_connect_timeout))
 
@@ -164,7 +165,8 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             queue_size=settings.queue_size,
                             idle_seconds=settings.session_idle_seconds,
                             pairing_wait=settings.pairing_wait_seconds,
-                            retention_days=settings.retention_days)
+                            retention_days=settings.retention_days,
+                            sync_interval=settings.journal_sync_seconds)
         recorder.start()
         router = Router(settings.policy, settings.base_model)
         tasks = []

@@ -1,194 +1,128 @@
-"""The recorder: hands finished turns from the request path to the store (proxy -> store).
+"""The recorder: finished turns from the request path to the store
+(proxy -> recorder -> journal -> writer thread -> store).
 
-`Recorder.submit` never blocks and never raises: it puts the record on a bounded queue.
-A writer task drains the queue in batches and writes them in a worker thread. When the
-store fails (locked, full, down), batches go to an append-only spool file on disk, in
-order, and are replayed once the store answers again; writes are idempotent by turn id,
-so a replay never duplicates. If the queue itself overflows, records are spooled
-directly. Nothing is dropped unless the disk fails too, and that is counted.
+`Recorder.submit` runs on the request path before the client gets the end of its answer
+(relay.py calls it before the last bytes go out): it appends the record to the journal,
+one ``write()`` into the page cache (journal.py), and never raises nor waits on the
+store. A writer thread reads the journal back in order and writes it to the store in
+batches. When the store fails (locked, full, down), records simply wait in the journal
+and are written, in order, once it answers again; writes are idempotent by record id, so
+a replay never duplicates. A process that dies leaves its journal behind, and the next
+one to start on the same directory writes it (see `Journal.adopt`).
+
+So a process crash (SIGKILL, OOM) loses no record whose client got its answer, and a
+machine crash loses at most the last ``sync_interval`` seconds of them (the journal's
+group commit; a SQLite store's own last commits may be lost too, by its
+``synchronous=NORMAL``). A record no store can take however often tried is set aside in
+a ``rejected-*.jsonl`` file. If the disk fails as well, records wait in memory (up to
+``queue_size``), then are dropped; all of it is counted (`snapshot`, on ``/health``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from sqlalchemy.exc import DBAPIError
 
-from nextstate.proxy.record import Record, TurnRecord, record_from_dict
+from nextstate.proxy.journal import Journal, Segment
+from nextstate.proxy.record import Record, TurnRecord, decode, encode
 from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.recorder")
 RECENT_IDS = 10_000
+# A record in the writer's hands: the journal segment it is in (None: only in memory,
+# the journal could not take it), the record, and its journal line.
+Entry = tuple[Segment | None, Record, bytes | None]
 
 
 @dataclass
 class RecorderStats:
     submitted: int = 0
-    written: int = 0
-    spooled: int = 0
-    dropped: int = 0
+    logged: int = 0  # into the journal, on the request path
+    written: int = 0  # into the store (replays of records already there do not count)
+    spooled: int = 0  # waited in the journal for a store that failed
+    unlogged: int = 0  # the journal could not take them (the disk failed): kept in memory
+    dropped: int = 0  # neither the journal nor memory could take them
     rejected: int = 0  # records the store could not take however often tried (set aside)
     store_errors: int = 0
     last_error: str | None = None
 
 
-class Spool:
-    """Append-only JSONL files of records waiting for the store, in arrival order.
-
-    Appends go to an active file; a drain first seals it (a new active file takes further
-    appends) and replays sealed files oldest first, deleting each once written. Each file
-    is flock-ed by its process: files left by a process that died are adopted and
-    replayed too. The lock guards only file rotation, so appends never wait on a drain.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self._prefix = f"spool-{os.getpid()}-{time.time_ns()}"
-        self._seq = 0
-        self._lock = threading.Lock()
-        self._sealed: list[tuple[Path, IO[bytes], int]] = []
-        self._active_count = 0
-        self._active_path, self._active = self._open_new()
-
-    @property
-    def pending(self) -> int:
-        return self._active_count + sum(count for _, _, count in self._sealed)
-
-    def _open_new(self) -> tuple[Path, IO[bytes]]:
-        self._seq += 1
-        path = self.directory / f"{self._prefix}-{self._seq:06d}.jsonl"
-        f = open(path, "ab")  # noqa: SIM115 - held (and locked) until replayed
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return path, f
-
-    def append(self, records: list[Record]) -> None:
-        data = b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records)
-        with self._lock:
-            self._active.write(data)
-            self._active.flush()
-            os.fsync(self._active.fileno())
-            self._active_count += len(records)
-
-    def _seal(self) -> None:
-        with self._lock:
-            if self._active_count:
-                self._sealed.append((self._active_path, self._active, self._active_count))
-                self._active_path, self._active = self._open_new()
-                self._active_count = 0
-
-    def drain(self, store: Store, batch: int = 256) -> int:
-        """Write spooled records (orphans first, then ours, oldest first) to the store.
-        Raises on a store failure, leaving what is not yet written on disk."""
-        written = 0
-        for path in sorted(self.directory.glob("spool-*.jsonl")):
-            if not path.name.startswith(self._prefix):
-                written += self._adopt(path, store, batch)
-        self._seal()
-        while self._sealed:
-            path, f, _count = self._sealed[0]
-            written += _replay(path, store, batch)
-            f.close()
-            path.unlink()
-            with self._lock:
-                self._sealed.pop(0)
-        return written
-
-    def _adopt(self, path: Path, store: Store, batch: int) -> int:
-        with open(path, "ab") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0  # a live process owns it
-            written = _replay(path, store, batch)
-            path.unlink()
-            return written
-
-    @property
-    def rejected_path(self) -> Path:
-        return self.directory / f"rejected-{self._prefix}.jsonl"
-
-    def reject(self, record: Record, error: Exception) -> None:
-        line = orjson.dumps({"error": f"{type(error).__name__}: {error}",
-                             "record": record.to_dict()}, default=str)
-        with self._lock, open(self.rejected_path, "ab") as f:
-            f.write(line + b"\n")
-
-    def close(self) -> None:
-        """Close our files; what is still pending stays on disk for the next start."""
-        with self._lock:
-            for _, f, _ in self._sealed:
-                f.close()
-            self._active.close()
-            if self._active_count == 0:
-                with contextlib.suppress(FileNotFoundError):
-                    self._active_path.unlink()
-
-
-def _replay(path: Path, store: Store, batch: int) -> int:
-    records: list[Record] = []
-    written = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                records.append(record_from_dict(orjson.loads(line)))
-            if len(records) >= batch:
-                written += store.write(records)
-                records = []
-    if records:
-        written += store.write(records)
-    return written
-
-
 class Recorder:
-    def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 2048,
+    def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 512,
                  idle_seconds: float = 900.0, batch_size: int = 128, linger: float = 0.02,
-                 pairing_wait: float = 2.0, retention_days: float | None = None) -> None:
+                 pairing_wait: float = 2.0, retention_days: float | None = None,
+                 sync_interval: float = 1.0, stop_timeout: float = 10.0) -> None:
         self.store = store
-        self.spool = Spool(spool_dir)
-        self.queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=queue_size)
+        self.journal = Journal(spool_dir, sync_interval=sync_interval)
+        # Records kept in memory for the writer (and when the journal fails).
+        self.queue_size = queue_size
         self.idle_seconds = idle_seconds
         self.batch_size = batch_size
         self.linger = linger
         self.pairing_wait = pairing_wait
         self.retention_days = retention_days
-        # Turns whose earlier turn is not in the store yet, retried shortly.
-        self._deferred: list[Record] = []
+        self.stop_timeout = stop_timeout
         self.stats = RecorderStats()
-        self._task: asyncio.Task[None] | None = None
+        # Records just appended, with their number in the journal: the writer takes them
+        # from here rather than parse their lines again (up to ``queue_size``).
+        self._fresh: deque[tuple[int, Record]] = deque()
+        self._memory: deque[Record] = deque()
+        self._in_memory = 0  # records only in memory, not yet in the store
+        self._memory_lock = threading.Lock()  # (counted from both threads)
+        # Turns whose earlier turn is not in the store yet, retried shortly.
+        self._deferred: list[Entry] = []
+        self._held: list[Entry] = []  # a batch the store failed on, retried after a backoff
         self._retry_at = 0.0
         self._backoff = 0.5
-        self._outstanding = 0  # submitted, not yet written or spooled
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._starting = False  # adopting what earlier processes left
         # Turn and session ids recently submitted, with their tenant: feedback may name a
         # turn whose record is still on its way to the store.
         self._recent: OrderedDict[str, str | None] = OrderedDict()
-        self._starting = False  # replaying an earlier run's spool
 
     # -- request path -------------------------------------------------------------------
 
     def submit(self, record: Record) -> None:
+        """Into the journal (the page cache) now; into the store soon. Never raises."""
         self.stats.submitted += 1
-        self._outstanding += 1
         if isinstance(record, TurnRecord):
             self._remember(record.turn_id, record.tenant)
             if record.session_id:
                 self._remember(f"session:{record.session_id}", record.tenant)
         try:
-            self.queue.put_nowait(record)
-        except asyncio.QueueFull:
-            self._spool([record])
-            self._outstanding -= 1
+            self.journal.append(encode(record))
+        except (OSError, TypeError) as exc:  # a full disk; a value JSON cannot hold
+            self._keep_in_memory(record, exc)
+        else:
+            self.stats.logged += 1
+            if len(self._fresh) < self.queue_size:
+                self._fresh.append((self.journal.appended - 1, record))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _keep_in_memory(self, record: Record, exc: Exception) -> None:
+        self.stats.last_error = f"journal: {type(exc).__name__}: {exc}"[:500]
+        if len(self._memory) >= self.queue_size:
+            self.stats.dropped += 1
+            log.error("record dropped (journal and memory full): %s", exc)
+            return
+        with self._memory_lock:
+            self._in_memory += 1
+        self._memory.append(record)
+        self.stats.unlogged += 1
+        log.warning("record kept in memory only: %s", exc)
 
     def _remember(self, key: str, tenant: str | None) -> None:
         self._recent[key] = tenant
@@ -201,140 +135,186 @@ class Recorder:
         key = turn_id if turn_id is not None else f"session:{session_id}"
         return (self._recent[key],) if key in self._recent else None
 
-    # -- writer ---------------------------------------------------------------------------
+    # -- lifecycle and status ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records submitted (or left by an earlier process) not yet in the store."""
+        return self.journal.pending + self._in_memory
 
     def start(self) -> None:
         self._starting = True
-        self._task = asyncio.create_task(self._run(), name="nextstate-recorder")
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="nextstate-recorder")
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Write what is queued (or spool it), then stop."""
-        if self._task is not None:
-            # Python 3.11's wait_for can swallow a cancellation that arrives as the queue
-            # hands over a record (the loop then runs on and this await never returns):
-            # cancel until the task is done.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=0.5)
-            with contextlib.suppress(asyncio.CancelledError):
-                self._task.result()
-        self.pairing_wait = 0.0  # shutting down: write what waits, paired or not
-        batch = self._deferred + self._take_batch(limit=None)
-        self._deferred = []
-        if batch:
-            await self._write(batch)
-        if self.spool.pending:
-            await self._drain_spool()
-        self.spool.close()
+        """Write what is waiting (within ``stop_timeout``), then close the journal; what
+        the store did not take stays in it for the next start."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self.journal.close)  # (fsyncs: off the event loop)
 
     def snapshot(self) -> dict[str, Any]:
-        return {**asdict(self.stats), "queued": self.queue.qsize(),
-                "spool_pending": self.spool.pending}
+        return {**asdict(self.stats), "queued": self._in_memory,
+                "spool_pending": self.pending, "starting": self._starting}
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything submitted so far is in the store (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._outstanding or self.spool.pending or self._starting:
+        while self.pending or self._starting:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"recorder did not flush: {self.snapshot()}")
             await asyncio.sleep(0.01)
 
-    async def _run(self) -> None:
-        await self._drain_spool()  # records left by an earlier run
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._guard(self.journal.adopt)
         self._starting = False
         next_sweep = time.monotonic()
-        while True:
-            try:
-                first = await asyncio.wait_for(self.queue.get(),
-                                               timeout=0.05 if self._deferred else 1.0)
-            except TimeoutError:
-                first = None
-            if first is not None and self.queue.qsize() < self.batch_size - 1:
-                # Let a batch gather: the store's cost is mostly per transaction and per
-                # call, so a few records a write cost much less each than one.
-                await asyncio.sleep(self.linger)
-            batch = ([first] if first is not None else []) + self._take_batch(
-                limit=self.batch_size)
-            if self._deferred:
-                batch, self._deferred = self._deferred + batch, []
-            if batch:
-                await self._write(batch)
-            if self.spool.pending and time.monotonic() >= self._retry_at:
-                await self._drain_spool()
+        while not self._stopping.is_set():
+            if self._guard(self._pass) >= self.batch_size:
+                continue  # a backlog: the next batch at once
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + min(30.0, self.idle_seconds / 4)
-                await self._expire_idle()
+                self._guard(self._sweep)
+            if self._wake.wait(0.05 if self._deferred or self._held else 1.0):
+                self._wake.clear()
+                # Let a batch gather: the store's cost is mostly per transaction and per
+                # call, so a few records a write cost much less each than one.
+                self._stopping.wait(self.linger)
+        self.pairing_wait = 0.0  # shutting down: write what waits, paired or not
+        self._retry_at = 0.0
+        deadline = time.monotonic() + self.stop_timeout
+        while time.monotonic() < deadline and self._guard(self._pass):
+            pass
 
-    def _take_batch(self, limit: int | None) -> list[Record]:
-        batch: list[Record] = []
-        while not self.queue.empty() and (limit is None or len(batch) < limit):
-            batch.append(self.queue.get_nowait())
-        return batch
-
-    async def _write(self, batch: list[Record]) -> None:
+    def _guard(self, work: Callable[[], int]) -> int:
+        """Run a piece of the writer's work; the thread never dies of a bug in it."""
         try:
-            if self.spool.pending:  # keep order: the store is behind the spool
-                self._spool(batch)
-                return
-            try:
-                written, deferred = await asyncio.to_thread(
-                    self.store.write_or_defer, batch, self.pairing_wait)
-                self.stats.written += written
-                self._deferred = list(deferred)
-            except (DBAPIError, OSError) as exc:  # the store is away: keep them on disk
-                self._store_failed(exc)
-                self._spool(batch)
-            except Exception:  # a record the store cannot take: find it, set it aside
-                await self._isolate(batch)
-        finally:
-            self._outstanding -= len(batch) - len(self._deferred)
+            return work()
+        except Exception as exc:
+            self.stats.last_error = f"recorder: {type(exc).__name__}: {exc}"[:500]
+            log.exception("recorder writer failed")
+            return 0
 
-    async def _isolate(self, batch: list[Record]) -> None:
+    def _pass(self) -> int:
+        """Write one batch; returns how many of its records were settled (0: none, the
+        store failed, or nothing was waiting)."""
+        retry = bool(self._held)
+        if retry:
+            if time.monotonic() < self._retry_at:
+                return 0
+            batch, self._held = self._held, []
+        else:
+            batch, self._deferred = self._deferred, []
+            while self._memory and len(batch) < self.batch_size:
+                batch.append((None, self._memory.popleft(), None))
+            for segment, line, seq in self.journal.read(self.batch_size - len(batch)):
+                entry = self._entry(segment, line, seq)
+                if entry is not None:
+                    batch.append(entry)
+        done = self._write(batch, retry) if batch else 0
+        self.journal.maintain()
+        return done
+
+    def _entry(self, segment: Segment, line: bytes, seq: int) -> Entry | None:
+        """A journal line as the record it holds: the one just submitted, if still in
+        memory, else parsed from the line."""
+        fresh = self._fresh
+        while fresh and fresh[0][0] < seq:
+            fresh.popleft()  # (read before it was remembered: parsed instead)
+        if fresh and fresh[0][0] == seq:
+            return segment, fresh.popleft()[1], line
+        if not line.strip():
+            self.journal.settle(segment)
+            return None
+        try:
+            return segment, decode(line), line
+        except Exception as exc:  # a damaged line (a disk error): set aside, go on
+            self._reject(segment, None, line, exc)
+            return None
+
+    def _write(self, batch: list[Entry], retry: bool) -> int:
+        try:
+            written, deferred = self.store.write_or_defer([r for _, r, _ in batch],
+                                                          self.pairing_wait)
+        except (DBAPIError, OSError) as exc:  # the store is away: they wait in the journal
+            self._store_failed(exc, batch, retry)
+            return 0
+        except Exception:  # a record the store cannot take: find it, set it aside
+            return self._isolate(batch)
+        self._backoff = 0.5
+        self.stats.written += written
+        waiting = {id(r) for r in deferred}
+        self._deferred = [e for e in batch if id(e[1]) in waiting]
+        self._settle([e for e in batch if id(e[1]) not in waiting])
+        return len(batch) - len(self._deferred)
+
+    def _isolate(self, batch: list[Entry]) -> int:
         """Write a failed batch one record at a time, so that one bad record (a bug, or
         data no store can take) never holds up the rest: it goes to a rejected-*.jsonl
-        file beside the spool, counted, instead of being retried forever."""
-        for record in batch:
+        file beside the journal, counted, instead of being retried forever."""
+        for i, entry in enumerate(batch):
             try:
-                self.stats.written += await asyncio.to_thread(self.store.write, [record])
+                self.stats.written += self.store.write([entry[1]])
             except (DBAPIError, OSError) as exc:
-                self._store_failed(exc)
-                self._spool([record])
+                self._store_failed(exc, batch[i:], retry=True)
+                return i
             except Exception as exc:
-                self.stats.rejected += 1
-                self.stats.last_error = f"rejected record: {type(exc).__name__}: {exc}"[:500]
-                log.exception("record rejected by the store; set aside in %s",
-                              self.spool.rejected_path)
-                self.spool.reject(record, exc)
+                self._reject(*entry, exc)
+            else:
+                self._settle([entry])
+        return len(batch)
 
-    async def _drain_spool(self) -> None:
+    def _reject(self, segment: Segment | None, record: Record | None, line: bytes | None,
+                exc: Exception) -> None:
+        self.stats.rejected += 1
+        self.stats.last_error = f"rejected record: {type(exc).__name__}: {exc}"[:500]
+        log.error("record rejected by the store; set aside in %s: %s",
+                  self.journal.rejected_path, self.stats.last_error)
+        if line is None:
+            line = orjson.dumps(record, default=str)
         try:
-            self.stats.written += await asyncio.to_thread(self.spool.drain, self.store)
-            self._backoff = 0.5
-        except Exception as exc:
-            self._store_failed(exc)
+            self.journal.reject(line, f"{type(exc).__name__}: {exc}")
+        except OSError as error:
+            log.error("could not set the record aside: %s", error)
+        self._settle_one(segment)
 
-    async def _expire_idle(self) -> None:
-        """End idle sessions; delete turns past their retention period."""
-        try:
-            await asyncio.to_thread(self.store.expire_idle, self.idle_seconds)
-            if self.retention_days is not None:
-                cutoff = time.time() - self.retention_days * 86400
-                await asyncio.to_thread(lambda: self.store.forget(older_than=cutoff))
-        except Exception as exc:
-            self._store_failed(exc)
+    def _settle(self, entries: list[Entry]) -> None:
+        for segment, _, _ in entries:
+            self._settle_one(segment)
 
-    def _store_failed(self, exc: Exception) -> None:
+    def _settle_one(self, segment: Segment | None) -> None:
+        if segment is None:
+            with self._memory_lock:
+                self._in_memory -= 1
+        else:
+            self.journal.settle(segment)
+
+    def _store_failed(self, exc: Exception, batch: list[Entry] | None = None,
+                      retry: bool = False) -> None:
         self.stats.store_errors += 1
         self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        if batch:
+            self._held = list(batch)
+            if not retry:
+                self.stats.spooled += len(batch)
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
-        log.warning("store unavailable, spooling records: %s", self.stats.last_error)
+        log.warning("store unavailable, records wait in the journal: %s",
+                    self.stats.last_error)
 
-    def _spool(self, records: list[Record]) -> None:
+    def _sweep(self) -> int:
+        """End idle sessions; delete turns past their retention period; adopt the journal
+        of a process that died since."""
         try:
-            self.spool.append(records)
-            self.stats.spooled += len(records)
-        except OSError as exc:
-            self.stats.dropped += len(records)
-            self.stats.last_error = f"spool failed: {exc}"[:500]
-            log.error("dropped %d records: %s", len(records), exc)
+            self.store.expire_idle(self.idle_seconds)
+            if self.retention_days is not None:
+                self.store.forget(older_than=time.time() - self.retention_days * 86400)
+        except Exception as exc:
+            self._store_failed(exc)
+        return self.journal.adopt()

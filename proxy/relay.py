@@ -3,9 +3,13 @@
 agent -> proxy -> vLLM. Each request gets a small responder object holding its own
 state. It goes to the session's vLLM replica (failing over while nothing was sent), with
 the policy's name mapped to its current adapter. Bytes are forwarded as they arrive; the
-record is filled in alongside and handed to the recorder in ``finally`` (proxy -> store),
-whatever happened. A client that disconnects cancels the upstream request (closing the
-connection makes vLLM abort it) and its partial turn is kept, marked ``aborted``.
+record is filled in alongside and handed to the recorder (proxy -> journal -> store)
+before the client gets the end of its answer: before a whole reply's body, before the
+stream event that carries ``[DONE]`` (or the stream's last bytes), before an error
+reply; a turn that ends otherwise is handed over in ``finally``. So every answer a
+client got is on disk, whatever happens to the process next. A client that disconnects
+cancels the upstream request (closing the connection makes vLLM abort it) and its
+partial turn is kept, marked ``aborted``.
 """
 
 from __future__ import annotations
@@ -226,7 +230,8 @@ class _Turn:
         self.stream = bool(body.get("stream"))
         self.payload = orjson.dumps(body)
         self.headers = upstream_headers(headers, deps)
-        self.finished = False
+        self.finished = False  # the client is getting the end of its answer
+        self.done_seen = False  # the stream's [DONE] is among the events to send
         self.held: list[dict[str, Any]] = []  # stream chunks waiting for the usage chunk
 
     async def run(self, receive: Receive, send: Send) -> None:
@@ -238,7 +243,7 @@ class _Turn:
                 response = await self._send()
             except (httpx.TransportError, VLLMUnreachable) as exc:
                 self._fail(502, f"backend unreachable: {type(exc).__name__}: {exc}")
-                self.finished = True
+                self._finish()
                 await send_error(send, BackendUnavailable(
                     f"The model backend at {self.deps.settings.backend_url} could not be "
                     f"reached ({type(exc).__name__}). Is vLLM running?"))
@@ -258,9 +263,19 @@ class _Turn:
         finally:
             if response is not None:
                 await response.aclose()
-            if self.record is not None:
-                self.record.finished_at = time.time()
-                self.deps.recorder.submit(self.record)
+            self._commit()
+
+    def _finish(self) -> None:
+        """The client is about to get the end of its answer: record the turn first."""
+        self.finished = True
+        self._commit()
+
+    def _commit(self) -> None:
+        """Hand the record to the recorder (into the journal at once), once."""
+        record, self.record = self.record, None
+        if record is not None:
+            record.finished_at = time.time()
+            self.deps.recorder.submit(record)
 
     async def _send(self) -> httpx.Response:
         """Send upstream: to this session's replica, failing over to the next while
@@ -323,9 +338,9 @@ class _Turn:
             raw = self._capture_whole(raw)
         headers = self._headers_out(response)
         headers.append((b"content-length", str(len(raw)).encode()))
+        self._finish()
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
-        self.finished = True
         await send({"type": "http.response.body", "body": raw})
 
     def _capture_whole(self, raw: bytes) -> bytes:
@@ -360,6 +375,8 @@ class _Turn:
                 *events, pending = (pending + data).split(b"\n\n")
                 out = [o for o in (self._event(e) for e in events) if o]
                 if out:
+                    if self.done_seen:
+                        self._finish()
                     await send({"type": "http.response.body", "body": b"".join(out),
                                 "more_body": True})
         except httpx.TransportError as exc:
@@ -370,7 +387,7 @@ class _Turn:
             error = BackendUnavailable("The model backend closed the stream unexpectedly.")
             await send({"type": "http.response.body",
                         "body": b"data: " + error.body() + b"\n\n", "more_body": True})
-        self.finished = True
+        self._finish()
         await send({"type": "http.response.body", "body": self._release() + pending,
                     "more_body": False})
 
@@ -379,7 +396,10 @@ class _Turn:
         if not self.transform or not event.startswith(b"data:"):
             return event + b"\n\n"
         payload = event[5:].strip()
-        chunk = None if payload == b"[DONE]" else _json_object(payload)
+        if payload == b"[DONE]":
+            self.done_seen = True
+            return self._release() + event + b"\n\n"
+        chunk = _json_object(payload)
         if chunk is None:
             return self._release() + event + b"\n\n"
         if self.record is not None:

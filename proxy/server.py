@@ -22,7 +22,7 @@ def _config(settings: ProxySettings, host: str, port: int,
     # uvloop and httptools when installed (the default install has them).
     return uvicorn.Config(make_app(settings, transport=transport), host=host, port=port,
                           log_level="warning", access_log=False, loop="auto", http="auto",
-                          lifespan="on")
+                          lifespan="on", timeout_keep_alive=settings.keep_alive_seconds)
 
 
 def run_proxy(settings: ProxySettings, host: str, port: int) -> None:

@@ -71,14 +71,23 @@ class ProxySettings:
     policy: str | None = None
     base_model: str | None = None  # vLLM's name for the base model (default: the policy's)
     adapter_poll_seconds: float = 0.5
-    # Records waiting for the writer; beyond this they are spooled to disk, not dropped.
-    queue_size: int = 2048
-    spool_dir: Path | None = None  # default: <data dir>/spool
+    # Records the writer keeps in memory, the last submitted (so as not to parse them back
+    # from the journal), and those the journal could not take (the disk failed; beyond
+    # this many they are dropped, counted). Memory per record: ~50 KB as Python objects.
+    queue_size: int = 512
+    spool_dir: Path | None = None  # the journal's directory; default: <data dir>/spool
+    # The journal's group commit: a machine crash loses at most this many seconds of
+    # answered turns (a killed process loses none).
+    journal_sync_seconds: float = 1.0
     # A session with no new turn for this long ends; its last turn has no next state.
     session_idle_seconds: float = 900.0
     # A turn continuing a conversation the store has not seen yet waits this long for
     # the earlier turn (which another proxy process may still be writing).
     pairing_wait_seconds: float = 2.0
+    # An idle client connection stays open this long: longer than clients keep theirs in
+    # their pools (httpx and the OpenAI SDK 5 s, aiohttp 15 s), so that no client sends a
+    # request on a connection the proxy is closing (it would get a reset, httpx.ReadError).
+    keep_alive_seconds: int = 75
     upstream_timeout: float = 600.0
     upstream_connect_timeout: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -78,6 +79,8 @@ def write_results(persona: Persona, config: BenchConfig, seeds: Sequence[int],
         "base_score": sum(r.scores[0] for r in runs) / len(runs),
         "wall_seconds": seconds,
         "paper": PAPER,
+        # Requests the simulated users sent again after a transient failure, by cause.
+        "retries": dict(sum((Counter(r.retries) for r in runs), Counter())),
     }
     return save_results(out, results, plot_curves, "learning_curves.png", markdown_table)
 
@@ -117,4 +120,8 @@ def markdown_table(results: dict[str, Any]) -> str:
              "from); its last score is carried forward"
              for name, m in methods.items()
              if any(s is not None for s in m.get("stalled_after", []))]
+    if "retries" in results:  # (transient failures, see client.py)
+        notes.append("the simulated users retried " + (", ".join(
+            f"{n} requests after {cause}" for cause, n in results["retries"].items())
+            or "no request"))
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

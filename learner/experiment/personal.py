@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from nextstate.learner.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
+from nextstate.learner.experiment.client import RetryingTransport
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
 from nextstate.learner.experiment.styles import Problem, detect, make_problem
@@ -56,6 +57,7 @@ class ModeRun:
     # persona -> per step: how often each of its preferences was met
     attributes: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     seconds: float = 0.0
+    retries: dict[str, int] = field(default_factory=dict)  # by cause (client.py)
 
 
 async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, *,
@@ -81,8 +83,11 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
                 for i in range(config.eval_problems)]
     traffic = random.Random(f"traffic-{config.seed}")
     with BackgroundProxy(settings, free_port()) as proxy:
+        # As a real agent's client: transient failures are retried (and counted).
+        users = {p.name: RetryingTransport() for p in personas}
         clients = {p.name: httpx.AsyncClient(base_url=proxy.base_url, timeout=600,
-                                             headers={"X-NextState-User": p.name})
+                                             headers={"X-NextState-User": p.name},
+                                             transport=users[p.name])
                    for p in personas}
         try:
             for step in range(config.steps + 1):
@@ -103,6 +108,7 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
             for client in clients.values():
                 await client.aclose()
             await learner.close()
+            run.retries = dict(sum((u.retries for u in users.values()), Counter()))
     run.seconds = time.monotonic() - started
     return run
 

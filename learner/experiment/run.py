@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from nextstate.learner.experiment.client import RetryingTransport
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.styles import Problem, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
@@ -63,6 +64,8 @@ class MethodRun:
     # Set when the persona stopped correcting: no step after this many, for want of
     # signal; the policy is unchanged from then on, so later scores repeat the last one.
     stalled_after: int | None = None
+    # Requests the simulated users sent again after a transient failure, by cause.
+    retries: dict[str, int] = field(default_factory=dict)
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
@@ -88,8 +91,10 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     eval_set = [make_problem(random.Random(f"eval-{config.seed}-{i}"))
                 for i in range(config.eval_problems)]
     traffic = random.Random(f"traffic-{config.seed}")
+    users = RetryingTransport()  # as a real agent's client: transient failures retried
     with BackgroundProxy(settings, free_port()) as proxy:
-        async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600,
+                                     transport=users) as client:
             try:
                 run.scores.append(await evaluate(client, policy, persona, eval_set, config))
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
@@ -113,7 +118,11 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                              f"{run.scores[-1]:.3f} ({version}, {recorded} turns of traffic)")
             finally:
                 await learner.close()
+                run.retries = dict(users.retries)
     run.seconds = time.monotonic() - started
+    if run.retries:
+        progress(f"{method:>8} seed {config.seed}: the users retried "
+                 + ", ".join(f"{n} x {cause}" for cause, n in run.retries.items()))
     return run
 
 

@@ -1,5 +1,7 @@
-"""Learner faults with the real components: killed at random points, a judge that is down
-or answers garbage, an adapter vLLM refuses."""
+"""Learner faults with the real components: killed (kill -9) mid-judge, mid-training-step,
+mid-publish and at random points; a judge that is down or answers garbage; an adapter
+vLLM refuses. After a kill, every turn is judged once and trained once, and the version
+current is one vLLM has."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 import random
 import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +21,12 @@ import pytest
 from bench.vllm_bench import converse
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
+from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.backend import spawn, stop_group
 from tests.conftest import MODEL_NAME
+from tests.integration.relay import Relay
 from tests.integration.test_learner_training import drain
 
 pytestmark = pytest.mark.integration
@@ -143,3 +149,153 @@ async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_servin
         "model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200  # the base model keeps serving the policy
     assert policy_proxy.turns(5)[-1]["served_model"] == MODEL_NAME
+
+
+# -- kill -9 at each stage ---------------------------------------------------------------------
+
+def learn(store_url: str, backend: str, toy_model: Path, home: Path, log: Path,
+          *extra: str):
+    """``nextstate learn`` as its own process (batches of 4 judged turns)."""
+    return spawn([sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", backend,
+                  "--model", MODEL_NAME, "--model-dir", str(toy_model), "--store", store_url,
+                  "--batch-turns", "4", *extra], log,
+                 env={**os.environ, "NEXTSTATE_HOME": str(home)})
+
+
+def kill(process) -> None:
+    process.send_signal(signal.SIGKILL)
+    stop_group(process)  # (its process group: nothing of it is left running)
+    assert process.wait(10) == -signal.SIGKILL
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 240,
+                poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(poll)
+
+
+def recorded_turns(proxy) -> tuple[str, list[dict]]:
+    """8 two-turn sessions; the first turn of each is corrected (a hint: a teacher call)."""
+    converse(proxy.base_url, 8)
+    return proxy.settings.resolved_store_url(), proxy.turns(16)
+
+
+def judged_rows(store: LearnerStore, turns: list[dict]) -> dict[str, tuple]:
+    rows = {t["turn_id"]: store.judgment(t["turn_id"]) for t in turns}
+    return {k: (r["status"], r["updated_at"], r["attempts"]) for k, r in rows.items() if r}
+
+
+def check_serving(store: LearnerStore, vllm_url: str, proxy,
+                  loaded: tuple[str, ...] = ("current", "previous")) -> None:
+    """One current version (if any): on disk, loaded in vLLM, and the proxy serves it;
+    vLLM has no version of another status than ``loaded``."""
+    versions = store.adapters(MODEL_NAME)
+    current = [v for v in versions if v["status"] == "current"]
+    assert len(current) <= 1
+    models = {m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
+    for v in versions:
+        if v["name"] in models:
+            assert v["status"] in loaded, v
+    if current:
+        assert current[0]["name"] in models and Path(current[0]["path"]).exists()
+    answer = httpx.post(f"{proxy.base_url}/chat/completions", timeout=60, json={
+        "model": MODEL_NAME, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200, answer.text
+
+
+def check_trained_once(store: LearnerStore, turns: list[dict]) -> None:
+    """Every turn with a signal trained by a published version; and each published
+    version's weights went through exactly the optimizer steps of the versions before it
+    and its own (a step of a killed learner never carries over)."""
+    import torch
+
+    published = {v["version"]: v for v in store.adapters(MODEL_NAME)
+                 if v["status"] in ("current", "previous", "unloaded")}
+    signal_turns = [t for t in turns if t["turn_index"] == 0]
+    for t in signal_turns:
+        assert store.judgment(t["turn_id"])["trained_version"] in published, t["turn_id"]
+    passes = TrainerConfig().passes
+    for i, version in enumerate(sorted(published), start=1):
+        state = torch.load(Path(published[version]["path"]) / "optimizer.pt")["state"]
+        steps = {int(s["step"]) for s in state.values()}
+        assert steps == {i * passes}, (version, steps)
+
+
+async def test_a_learner_killed_mid_judge_judges_each_turn_once(vllm, policy_proxy, toy_model,
+                                                                tmp_path):
+    store_url, turns = recorded_turns(policy_proxy)
+    store = LearnerStore(store_url)
+    with Relay(vllm.url) as relay:
+        # Held: a teacher call, once two hinted turns were judged (others wait, in flight).
+        relay.hold(lambda method, path: "before" if path == "/v1/completions"
+                   and store.reward_stats()["with_hints"] >= 2 else None)
+        learner = learn(store_url, relay.url, toy_model, tmp_path, tmp_path / "l1.log",
+                        "--no-train")
+        await until(relay.held.is_set, "the learner mid-judge")
+        kill(learner)
+    before = judged_rows(store, turns)
+    assert 2 <= sum(s == "ok" for s, _, _ in before.values()) < 16  # it was mid-judge
+    learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log", "--no-train")
+    try:
+        await until(lambda: store.counts()["awaiting_judgment"] == 0, "the rest judged")
+    finally:
+        kill(learner)
+    after = judged_rows(store, turns)
+    assert len(after) == 16 and all(s == "ok" for s, _, _ in after.values())
+    for turn_id, row in before.items():
+        if row[0] == "ok":
+            assert after[turn_id] == row  # judged before the kill: never again
+    store.close()
+
+
+async def test_a_learner_killed_mid_training_step_trains_each_turn_once(
+        vllm, policy_proxy, toy_model, tmp_path):
+    store_url, turns = recorded_turns(policy_proxy)
+    store = LearnerStore(store_url)
+    log = tmp_path / "l1.log"
+    learner = learn(store_url, vllm.url, toy_model, tmp_path, log)
+    await until(lambda: "training nextstate-toy" in log.read_text(), "a training step",
+                poll=0.005)
+    kill(learner)
+    assert "trained nextstate-toy" not in log.read_text()  # killed inside the step
+    assert store.adapters(MODEL_NAME) == []
+    check_serving(store, vllm.url, policy_proxy)
+    learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log")
+    try:
+        await until(lambda: store.trained_count() == 8, "every turn with a signal trained")
+    finally:
+        kill(learner)
+    check_trained_once(store, turns)
+    check_serving(store, vllm.url, policy_proxy)
+    store.close()
+
+
+@pytest.mark.parametrize("when", ["before", "after"],
+                         ids=["before-vllm-loads-it", "after-vllm-loaded-it"])
+async def test_a_learner_killed_mid_publish_leaves_no_version_current_that_vllm_lacks(
+        vllm, policy_proxy, toy_model, tmp_path, when):
+    store_url, turns = recorded_turns(policy_proxy)
+    store = LearnerStore(store_url)
+    with Relay(vllm.url) as relay:
+        relay.hold(lambda method, path: when if path == "/v1/load_lora_adapter" else None)
+        learner = learn(store_url, relay.url, toy_model, tmp_path, tmp_path / "l1.log")
+        await until(relay.held.is_set, "the learner mid-publish")
+        kill(learner)
+    [staged] = store.adapters(MODEL_NAME)
+    assert staged["status"] == "staged"  # written and named, never made current
+    # (vLLM may have it, but nothing is routed to a version that is not current.)
+    check_serving(store, vllm.url, policy_proxy, loaded=("staged",))
+    learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log")
+    try:
+        await until(lambda: store.trained_count() == 8, "every turn with a signal trained")
+        await until(lambda: staged["name"] not in {m["id"] for m in httpx.get(
+            f"{vllm.url}/v1/models").json()["data"]}, "the abandoned version unloaded")
+    finally:
+        kill(learner)
+    versions = {v["version"]: v for v in store.adapters(MODEL_NAME)}
+    assert versions[staged["version"]]["status"] == "abandoned"
+    check_trained_once(store, turns)
+    check_serving(store, vllm.url, policy_proxy)
+    store.close()

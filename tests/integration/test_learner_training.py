@@ -150,3 +150,5 @@ async def test_a_learner_killed_mid_publish_resumes_and_trains_nothing_twice(
     assert [a["status"] for a in versions] == ["abandoned", "current"]
     published = versions[1]["version"]
     assert trained == [published] * 4  # each trained once, by the version published
+    models = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models").json()["data"]}
+    assert versions[0]["name"] not in models  # vLLM had loaded it: unloaded, it never served

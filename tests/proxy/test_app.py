@@ -33,8 +33,8 @@ def client(tmp_path, fake):
 
 
 def records(client, submitted=1):
-    """The store's turns once ``submitted`` records reached the recorder (the record is
-    handed over just after the client has its last byte) and were written."""
+    """The store's turns once ``submitted`` records reached the recorder (in the journal
+    before the client has its last byte) and were written."""
     deps = client.app_state["deps"]
     deadline = time.monotonic() + 5
     while deps.recorder.stats.submitted < submitted and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""The recorder: queue, spool, replay, deferral and rejection, with a store that fails."""
+"""The recorder: journal, replay, deferral and rejection, with a store that fails."""
 
 import asyncio
 import time
@@ -46,13 +46,13 @@ async def test_records_wait_on_disk_while_the_store_is_down(tmp_path):
     store = FlakyStore()
     recorder = Recorder(store, tmp_path, queue_size=4)
     recorder._backoff = 0.01
-    recorder.start()
     store.down = True
-    for i in range(10):  # more than the queue holds
+    recorder.start()
+    for i in range(10):  # more than the memory queue would hold
         recorder.submit(rec(i))
     await until(lambda: recorder.stats.spooled == 10)
     assert store.inner.count_turns() == 0
-    assert recorder.stats.spooled == 10
+    assert recorder.stats.spooled == 10 and recorder.snapshot()["spool_pending"] == 10
     assert recorder.stats.dropped == 0
     store.down = False
     await recorder.flush(timeout=10)
@@ -139,41 +139,42 @@ async def test_one_bad_record_is_set_aside_and_never_blocks_the_rest(tmp_path):
     assert b'"poison"' in rejected.read_bytes()
 
 
-async def test_a_full_disk_while_the_store_is_down_drops_counted_and_never_raises(tmp_path):
+def disk_full(line):
+    raise OSError(28, "No space left on device")
+
+
+async def test_a_full_disk_keeps_records_in_memory_then_drops_counted_and_never_raises(
+        tmp_path):
     store = FlakyStore()
     store.down = True
-    recorder = Recorder(store, tmp_path)
-
-    def disk_full(records):
-        raise OSError(28, "No space left on device")
-
-    recorder.spool.append = disk_full
+    recorder = Recorder(store, tmp_path, queue_size=1)
+    recorder._backoff = 0.01
+    recorder.journal.append = disk_full
     recorder.start()
     recorder.submit(rec(1))  # the request path never sees the failure
-    await until(lambda: recorder.stats.dropped == 1)
-    assert recorder.stats.dropped == 1
+    recorder.submit(rec(2))  # and memory holds one
+    assert (recorder.stats.unlogged, recorder.stats.dropped) == (1, 1)
     assert "No space left" in recorder.stats.last_error
-    recorder._task.cancel()
+    store.down = False
+    await recorder.flush()
+    await recorder.stop()
+    assert [t["turn_id"] for t in store.inner.turns()] == ["r1"]
 
 
-async def test_stop_ends_a_writer_that_swallowed_a_cancellation(tmp_path):
-    """Python 3.11's wait_for returns the queue's record, and drops the cancellation, when
-    both arrive together: stop() must still end the writer and write what is queued."""
-    recorder = Recorder(FlakyStore(), tmp_path / "spool")
-    swallowed = asyncio.Event()
-
-    async def deaf() -> None:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            swallowed.set()  # as wait_for does in that race: carry on
-        await asyncio.sleep(3600)
-
-    recorder._task = asyncio.create_task(deaf())
-    await asyncio.sleep(0)
-    recorder.submit(rec(1))
-    stopping = asyncio.create_task(recorder.stop())
-    await asyncio.wait([stopping], timeout=5)  # (unlike wait_for, never cancels it)
-    assert stopping.done(), "stop() hangs on the writer"
-    assert swallowed.is_set() and recorder._task.done()
-    assert recorder.stats.written == 1
+async def test_stop_returns_with_the_store_locked_and_the_next_start_writes_the_rest(
+        tmp_path):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path, stop_timeout=0.5)
+    recorder.start()
+    store.down = True
+    for i in range(3):
+        recorder.submit(rec(i))
+    await asyncio.wait_for(recorder.stop(), timeout=10)
+    assert store.inner.count_turns() == 0
+    store.down = False
+    again = Recorder(store, tmp_path)
+    again.start()
+    await again.flush()
+    await again.stop()
+    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r0", "r1", "r2"]
+    assert list(tmp_path.glob("journal-*")) == []
