@@ -12,7 +12,7 @@ Each chat call becomes a `TurnRecord` for a daemon thread that writes batches to
 a full queue drops (counted in `stats`), a failing store is retried with backoff.
 
 What reaches the callback depends on LiteLLM's version. The store checks what it got
-(`nextstate.proxy.record.untrainable`): a turn is trainable only with the prompt's ids,
+(`nextstate.core.records.untrainable`): a turn is trainable only with the prompt's ids,
 the completion's ids and a logprob a token, counts matching vLLM's usage; anything less
 is kept, marked with the reason, and never trained on. Compared with the nextstate proxy
 (seen with vLLM 0.32):
@@ -46,9 +46,9 @@ from typing import Any, Protocol
 import orjson
 from litellm.integrations.custom_logger import CustomLogger
 
-from nextstate.proxy.record import TurnRecord
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.adapters.litellm")
 CHAT_CALLS = frozenset({"completion", "acompletion"})
@@ -61,7 +61,7 @@ REQUEST_FIELDS = frozenset({
 
 
 class TurnStore(Protocol):
-    """What the writer needs from a store (`nextstate.proxy.store.Store` is one)."""
+    """What the writer needs from a store (`nextstate.core.store.Store` is one)."""
 
     def write(self, records: Sequence[TurnRecord]) -> int: ...
     def close(self) -> None: ...

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import LoadSpec, Request, run_load
-from nextstate.proxy.backend import free_port, spawn, stop_group
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port, spawn, stop_group
 
 CHAT = {"model": "bench", "max_tokens": 32,
         "messages": [{"role": "user", "content": "soak " * 40}]}

@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from nextstate.core.paths import data_dir, default_store_url
 from nextstate.proxy.options import (
     TOY_MODEL_NAME,
     backend_key_option,
@@ -32,7 +33,6 @@ from nextstate.proxy.options import (
     require_learner_extra,
 )
 from nextstate.proxy.options import store_option as _store
-from nextstate.proxy.settings import data_dir, default_store_url
 
 _backend_key = backend_key_option
 
@@ -123,7 +123,7 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
 @_store
 def status(store: str | None) -> None:
     """What the learner is doing: state, counts, rewards, recent steps."""
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     url = existing_store(store)
     db = Store(url)
@@ -234,10 +234,10 @@ def list_adapters(store: str | None) -> None:
 def rollback(version: int, backend: str, backend_api_key: str | None, store: str | None,
              ) -> None:
     """Serve VERSION again (loaded into vLLM first, then made current)."""
+    from nextstate.core.store.store import NOT_SERVABLE
     from nextstate.core.vllm import VLLMClient
     from nextstate.learner.publish import PublishError, load_verified
     from nextstate.learner.store import LearnerStore
-    from nextstate.proxy.store.store import NOT_SERVABLE
 
     db = LearnerStore(existing_store(store))
     try:

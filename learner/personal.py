@@ -7,7 +7,7 @@ turns that carry a signal gets a lane of their own, the personal policy
 the shared adapter's current weights, and the shared adapter keeps learning from
 everyone else (new users, turns with no user). A user with strong tastes so stops
 pulling the shared adapter their way, and each adapter learns from turns its own
-versions served. The proxy routes each user to their adapter (`nextstate.proxy.router`).
+versions served. The proxy routes each user to their adapter (`nextstate.core.routing`).
 
 Every lane goes through the same step, publish gate, versioned directories and
 housekeeping (`training`); one trainer swaps lanes in and out.
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nextstate.core.lora import personal_policy
 from nextstate.learner.store import LearnerStore
-from nextstate.proxy.router import PERSONAL, personal_policy
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,6 @@ def full_lanes(store: LearnerStore, policy: str, method: str, batch_turns: int,
               for user in personal]
     full = [(n, lane) for n, lane in sizes if n >= batch_turns]
     return [lane for _, lane in sorted(full, key=lambda pair: -pair[0])]
-
-
-def owns(policy: str, adapter_policy: str) -> bool:
-    """Is ``adapter_policy`` the policy itself or one of its personal policies?"""
-    return adapter_policy == policy or adapter_policy.startswith(policy + PERSONAL)
 
 
 def personal_adapters(store: LearnerStore, policy: str) -> dict[str, str]:

@@ -19,17 +19,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstate.core.lora import AdapterStatus, owns
+from nextstate.core.paths import backend_root
+from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
 from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
-from nextstate.learner.personal import owns, personal_adapters
+from nextstate.learner.personal import personal_adapters
 from nextstate.learner.store import LearnerStore, TurnsForgotten
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
-from nextstate.proxy.router import Router
-from nextstate.proxy.settings import backend_root
 
 log = logging.getLogger("nextstate.learner")
 
@@ -164,7 +165,7 @@ class Learner:
         everywhere: forgotten through the proxy's admin endpoint, a backend was down when
         ``nextstate forget`` ran, or a step published one while its turns were being
         forgotten."""
-        rows = [r for r in self.store.adapters() if r["status"] == "forgotten"
+        rows = [r for r in self.store.adapters() if r["status"] == AdapterStatus.FORGOTTEN
                 and r["version"] not in self.erased and owns(self.policy, r["policy"])]
         if not rows:
             return

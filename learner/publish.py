@@ -11,28 +11,16 @@ beyond the last ``keep`` are deleted, never one that is still loaded.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from nextstate.core.lora import LOADED
 from nextstate.core.vllm import VLLMClient, VLLMError
-
-VERSION = re.compile(r"@(\d+)$")
 
 
 class PublishError(Exception):
     """vLLM did not take the adapter; the previous version keeps serving."""
-
-
-def version_name(policy: str, version: int) -> str:
-    return f"{policy}@{version:06d}"
-
-
-def version_of(served_model: str | None) -> int:
-    """The adapter version that served a turn (0: the base model)."""
-    match = VERSION.search(served_model or "")
-    return int(match.group(1)) if match else 0
 
 
 def install(staged: Path, adapters_dir: Path, name: str) -> Path:
@@ -60,7 +48,7 @@ async def load_verified(vllm: VLLMClient, name: str, path: Path) -> None:
 def prune(adapters_dir: Path, rows: list[dict[str, Any]], keep: int) -> list[str]:
     """Delete adapter directories beyond the newest ``keep``, except loaded ones.
     Returns the names deleted."""
-    loaded = {r["name"] for r in rows if r["status"] in ("current", "previous", "staged")}
+    loaded = {r["name"] for r in rows if r["status"] in LOADED}
     by_age = sorted(rows, key=lambda r: r["version"], reverse=True)
     deleted = []
     for row in by_age[keep:]:

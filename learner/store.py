@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import String, and_, func, or_, select, update
 
-from nextstate.learner.judgment import Judgment
-from nextstate.proxy.store import Store
-from nextstate.proxy.store.schema import (
+from nextstate.core.lora import AdapterStatus
+from nextstate.core.store import Store
+from nextstate.core.store.schema import (
     adapters,
     feedback,
     judgments,
@@ -26,6 +26,7 @@ from nextstate.proxy.store.schema import (
     sessions,
     turns,
 )
+from nextstate.learner.judgment import Judgment
 
 
 class TurnsForgotten(Exception):
@@ -198,7 +199,7 @@ class LearnerStore:
                       stats: dict[str, Any]) -> None:
         with self._begin() as conn:
             conn.execute(adapters.insert().values(
-                version=version, name=name, policy=policy, path=path, status="staged",
+                version=version, name=name, policy=policy, path=path, status=AdapterStatus.STAGED,
                 created_at=time.time(), stats=stats))
 
     def publish(self, version: int, turn_ids: Sequence[str], policy: str) -> None:
@@ -217,16 +218,18 @@ class LearnerStore:
                 if kept < len(set(turn_ids)):
                     raise TurnsForgotten(f"{len(set(turn_ids)) - kept} of the turns version "
                                          f"{version} learned from were forgotten")
-                conn.execute(update(adapters).where(adapters.c.status == "current",
+                conn.execute(update(adapters).where(adapters.c.status == AdapterStatus.CURRENT,
                                                     adapters.c.policy == policy)
-                             .values(status="previous", retired_at=now))
-                made = conn.execute(update(adapters).where(adapters.c.version == version,
-                                                           adapters.c.status == "staged")
-                                    .values(status="current", published_at=now, error=None))
+                             .values(status=AdapterStatus.PREVIOUS, retired_at=now))
+                made = conn.execute(
+                    update(adapters)
+                    .where(adapters.c.version == version,
+                           adapters.c.status == AdapterStatus.STAGED)
+                    .values(status=AdapterStatus.CURRENT, published_at=now, error=None))
                 if not made.rowcount:
                     raise TurnsForgotten(f"version {version} was forgotten before it served")
         except TurnsForgotten as exc:
-            self.set_adapter_status(version, "forgotten", str(exc))
+            self.set_adapter_status(version, AdapterStatus.FORGOTTEN, str(exc))
             raise
 
     def set_adapter_status(self, version: int, status: str, error: str | None = None) -> None:
@@ -238,13 +241,15 @@ class LearnerStore:
         return self.store.adapter_versions(policy)
 
     def current_adapter(self, policy: str) -> dict[str, Any] | None:
-        return next((a for a in self.adapters(policy) if a["status"] == "current"), None)
+        return next((a for a in self.adapters(policy)
+                     if a["status"] == AdapterStatus.CURRENT), None)
 
     def abandon_staged(self) -> int:
         """Versions a killed learner staged but never published."""
         with self._begin() as conn:
-            return int(conn.execute(update(adapters).where(adapters.c.status == "staged")
-                                    .values(status="abandoned")).rowcount or 0)
+            return int(conn.execute(
+                update(adapters).where(adapters.c.status == AdapterStatus.STAGED)
+                .values(status=AdapterStatus.ABANDONED)).rowcount or 0)
 
     def ready_count(self, method: str) -> int:
         with self._connect() as conn:

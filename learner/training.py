@@ -24,15 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nextstate.core.lora import PUBLISHED, AdapterStatus, owns, version_name, version_of
 from nextstate.core.vllm import VLLMClient
-from nextstate.learner.personal import Lane, full_lanes, owns
+from nextstate.learner.personal import Lane, full_lanes
 from nextstate.learner.publish import (
     PublishError,
     install,
     load_verified,
     prune,
-    version_name,
-    version_of,
 )
 from nextstate.learner.ranks import Leader, make_trainer
 from nextstate.learner.store import LearnerStore
@@ -62,7 +61,9 @@ class StepResult:
     version: int | None
     name: str | None
     stats: StepStats
-    outcome: Literal["published", "refused", "failed", "skipped"]
+    # Refused by the publish gate, or not loaded (the adapter's status then): otherwise
+    # published or skipped.
+    outcome: Literal["published", "skipped", AdapterStatus.REFUSED, AdapterStatus.FAILED]
     error: str | None = None
 
 
@@ -165,7 +166,7 @@ class TrainingStage:
         # How far behind a turn is: this policy's versions published after the one that
         # served it (version numbers are global and may skip, see `_fresh_name`).
         published = sorted(a["version"] for a in self.store.adapters(lane.policy)
-                           if a["status"] in ("current", "previous", "unloaded"))
+                           if a["status"] in PUBLISHED)
         items, stale = [], []
         for row in rows:
             served = version_of(row["served_model"])
@@ -217,7 +218,8 @@ class TrainingStage:
                       f"over the bound {self.config.gate_max_kl}")
             self.store.skip(ids, reason)
             log.error(reason)
-            return self._remember(StepResult(None, None, stats, "refused", reason), lane)
+            return self._remember(
+                StepResult(None, None, stats, AdapterStatus.REFUSED, reason), lane)
         version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
@@ -229,9 +231,10 @@ class TrainingStage:
                 await load_verified(vllm, name, path)
         except PublishError as exc:
             trainer.rewind("before")  # the turns stay untrained: learn from them again
-            self.store.set_adapter_status(version, "failed", str(exc))
+            self.store.set_adapter_status(version, AdapterStatus.FAILED, str(exc))
             log.error("adapter %s not published: %s", name, exc)
-            return self._remember(StepResult(version, name, stats, "failed", str(exc)), lane)
+            return self._remember(
+                StepResult(version, name, stats, AdapterStatus.FAILED, str(exc)), lane)
         self.store.publish(version, ids, lane.policy)
         self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
@@ -277,22 +280,24 @@ class TrainingStage:
                 log.warning("backend %s unreachable: %s", vllm.url, exc)
                 continue
             for row in rows:
-                if row["status"] == "current" and row["name"] not in loaded:
+                if row["status"] == AdapterStatus.CURRENT and row["name"] not in loaded:
                     log.warning("%s lost %s (restarted?): loading it again", vllm.url,
                                 row["name"])
                     await load_verified(vllm, row["name"], Path(row["path"]))
                 retired = row["retired_at"] or 0
-                if row["status"] == "previous" and \
+                if row["status"] == AdapterStatus.PREVIOUS and \
                         time.time() - retired > self.config.unload_grace:
                     await vllm.unload_adapter(row["name"])
-                if row["status"] in ("abandoned", "failed") and row["name"] in loaded:
+                if row["status"] in (AdapterStatus.ABANDONED, AdapterStatus.FAILED) \
+                        and row["name"] in loaded:
                     log.warning("unloading %s from %s: it never served", row["name"],
                                 vllm.url)
                     await vllm.unload_adapter(row["name"])
         for row in rows:
             retired = row["retired_at"] or 0
-            if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
-                self.store.set_adapter_status(row["version"], "unloaded")
+            if row["status"] == AdapterStatus.PREVIOUS \
+                    and time.time() - retired > self.config.unload_grace:
+                self.store.set_adapter_status(row["version"], AdapterStatus.UNLOADED)
         by_policy: dict[str, list[dict[str, Any]]] = {}
         for row in self.store.adapters():
             if owns(self.policy, row["policy"]):

@@ -23,11 +23,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from nextstate.core.lora import NOT_SERVABLE, AdapterStatus
 from nextstate.core.vllm import VLLMError
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
 from nextstate.proxy.relay import TENANT, parse_object, read_body
-from nextstate.proxy.store.store import NOT_SERVABLE
 
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
@@ -113,7 +113,8 @@ async def rollback(request: Request) -> Response:
         except VLLMError as exc:
             raise BackendUnavailable(f"{row['name']} was not loaded: {exc}") from exc
     await asyncio.to_thread(deps.store.rollback, version)
-    return _json({"object": "nextstate.adapter", "name": row["name"], "status": "current"})
+    return _json({"object": "nextstate.adapter", "name": row["name"],
+                  "status": AdapterStatus.CURRENT})
 
 
 def _json(obj: dict[str, Any]) -> Response:

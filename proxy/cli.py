@@ -26,7 +26,8 @@ from typing import IO
 import click
 import orjson
 
-from nextstate.proxy.backend import (
+from nextstate.core.paths import data_dir
+from nextstate.core.vllm_server import (
     BackendStartError,
     BackendUnreachable,
     VLLMConfig,
@@ -45,7 +46,7 @@ from nextstate.proxy.options import (
     store_option,
 )
 from nextstate.proxy.server import run_proxy
-from nextstate.proxy.settings import ProxySettings, data_dir
+from nextstate.proxy.settings import ProxySettings
 
 DEFAULT_PORT = 8400
 
@@ -314,7 +315,7 @@ def forget(store: str | None, session: str | None, user: str | None, tenant: str
     a user or a tenant, their personal adapters too."""
     import time
 
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     if session is None and user is None and tenant is None and older_than_days is None:
         raise click.UsageError("give --session, --user, --tenant or --older-than-days")
@@ -369,7 +370,7 @@ def _erase(rows: list[dict[str, object]], backends: tuple[str, ...],
 @click.option("--out", type=click.File("wb"), default="-", help="Output file (default stdout).")
 def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> None:
     """Write recorded turns, one JSON object a turn, oldest first."""
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     url = existing_store(store)
     db = Store(url)

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from nextstate.proxy.settings import backend_root, default_store_url
-from nextstate.proxy.store.locate import StoreNotFound, check_url, require_store
+from nextstate.core.paths import backend_root, default_store_url
+from nextstate.core.store.locate import StoreNotFound, check_url, require_store
 
 TOY_MODEL_NAME = "nextstate-toy"
 

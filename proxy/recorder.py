@@ -33,9 +33,9 @@ from typing import Any
 import orjson
 from sqlalchemy.exc import DBAPIError
 
+from nextstate.core.records import Record, TurnRecord, decode, encode
+from nextstate.core.store import Store
 from nextstate.proxy.journal import Journal, Segment
-from nextstate.proxy.record import Record, TurnRecord, decode, encode
-from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.recorder")
 RECENT_IDS = 10_000

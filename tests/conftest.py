@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from nextstate.core.paths import data_dir
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
 from nextstate.proxy.server import BackgroundProxy
-from nextstate.proxy.settings import ProxySettings, data_dir
-from nextstate.proxy.store import Store
+from nextstate.proxy.settings import ProxySettings
 
 MODEL_NAME = "nextstate-toy"
 

@@ -31,7 +31,7 @@ def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
     subprocess.run([python, "-m", "pip", "install", "-q", str(ROOT)], check=True,
                    capture_output=True, text=True)
     check = ("import importlib.util, nextstate.proxy.app, nextstate.learner, "
-             "nextstate.adapters, nextstate.proxy.store; "
+             "nextstate.adapters, nextstate.core.store; "
              "assert importlib.util.find_spec('torch') is None; "
              "assert importlib.util.find_spec('proxy') is None; print('ok')")
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)

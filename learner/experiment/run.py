@@ -24,13 +24,13 @@ from typing import Any
 
 import httpx
 
+from nextstate.core.vllm_server import free_port
 from nextstate.learner.experiment.client import RetryingTransport
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.styles import Problem, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 

@@ -20,10 +20,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from nextstate.adapters.litellm import NextStateLogger
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.store import LearnerStore
-from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.store import Store
 from tests.conftest import MODEL_NAME
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]

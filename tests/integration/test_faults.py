@@ -10,11 +10,12 @@ import time
 import httpx
 import pytest
 
+from nextstate.core.lora import version_name
 from nextstate.core.vllm import VLLMClient
-from nextstate.learner.publish import load_verified, version_name
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+from nextstate.learner.publish import load_verified
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from bench.vllm_bench import converse
+from nextstate.core.vllm_server import spawn, stop_group
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import spawn, stop_group
 from tests.conftest import MODEL_NAME
 from tests.integration.relay import Relay
 from tests.integration.test_learner_training import drain

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextstate.proxy.backend import free_port, spawn, stop_group
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port, spawn, stop_group
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

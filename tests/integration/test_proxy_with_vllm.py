@@ -15,8 +15,8 @@ import orjson
 import pytest
 from transformers import AutoTokenizer
 
-from nextstate.proxy.backend import free_port
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

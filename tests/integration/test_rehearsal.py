@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bench.vllm_bench import CORRECTIONS
-from nextstate.proxy.backend import VLLMProcess, free_port, spawn, stop_group, toy_model_config
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import VLLMProcess, free_port, spawn, stop_group, toy_model_config
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

@@ -7,13 +7,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import process
 from nextstate.learner.forget import erase
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.store import Store
 from tests.learner.test_personal import judged
 from tests.proxy.fake_vllm import FakeVLLM
 

@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 
+from nextstate.core.records import FeedbackRecord, TurnRecord
 from nextstate.learner.judging import JudgingConfig, judge_pending
 from nextstate.learner.judgment import JudgeError, Judgment
 from nextstate.learner.store import LearnerStore
-from nextstate.proxy.record import FeedbackRecord, TurnRecord
 
 _ids = itertools.count()
 

@@ -1,8 +1,8 @@
 """The learner's bookkeeping in the store, on SQLite and PostgreSQL."""
 
+from nextstate.core.records import TurnRecord
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.store import LearnerStore
-from nextstate.proxy.record import TurnRecord
 
 
 def turn(i: int) -> TurnRecord:
@@ -70,8 +70,8 @@ def test_turns_whose_tokens_are_not_exact_are_kept_but_never_ready(store_url):
 
 
 def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
+    from nextstate.core.records import FeedbackRecord
     from nextstate.learner.training import normalise_steps, to_item
-    from nextstate.proxy.record import FeedbackRecord
 
     store = LearnerStore(store_url)
     steps = [turn(i) for i in range(3)]

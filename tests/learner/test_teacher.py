@@ -72,7 +72,7 @@ async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_token
 async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
     """--teacher policy: a user with their own adapter is taught by it, everyone else by
     the shared adapter (and by the base model while there is none)."""
-    from nextstate.proxy.router import Router
+    from nextstate.core.routing import Router
 
     seen = []
     router = Router("p", base_model="base")

@@ -295,7 +295,7 @@ def test_malformed_next_state_is_a_400(client, body):
 
 def publish_adapter(tmp_path, policy: str, version: int) -> str:
     """What the learner does once vLLM has loaded a version: make it current."""
-    from nextstate.learner.publish import version_name
+    from nextstate.core.lora import version_name
     from nextstate.learner.store import LearnerStore
 
     store = LearnerStore(f"sqlite:///{tmp_path}/s.db")
@@ -428,7 +428,7 @@ def test_adapter_administration_needs_the_admin_key(tmp_path, fake):
 
 
 def test_deleting_a_tenant_stops_serving_its_users_personal_adapters(tmp_path, fake):
-    from nextstate.proxy.router import personal_policy
+    from nextstate.core.lora import personal_policy
 
     with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02, **KEYS) as c:
         shared = publish_adapter(tmp_path, "toy", 1)

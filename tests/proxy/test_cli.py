@@ -15,12 +15,12 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 from nextstate.core import vllm
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import GUARD, VLLMProcess, free_port
 from nextstate.proxy import cli
 from nextstate.proxy.app import make_app
-from nextstate.proxy.backend import GUARD, VLLMProcess, free_port
-from nextstate.proxy.record import TurnRecord
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
 from tests.proxy.fake_vllm import FakeVLLM
 
 
@@ -97,7 +97,7 @@ def store_url(tmp_path):
     store.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
                             request={"messages": [{"role": "user", "content": str(i)}]},
                             session_id=f"s{i}", user="alice") for i in range(2)])
-    from nextstate.proxy.store.schema import adapters
+    from nextstate.core.store.schema import adapters
 
     with store.engine.begin() as conn:
         for version, policy, status in ((1, "p", "current"), (2, "p~alice", "previous"),

@@ -10,10 +10,10 @@ import time
 
 import orjson
 
+from nextstate.core.records import FeedbackRecord, TurnRecord, decode, encode
+from nextstate.core.store import Store
 from nextstate.proxy import journal as journal_module
-from nextstate.proxy.record import FeedbackRecord, TurnRecord, decode, encode
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.store import Store
 from tests.proxy.test_recorder import FlakyStore, rec
 
 
@@ -47,9 +47,9 @@ def test_encode_writes_what_decode_reads_for_every_kind():
 KILLED = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from nextstate.proxy.record import TurnRecord
+    from nextstate.core.records import TurnRecord
     from nextstate.proxy.recorder import Recorder
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     recorder = Recorder(Store(sys.argv[1]), Path(sys.argv[2]))  # its writer never runs
     for i in range(20):

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from nextstate.proxy.record import TurnRecord
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.store import Store
 
 
 class FlakyStore:

@@ -87,7 +87,7 @@ def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatc
     """The first replica in a session's ranking drops SYNs (a real listener that accepts
     nothing), the second is a fake vLLM over real HTTP: the request waits out the connect
     timeout, goes to the second, and is answered and recorded once."""
-    from nextstate.proxy.backends import BackendPool
+    from nextstate.proxy.replicas import BackendPool
     from tests.proxy.upstream import RecordingUpstream, black_hole
 
     async def no_watcher(self, router, interval):  # the relay's own failover, alone

@@ -31,7 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from nextstate.proxy.record import (
+from nextstate.core.lora import NOT_SERVABLE, PERSONAL, AdapterStatus, personal_key
+from nextstate.core.records import (
     Assembled,
     FeedbackRecord,
     NextStateRecord,
@@ -39,21 +40,21 @@ from nextstate.proxy.record import (
     TurnRecord,
     assemble,
 )
-from nextstate.proxy.redact import Redactor
-from nextstate.proxy.sessions import (
+from nextstate.core.redact import Redactor
+from nextstate.core.sessions import (
     conversation_key,
     last_assistant_index,
     next_state_kind,
 )
-from nextstate.proxy.store.prepared import Prepared
-from nextstate.proxy.store.rows import (
+from nextstate.core.store.prepared import Prepared
+from nextstate.core.store.rows import (
     export_query,
     export_row,
     next_state,
     same_tenant,
     turn_row,
 )
-from nextstate.proxy.store.schema import (
+from nextstate.core.store.schema import (
     adapters,
     add_missing_columns,
     feedback,
@@ -65,8 +66,6 @@ from nextstate.proxy.store.schema import (
 )
 
 FEEDBACK_COLUMNS = ("id", "turn_id", "score", "hint", "comment", "source", "created_at")
-# Adapter versions that never served, or may never serve again: no rollback to them.
-NOT_SERVABLE = ("refused", "failed", "abandoned", "staged", "forgotten")
 
 
 @dataclass(frozen=True)
@@ -424,7 +423,7 @@ class Store:
         self.ensure_schema()
         with self.engine.connect() as conn:
             row = conn.execute(select(adapters.c.name, adapters.c.path).where(
-                adapters.c.policy == policy, adapters.c.status == "current")).first()
+                adapters.c.policy == policy, adapters.c.status == AdapterStatus.CURRENT)).first()
         return (row.name, row.path) if row is not None else None
 
     def current_adapters(self, policy: str) -> dict[str, tuple[str, str]]:
@@ -434,7 +433,7 @@ class Store:
         personal = adapters.c.policy.startswith(f"{policy}~", autoescape=True)
         with self.engine.connect() as conn:
             rows = conn.execute(select(adapters.c.policy, adapters.c.name, adapters.c.path)
-                                .where(adapters.c.status == "current",
+                                .where(adapters.c.status == AdapterStatus.CURRENT,
                                        (adapters.c.policy == policy) | personal))
             return {row.policy: (row.name, row.path) for row in rows}
 
@@ -458,7 +457,7 @@ class Store:
         also loses the personal adapters trained on their turns: their versions are
         marked ``forgotten`` in the same transaction, so the proxy stops routing to them
         and the learner never loads them again nor starts a step from them."""
-        from nextstate.proxy.store.schema import judgments
+        from nextstate.core.store.schema import judgments
 
         self.ensure_schema()
         where = []
@@ -505,11 +504,9 @@ class Store:
         (``tenant:id``), forgotten. The rows stay (names only, their directories go):
         version numbers and names are never reused, and a vLLM that was out of reach can
         still be told to unload them."""
-        from nextstate.proxy.router import PERSONAL, personal_key
-
         rows = conn.execute(select(adapters).where(
             adapters.c.policy.contains(PERSONAL, autoescape=True),
-            adapters.c.status != "forgotten")).all()
+            adapters.c.status != AdapterStatus.FORGOTTEN)).all()
         keys = {personal_key(who) for who in people}
 
         def theirs(policy: str) -> bool:
@@ -520,8 +517,8 @@ class Store:
                   for row in rows if theirs(row.policy)]
         if marked:
             conn.execute(update(adapters).where(adapters.c.version.in_(
-                [row["version"] for row in marked])).values(status="forgotten"))
-        return [{**row, "status": "forgotten"} for row in marked]
+                [row["version"] for row in marked])).values(status=AdapterStatus.FORGOTTEN))
+        return [{**row, "status": AdapterStatus.FORGOTTEN} for row in marked]
 
     def adapter_versions(self, policy: str | None = None) -> list[dict[str, Any]]:
         self.ensure_schema()
@@ -540,11 +537,11 @@ class Store:
             row = conn.execute(select(adapters).where(adapters.c.version == version)).first()
             if row is None or row.status in NOT_SERVABLE:
                 raise LookupError(f"no published version {version}")
-            conn.execute(update(adapters).where(adapters.c.status == "current",
+            conn.execute(update(adapters).where(adapters.c.status == AdapterStatus.CURRENT,
                                                 adapters.c.policy == row.policy)
-                         .values(status="previous", retired_at=now))
+                         .values(status=AdapterStatus.PREVIOUS, retired_at=now))
             conn.execute(update(adapters).where(adapters.c.version == version)
-                         .values(status="current", published_at=now))
+                         .values(status=AdapterStatus.CURRENT, published_at=now))
         return {str(k): v for k, v in row._mapping.items()}
 
     def count_turns(self) -> int:

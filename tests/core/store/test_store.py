@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.store import Store
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 
 _ids = itertools.count()
 
@@ -139,7 +139,7 @@ def test_secrets_are_scrubbed_and_the_turn_loses_its_token_ids(store):
 
 
 def test_forget_removes_a_session_and_everything_derived(store):
-    from nextstate.proxy.record import FeedbackRecord
+    from nextstate.core.records import FeedbackRecord
 
     t1 = chat_turn([{"role": "user", "content": "q"}], "r", session_id="gone")
     keep = chat_turn([{"role": "user", "content": "q2"}], "r2", session_id="kept")
@@ -151,7 +151,7 @@ def test_forget_removes_a_session_and_everything_derived(store):
     with store.engine.connect() as conn:
         from sqlalchemy import func, select
 
-        from nextstate.proxy.store.schema import feedback, turn_keys
+        from nextstate.core.store.schema import feedback, turn_keys
         assert conn.execute(select(func.count()).select_from(feedback)).scalar() == 0
         assert conn.execute(select(func.count()).select_from(turn_keys)).scalar() == 1
 
@@ -186,7 +186,7 @@ def test_a_store_made_before_the_user_column_gets_it_when_opened(store_url):
 
 
 def test_current_adapters_of_a_policy_and_its_users_in_one_query(store):
-    from nextstate.proxy.store.schema import adapters
+    from nextstate.core.store.schema import adapters
 
     rows = [(1, "p@000001", "p", "previous"), (2, "p@000002", "p", "current"),
             (3, "p~alice@000003", "p~alice", "current"), (4, "p~bob@000004", "p~bob", "failed"),
@@ -205,7 +205,7 @@ def test_current_adapters_of_a_policy_and_its_users_in_one_query(store):
 
 
 def add_adapters(store, rows):
-    from nextstate.proxy.store.schema import adapters
+    from nextstate.core.store.schema import adapters
 
     store.ensure_schema()
     with store.engine.begin() as conn:
@@ -221,7 +221,7 @@ def user_turn(user, tenant=None, session_id=None):
 
 
 def test_forgetting_a_user_takes_their_personal_adapters_and_no_one_elses(store):
-    from nextstate.proxy.router import personal_policy
+    from nextstate.core.lora import personal_policy
 
     odd = "alice smith/../x"  # an id unfit for a file name: its adapter is named by a hash
     store.write([user_turn("alice"), user_turn("alice"), user_turn(odd), user_turn("bob")])
@@ -246,8 +246,8 @@ def test_forgetting_a_user_takes_their_personal_adapters_and_no_one_elses(store)
 
 
 def test_forgetting_a_tenant_takes_its_users_adapters_but_a_session_or_an_age_does_not(store):
-    from nextstate.proxy.record import FeedbackRecord
-    from nextstate.proxy.router import personal_policy
+    from nextstate.core.lora import personal_policy
+    from nextstate.core.records import FeedbackRecord
 
     odd = "team-a:" + "x" * 80  # hashed in its adapter's name
     store.write([user_turn("team-a", "team-a", "a1"), user_turn("team-a:bob", "team-a", "a2"),
@@ -264,7 +264,7 @@ def test_forgetting_a_tenant_takes_its_users_adapters_but_a_session_or_an_age_do
     with store.engine.connect() as conn:  # and the tenant's other feedback stays too
         from sqlalchemy import func, select
 
-        from nextstate.proxy.store.schema import feedback
+        from nextstate.core.store.schema import feedback
         assert conn.execute(select(func.count()).select_from(feedback)).scalar() == 1
 
     forgotten = store.forget(tenant="team-a")

@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from nextstate.proxy.store import Store
-from nextstate.proxy.store.prepared import Prepared
-from nextstate.proxy.store.schema import sessions, turns
-from tests.proxy.test_store import chat_turn
+from nextstate.core.store import Store
+from nextstate.core.store.prepared import Prepared
+from nextstate.core.store.schema import sessions, turns
+from tests.core.store.test_store import chat_turn
 
 
 @pytest.fixture
