@@ -60,10 +60,16 @@ REQUEST_FIELDS = frozenset({
     "top_logprobs", "reasoning_effort", "functions", "function_call", "modalities"})
 
 
-class TurnStore(Protocol):
-    """What the writer needs from a store (`nextstate.core.store.Store` is one)."""
-
+class TurnWriter(Protocol):
     def write(self, records: Sequence[TurnRecord]) -> int: ...
+
+
+class TurnStore(Protocol):
+    """What the writer needs from a store (`nextstate.core.store.Store` is one): the write
+    path of its turns, and closing it."""
+
+    @property
+    def turns(self) -> TurnWriter: ...
     def close(self) -> None: ...
 
 
@@ -201,7 +207,7 @@ class NextStateLogger(CustomLogger):
                 except queue.Empty:
                     break
             try:
-                written = self.store.write(batch)
+                written = self.store.turns.write(batch)
             except Exception as exc:  # store down, locked, full: keep the batch, retry later
                 self.stats.store_errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]

@@ -91,7 +91,7 @@ class Router:
         however many personal adapters there are."""
         while True:
             try:
-                self.update(await asyncio.to_thread(store.current_adapters,
+                self.update(await asyncio.to_thread(store.adapters.currents,
                                                     self.policy or ""))
             except Exception as exc:  # the store is away: keep serving what we have
                 log.debug("could not read the current adapters: %s", exc)

@@ -128,7 +128,7 @@ def status(store: str | None) -> None:
     url = existing_store(store)
     db = Store(url)
     try:
-        report = db.learner_status()
+        report = db.status.read()
     finally:
         db.close()
     if report is None:
@@ -208,11 +208,11 @@ def adapters() -> None:
 @_store
 def list_adapters(store: str | None) -> None:
     """Every version: its state, when it was published, its step's numbers."""
-    from nextstate.learner.store import LearnerStore
+    from nextstate.core.store import Store
 
-    db = LearnerStore(existing_store(store))
+    db = Store(existing_store(store))
     try:
-        rows = db.adapters()
+        rows = db.adapters.versions()
     finally:
         db.close()
     if not rows:
@@ -227,38 +227,31 @@ def list_adapters(store: str | None) -> None:
 
 @adapters.command()
 @click.argument("version", type=int)
-@backend_option(required=True, help="URL of the vLLM server (the version is loaded there "
-                "first).")
+@backend_option(multiple=True, required=True,
+                help="URL of a vLLM server (repeatable: the version is loaded on each first).")
 @_backend_key
 @_store
-def rollback(version: int, backend: str, backend_api_key: str | None, store: str | None,
-             ) -> None:
-    """Serve VERSION again (loaded into vLLM first, then made current)."""
-    from nextstate.core.store.store import NOT_SERVABLE
+def rollback(version: int, backends: tuple[str, ...], backend_api_key: str | None,
+             store: str | None) -> None:
+    """Serve VERSION again (loaded into every vLLM first, then made current)."""
+    from nextstate.core import lora
+    from nextstate.core.store import Store
     from nextstate.core.vllm import VLLMClient
-    from nextstate.learner.publish import PublishError, load_verified
-    from nextstate.learner.store import LearnerStore
 
-    db = LearnerStore(existing_store(store))
-    try:
-        row = next((r for r in db.adapters() if r["version"] == version), None)
-        if row is None or row["status"] in NOT_SERVABLE:
-            raise click.ClickException(f"no published version {version}")
-        if not Path(row["path"]).exists():
-            raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")
+    db = Store(existing_store(store))
 
-        async def load() -> None:
-            vllm = VLLMClient(backend, backend_api_key)
-            try:
-                await load_verified(vllm, row["name"], Path(row["path"]))
-            finally:
+    async def go() -> dict[str, Any]:
+        vllms = [VLLMClient(url, backend_api_key) for url in backends]
+        try:
+            return await lora.rollback(db, vllms, version)
+        finally:
+            for vllm in vllms:
                 await vllm.aclose()
 
-        try:
-            asyncio.run(load())
-        except PublishError as exc:
-            raise click.ClickException(str(exc)) from exc
-        db.store.rollback(version)
+    try:
+        row = asyncio.run(go())
+    except (lora.NoSuchVersion, lora.DirectoryGone, lora.NotLoaded) as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         db.close()
     click.echo(f"{row['name']} is current again")

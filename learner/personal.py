@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nextstate.core.lora import personal_policy
-from nextstate.learner.store import LearnerStore
+from nextstate.core.store import AdapterRegistry, Judgments
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Lane:
     user: str | None = None  # None: the shared lane
 
 
-def full_lanes(store: LearnerStore, policy: str, method: str, batch_turns: int,
+def full_lanes(store: Judgments, policy: str, method: str, batch_turns: int,
                min_turns: int | None) -> list[Lane]:
     """The lanes with a full batch of turns ready to train on, the one with the most
     waiting first (the shared lane first on a tie). Two queries however many users."""
@@ -46,8 +46,8 @@ def full_lanes(store: LearnerStore, policy: str, method: str, batch_turns: int,
     return [lane for _, lane in sorted(full, key=lambda pair: -pair[0])]
 
 
-def personal_adapters(store: LearnerStore, policy: str) -> dict[str, str]:
+def personal_adapters(store: AdapterRegistry, policy: str) -> dict[str, str]:
     """Each user's current personal adapter, {user: adapter name} (a user id unfit for a
     file name shows as its hash), for the status endpoint."""
     return {p[len(policy) + 1:]: name
-            for p, (name, _) in store.store.current_adapters(policy).items() if p != policy}
+            for p, (name, _) in store.currents(policy).items() if p != policy}

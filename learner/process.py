@@ -19,16 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextstate.core.lora import AdapterStatus, owns
+from nextstate.core.lora import AdapterStatus, erase, owns
 from nextstate.core.paths import backend_root
 from nextstate.core.routing import Router
+from nextstate.core.store import Store, TurnsForgotten
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
-from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
 from nextstate.learner.personal import personal_adapters
-from nextstate.learner.store import LearnerStore, TurnsForgotten
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
 
@@ -102,7 +101,7 @@ class Learner:
     def __init__(self, config: LearnerConfig, judge: Judge | None = None) -> None:
         self.config = config
         self.policy = config.policy or config.base_model
-        self.store = LearnerStore(config.store_url)
+        self.store = Store(config.store_url)
         self.judge = judge or make_judge(config)
         router = Router(self.policy, config.base_model) if config.teacher == "policy" else None
         key = config.backend_api_key
@@ -132,8 +131,8 @@ class Learner:
         ranks.keep_alive()  # every round: the other training processes (if any) wait on us
         self._set_state("judging")
         if self.teacher.router is not None:  # --teacher policy: follow what serves whom
-            self.teacher.router.update(self.store.store.current_adapters(self.policy))
-        report = await judge_pending(self.store, self.judge, self.teacher,
+            self.teacher.router.update(self.store.adapters.currents(self.policy))
+        report = await judge_pending(self.store.judgments, self.judge, self.teacher,
                                      self.config.judging)
         self.totals.add(report)
         done = report.judged + report.failed
@@ -165,7 +164,7 @@ class Learner:
         everywhere: forgotten through the proxy's admin endpoint, a backend was down when
         ``nextstate forget`` ran, or a step published one while its turns were being
         forgotten."""
-        rows = [r for r in self.store.adapters() if r["status"] == AdapterStatus.FORGOTTEN
+        rows = [r for r in self.store.adapters.versions() if r["status"] == AdapterStatus.FORGOTTEN
                 and r["version"] not in self.erased and owns(self.policy, r["policy"])]
         if not rows:
             return
@@ -195,8 +194,9 @@ class Learner:
                     await asyncio.wait_for(stop.wait(), timeout=self.config.poll_seconds)
 
     def status(self) -> dict[str, Any]:
-        current = self.store.current_adapter(self.policy)
+        current = self.store.adapters.current(self.policy)
         training = self.config.training.trainer
+        judgments = self.store.judgments
         return {
             "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
             "policy": self.policy,
@@ -205,13 +205,13 @@ class Learner:
             # Training processes (torchrun), and whether each holds a shard of the model.
             "ranks": ranks.world_size(), "sharded": training.shard,
             "batch_turns": training.batch_turns,
-            "counts": {**self.store.counts(), "ready": self.store.ready_count(training.method),
-                       "trained": self.store.trained_count()},
-            "rewards": self.store.reward_stats(),
+            "counts": {**judgments.counts(), "ready": judgments.ready_count(training.method),
+                       "trained": judgments.trained_count()},
+            "rewards": judgments.reward_stats(),
             "adapter": {"name": current["name"], "version": current["version"],
                         "published_at": current["published_at"]} if current else None,
             "personal_after": self.config.training.personal_min_turns,
-            "personal": personal_adapters(self.store, self.policy),
+            "personal": personal_adapters(self.store.adapters, self.policy),
             "steps": self.training.history if self.training else [],
             "backends": self.backends,
             "totals": asdict(self.totals),
@@ -220,6 +220,6 @@ class Learner:
     def _set_state(self, state: str) -> None:
         self.state = state
         try:
-            self.store.write_status(self.status())
+            self.store.status.write(self.status())
         except Exception as exc:  # status is best effort; the work is not
             log.warning("could not write learner status: %s", exc)

@@ -6,7 +6,8 @@ may be gone). So every version gets a NEW immutable directory (written elsewhere
 renamed in) and a NEW name, ``<policy>@<version:06d>``; the proxy switches the policy's
 model name to it only once vLLM has loaded it. Old versions stay loaded for a grace
 period so requests already running on them finish, then are unloaded; directories
-beyond the last ``keep`` are deleted, never one that is still loaded.
+beyond the last ``keep`` are deleted, never one that is still loaded. Loading into vLLM
+and checking that it serves the version: `nextstate.core.lora.load_verified`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from nextstate.core.lora import LOADED
-from nextstate.core.vllm import VLLMClient, VLLMError
-
-
-class PublishError(Exception):
-    """vLLM did not take the adapter; the previous version keeps serving."""
 
 
 def install(staged: Path, adapters_dir: Path, name: str) -> Path:
@@ -31,18 +27,6 @@ def install(staged: Path, adapters_dir: Path, name: str) -> Path:
         shutil.rmtree(final)
     staged.rename(final)
     return final
-
-
-async def load_verified(vllm: VLLMClient, name: str, path: Path) -> None:
-    """Load adapter ``name`` from ``path`` into one vLLM and check that it lists it
-    (through `nextstate.core.vllm`, with the backend's key); PublishError if not."""
-    try:
-        await vllm.load_adapter(name, str(path))
-        listed = name in await vllm.models()
-    except VLLMError as exc:
-        raise PublishError(str(exc)) from exc
-    if not listed:
-        raise PublishError(f"vLLM at {vllm.url} does not list {name} after loading it")
 
 
 def prune(adapters_dir: Path, rows: list[dict[str, Any]], keep: int) -> list[str]:

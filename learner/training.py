@@ -24,17 +24,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nextstate.core.lora import PUBLISHED, AdapterStatus, owns, version_name, version_of
+from nextstate.core.lora import (
+    PUBLISHED,
+    AdapterStatus,
+    NotLoaded,
+    load_verified,
+    owns,
+    version_name,
+    version_of,
+)
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.personal import Lane, full_lanes
-from nextstate.learner.publish import (
-    PublishError,
-    install,
-    load_verified,
-    prune,
-)
+from nextstate.learner.publish import install, prune
 from nextstate.learner.ranks import Leader, make_trainer
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
 log = logging.getLogger("nextstate.learner.training")
@@ -117,7 +120,7 @@ def normalise_steps(items: list[TrainItem]) -> None:
 
 
 class TrainingStage:
-    def __init__(self, store: LearnerStore, model_dir: Path, policy: str,
+    def __init__(self, store: Store, model_dir: Path, policy: str,
                  vllms: list[VLLMClient], adapters_dir: Path,
                  config: TrainingConfig = TrainingConfig()) -> None:
         self.store = store
@@ -138,7 +141,7 @@ class TrainingStage:
         from its directory when another lane, or an earlier version after a rollback,
         was there). A user's first adapter starts from the shared adapter's weights;
         a policy's very first from a fresh LoRA."""
-        current = self.store.current_adapter(lane.policy)
+        current = self.store.adapters.current(lane.policy)
         key = (lane.policy, current["version"] if current else 0)
         if self.trainer is not None and key == self.loaded:
             return self.trainer
@@ -147,7 +150,7 @@ class TrainingStage:
             self.trainer.mark("fresh")
         source = current
         if source is None and lane.user is not None:
-            source = self.store.current_adapter(self.policy)
+            source = self.store.adapters.current(self.policy)
         if source is not None:
             self.trainer.load(Path(source["path"]))
         else:
@@ -160,12 +163,12 @@ class TrainingStage:
         (or down-weighting) stale ones."""
         cfg = self.config
         lane = lane or Lane(self.policy)
-        rows = self.store.ready_for_training(
+        rows = self.store.judgments.ready_for_training(
             cfg.trainer.method, 4 * cfg.trainer.batch_turns, user=lane.user,
             personal_after=cfg.personal_min_turns if lane.user is None else None)
         # How far behind a turn is: this policy's versions published after the one that
         # served it (version numbers are global and may skip, see `_fresh_name`).
-        published = sorted(a["version"] for a in self.store.adapters(lane.policy)
+        published = sorted(a["version"] for a in self.store.adapters.versions(lane.policy)
                            if a["status"] in PUBLISHED)
         items, stale = [], []
         for row in rows:
@@ -178,14 +181,15 @@ class TrainingStage:
             else:
                 stale.append(row["id"])
         if stale:
-            self.store.skip(stale, f"stale: served more than {cfg.max_staleness} versions ago")
+            self.store.judgments.skip(
+                stale, f"stale: served more than {cfg.max_staleness} versions ago")
         return items
 
     async def maybe_step(self) -> StepResult | None:
         """One step for the lane with the most turns waiting, once it has a batch."""
         cfg = self.config
         batch_turns = cfg.trainer.batch_turns
-        lanes = await asyncio.to_thread(full_lanes, self.store, self.policy,
+        lanes = await asyncio.to_thread(full_lanes, self.store.judgments, self.policy,
                                         cfg.trainer.method, batch_turns,
                                         cfg.personal_min_turns)
         for lane in lanes:
@@ -204,7 +208,7 @@ class TrainingStage:
         useful = informative(items, self.config.trainer)
         if not useful:
             reason = f"no {self.config.trainer.method} signal in these {len(items)} turns"
-            self.store.skip(ids, reason)
+            self.store.judgments.skip(ids, reason)
             return self._remember(StepResult(None, None, StepStats(turns=len(items)),
                                              "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
@@ -216,7 +220,7 @@ class TrainingStage:
             trainer.rewind("before")
             reason = (f"publish gate: the step moved the policy {stats.kl:.3f} nats/token, "
                       f"over the bound {self.config.gate_max_kl}")
-            self.store.skip(ids, reason)
+            self.store.judgments.skip(ids, reason)
             log.error(reason)
             return self._remember(
                 StepResult(None, None, stats, AdapterStatus.REFUSED, reason), lane)
@@ -224,18 +228,18 @@ class TrainingStage:
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
         path = install(staged, self.adapters_dir, name)
-        self.store.stage_adapter(version, name, lane.policy, str(path), asdict(stats))
+        self.store.adapters.stage(version, name, lane.policy, str(path), asdict(stats))
         log.info("publishing %s", name)
         try:
             for vllm in self.vllms:  # verified on each; current only once all have it
                 await load_verified(vllm, name, path)
-        except PublishError as exc:
+        except NotLoaded as exc:
             trainer.rewind("before")  # the turns stay untrained: learn from them again
-            self.store.set_adapter_status(version, AdapterStatus.FAILED, str(exc))
+            self.store.adapters.set_status(version, AdapterStatus.FAILED, str(exc))
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(
                 StepResult(version, name, stats, AdapterStatus.FAILED, str(exc)), lane)
-        self.store.publish(version, ids, lane.policy)
+        self.store.adapters.publish(version, ids, lane.policy)
         self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
@@ -245,7 +249,7 @@ class TrainingStage:
         """The next version, skipping names a backend already has loaded: a store that
         was reset while vLLM kept running would otherwise reuse a name for different
         weights, which vLLM would keep serving from its cache."""
-        version = self.store.next_version()
+        version = self.store.adapters.next_version()
         taken: set[str] = set()
         for vllm in self.vllms:
             # An unreachable backend gets the adapter when it is back.
@@ -267,12 +271,12 @@ class TrainingStage:
         versions that never became current (a learner killed while publishing one, after
         vLLM had loaded it); then delete old directories."""
         if not self.started:  # what a killed learner was publishing will never serve
-            abandoned = self.store.abandon_staged()
+            abandoned = self.store.adapters.abandon_staged()
             if abandoned:
                 log.warning("%d version(s) a stopped learner was publishing: abandoned",
                             abandoned)
             self.started = True
-        rows = [r for r in self.store.adapters() if owns(self.policy, r["policy"])]
+        rows = [r for r in self.store.adapters.versions() if owns(self.policy, r["policy"])]
         for vllm in self.vllms:
             try:
                 loaded = await vllm.models()
@@ -297,9 +301,9 @@ class TrainingStage:
             retired = row["retired_at"] or 0
             if row["status"] == AdapterStatus.PREVIOUS \
                     and time.time() - retired > self.config.unload_grace:
-                self.store.set_adapter_status(row["version"], AdapterStatus.UNLOADED)
+                self.store.adapters.set_status(row["version"], AdapterStatus.UNLOADED)
         by_policy: dict[str, list[dict[str, Any]]] = {}
-        for row in self.store.adapters():
+        for row in self.store.adapters.versions():
             if owns(self.policy, row["policy"]):
                 by_policy.setdefault(row["policy"], []).append(row)
         for mine in by_policy.values():

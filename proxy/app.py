@@ -111,7 +111,7 @@ async def learner_status(request: Request) -> Response:
     """What the learner is doing (it writes its state to the store)."""
     deps: Deps = request.state.deps
     try:
-        status = await asyncio.to_thread(deps.store.learner_status)
+        status = await asyncio.to_thread(deps.store.status.read)
     except Exception as exc:
         raise StoreUnavailable(f"the store cannot be read ({type(exc).__name__})") from exc
     body = {"object": "nextstate.learner_status", "policy": deps.settings.policy,

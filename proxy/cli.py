@@ -26,6 +26,7 @@ from typing import IO
 import click
 import orjson
 
+from nextstate.core import lora
 from nextstate.core.paths import data_dir
 from nextstate.core.vllm_server import (
     BackendStartError,
@@ -313,41 +314,38 @@ def forget(store: str | None, session: str | None, user: str | None, tenant: str
            backend_api_key: str | None) -> None:
     """Delete recorded turns and everything derived from them (feedback, judgments); for
     a user or a tenant, their personal adapters too."""
+    import asyncio
     import time
 
-    from nextstate.core.store import Store
+    from nextstate.core.store import Forgotten, Store
+    from nextstate.core.vllm import VLLMClient
 
     if session is None and user is None and tenant is None and older_than_days is None:
         raise click.UsageError("give --session, --user, --tenant or --older-than-days")
     db = Store(existing_store(store))
-    try:
-        cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
-        forgotten = db.forget(session_id=session, tenant=tenant, user=user, older_than=cutoff)
-    finally:
-        db.close()
-    click.echo(f"deleted {forgotten.turns} turns")
-    if forgotten.adapters:
-        click.echo("\n".join(_erase(forgotten.adapters, backends, backend_api_key)))
+    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
 
-
-def _erase(rows: list[dict[str, object]], backends: tuple[str, ...],
-           api_key: str | None) -> list[str]:
-    """Delete forgotten adapters' directories and unload them from ``backends``; what
-    happened, in words."""
-    import asyncio
-
-    from nextstate.core.vllm import VLLMClient
-    from nextstate.learner.forget import Erased, erase
-
-    async def go() -> Erased:
-        vllms = [VLLMClient(url, api_key) for url in backends]
+    async def go() -> tuple[Forgotten, lora.Erased]:
+        vllms = [VLLMClient(url, backend_api_key) for url in backends]
         try:
-            return await erase(rows, vllms)
+            return await lora.forget(db, vllms, session_id=session, tenant=tenant, user=user,
+                                     older_than=cutoff)
         finally:
             for vllm in vllms:
                 await vllm.aclose()
 
-    erased = asyncio.run(go())
+    try:
+        forgotten, erased = asyncio.run(go())
+    finally:
+        db.close()
+    click.echo(f"deleted {forgotten.turns} turns")
+    if forgotten.adapters:
+        click.echo("\n".join(_erased(forgotten.adapters, erased, backends)))
+
+
+def _erased(rows: list[dict[str, object]], erased: lora.Erased,
+            backends: tuple[str, ...]) -> list[str]:
+    """What happened to forgotten adapters, in words."""
     names = sorted(str(row["name"]) for row in rows)
     shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
     lines = [f"forgot {len(names)} personal adapter versions ({shown}): the proxy serves "
@@ -376,7 +374,7 @@ def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> 
     db = Store(url)
     written = 0
     try:
-        for turn in db.turns(session_id=session):
+        for turn in db.turns.iterate(session_id=session):
             out.write(orjson.dumps(turn) + b"\n")
             written += 1
     finally:

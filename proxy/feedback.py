@@ -108,7 +108,7 @@ async def _check_owner(deps: Deps, turn_id: str | None, session_id: str | None,
     known = deps.recorder.recent_owner(turn_id, session_id)
     if known is None:
         try:
-            exists, owner = await asyncio.to_thread(deps.store.owner, turn_id, session_id)
+            exists, owner = await asyncio.to_thread(deps.store.turns.owner, turn_id, session_id)
         except Exception as exc:
             raise StoreUnavailable(f"the store cannot be read right now ({type(exc).__name__})"
                                    ) from exc

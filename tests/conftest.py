@@ -207,7 +207,7 @@ class ProxyServer(BackgroundProxy):
         try:
             deadline = time.monotonic() + timeout
             while True:
-                rows = [t for t in store.turns()
+                rows = [t for t in store.turns.iterate()
                         if all(t.get(k) == v for k, v in filters.items())]
                 if len(rows) >= count or time.monotonic() > deadline:
                     return rows

@@ -140,7 +140,7 @@ async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
 
 def published(learner: Learner, policy: str) -> dict[str, str]:
     """Versions published so far: {name: policy} (the shared policy and personal ones)."""
-    return {a["name"]: a["policy"] for a in learner.store.adapters()
+    return {a["name"]: a["policy"] for a in learner.store.adapters.versions()
             if a["status"] in PUBLISHED
             and (a["policy"] == policy or a["policy"].startswith(policy + "~"))}
 
@@ -180,7 +180,7 @@ def _done(learner: Learner, policy: str, personas: Sequence[Persona],
 
 async def until_serving(client: httpx.AsyncClient, learner: Learner, policy: str) -> None:
     """The proxy follows the store; wait until it serves every current version."""
-    current = learner.store.store.current_adapters(policy)
+    current = learner.store.adapters.currents(policy)
     shared = current.pop(policy, (None, None))[0]
     personal = {p: name for p, (name, _) in current.items()}
     for _ in range(200):

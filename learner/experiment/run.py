@@ -132,7 +132,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
     """Talk until the learner publishes a new version; returns (turns of traffic, name),
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
     only corrected turns teach, and a persona that is pleased stops correcting."""
-    before = learner.store.current_adapter(policy)
+    before = learner.store.adapters.current(policy)
     recorded = 0
     for _ in range(max_rounds):
         users = [SimulatedUser(persona, random.Random(rng.random()))
@@ -143,7 +143,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         recorded += sum(counts)
         await asyncio.sleep(0.1)  # the proxy writes records off the request path
         await learner.step()
-        current = learner.store.current_adapter(policy)
+        current = learner.store.adapters.current(policy)
         if current is not None and current != before:
             return recorded, str(current["name"])
     return None

@@ -91,8 +91,8 @@ async def test_proxy_and_learner_serve_publish_roll_back_and_forget_through_the_
             if not await learner.step():
                 break
         status = learner.status()
-        versions = learner.store.adapters()
-        judgments = [learner.store.judgment(t["turn_id"]) for t in proxy.turns(25)]
+        versions = learner.store.adapters.versions()
+        judgments = [learner.store.judgments.get(t["turn_id"]) for t in proxy.turns(25)]
         await serves_the_policy(vllm, proxy, status)
         await rolls_back(vllm, proxy, versions)
         await forgets_alice(vllm, proxy, learner, status)

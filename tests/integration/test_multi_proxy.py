@@ -51,7 +51,7 @@ def wait_for_turns(store_url: str, count: int, timeout: float = 20) -> list[dict
     deadline = time.monotonic() + timeout
     try:
         while True:
-            turns = list(store.turns())
+            turns = list(store.turns.iterate())
             if len(turns) >= count or time.monotonic() > deadline:
                 return turns
             time.sleep(0.1)

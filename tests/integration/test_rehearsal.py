@@ -94,7 +94,7 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
         store = Store(postgres_url)
         deadline = time.monotonic() + 30
         while True:  # records are written off the request path: wait for them
-            turns = list(store.turns())
+            turns = list(store.turns.iterate())
             if sum(t["served_model"] == name for t in turns) >= 2 or \
                     time.monotonic() > deadline:
                 break

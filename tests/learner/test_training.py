@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import TrainerConfig, TrainItem
 from nextstate.learner.training import TrainingConfig, TrainingStage, informative
 from tests.learner.test_store import turn
@@ -38,11 +38,11 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
         tmp_path: Path) -> None:
     """Distillation over a batch in which the user was always happy: nothing to learn,
     no adapter, and the turns are not offered again."""
-    store = LearnerStore(f"sqlite:///{tmp_path / 'store.db'}")
-    store.store.write([turn(i) for i in range(2)])
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.turns.write([turn(i) for i in range(2)])
     for i in range(2):
-        store.save_judgment(f"t{i}", Judgment(score=1))
-    assert store.ready_count("opd") == 2  # a step is the same traffic for every method
+        store.judgments.save(f"t{i}", Judgment(score=1))
+    assert store.judgments.ready_count("opd") == 2  # a step is the same traffic for every method
     stage = TrainingStage(store, tmp_path / "no-model-needed", "p", vllms=[],
                           adapters_dir=tmp_path / "adapters",
                           config=TrainingConfig(trainer=TrainerConfig(method="opd")))
@@ -50,5 +50,5 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     result = await stage.step(thanked)
     assert (result.outcome, result.version) == ("skipped", None)
     assert "no opd signal" in (result.error or "")
-    assert store.ready_count("opd") == 0
-    assert store.adapters() == []
+    assert store.judgments.ready_count("opd") == 0
+    assert store.adapters.versions() == []

@@ -94,12 +94,12 @@ def store_url(tmp_path):
     disk, one of them loaded), beside the shared adapter."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
-    store.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
+    store.turns.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
                             request={"messages": [{"role": "user", "content": str(i)}]},
                             session_id=f"s{i}", user="alice") for i in range(2)])
     from nextstate.core.store.schema import adapters
 
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         for version, policy, status in ((1, "p", "current"), (2, "p~alice", "previous"),
                                         (3, "p~alice", "current")):
             name = f"{policy}@{version:06d}"
@@ -130,7 +130,7 @@ def test_forgetting_a_user_unloads_and_deletes_their_adapters(store_url, tmp_pat
     assert fake.loaded == {"p@000001"} and fake.unauthorized == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["p@000001"]
     store = Store(store_url)
-    assert store.current_adapters("p") == {"p": ("p@000001", str(tmp_path / "p@000001"))}
+    assert store.adapters.currents("p") == {"p": ("p@000001", str(tmp_path / "p@000001"))}
     store.close()
 
 
@@ -166,7 +166,7 @@ def test_forgetting_without_a_backend_still_forgets_and_says_so(store_url, monke
     assert "no --backend given: a vLLM that has them loaded keeps them until it restarts" \
         in result.output
     store = Store(store_url)
-    assert {a["name"]: a["status"] for a in store.adapter_versions()} == {
+    assert {a["name"]: a["status"] for a in store.adapters.versions()} == {
         "p@000001": "current", "p~alice@000002": "forgotten", "p~alice@000003": "forgotten"}
     store.close()
     # A session or an age never takes adapters, and says nothing about them.

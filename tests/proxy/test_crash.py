@@ -101,7 +101,7 @@ async def test_sigkill_mid_load_loses_no_answered_turn_and_duplicates_none(
     db = home / "store.db"
     home.mkdir()
     store_url = f"sqlite:///{db}"
-    Store(store_url).count_turns()  # the tables, so that another connection can lock them
+    Store(store_url).turns.count()  # the tables, so that another connection can lock them
     port = free_port()
     proxy = serve(upstream, home, store_url, port)
     load = Load(f"http://127.0.0.1:{port}")
@@ -159,6 +159,6 @@ async def _recorded(store: Store, url: str, timeout: float = 60) -> list[dict]:
                 break
             await asyncio.sleep(0.2)
     try:
-        return list(store.turns())
+        return list(store.turns.iterate())
     finally:
         store.close()

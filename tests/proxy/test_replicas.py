@@ -107,7 +107,7 @@ def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatc
                        c.post("/v1/chat/completions", json={**CHAT, "stream": True},
                               headers={"X-Session-Id": session}).status_code]
             c.portal.call(c.app_state["deps"].recorder.flush)
-            turns = list(c.app_state["deps"].store.turns())
+            turns = list(c.app_state["deps"].store.turns.iterate())
             down = not pool.backends[0].healthy
     assert answers == [200, 200]
     assert down  # and skipped by the next requests until the watcher sees it again
