@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from nextstate.learner.teacher import with_hint
 from nextstate.learner.vlm_toy_model import ensure_vlm_toy_model
 from nextstate.proxy.backend import VLLMConfig, VLLMProcess
 from nextstate.proxy.settings import data_dir
-from tests.conftest import _require_vllm
+from tests.conftest import ProxyServer, _require_vllm
+from tests.integration.test_proxy_with_vllm import _events, _without_ids
 from tests.learner.test_multimodal import data_url
 from tests.learner.test_vlm_toy_model import screen
 
@@ -119,6 +120,27 @@ def test_an_image_request_is_answered_whole_and_streamed_with_its_placeholders(
     assert streamed["prompt_token_ids"] == prompt
     assert streamed["token_ids"] == whole["choices"][0]["token_ids"]
     assert streamed["text"] == whole["choices"][0]["message"]["content"]
+
+
+def test_an_image_request_through_the_proxy_is_answered_as_vllm_answers_it_and_recorded(
+    vlm: VLLMProcess, start_proxy: Callable[..., ProxyServer],
+) -> None:
+    proxy = start_proxy(vlm.url)
+    body = {"model": MODEL, "messages": ask(WIDE), "temperature": 0, "max_tokens": 8}
+    direct = httpx.post(f"{vlm.url}/v1/chat/completions", json=body, timeout=120)
+    proxied = httpx.post(f"{proxy.base_url}/chat/completions", json=body, timeout=120)
+    assert direct.status_code == proxied.status_code == 200
+    assert _without_ids(proxied.json()) == _without_ids(direct.json())
+    used = chat(vlm, ask(WIDE), temperature=0, max_tokens=8, return_token_ids=True)
+    streamed = {**body, "stream": True}
+    assert _events(httpx.post(f"{proxy.base_url}/chat/completions", json=streamed,
+                              timeout=120).content) == _events(httpx.post(
+        f"{vlm.url}/v1/chat/completions", json=streamed, timeout=120).content)
+    turns = proxy.turns(2)
+    assert len(turns) == 2
+    for turn in turns:  # placeholders included, exactly as vLLM used them
+        assert turn["prompt_token_ids"] == used["prompt_token_ids"]
+        assert turn["completion_token_ids"] == used["choices"][0]["token_ids"]
 
 
 def test_two_screens_of_different_shapes_expand_as_the_processor_expands_them(
