@@ -146,3 +146,17 @@ def test_forward_pass_sees_the_pixels(model_dir: Path, processor: Any) -> None:
     assert logits[0].shape == (len(processor.tokenizer),)
     assert torch.isfinite(logits[0]).all()
     assert (logits[0] - logits[1]).abs().max() > 1e-4  # another screen, another next token
+
+
+def test_the_cli_prints_the_cached_vision_model(data_dir: Path, model_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from nextstate.proxy import cli
+
+    monkeypatch.setenv("NEXTSTATE_HOME", str(data_dir))
+    result = CliRunner().invoke(cli.main, ["toy-model", "--vision"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(model_dir)
+    both = CliRunner().invoke(cli.main, ["toy-model", "--vision", "--trained"])
+    assert both.exit_code == 2 and "pick one" in both.output
