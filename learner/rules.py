@@ -71,6 +71,11 @@ class RuleCues:
         "again, but", "do it again", "once more", "rewrite", "rephrase", "redo it",
         "friendlier", "warmer", "shorter", "longer", "simpler", "clearer", "softer",
         "politer", "fuller", "briefer", "gentler",
+        # preferences stated rather than asked for
+        "kindly", "picky", "nitpick", "suits me", "would suit", "matters to me",
+        "tells me nothing", "can go", "do without", "go for", "aim for", "comes across",
+        "reads way", "reads like", "reads a bit", "quick note", "sorry to", "straight to the",
+        "additional",
     )
     # The same as patterns (regular expressions on the lower-cased reply).
     negative_patterns: tuple[str, ...] = (

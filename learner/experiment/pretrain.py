@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nextstate.learner.experiment import styles
+from nextstate.learner.experiment import styles, wording
 from nextstate.learner.teacher import HINT_MARKER
 
 if TYPE_CHECKING:
@@ -53,9 +53,13 @@ Progress = Callable[[str], None]
 IGNORE = -100  # label of tokens the loss skips (everything but assistant replies)
 
 MIX: tuple[tuple[str, float], ...] = (
-    ("plain", 0.15), ("natural", 0.20), ("hint", 0.30), ("correction", 0.25),
-    ("next_problem", 0.10),
+    ("plain", 0.13), ("natural", 0.17), ("hint", 0.26), ("correction", 0.22),
+    ("next_problem", 0.08), ("reading", 0.14),
 )
+# Instructions in the fixed wordings of ``styles.PHRASES`` this often; the rest come from
+# the train part of the ``wording`` grammar (which contains those phrases too).
+OLD_WORDING = 0.3
+DOCUMENT = "document"  # the role of a reading document: plain text, every token learned
 
 
 @dataclass(frozen=True)
@@ -101,50 +105,78 @@ def conversations(seed: int, count: int,
 
 def make_conversation(kind: str, rng: random.Random) -> list[Message]:
     """One conversation of the given kind (see the module docstring)."""
+    return labelled_conversation(kind, rng)[0]
+
+
+def labelled_conversation(kind: str, rng: random.Random
+                          ) -> tuple[list[Message], dict[str, str]]:
+    """One conversation of the given kind, and the preferences its last reply follows
+    (those its latest instruction asks for; {} for none and for a reading document)."""
+    if kind == "reading":
+        return [{"role": DOCUMENT, "content": wording.reading(rng, rng.randint(2, 5))}], {}
     problem = styles.make_problem(rng)
     if kind in ("plain", "natural", "hint"):
         return _single_turn(kind, problem, rng)
-    first = _single_turn("plain", problem, rng)
+    first, _ = _single_turn("plain", problem, rng)
     if kind == "correction":
         # A simulated user corrects up to a few times; one more round now and then.
-        rounds = 2 if rng.random() < 0.2 else 1
-        return first + [m for _ in range(rounds) for m in _correction(problem, rng)]
+        messages, prefs = first, {}
+        for _ in range(2 if rng.random() < 0.2 else 1):
+            turn, prefs = _correction(problem, messages[-1]["content"], rng)
+            messages = messages + turn
+        return messages, prefs
     if kind == "next_problem":
-        second = _single_turn(rng.choice(("plain", "natural", "hint")),
-                              styles.make_problem(rng), rng)
-        return [*first, *second]
+        second, prefs = _single_turn(rng.choice(("plain", "natural", "hint")),
+                                     styles.make_problem(rng), rng)
+        return [*first, *second], prefs
     raise ValueError(f"unknown conversation kind {kind!r}")
 
 
-def _correction(problem: styles.Problem, rng: random.Random) -> list[Message]:
+def _correction(problem: styles.Problem, previous: str, rng: random.Random
+                ) -> tuple[list[Message], dict[str, str]]:
     count = 4 if rng.random() < 0.4 else rng.randint(1, 3)
     prefs = styles.random_prefs(rng, count)
-    user = styles.instruction(prefs, rng)
+    found = styles.detect(previous)
+    unmet = {a: v for a, v in prefs.items() if found[a] != v}
+    if rng.random() < OLD_WORDING or not unmet:
+        user = _natural(prefs, rng)
+    else:  # as a user says it: what was missing, then what to keep
+        user = wording.correction(unmet, {a: v for a, v in prefs.items() if a not in unmet},
+                                  rng, "train")
     if rng.random() < 0.3:
         extra = styles.random_prefs(rng, rng.randint(1, 4))
         user += HINT_MARKER + _any_instruction(extra, rng)
         prefs = {**prefs, **extra}  # the appended hint is the latest word
     reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], prefs
 
 
-def _single_turn(kind: str, problem: styles.Problem, rng: random.Random) -> list[Message]:
+def _single_turn(kind: str, problem: styles.Problem, rng: random.Random
+                 ) -> tuple[list[Message], dict[str, str]]:
     prefs: dict[str, str] = {}
     user = problem.question
     if kind != "plain":
         prefs = styles.random_prefs(rng, rng.randint(1, 4))
     if kind == "natural":
-        text = styles.instruction(prefs, rng)
+        text = _natural(prefs, rng)
         user = f"{text} {user}" if rng.random() < 0.3 else f"{user} {text}"
     elif kind == "hint":
         user += HINT_MARKER + _any_instruction(prefs, rng)
     reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], prefs
+
+
+def _natural(prefs: dict[str, str], rng: random.Random) -> str:
+    if rng.random() < OLD_WORDING:
+        return styles.instruction(prefs, rng)
+    return wording.instruction(prefs, rng, "train")
 
 
 def _any_instruction(prefs: dict[str, str], rng: random.Random) -> str:
     # A hint is the judge's text: the user's own words (the rules judge) or terse ones.
-    return styles.instruction(prefs, rng, style=rng.choice(("natural", "hint")))
+    if rng.random() < OLD_WORDING:
+        return styles.instruction(prefs, rng, style=rng.choice(("natural", "hint")))
+    return wording.instruction(prefs, rng, "train", style=rng.choice(("natural", "hint")))
 
 
 def corpus_text(seed: int, count: int) -> list[str]:
@@ -159,7 +191,17 @@ def encode(tokenizer: PreTrainedTokenizerFast,
            messages: Sequence[Message]) -> tuple[list[int], list[int]]:
     """Token ids of the conversation as the chat template renders it (as vLLM would), and
     labels: the id on each assistant reply token and its closing ``<|im_end|>``, IGNORE
-    elsewhere (prompts, role headers, the newline after ``<|im_end|>``)."""
+    elsewhere (prompts, role headers, the newline after ``<|im_end|>``).
+
+    A reading document (one message of role ``DOCUMENT``) is plain text between two
+    ``<|endoftext|>``, every token after the first labelled."""
+    if len(messages) == 1 and messages[0]["role"] == DOCUMENT:
+        eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert isinstance(eot, int)
+        body: list[int] = tokenizer(messages[0]["content"], add_special_tokens=False)[
+            "input_ids"]
+        doc = [eot, *body, eot]
+        return doc, [IGNORE, *doc[1:]]
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
