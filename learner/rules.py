@@ -74,7 +74,8 @@ class RuleCues:
         # preferences stated rather than asked for
         "kindly", "picky", "nitpick", "suits me", "would suit", "matters to me",
         "tells me nothing", "can go", "do without", "go for", "aim for", "comes across",
-        "reads way", "reads like", "reads a bit", "quick note", "sorry to", "straight to the",
+        "reads way", "reads like", "reads a bit", "quick note", "side note", "sorry to",
+        "straight to the",
         "additional",
     )
     # The same as patterns (regular expressions on the lower-cased reply).

@@ -117,4 +117,10 @@ def markdown_table(results: dict[str, Any]) -> str:
              "from); its last score is carried forward"
              for name, m in methods.items()
              if any(s is not None for s in m.get("stalled_after", []))]
+    for name, m in methods.items():
+        kls = [f"{r['kl']:.2f}" for seed in m["seeds"] for r in seed.get("refused", [])]
+        if kls:
+            notes.append(f"{name}: the publish gate refused {len(kls)} step(s) over "
+                         f"{len(m['seeds'])} seed(s) (KL {', '.join(kls)} nats/token); their "
+                         "turns were skipped and the traffic went on")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -53,8 +53,8 @@ Progress = Callable[[str], None]
 IGNORE = -100  # label of tokens the loss skips (everything but assistant replies)
 
 MIX: tuple[tuple[str, float], ...] = (
-    ("plain", 0.13), ("natural", 0.17), ("hint", 0.26), ("correction", 0.22),
-    ("next_problem", 0.08), ("reading", 0.14),
+    ("plain", 0.12), ("natural", 0.16), ("hint", 0.25), ("correction", 0.21),
+    ("next_problem", 0.06), ("reading", 0.20),
 )
 # Instructions in the fixed wordings of ``styles.PHRASES`` this often; the rest come from
 # the train part of the ``wording`` grammar (which contains those phrases too).

@@ -63,6 +63,9 @@ class MethodRun:
     # Set when the persona stopped correcting: no step after this many, for want of
     # signal; the policy is unchanged from then on, so later scores repeat the last one.
     stalled_after: int | None = None
+    # Steps the publish gate refused (their turns are skipped, the traffic goes on):
+    # {"step": the step being waited for, "kl": nats/token, "reason": ...}.
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
@@ -95,7 +98,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 for step in range(1, config.steps + 1):
                     trained = await train_one_step(client, learner, policy, persona,
-                                                   traffic, config)
+                                                   traffic, config, run.refused, step)
                     if trained is None:
                         run.stalled_after = step - 1
                         progress(f"{method:>8} seed {config.seed}: no step {step}: too few "
@@ -119,10 +122,12 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
 
 async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
                          persona: Persona, rng: random.Random, config: BenchConfig,
+                         refused: list[dict[str, Any]] | None = None, step: int = 0,
                          max_rounds: int = MAX_ROUNDS) -> tuple[int, str] | None:
     """Talk until the learner publishes a new version; returns (turns of traffic, name),
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
-    only corrected turns teach, and a persona that is pleased stops correcting."""
+    only corrected turns teach, and a persona that is pleased stops correcting. Steps the
+    publish gate refused on the way are appended to ``refused``."""
     before = learner.store.current_adapter(policy)
     recorded = 0
     for _ in range(max_rounds):
@@ -133,7 +138,14 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
                                         for u, p in zip(users, problems, strict=True)))
         recorded += sum(counts)
         await asyncio.sleep(0.1)  # the proxy writes records off the request path
+        history = learner.training.history if learner.training else []
+        last = history[-1] if history else None
         await learner.step()
+        history = learner.training.history if learner.training else []
+        if refused is not None and history and history[-1] is not last \
+                and history[-1]["outcome"] == "refused":
+            refused.append({"step": step, "kl": history[-1]["kl"],
+                            "reason": history[-1].get("error")})
         current = learner.store.current_adapter(policy)
         if current is not None and current != before:
             return recorded, str(current["name"])
@@ -209,6 +221,7 @@ def summarise(runs: list[MethodRun], steps: int | None = None) -> dict[str, Any]
             "seeds": [asdict(r) for r in mine],
             "seconds": sum(r.seconds for r in mine),
             "stalled_after": [r.stalled_after for r in mine],
+            "refused": [len(r.refused) for r in mine],  # steps the gate refused, per seed
         }
     return out
 

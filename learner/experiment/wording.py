@@ -46,51 +46,59 @@ Pair = tuple[str, str]  # (train, held-out) is how every table below is written
 
 LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
     # tone
-    "casual": {"train": ("casual", "relaxed", "friendly", "chill"),
+    "casual": {"train": ("casual", "relaxed", "friendly", "chill", "warm", "easy", "fun"),
                "held-out": ("laid-back", "informal", "easygoing", "conversational")},
-    "casual-bad": {"train": ("chatty", "cheeky"),
+    "casual-bad": {"train": ("chatty", "cheeky", "silly", "jokey", "loose"),
                    "held-out": ("sloppy", "flippant", "goofy", "slangy")},
-    "formal": {"train": ("formal", "professional", "serious", "proper"),
+    "formal": {"train": ("formal", "professional", "serious", "proper", "official", "precise",
+                         "respectful"),
                "held-out": ("polished", "businesslike", "academic", "dignified")},
-    "formal-bad": {"train": ("stiff", "robotic"),
+    "formal-bad": {"train": ("stiff", "robotic", "dry", "rigid", "boring"),
                    "held-out": ("stuffy", "uptight", "wooden", "cold")},
-    "casual-who": {"train": ("a friend", "a pal"),
+    "casual-who": {"train": ("a friend", "a pal", "a classmate", "a brother"),
                    "held-out": ("a buddy", "my mate", "a neighbour")},
-    "formal-who": {"train": ("a textbook", "a teacher"),
+    "formal-who": {"train": ("a textbook", "a teacher", "a professor", "a judge"),
                    "held-out": ("a lawyer", "an encyclopedia", "a bank manager")},
-    "unwind": {"train": ("loosen up", "relax"), "held-out": ("lighten up", "unwind")},
+    "unwind": {"train": ("loosen up", "relax", "settle"),
+               "held-out": ("lighten up", "unwind")},
     # steps
-    "working": {"train": ("steps", "working", "work"),
+    "working": {"train": ("steps", "working", "work", "process", "workings", "sums"),
                 "held-out": ("reasoning", "calculation", "breakdown", "method")},
-    "explain": {"train": ("explain", "show", "walk me through"),
+    "explain": {"train": ("explain", "show", "walk me through", "go through", "write out",
+                          "describe"),
                 "held-out": ("lay out", "spell out", "break down", "go over")},
-    "result": {"train": ("answer", "final number"),
+    "result": {"train": ("answer", "final number", "number", "solution"),
                "held-out": ("result", "sum", "bottom line")},
     # length
-    "detail": {"train": ("detail", "explanation", "depth"),
+    "detail": {"train": ("detail", "explanation", "depth", "info", "explaining", "examples"),
                "held-out": ("background", "context", "elaboration", "commentary")},
-    "long": {"train": ("longer", "thorough", "fuller"),
+    "long": {"train": ("longer", "thorough", "fuller", "detailed", "deeper", "complete"),
              "held-out": ("comprehensive", "richer", "wordier", "exhaustive")},
-    "short": {"train": ("short", "brief", "concise"),
+    "short": {"train": ("short", "brief", "concise", "quick", "simple", "small"),
               "held-out": ("succinct", "compact", "tight", "crisp")},
-    "long-bad": {"train": ("long", "wordy"),
+    "long-bad": {"train": ("long", "wordy", "lengthy", "drawn out"),
                  "held-out": ("rambling", "bloated", "windy", "padded")},
-    "short-bad": {"train": ("short", "thin"),
+    "short-bad": {"train": ("short", "thin", "quick", "rushed"),
                   "held-out": ("skimpy", "bare", "sparse", "curt")},
-    "expand": {"train": ("elaborate", "say more"), "held-out": ("expand", "flesh it out")},
-    "shorten": {"train": ("shorten it", "cut it"), "held-out": ("trim it", "condense it")},
+    "expand": {"train": ("elaborate", "say more", "go deeper", "explain more"),
+               "held-out": ("expand", "flesh it out")},
+    "shorten": {"train": ("shorten it", "cut it", "make it shorter"),
+                "held-out": ("trim it", "condense it")},
     # closing
-    "cheer": {"train": ("encouragement", "pep talk", "cheering", "motivation"),
-              "held-out": ("praise", "positivity", "reassurance", "warm wishes")},
-    "cheer-verb": {"train": ("encourage me", "cheer me on", "motivate me"),
+    "cheer": {"train": ("encouragement", "pep talk", "cheering", "motivation", "support",
+                        "a boost"),
+              "held-out": ("praise", "positivity", "reassurance", "kudos")},
+    "cheer-verb": {"train": ("encourage me", "cheer me on", "motivate me", "support me",
+                             "push me"),
                    "held-out": ("praise me", "reassure me", "hype me up", "root for me")},
     # verbs and words any attribute's asks use
-    "remove": {"train": ("skip", "leave out", "cut"),
+    "remove": {"train": ("skip", "leave out", "cut", "remove", "lose", "take out"),
                "held-out": ("omit", "drop", "ditch", "scrap")},
     "add": {"train": ("add", "include", "put in"),
             "held-out": ("tack on", "insert", "throw in")},
     "needed": {"train": ("needed", "required"), "held-out": ("necessary", "essential")},
-    "finish": {"train": ("end", "close"), "held-out": ("finish", "wrap up", "sign off")},
+    "finish": {"train": ("end", "close", "stop", "conclude"),
+               "held-out": ("finish", "wrap up", "sign off")},
 }
 
 # --- asks: one template per way of asking for a value --------------------------------------
@@ -108,7 +116,8 @@ ASKS: dict[tuple[str, str], dict[Split, tuple[str, ...]]] = {
         ["vp:be more {casual}", "vp:keep the tone {casual}", "vp:use a {casual} tone",
          "vp:sound {casual}", "vp:make it {casual}", "vp:talk to me like {casual-who}",
          "free:don't be so {formal}", "free:too {formal-bad}", "free:less {formal}",
-         "free:you sound {formal-bad}, be {casual}", "vp:{unwind}", "free:too {formal}"],
+         "free:you sound {formal-bad}, be {casual}", "vp:{unwind}", "free:too {formal}",
+         "vp:{remove} the {formal} tone", "free:not so {formal-bad}"],
         ["free:could it be a tad {casual}", "vp:aim for something {casual}",
          "vp:go for a {casual} vibe", "vp:phrase it the way {casual-who} would",
          "free:it reads way too {formal-bad}", "vp:{remove} the {formal} voice",
@@ -117,7 +126,8 @@ ASKS: dict[tuple[str, str], dict[Split, tuple[str, ...]]] = {
     ("tone", "formal"): _asks(
         ["vp:be {formal}", "vp:use a {formal} tone", "vp:keep it {formal}",
          "vp:sound more {formal}", "vp:write like {formal-who}", "free:don't be so {casual}",
-         "free:too {casual-bad}, be more {formal}", "free:less {casual}", "free:too {casual}"],
+         "free:too {casual-bad}, be more {formal}", "free:less {casual}", "free:too {casual}",
+         "vp:{remove} the {casual} tone", "free:not so {casual-bad}"],
         ["free:could it be a tad {formal}", "vp:aim for something {formal}",
          "vp:go for a {formal} register", "vp:phrase it the way {formal-who} would",
          "free:it reads way too {casual-bad}", "vp:{remove} the {casual} voice",
@@ -132,8 +142,8 @@ ASKS: dict[tuple[str, str], dict[Split, tuple[str, ...]]] = {
     ("steps", "answer-only"): _asks(
         ["vp:{remove} the {working}", "free:no {working} {needed}",
          "free:don't show the {working}", "free:just the {result}", "free:only the {result}",
-         "free:don't {explain} it step by step"],
-        ["vp:go straight to the {result}", "free:please don't {add} any {working}",
+         "free:don't {explain} it step by step", "free:don't {add} the {working}"],
+        ["vp:go straight to the {result}", "free:the {working} can go",
          "free:I can do without the {working}", "vp:give me the {result} alone",
          "free:the {result} alone suits me", "vp:{remove} all the {working} for me"]),
     ("length", "detailed"): _asks(
@@ -147,10 +157,11 @@ ASKS: dict[tuple[str, str], dict[Split, tuple[str, ...]]] = {
     ("length", "brief"): _asks(
         ["vp:keep it {short}", "vp:be {short}", "free:fewer words",
          "free:too {long-bad}, {shorten}", "free:no extra {detail}",
-         "free:don't add more {detail}", "vp:make it {short}", "vp:{shorten}"],
+         "free:don't add more {detail}", "vp:make it {short}", "vp:{shorten}",
+         "vp:{remove} the {detail}", "free:don't {add} {detail}"],
         ["vp:go for something {short}", "vp:{shorten} a little",
-         "free:it reads way too {long-bad}", "vp:{remove} the {detail}",
-         "free:a {short} reply suits me", "free:please don't {add} any {detail}",
+         "free:it reads way too {long-bad}", "vp:{remove} all the {detail} for me",
+         "free:a {short} reply suits me", "free:the {detail} can go",
          "free:it comes across as {long-bad}"]),
     ("closing", "encouragement"): _asks(
         ["vp:{finish} with some {cheer}", "vp:{cheer-verb} at the end",
@@ -162,8 +173,8 @@ ASKS: dict[tuple[str, str], dict[Split, tuple[str, ...]]] = {
     ("closing", "none"): _asks(
         ["free:no {cheer}", "vp:{remove} the {cheer}", "free:no {cheer} {needed}",
          "free:no closing remarks", "vp:{finish} right after the {result}",
-         "free:don't {cheer-verb}", "free:no motivational lines"],
-        ["free:please don't {add} any {cheer}", "free:I can do without {cheer}",
+         "free:don't {cheer-verb}", "free:no motivational lines", "free:don't {add} {cheer}"],
+        ["free:I can do without {cheer}",
          "vp:{finish} once the {result} is given", "vp:{remove} all the {cheer} for me",
          "free:the {cheer} can go"]),
 }
@@ -188,7 +199,7 @@ LEADS: dict[Split, tuple[str, ...]] = {
     "train": ("Not quite.", "Hmm, no.", "That's not what I wanted.", "No, please revise.",
               "That is not what I asked for.", "Close, but", "Thanks, but", "No,", "Hmm,",
               "Next time,", "One thing:"),
-    "held-out": ("Ugh.", "Almost.", "Meh.", "Quick note:", "Sorry to be picky, but",
+    "held-out": ("Ugh.", "Almost.", "Meh.", "Side note:", "Sorry to be picky, but",
                  "Okay so", "Look,", "Eh,", "Nearly there, though"),
 }
 REASONS: dict[Split, tuple[str, ...]] = {
@@ -230,7 +241,7 @@ _FUNCTION_TEXT = (
     "i'll i've me my you you're you'd your yours that's we us our is are was be been being "
     "do don't does can can't could would will that this these those what how there here "
     "not no more less too very bit little some any just only all every each one than then "
-    "once also again please yes still way out off over about after before give like much "
+    "once also again please yes still way out off over about after before give go like much "
     "thank thanks")
 FUNCTION_WORDS = frozenset(_FUNCTION_TEXT.split())
 
@@ -294,13 +305,24 @@ READING_FRAMES: dict[str, tuple[str, ...]] = {
 NAMES = ("Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack")
 
 
+# Sentences naming two words of the same meaning, as a thesaurus or a teacher would.
+PAIR_FRAMES = ("People use \"{x}\" and \"{y}\" for much the same thing.",
+               "\"{x}\" is close in meaning to \"{y}\".",
+               "{who} said \"{x}\", which here means \"{y}\".")
+
+
 def reading(rng: random.Random, sentences: int = 4) -> str:
     """A short plain document: sentences that use lexemes of both splits outside any
-    instruction, several of the same meaning side by side."""
+    instruction, several of the same meaning side by side, now and then two of them
+    named as near synonyms."""
     out = []
     for _ in range(sentences):
         slot = rng.choice(sorted(READING_FRAMES))
         words = LEXEMES[slot]["train"] + LEXEMES[slot]["held-out"]
+        if rng.random() < 0.25:
+            x, y = rng.sample(words, 2)
+            out.append(rng.choice(PAIR_FRAMES).format(x=x, y=y, who=rng.choice(NAMES)))
+            continue
         frame = rng.choice(READING_FRAMES[slot])
         out.append(frame.format(x=rng.choice(words), who=rng.choice(NAMES)))
         # The same frame again with another word of the same meaning, now and then.
