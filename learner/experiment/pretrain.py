@@ -60,6 +60,7 @@ MIX: tuple[tuple[str, float], ...] = (
 # the train part of the ``wording`` grammar (which contains those phrases too).
 OLD_WORDING = 0.3
 DOCUMENT = "document"  # the role of a reading document: plain text, every token learned
+LEXICON_REPEATS = 50  # copies of the grammar's words in the tokenizer's corpus
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,11 @@ def _any_instruction(prefs: dict[str, str], rng: random.Random) -> str:
 
 
 def corpus_text(seed: int, count: int) -> list[str]:
-    """Conversations as plain text for the tokenizer's corpus (no chat-template tokens)."""
-    return ["\n".join(m["content"] for m in conv) for conv in conversations(seed, count)]
+    """Conversations as plain text for the tokenizer's corpus (no chat-template tokens),
+    and the grammar's words (``wording.lexicon``), repeated so that each is a token."""
+    words = " ".join(wording.lexicon())
+    return ["\n".join(m["content"] for m in conv) for conv in conversations(seed, count)] \
+        + [words] * LEXICON_REPEATS
 
 
 # --- tokens --------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ Pair = tuple[str, str]  # (train, held-out) is how every table below is written
 LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
     # tone
     "casual": {"train": ("casual", "relaxed", "friendly", "chill", "warm", "easy", "fun"),
-               "held-out": ("laid-back", "informal", "easygoing", "conversational")},
+               "held-out": ("informal", "easygoing", "mellow", "breezy")},
     "casual-bad": {"train": ("chatty", "cheeky", "silly", "jokey", "loose"),
                    "held-out": ("sloppy", "flippant", "goofy", "slangy")},
     "formal": {"train": ("formal", "professional", "serious", "proper", "official", "precise",
@@ -58,7 +58,7 @@ LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
     "casual-who": {"train": ("a friend", "a pal", "a classmate", "a brother"),
                    "held-out": ("a buddy", "my mate", "a neighbour")},
     "formal-who": {"train": ("a textbook", "a teacher", "a professor", "a judge"),
-                   "held-out": ("a lawyer", "an encyclopedia", "a bank manager")},
+                   "held-out": ("a lawyer", "a banker", "a diplomat")},
     "unwind": {"train": ("loosen up", "relax", "settle"),
                "held-out": ("lighten up", "unwind")},
     # steps
@@ -66,9 +66,9 @@ LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
                 "held-out": ("reasoning", "calculation", "breakdown", "method")},
     "explain": {"train": ("explain", "show", "walk me through", "go through", "write out",
                           "describe"),
-                "held-out": ("lay out", "spell out", "break down", "go over")},
+                "held-out": ("outline", "demonstrate", "clarify", "illustrate")},
     "result": {"train": ("answer", "final number", "number", "solution"),
-               "held-out": ("result", "sum", "bottom line")},
+               "held-out": ("result", "sum", "outcome")},
     # length
     "detail": {"train": ("detail", "explanation", "depth", "info", "explaining", "examples"),
                "held-out": ("background", "context", "elaboration", "commentary")},
@@ -81,7 +81,7 @@ LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
     "short-bad": {"train": ("short", "thin", "quick", "rushed"),
                   "held-out": ("skimpy", "bare", "sparse", "curt")},
     "expand": {"train": ("elaborate", "say more", "go deeper", "explain more"),
-               "held-out": ("expand", "flesh it out")},
+               "held-out": ("expand", "extend")},
     "shorten": {"train": ("shorten it", "cut it", "make it shorter"),
                 "held-out": ("trim it", "condense it")},
     # closing
@@ -90,15 +90,15 @@ LEXEMES: dict[str, dict[Split, tuple[str, ...]]] = {
               "held-out": ("praise", "positivity", "reassurance", "kudos")},
     "cheer-verb": {"train": ("encourage me", "cheer me on", "motivate me", "support me",
                              "push me"),
-                   "held-out": ("praise me", "reassure me", "hype me up", "root for me")},
+                   "held-out": ("praise me", "reassure me", "applaud me", "inspire me")},
     # verbs and words any attribute's asks use
     "remove": {"train": ("skip", "leave out", "cut", "remove", "lose", "take out"),
                "held-out": ("omit", "drop", "ditch", "scrap")},
     "add": {"train": ("add", "include", "put in"),
-            "held-out": ("tack on", "insert", "throw in")},
+            "held-out": ("append", "insert", "attach")},
     "needed": {"train": ("needed", "required"), "held-out": ("necessary", "essential")},
     "finish": {"train": ("end", "close", "stop", "conclude"),
-               "held-out": ("finish", "wrap up", "sign off")},
+               "held-out": ("finish", "wrap up")},
 }
 
 # --- asks: one template per way of asking for a value --------------------------------------
@@ -332,6 +332,12 @@ def reading(rng: random.Random, sentences: int = 4) -> str:
 
 
 # --- building sentences ----------------------------------------------------------------------
+
+
+def lexicon() -> list[str]:
+    """Every lexeme of both splits, once: the tokenizer's corpus repeats it so that each
+    word is a whole token, as common words are in a real model's vocabulary."""
+    return sorted({w for table in LEXEMES.values() for split in SPLITS for w in table[split]})
 
 
 def _check(split: Split) -> None:
