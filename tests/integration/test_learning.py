@@ -1,6 +1,7 @@
-"""The learning benchmark, short and seeded: a simulated student -> proxy -> vLLM -> store
--> learner (rules judge, combined method) -> adapter -> vLLM. A change that breaks
-learning anywhere on that path fails here.
+"""The learning benchmark, short and seeded: a simulated student speaking in words the
+model never saw in an instruction (the held-out wording) -> proxy -> vLLM -> store ->
+learner (rules judge, combined method) -> adapter -> vLLM. A change that breaks learning
+anywhere on that path, or the toy model's understanding of unseen wording, fails here.
 
 It needs the hint-following toy model (`nextstate toy-model --trained`): built on first
 use (about 8 minutes on 2 cores, one thread, byte-identical every time) and cached in the
@@ -35,7 +36,8 @@ def trained_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProce
 
 async def test_the_combined_method_raises_the_students_score_well_above_base(
         trained_vllm: VLLMProcess, tmp_path: Path) -> None:
-    student = load_personas()["student"]
+    student = load_personas()["student-own-words"]
+    assert student.wording == "held-out"
     config = BenchConfig(steps=6, eval_problems=16, seed=0)
     run = await run_method(student, "combined", config, vllm_url=trained_vllm.url,
                            base_model=BASE_MODEL, model_dir=trained_toy_model(print),
