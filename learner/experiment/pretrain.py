@@ -53,12 +53,12 @@ Progress = Callable[[str], None]
 IGNORE = -100  # label of tokens the loss skips (everything but assistant replies)
 
 MIX: tuple[tuple[str, float], ...] = (
-    ("plain", 0.12), ("natural", 0.16), ("hint", 0.25), ("correction", 0.21),
-    ("next_problem", 0.06), ("reading", 0.20),
+    ("plain", 0.10), ("natural", 0.14), ("hint", 0.22), ("correction", 0.19),
+    ("next_problem", 0.05), ("reading", 0.30),
 )
 # Instructions in the fixed wordings of ``styles.PHRASES`` this often; the rest come from
 # the train part of the ``wording`` grammar (which contains those phrases too).
-OLD_WORDING = 0.3
+OLD_WORDING = 0.2
 DOCUMENT = "document"  # the role of a reading document: plain text, every token learned
 LEXICON_REPEATS = 50  # copies of the grammar's words in the tokenizer's corpus
 

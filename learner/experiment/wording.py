@@ -305,7 +305,9 @@ READING_FRAMES: dict[str, tuple[str, ...]] = {
 NAMES = ("Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack")
 
 
-# Sentences naming two words of the same meaning, as a thesaurus or a teacher would.
+# Sentences naming two words of the same meaning, as a thesaurus or a teacher would; this
+# share of reading sentences.
+PAIRS = 0.4
 PAIR_FRAMES = ("People use \"{x}\" and \"{y}\" for much the same thing.",
                "\"{x}\" is close in meaning to \"{y}\".",
                "{who} said \"{x}\", which here means \"{y}\".")
@@ -319,8 +321,11 @@ def reading(rng: random.Random, sentences: int = 4) -> str:
     for _ in range(sentences):
         slot = rng.choice(sorted(READING_FRAMES))
         words = LEXEMES[slot]["train"] + LEXEMES[slot]["held-out"]
-        if rng.random() < 0.25:
-            x, y = rng.sample(words, 2)
+        if rng.random() < PAIRS:
+            # Most pairs name a word next to one of its train synonyms.
+            x = rng.choice(words)
+            y = rng.choice([w for w in (LEXEMES[slot]["train"] if rng.random() < 0.7
+                                        else words) if w != x])
             out.append(rng.choice(PAIR_FRAMES).format(x=x, y=y, who=rng.choice(NAMES)))
             continue
         frame = rng.choice(READING_FRAMES[slot])
