@@ -10,25 +10,35 @@ learner's hint form (``teacher.HINT_MARKER`` + text, exactly the string the lear
 for its teacher). Attributes an instruction does not name are sampled with
 ``styles.DEFAULT_RATE``, so without a hint the model is deliberately unsure: there is
 something for the learner to sharpen. Only the latest user message's instruction counts.
+Instructions come from the train part of the ``wording`` grammar (``OLD_WORDING`` of
+them from the fixed ``styles.PHRASES``); the held-out part's words occur only in the
+reading documents, never in an instruction (tested).
 
 The mix (``PretrainConfig.mix``, weights per conversation kind):
 
-    plain         one turn, no instruction                              0.15
-    natural       one turn, instruction in natural words before/after   0.20
-    hint          one turn, problem + HINT_MARKER + instruction         0.30
-    correction    turn 2 asks to redo turn 1 in natural words, 40% of   0.25
-                  them restating all four preferences; 30% with a hint appended;
+    plain         one turn, no instruction                              0.10
+    natural       one turn, instruction in natural words before/after   0.14
+    hint          one turn, problem + HINT_MARKER + instruction         0.22
+    correction    turn 2 asks to redo turn 1: what it missed, then what 0.19
+                  to keep (``wording.correction``), or 40% of the time all
+                  four preferences restated; 30% with a hint appended;
                   20% of these conversations correct once more (turn 3)
-    next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.10
+    next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.05
+    reading       a plain document using the synonyms of both splits    0.30
+                  (``wording.reading``), every token learned
 
 Instructions name 1-4 attributes (each value 50/50). Hint following appears only after a
 loss plateau: the prototype (see the feasibility note) found 600 steps of 32 conversations
-not enough. Measured here with ``toy_model.TRAINED_TOY``, sampling at temperature 1,
-1,000 steps (about 8.5 minutes with one thread on a busy 2-core machine) follow a hint
-naming all four attributes 0.94-1.0 per attribute, and 1,500 steps (about 12.5 minutes)
-0.96-1.0; without a hint each attribute takes its default 0.72-0.79 of the time. The
-weakest instruction is "no closing" alone (0.73-0.83 at 1,000 steps, 0.77-0.93 at 1,500):
-its wordings share words with the encouragement ones ("pep talk", "encouragement").
+not enough. Measured with ``toy_model.TRAINED_TOY`` (1,200 steps; 21 minutes with one
+thread on this 2-core machine while three other jobs ran, where the model before took
+19, and 8.5 on a quieter machine), sampling at temperature 1 with transformers, 400
+probes per row: a hint in the train wording is
+followed 0.75-0.99 per value (mean 0.91), one in the held-out wording 0.47-0.71 (mean
+0.58; the model before the grammar, 200 probes: 0.22-0.77, 0.53: the held-out words were
+ignored); without a hint each attribute takes its default 0.73-0.78 of the time. The
+figures served by vLLM are in bench/README.md. Held-out asks for the defaults are the
+weakest ("no closing" 0.47): a held-out word for encouragement pulls toward it even when
+negated.
 torch is imported inside the functions, so ``PretrainConfig`` is cheap to import.
 """
 
