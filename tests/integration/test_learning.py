@@ -5,8 +5,7 @@ anywhere on that path, or the toy model's understanding of unseen wording, fails
 
 It needs the hint-following toy model (`nextstate toy-model --trained`): built on first
 use (about 10 minutes on 2 cores, 20 on a busy machine; one thread, byte-identical every
-time) and cached in the
-data dir, like the untrained one.
+time) and cached in the data dir, like the untrained one.
 """
 
 from __future__ import annotations
