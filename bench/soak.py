@@ -79,7 +79,7 @@ async def soak(total: int, rounds: int, work: Path) -> dict:
     Store(f"sqlite:///{db}").turns.count()  # create the tables before locking them
     holder = {"upstream": start_upstream(up_port, work / "upstream.log")}
     wait(f"http://127.0.0.1:{up_port}/health")
-    proxy = spawn([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend",
+    proxy = spawn([sys.executable, "-m", "nextstate.cli", "serve", "--backend",
                    f"http://127.0.0.1:{up_port}", "--port", str(proxy_port), "--store",
                    f"sqlite:///{db}"], work / "proxy.log",
                   env={**os.environ, "NEXTSTATE_HOME": str(work)})

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_proxy_does_not_import_torch():
-    code = ("import sys, nextstate.proxy.app, nextstate.proxy.cli, nextstate.adapters; "
+    code = ("import sys, nextstate.proxy.app, nextstate.cli, nextstate.adapters; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -43,7 +43,7 @@ async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_on
     converse(proxy.base_url, 8)
     turns = proxy.turns(16)
     store_url = proxy.settings.resolved_store_url()
-    command = [sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", vllm.url,
+    command = [sys.executable, "-m", "nextstate.cli", "learn", "--backend", vllm.url,
                "--model", MODEL_NAME, "--model-dir", str(toy_model), "--store", store_url,
                "--batch-turns", "2"]
     rng = random.Random(7)
@@ -156,7 +156,7 @@ async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_servin
 def learn(store_url: str, backend: str, toy_model: Path, home: Path, log: Path,
           *extra: str):
     """``nextstate learn`` as its own process (batches of 4 judged turns)."""
-    return spawn([sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", backend,
+    return spawn([sys.executable, "-m", "nextstate.cli", "learn", "--backend", backend,
                   "--model", MODEL_NAME, "--model-dir", str(toy_model), "--store", store_url,
                   "--batch-turns", "4", *extra], log,
                  env={**os.environ, "NEXTSTATE_HOME": str(home)})

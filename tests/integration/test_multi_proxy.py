@@ -23,7 +23,7 @@ ASK = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 6}
 
 def start_proxy_process(backend: str, store: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = spawn([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend",
+    process = spawn([sys.executable, "-m", "nextstate.cli", "serve", "--backend",
                      backend, "--port", str(port), "--store", store], log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

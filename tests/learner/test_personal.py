@@ -116,7 +116,7 @@ async def test_a_users_first_adapter_starts_from_the_shared_one(store, toy_model
 
 
 def test_status_lists_each_users_adapter():
-    from nextstate.learner.commands import render_status
+    from nextstate.cli.learn import render_status
 
     report = {"state": "idle", "counts": {}, "personal_after": 16,
               "personal": {"alice": "p~alice@000003", "bob": "p~bob@000004"}}

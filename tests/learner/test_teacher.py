@@ -136,8 +136,8 @@ def test_learn_gives_the_backends_key_to_every_client_it_makes(monkeypatch, tmp_
     tests/core/test_vllm.py)."""
     from click.testing import CliRunner
 
+    from nextstate import cli
     from nextstate.learner import process
-    from nextstate.proxy import cli
 
     made: list[tuple[str, str | None]] = []
     real = process.VLLMClient

@@ -42,7 +42,7 @@ def start(command: list[str], log: Path, url: str, env: dict[str, str] | None = 
 
 def serve(upstream: str, home: Path, store_url: str, port: int):
     """``nextstate serve`` as its own process (the journal lives in ``home``/spool)."""
-    return start([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend", upstream,
+    return start([sys.executable, "-m", "nextstate.cli", "serve", "--backend", upstream,
                   "--port", str(port), "--store", store_url], home / f"proxy-{port}.log",
                  f"http://127.0.0.1:{port}", {"NEXTSTATE_HOME": str(home)})
 

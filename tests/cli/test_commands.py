@@ -1,4 +1,5 @@
-"""The ``nextstate`` command line: what ``up`` starts, what ``forget`` deletes and says."""
+"""The ``nextstate`` command line (nextstate.cli): what ``up`` starts, what ``forget`` deletes
+and says, what ``rollback`` loads, and one sentence for each newcomer's mistake."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
+from nextstate import cli
+from nextstate.cli import serve, stack
 from nextstate.core import vllm
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import GUARD, VLLMProcess, free_port
-from nextstate.proxy import cli
 from nextstate.proxy.app import make_app
 from nextstate.proxy.settings import ProxySettings
 from tests.proxy.fake_vllm import FakeVLLM
@@ -26,10 +28,10 @@ from tests.proxy.fake_vllm import FakeVLLM
 
 def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
     started = []
-    monkeypatch.setattr(cli, "check_backend", lambda url, key: ["toy"])
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: started.append(command))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: None)
+    monkeypatch.setattr(stack, "check_backend", lambda url, key: ["toy"])
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: started.append(command))
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: None)
     runner = CliRunner()
     assert runner.invoke(cli.main, ["up", "--backend", "http://vllm",
                                     "--personal-after", "8"]).exit_code == 0
@@ -53,12 +55,12 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(cli, "VLLMProcess", Started)
-    monkeypatch.setattr(cli, "_ensure_toy_model", lambda: Path("/models/toy"))
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: seen[-1].update(
+    monkeypatch.setattr(stack, "VLLMProcess", Started)
+    monkeypatch.setattr(stack, "ensure_toy_model", lambda: Path("/models/toy"))
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen[-1].update(
         command=command, env=env))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: seen[-1].update(
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen[-1].update(
         settings=settings))
     monkeypatch.setenv("NEXTSTATE_BACKEND_API_KEY", "")
     runner = CliRunner()
@@ -76,10 +78,10 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
 
 def test_up_with_a_backend_sends_the_key_it_is_given(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "check_backend", lambda url, key: seen.update(checked=key) or [])
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: seen.update(env=env))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: seen.update(
+    monkeypatch.setattr(stack, "check_backend", lambda url, key: seen.update(checked=key) or [])
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen.update(env=env))
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen.update(
         settings=settings))
     result = CliRunner().invoke(cli.main, ["up", "--backend", "http://vllm",
                                            "--backend-api-key", "k"])
@@ -240,7 +242,7 @@ def not_vllm() -> Iterator[str]:
 
 
 def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch):
-    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    monkeypatch.setattr(serve, "run_proxy", lambda *a: pytest.fail("must not start"))
     result = CliRunner().invoke(cli.main, ["serve", "--backend", f"{not_vllm}/api",
                                            "--port", str(free_port())])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -250,7 +252,7 @@ def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch)
 
 def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
     started = []
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: started.append(settings))
+    monkeypatch.setattr(serve, "run_proxy", lambda settings, host, port: started.append(settings))
     result = CliRunner().invoke(cli.main, ["serve", "--backend", "http://127.0.0.1:9/v1",
                                            "--port", str(free_port())])
     assert result.exit_code == 0, result.output
@@ -260,7 +262,7 @@ def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
 
 
 def test_a_port_in_use_is_named_before_anything_starts(monkeypatch):
-    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    monkeypatch.setattr(serve, "run_proxy", lambda *a: pytest.fail("must not start"))
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
