@@ -46,9 +46,9 @@ from typing import Any, Protocol
 import orjson
 from litellm.integrations.custom_logger import CustomLogger
 
+from nextstate.core.paths import default_store_url
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
-from nextstate.proxy.settings import ProxySettings
 
 log = logging.getLogger("nextstate.adapters.litellm")
 CHAT_CALLS = frozenset({"completion", "acompletion"})
@@ -91,7 +91,7 @@ class NextStateLogger(CustomLogger):
         super().__init__()
         self.session_key = session_key
         self._owns_store = store is None
-        self.store: TurnStore = store or Store(store_url or ProxySettings().resolved_store_url())
+        self.store: TurnStore = store or Store(store_url or default_store_url())
         self.stats = WriterStats()
         self.batch_size, self.max_backoff = batch_size, max_backoff
         self._queue: queue.Queue[TurnRecord] = queue.Queue(maxsize=queue_size)

@@ -119,6 +119,7 @@ class Learner:
         self.state = "idle"
         self.backends: dict[str, list[str]] = {}  # adapter versions loaded, per backend
         self.erased: set[int] = set()  # forgotten versions gone from disk and every backend
+        self._status: dict[str, Any] | None = None  # as last computed (see _set_state)
 
     async def close(self) -> None:
         await self.teacher.close()
@@ -129,9 +130,10 @@ class Learner:
     async def step(self) -> int:
         """One round of work; returns how much it did (turns judged, steps trained)."""
         ranks.keep_alive()  # every round: the other training processes (if any) wait on us
-        self._set_state("judging")
+        await self._set_state("judging")
         if self.teacher.router is not None:  # --teacher policy: follow what serves whom
-            self.teacher.router.update(self.store.adapters.currents(self.policy))
+            self.teacher.router.update(
+                await asyncio.to_thread(self.store.adapters.currents, self.policy))
         report = await judge_pending(self.store.judgments, self.judge, self.teacher,
                                      self.config.judging)
         self.totals.add(report)
@@ -139,7 +141,7 @@ class Learner:
         await self._erase_forgotten()  # before housekeeping looks at what vLLM has
         if self.training is not None:
             await self.training.housekeeping()
-            self._set_state("training")
+            await self._set_state("training")
             try:
                 result = await self.training.maybe_step()
             except TurnsForgotten as exc:
@@ -156,7 +158,7 @@ class Learner:
                 done += 1
                 if result.error:
                     self._error(result.error)
-        self._set_state("idle")
+        await self._set_state("idle", report=True)
         return done
 
     async def _erase_forgotten(self) -> None:
@@ -164,7 +166,8 @@ class Learner:
         everywhere: forgotten through the proxy's admin endpoint, a backend was down when
         ``nextstate forget`` ran, or a step published one while its turns were being
         forgotten."""
-        rows = [r for r in self.store.adapters.versions() if r["status"] == AdapterStatus.FORGOTTEN
+        versions = await asyncio.to_thread(self.store.adapters.versions)
+        rows = [r for r in versions if r["status"] == AdapterStatus.FORGOTTEN
                 and r["version"] not in self.erased and owns(self.policy, r["policy"])]
         if not rows:
             return
@@ -217,9 +220,19 @@ class Learner:
             "totals": asdict(self.totals),
         }
 
-    def _set_state(self, state: str) -> None:
+    async def _set_state(self, state: str, *, report: bool = False) -> None:
+        """Tell the store what the learner is doing, off the event loop. The full status
+        (~10 queries) is computed once a round (``report``, at its end) or when there is
+        none yet; a state change in between rewrites only the state field of the last one."""
         self.state = state
+        await asyncio.to_thread(self._write_status, report)
+
+    def _write_status(self, full: bool) -> None:
         try:
-            self.store.status.write(self.status())
+            if full or self._status is None:
+                self._status = self.status()
+            else:
+                self._status = {**self._status, "state": self.state}
+            self.store.status.write(self._status)
         except Exception as exc:  # status is best effort; the work is not
             log.warning("could not write learner status: %s", exc)

@@ -211,11 +211,11 @@ class TrainingStage:
         useful = informative(items, self.config.trainer)
         if not useful:
             reason = f"no {self.config.trainer.method} signal in these {len(items)} turns"
-            self.store.judgments.skip(ids, reason)
+            await asyncio.to_thread(self.store.judgments.skip, ids, reason)
             return self._remember(StepResult(None, None, StepStats(turns=len(items)),
                                              "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
-        trainer.mark("before")
+        await asyncio.to_thread(trainer.mark, "before")
         log.info("training %s on %d turns", lane.policy, len(useful))
         stats, moved = await self._gated_step(trainer, useful)
         if stats is None:
@@ -223,7 +223,7 @@ class TrainingStage:
             tries = ", ".join(f"{kl:.3f} at {scale:g}x" for scale, kl in moved)
             reason = (f"publish gate: the step moved the policy {tries} the learning rate "
                       f"(nats/token), over the bound {cfg.gate_max_kl}")
-            self.store.judgments.skip(ids, reason)
+            await asyncio.to_thread(self.store.judgments.skip, ids, reason)
             log.error(reason)
             last = StepStats(turns=len(useful), kl=moved[-1][1],
                              extra={"lr_scale": moved[-1][0]})
@@ -232,19 +232,22 @@ class TrainingStage:
         version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
-        path = install(staged, self.adapters_dir, name)
-        self.store.adapters.stage(version, name, lane.policy, str(path), asdict(stats))
+        path = await asyncio.to_thread(install, staged, self.adapters_dir, name)
+        await asyncio.to_thread(self.store.adapters.stage, version, name, lane.policy,
+                                str(path), asdict(stats))
         log.info("publishing %s", name)
         try:
             for vllm in self.vllms:  # verified on each; current only once all have it
                 await load_verified(vllm, name, path)
         except NotLoaded as exc:
-            trainer.rewind("before")  # the turns stay untrained: learn from them again
-            self.store.adapters.set_status(version, AdapterStatus.FAILED, str(exc))
+            # The turns stay untrained: learn from them again.
+            await asyncio.to_thread(trainer.rewind, "before")
+            await asyncio.to_thread(self.store.adapters.set_status, version,
+                                    AdapterStatus.FAILED, str(exc))
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(
                 StepResult(version, name, stats, AdapterStatus.FAILED, str(exc)), lane)
-        self.store.adapters.publish(version, ids, lane.policy)
+        await asyncio.to_thread(self.store.adapters.publish, version, ids, lane.policy)
         self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
@@ -267,14 +270,14 @@ class TrainingStage:
                     log.warning("step taken at %gx the learning rate (KL %s)", scale,
                                 ", ".join(f"{kl:.3f}" for _, kl in moved))
                 return stats, moved
-            trainer.rewind("before")
+            await asyncio.to_thread(trainer.rewind, "before")
         return None, moved
 
     async def _fresh_name(self, policy: str) -> tuple[int, str]:
         """The next version, skipping names a backend already has loaded: a store that
         was reset while vLLM kept running would otherwise reuse a name for different
         weights, which vLLM would keep serving from its cache."""
-        version = self.store.adapters.next_version()
+        version = await asyncio.to_thread(self.store.adapters.next_version)
         taken: set[str] = set()
         for vllm in self.vllms:
             # An unreachable backend gets the adapter when it is back.
@@ -297,12 +300,13 @@ class TrainingStage:
         versions that never became current (a learner killed while publishing one, after
         vLLM had loaded it); then delete old directories."""
         if not self.started:  # what a killed learner was publishing will never serve
-            abandoned = self.store.adapters.abandon_staged()
+            abandoned = await asyncio.to_thread(self.store.adapters.abandon_staged)
             if abandoned:
                 log.warning("%d version(s) a stopped learner was publishing: abandoned",
                             abandoned)
             self.started = True
-        rows = [r for r in self.store.adapters.versions() if owns(self.policy, r["policy"])]
+        versions = await asyncio.to_thread(self.store.adapters.versions)
+        rows = [r for r in versions if owns(self.policy, r["policy"])]
         for vllm in self.vllms:
             try:
                 loaded = await vllm.models()
@@ -323,6 +327,11 @@ class TrainingStage:
                     log.warning("unloading %s from %s: it never served", row["name"],
                                 vllm.url)
                     await vllm.unload_adapter(row["name"])
+        await asyncio.to_thread(self._retire_and_prune, rows)
+
+    def _retire_and_prune(self, rows: list[dict[str, Any]]) -> None:
+        """Versions past their grace period are unloaded (in the store), then old
+        directories deleted (in a thread: SQL and rmtree)."""
         for row in rows:
             retired = row["retired_at"] or 0
             if row["status"] == AdapterStatus.PREVIOUS \
