@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.vllm_bench import converse
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import spawn, stop_group
+from nextstate.experiment.converse import converse
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig

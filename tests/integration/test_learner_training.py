@@ -10,7 +10,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from bench.vllm_bench import converse
+from nextstate.experiment.converse import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig

@@ -33,11 +33,11 @@ import httpx
 
 from nextstate.core.lora import PUBLISHED
 from nextstate.core.vllm_server import free_port
-from nextstate.learner.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
-from nextstate.learner.experiment.client import RetryingTransport
-from nextstate.learner.experiment.personas import Persona, SimulatedUser
-from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
-from nextstate.learner.experiment.styles import Problem, detect, make_problem
+from nextstate.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
+from nextstate.experiment.client import RetryingTransport
+from nextstate.experiment.personas import Persona, SimulatedUser
+from nextstate.experiment.run import BenchConfig, Progress, conversation
+from nextstate.experiment.styles import Problem, detect, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig

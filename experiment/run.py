@@ -26,9 +26,9 @@ import httpx
 
 from nextstate.core.lora import AdapterStatus
 from nextstate.core.vllm_server import free_port
-from nextstate.learner.experiment.client import RetryingTransport
-from nextstate.learner.experiment.personas import Persona, SimulatedUser
-from nextstate.learner.experiment.styles import Problem, make_problem
+from nextstate.experiment.client import RetryingTransport
+from nextstate.experiment.personas import Persona, SimulatedUser
+from nextstate.experiment.styles import Problem, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
