@@ -189,7 +189,7 @@ async def _learn(args: argparse.Namespace) -> None:
 
     trainer = replace(TrainerConfig(), batch_turns=4)
     learner = Learner(LearnerConfig(
-        store_url=args.store, backend_url=args.backend, base_model=TOY,
+        store_url=args.store, backends=(args.backend,), base_model=TOY,
         model_dir=Path(args.model_dir), adapters_dir=Path(args.adapters),
         training=TrainingConfig(trainer=trainer, unload_grace=0.0)))
     try:

@@ -66,14 +66,14 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
                    workdir: Path, progress: Progress = print) -> ModeRun:
     policy = f"pair-{mode}-s{config.seed}"
     store_url = f"sqlite:///{workdir / policy}.db"
-    settings = ProxySettings(backend_url=vllm_url, store_url=store_url,
+    settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=workdir / "spool" / policy, policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05)
     trainer = TrainerConfig(method="combined", batch_turns=config.batch_turns,
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
     learner = Learner(LearnerConfig(
-        store_url=store_url, backend_url=vllm_url, base_model=base_model, policy=policy,
+        store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
         model_dir=model_dir, adapters_dir=workdir / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0, personal_min_turns=(
             personal_after if mode == "personal" else None))))

@@ -222,7 +222,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
     started: list[ProxyServer] = []
 
     def start(backend_url: str, **overrides: Any) -> ProxyServer:
-        settings = ProxySettings(backend_url=backend_url,
+        settings = ProxySettings(backends=(backend_url,),
                                  store_url=f"sqlite:///{tmp_path / 'store.db'}",
                                  spool_dir=tmp_path / "spool")
         proxy = ProxyServer(replace(settings, **overrides), free_port()).start()

@@ -212,7 +212,7 @@ def test_serve_with_the_openai_base_url_form_proxies_to_the_right_paths(tmp_path
         seen.append(request.url.path)
         return fake(request)
 
-    settings = ProxySettings(backend_url="http://vllm:8000/v1", store_url=f"sqlite:///"
+    settings = ProxySettings(backends=("http://vllm:8000/v1",), store_url=f"sqlite:///"
                              f"{tmp_path}/s.db", spool_dir=tmp_path / "spool")
     assert settings.backend_url == "http://vllm:8000"
     with TestClient(make_app(settings, transport=httpx.MockTransport(upstream))) as client:

@@ -81,7 +81,7 @@ async def test_proxy_and_learner_serve_publish_roll_back_and_forget_through_the_
     converse(proxy.base_url, 4, 20, user="alice")
     proxy.turns(25)
     learner = Learner(LearnerConfig(
-        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        store_url=proxy.settings.resolved_store_url(), backends=(vllm.url,),
         backend_api_key=KEY, base_model=MODEL_NAME, model_dir=toy_model,
         adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=4),

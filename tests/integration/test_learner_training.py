@@ -22,7 +22,7 @@ def learner_for(proxy, vllm, toy_model, tmp_path, unload_grace: float = 0.0,
                 **training) -> Learner:
     trainer = replace(TrainerConfig(), batch_turns=4, **training)
     return Learner(LearnerConfig(
-        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        store_url=proxy.settings.resolved_store_url(), backends=(vllm.url,),
         base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=unload_grace)))
 
