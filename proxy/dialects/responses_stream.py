@@ -59,6 +59,7 @@ class ResponsesStream:
         self.finish: str | None = None
         self.usage: JSON | None = None
         self.failed = False
+        self.final: JSON | None = None  # the completed object (to keep, for previous_response_id)
 
     def feed(self, chunk: JSON) -> bytes:
         if self.failed:
@@ -85,8 +86,8 @@ class ResponsesStream:
         out = [] if self.response is not None else self._start({})
         out += self._close()
         assert self.response is not None
-        final = finished(self.response, self.items, self.finish, self.usage)
-        out.append(self._event("response.completed", {"response": final}))
+        self.final = finished(self.response, self.items, self.finish, self.usage)
+        out.append(self._event("response.completed", {"response": self.final}))
         return b"".join(out)
 
     def fail(self, error: Any) -> bytes:

@@ -83,7 +83,14 @@ class DialectHarness:
             return Response(exc.body(), exc.status, media_type="application/json")
         if body.get("stream"):
             stream = ResponsesStream(body, self.served)
-            return await self._stream(chat, stream.feed, stream.done, lambda s, b: b)
+
+            def done() -> bytes:
+                out = stream.done()
+                if stream.final is not None and body.get("store") is not False:
+                    self.kept[stream.final["id"]] = keep(body, stream.final)
+                return out
+
+            return await self._stream(chat, stream.feed, done, lambda s, b: b)
         status, answer = await self._whole(chat)
         if status != 200:  # vLLM's Responses errors have the chat route's shape
             return Response(answer, status, media_type="application/json")

@@ -92,3 +92,24 @@ def _merged(last: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         if "logprobs" in data:
             merged["logprobs"] = last["logprobs"] + data["logprobs"]
     return merged
+
+
+def uncached(obj: Any) -> Any:
+    """``obj`` with the prefix cache's share of the prompt folded back into the prompt.
+
+    How much of a prompt vLLM finds in its prefix cache depends on what ran before (the
+    second of two identical requests finds more), not on the route; the prompt's size
+    does not. Anthropic usage keeps the total in ``input_tokens``; Responses usage zeroes
+    the cache counts (the chat route reports them only with
+    ``--enable-prompt-tokens-details``)."""
+    if isinstance(obj, list | tuple):
+        return [uncached(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: uncached(v) for k, v in obj.items()}
+    if "input_tokens" in out and "output_tokens" in out and "total_tokens" not in out:
+        for key in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+            out["input_tokens"] += out.pop(key, 0) or 0
+    if "cached_tokens" in out and "cache_write_tokens" in out:
+        out["cached_tokens"] = out["cache_write_tokens"] = 0
+    return out
