@@ -33,7 +33,8 @@ WEATHER = {"name": "get_weather", "description": "Get the weather",
                             "required": ["city"]}}
 FUNCTION = {"type": "function", "name": WEATHER["name"], "description": WEATHER["description"],
             "parameters": WEATHER["input_schema"]}
-IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+IMAGE = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+         "AAAABJRU5ErkJggg==")  # a 1x1 PNG
 
 MESSAGES = {
     "plain": {"messages": [{"role": "user", "content": "Hello there"}]},
