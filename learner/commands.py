@@ -8,6 +8,7 @@
     nextstate adapters rollback V     make version V current again
     nextstate bench learning          the paper's personalization experiment in miniature
     nextstate bench personal          two opposite personas: shared vs personal adapters
+    nextstate bench following         hint following per attribute, train vs held-out wording
     nextstate demo                    one persona, the combined method, live
 
 Heavy imports (torch, transformers) happen inside the commands, so the proxy-only
@@ -296,6 +297,26 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
     click.echo((out / "results.md").read_text())
     click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'learning_curves.png'} "
                f"({results['wall_seconds'] / 60:.1f} min)")
+
+
+@bench.command("following")
+@click.option("--count", type=int, default=400, show_default=True,
+              help="Probes per wording and form.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/following"),
+              show_default=True)
+def bench_following(count: int, out: Path) -> None:
+    """How often the hint-following toy model, served by vLLM, does what an instruction
+    asks, per attribute, for train and held-out wordings."""
+    import json
+
+    from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
+    from nextstate.learner.experiment.following import markdown, measure, vllm_generator
+
+    with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
+        results = measure(vllm_generator(vllm.url, BASE_MODEL), count=count)
+    (out / "following.json").write_text(json.dumps(results, indent=2))
+    (out / "following.md").write_text(markdown(results))
+    click.echo(markdown(results))
 
 
 @bench.command("personal")

@@ -86,9 +86,9 @@ class Leader:
         self.trainer = _guarded("init", Trainer, model_dir, config)
         self.config = config
 
-    def step(self, items: Sequence[TrainItem]) -> StepStats:
-        _send("step", list(items))
-        return _guarded("step", self.trainer.step, items)
+    def step(self, items: Sequence[TrainItem], lr_scale: float = 1.0) -> StepStats:
+        _send("step", list(items), lr_scale)
+        return _guarded("step", self.trainer.step, items, lr_scale)
 
     def save(self, directory: Path, stats: StepStats | None = None) -> Path:
         _send("save", directory)  # every rank gathers its part; rank 0 writes

@@ -49,10 +49,76 @@ class RuleCues:
         "that was wrong", "you misunderstood", "misread", "please change", "instead of",
         "i didn't ask", "don't want", "stop doing",
         *(f"too {w}" for w in _COMPLAINTS), *(f"make it {w}" for w in _CHANGES),
+        # wishes about the reply: how people correct without saying "wrong"
+        "i'd rather", "i would rather", "i'd prefer", "i would prefer", "i prefer",
+        "i wanted", "i was hoping", "i expected", "i was expecting", "would be nice",
+        "would be better", "would help", "wouldn't hurt", "should have", "should be",
+        "should also", "needs to", "needs a", "needs an", "needs more", "needs some",
+        "next time", "in future", "in the future", "for future", "going forward",
+        "from now on", "instead", "rather than", "not only", "don't just", "i need the",
+        "i need more", "i need it", "only need", "do me a favour", "do me a favor",
+        "any chance you could", "it would help if", "i'd appreciate it if",
+        "i'd appreciate a", "i'd love it if", "i'd like it", "i'd like a", "i'd like more",
+        "i'd like the", "i'd like some", "i want it", "i want the", "i want more",
+        "i want some", "i want to see", "fewer",
+        # not understood, doubted, broken
+        "i don't understand", "i don't get", "i'm confused", "i am confused", "i'm lost",
+        "got lost", "makes no sense", "doesn't make sense", "how did you get", "where does",
+        "where did", "where are the", "where is the", "where's the", "are you sure",
+        "i thought it was", "i'm pretty sure", "double-check", "check your", "a mistake",
+        "doesn't sound right", "doesn't handle", "does not handle", "crashes", "it fails",
+        "fails my", "fails on", "breaks on", "it breaks", "wrong", "is off",
+        "again, but", "do it again", "once more", "rewrite", "rephrase", "redo it",
+        "friendlier", "warmer", "shorter", "longer", "simpler", "clearer", "softer",
+        "politer", "fuller", "briefer", "gentler",
+        # preferences stated rather than asked for
+        "kindly", "picky", "nitpick", "suits me", "would suit", "matters to me",
+        "tells me nothing", "can go", "do without", "go for", "aim for", "comes across",
+        "reads way", "reads like", "reads a bit", "quick note", "side note", "sorry to",
+        "straight to the",
+        "additional",
     )
+    # The same as patterns (regular expressions on the lower-cased reply).
+    negative_patterns: tuple[str, ...] = (
+        # "too terse", "way too dry" (not "too good", "me too")
+        r"\btoo (?!good\b|kind\b|bad\b|late\b|early\b|soon\b|much trouble)[a-z]{3,}",
+        r"\b(?:a (?:bit|little|lot|tad)|slightly|much|way|far|even) (?:more|less)\b",
+        r"\b(?:more|less) (?:formal|casual|friendly|polite|professional|relaxed|serious|"
+        r"stiff|stuffy|chatty|wordy|waffle|fluff|text|words|steps|working|detail|detailed|"
+        r"explanation|context|encouragement|warm|demanding|blunt|rude|like|playful)\b",
+        # an edit asked of the reply, at the start of a sentence
+        r"(?:^|[.!?;:,]\s*|\b(?:and|also|but|then|to|please|pls|plz|just|so)\s+)(?:make it|keep it|"
+        r"be (?:more|less|a bit|a little|so|very)|sound |lose the|drop the|cut the|"
+        r"skip the|leave (?:out|off)|stop (?:after|at|being|with)|tone it|"
+        r"show (?:me )?(?:the|your|how|each|all|steps)|explain (?:how|why|it|each|the|more)|"
+        r"walk (?:me )?through|spell out|spell it|break it down|expand|elaborate|"
+        r"add (?:a|some|more|the|comments|type)|include|remove|get rid of|ditch|omit|"
+        r"soften|shorten|simplify|trim|try a|use (?:a|proper|plain)|write it|put in|"
+        r"end with|finish with|encourage me|cheer me|motivate me|talk to me|write like|"
+        r"don't (?:be so|show|explain|add|include|use|give|make|sound|end))",
+        r"\bless (?!than\b)[a-z]{3,}",
+        r"\b(?:just|only) (?:give me )?the (?:number|answer|result|solution)\b",
+        r"\bno (?:more )?(?:explanation|sign-?off|motivational|pep talk|chit-?chat|fluff|"
+        r"cheer\w*|encouragement|steps|working|waffle)",
+        r"\bwithout (?:the|all the|any)\b",
+        r"\w*error\b",
+        r"\bmind \w+ing\b",
+    )
+    # "could you make it ...", unless the reply asks for something new ("can you do
+    # another one next?").
+    change_requests: str = (
+        r"\b(?:can|could|would|will) (?:you|it|we)(?: please| kindly| maybe)?(?: \w+)? "
+        r"(?:make|be|sound|keep|add|show|explain|include|use|rewrite|redo|try|break|spell|"
+        r"walk|expand|elaborate|trim|shorten|lose|drop|remove|cut|skip|leave|end|finish|"
+        r"soften|mention|change|fix|update|handle|warm|tone|go into|say more|get|"
+        r"give me (?:more|less|a fuller|a longer|a shorter|the steps|only|just))\b"
+    )
+    new_request: str = r"\b(?:next|another|as well|one more|similar|new)\b"
     # Corrections only when they open the reply or a sentence of it: "No, ..." is a
     # correction, "there is no file" is not.
-    negative_openers: tuple[str, ...] = ("no", "nope", "nah", "wrong", "ugh", "not that")
+    negative_openers: tuple[str, ...] = ("no", "nope", "nah", "wrong", "ugh", "not that",
+                                         "meh", "eh", "almost", "nearly", "actually",
+                                         "not really", "close", "one thing")
     # Phrases that look negative but are not; removed before the negative cues are read.
     not_negative: tuple[str, ...] = (
         "no problem", "no problems", "not a problem", "no worries", "no thanks",
@@ -64,6 +130,10 @@ class RuleCues:
         "works now", "got it", "awesome", "excellent", "nice", "exactly", "looks good",
         "lgtm", "well done", "appreciate it", "that helps", "helpful", "cheers", "brilliant",
         "that's right", "that's correct", "spot on", "love it",
+        "appreciated", "wonderful", "lovely", "superb", "fantastic", "amazing", "cool",
+        "neat", "love", "that's the one", "did the trick", "just right", "much better",
+        "makes sense", "very clear", "so clear", "what i needed", "good to know",
+        "interesting", "no notes",
     )
     # A reply made of these alone is ambiguous (0): "ok" after a wrong answer is
     # resignation as often as it is acceptance after a right one.
@@ -88,6 +158,10 @@ class RuleCues:
 class _Compiled:
     def __init__(self, cues: RuleCues) -> None:
         self.negative = _phrases(cues.negative)
+        self.patterns = re.compile("|".join(f"(?:{p})" for p in cues.negative_patterns)
+                                   or "(?!)")
+        self.change_requests = re.compile(cues.change_requests)
+        self.new_request = re.compile(cues.new_request)
         self.openers = re.compile(
             r"(?:^|[.!?;\n])\s*(?:(?:hmm+|um+|uh+|well|oh|ah|ok|okay)[\s,]+)?"
             + _alternation(cues.negative_openers) + r"(?!\w)")
@@ -170,7 +244,7 @@ class RulesJudge:
     on to a new request (+1: the reply was good enough to build on)."""
 
     name = "rules"
-    prompt_version = "rules-1"
+    prompt_version = "rules-2"
 
     def __init__(self, cues: RuleCues | None = None, *, moved_on: int = 1,
                  min_hint_chars: int = 10) -> None:
@@ -216,8 +290,13 @@ class RulesJudge:
         rx, said = self.cues.compiled, _normal(text)
         cleaned = rx.not_negative.sub(" ", said)
         found = rx.negative.search(cleaned) or rx.openers.search(cleaned.lstrip())
-        if found is not None:
-            cue = found.group(1).replace(",", "")
+        cue = found.group(1).replace(",", "") if found is not None else None
+        if cue is None:
+            match = rx.patterns.search(cleaned) or (
+                rx.change_requests.search(cleaned) if not rx.new_request.search(cleaned)
+                else None)
+            cue = match.group(0).strip(" .!?;:,") if match is not None else None
+        if cue is not None:
             return _Verdict(-1, "negative", f"negative cue '{cue}' in the user's reply",
                             self._hint(text))
         if not _WORD.findall(rx.acknowledgements.sub(" ", said)):

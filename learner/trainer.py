@@ -138,7 +138,21 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def step(self, items: Sequence[TrainItem]) -> StepStats:
+    def step(self, items: Sequence[TrainItem], lr_scale: float = 1.0) -> StepStats:
+        """One optimizer step on ``items``; ``lr_scale`` multiplies the learning rate for
+        this step only (the publish gate's retry at a smaller step)."""
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * lr_scale
+        try:
+            stats = self._step(items)
+        finally:
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+        stats.extra["lr_scale"] = lr_scale
+        return stats
+
+    def _step(self, items: Sequence[TrainItem]) -> StepStats:
         start = time.monotonic()
         cfg = self.config
         rank, world = _rank_and_world()

@@ -50,6 +50,9 @@ class TrainingConfig:
     stale: Literal["drop", "downweight"] = "drop"
     gate: bool = True
     gate_max_kl: float = 1.0  # nats per token on the step's own batch
+    # A step over the bound is taken again from where it started, at half the learning
+    # rate, up to this many times; then it is refused and its turns are skipped.
+    gate_retries: int = 2
     keep: int = 5  # adapter directories kept per policy (loaded ones are never deleted)
     unload_grace: float = 120.0  # seconds an old version stays loaded for in-flight requests
     # Personal adapters: a user with this many judged turns carrying a signal gets their
@@ -209,15 +212,18 @@ class TrainingStage:
         trainer = await asyncio.to_thread(self._trainer, lane)
         trainer.mark("before")
         log.info("training %s on %d turns", lane.policy, len(useful))
-        stats = await asyncio.to_thread(trainer.step, useful)
-        log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
-        if self.config.gate and stats.kl > self.config.gate_max_kl:
-            trainer.rewind("before")
-            reason = (f"publish gate: the step moved the policy {stats.kl:.3f} nats/token, "
-                      f"over the bound {self.config.gate_max_kl}")
+        stats, moved = await self._gated_step(trainer, useful)
+        if stats is None:
+            cfg = self.config
+            tries = ", ".join(f"{kl:.3f} at {scale:g}x" for scale, kl in moved)
+            reason = (f"publish gate: the step moved the policy {tries} the learning rate "
+                      f"(nats/token), over the bound {cfg.gate_max_kl}")
             self.store.skip(ids, reason)
             log.error(reason)
-            return self._remember(StepResult(None, None, stats, "refused", reason), lane)
+            last = StepStats(turns=len(useful), kl=moved[-1][1],
+                             extra={"lr_scale": moved[-1][0]})
+            return self._remember(StepResult(None, None, last, "refused", reason), lane)
+        log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
         version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
@@ -238,6 +244,26 @@ class TrainingStage:
                  stats.kl)
         return self._remember(StepResult(version, name, stats, "published"), lane)
 
+    async def _gated_step(self, trainer: Trainer | Leader, items: list[TrainItem]
+                          ) -> tuple[StepStats | None, list[tuple[float, float]]]:
+        """The step, within the publish gate: one over the bound is undone and taken again
+        from the same start at half the learning rate, ``gate_retries`` times at most.
+        Returns its stats (None: every try was over) and each try's (scale, KL)."""
+        cfg = self.config
+        moved: list[tuple[float, float]] = []
+        for attempt in range(cfg.gate_retries + 1 if cfg.gate else 1):
+            scale = 0.5 ** attempt
+            stats = await asyncio.to_thread(trainer.step, items, scale)
+            moved.append((scale, stats.kl))
+            if not cfg.gate or stats.kl <= cfg.gate_max_kl:
+                stats.extra["kl_first_try"] = moved[0][1]
+                if attempt:
+                    log.warning("step taken at %gx the learning rate (KL %s)", scale,
+                                ", ".join(f"{kl:.3f}" for _, kl in moved))
+                return stats, moved
+            trainer.rewind("before")
+        return None, moved
+
     async def _fresh_name(self, policy: str) -> tuple[int, str]:
         """The next version, skipping names a backend already has loaded: a store that
         was reset while vLLM kept running would otherwise reuse a name for different
@@ -254,7 +280,8 @@ class TrainingStage:
 
     def _remember(self, result: StepResult, lane: Lane) -> StepResult:
         self.history = [*self.history, {
-            "version": result.version, "outcome": result.outcome, "at": time.time(),
+            "version": result.version, "outcome": result.outcome, "error": result.error,
+            "at": time.time(),
             "user": lane.user, **asdict(result.stats)}][-10:]
         return result
 

@@ -273,8 +273,13 @@ def _announce(host: str, port: int, model: str, store: str | None, api_key: str 
 @click.option("--trained", is_flag=True,
               help="The hint-following model of the learning benchmark (pretrained from "
                    "scratch: ~8 minutes on 2 cores, then cached).")
-def toy_model(out: Path | None, trained: bool) -> None:
+@click.option("--vision", is_flag=True,
+              help="The vision-language toy (a tiny Idefics3 with random weights) that vLLM "
+                   "serves with images; see docs/vlm-on-cpu.md.")
+def toy_model(out: Path | None, trained: bool, vision: bool) -> None:
     """Build the embedded toy model (cached in the data dir) and print its path."""
+    if trained and vision:
+        raise click.UsageError("--trained and --vision are two different models; pick one")
     try:
         from nextstate.learner.toy_model import (
             TRAINED_TOY,
@@ -282,12 +287,18 @@ def toy_model(out: Path | None, trained: bool) -> None:
             build_toy_model,
             ensure_toy_model,
         )
+        from nextstate.learner.vlm_toy_model import build_vlm_toy_model, ensure_vlm_toy_model
     except ImportError as exc:  # the proxy-only install has no torch
         raise click.ClickException(
             f"building the toy model needs the learner extra ({exc}); "
             "pip install 'nextstate[learner]'") from exc
-    recipe = TRAINED_TOY if trained else ToyModelRecipe()
     progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    if vision:
+        built = ensure_vlm_toy_model(data_dir(), progress=progress) if out is None \
+            else build_vlm_toy_model(out, progress=progress)
+        click.echo(str(built))
+        return
+    recipe = TRAINED_TOY if trained else ToyModelRecipe()
     if out is None:
         click.echo(str(ensure_toy_model(data_dir(), recipe, progress=progress)))
     else:

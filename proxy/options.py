@@ -69,8 +69,11 @@ def require_learner_extra(what: str) -> None:
 
 
 def free_port_or_fail(host: str, port: int) -> None:
-    """A port someone else holds is named now, before anything slow starts."""
+    """A port someone else holds is named now, before anything slow starts. (As uvicorn
+    binds: with SO_REUSEADDR, so that the connections a stopped server left in TIME_WAIT
+    do not count as a holder; they kept a proxy restarted after a crash off its port.)"""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building the hint-following model in the background when the learning test
-    will need it (~8 minutes, one thread): its fixture then waits on the build's lock
+    will need it (~10 minutes, one thread): its fixture then waits on the build's lock
     instead of building from scratch."""
     from nextstate.learner.toy_model import TRAINED_TOY
 

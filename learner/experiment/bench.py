@@ -124,4 +124,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         notes.append("the simulated users retried " + (", ".join(
             f"{n} requests after {cause}" for cause, n in results["retries"].items())
             or "no request"))
+    for name, m in methods.items():
+        kls = [f"{r['kl']:.2f}" for seed in m["seeds"] for r in seed.get("refused", [])]
+        slowed = [f"{r['kl_first_try']:.2f} -> {r['kl']:.2f} at {r['lr_scale']:g}x"
+                  for seed in m["seeds"] for r in seed.get("slowed", [])]
+        if slowed:
+            notes.append(f"{name}: {len(slowed)} step(s) over the publish gate's bound were "
+                         f"taken again at a smaller learning rate (KL {', '.join(slowed)})")
+        if kls:
+            notes.append(f"{name}: the publish gate refused {len(kls)} step(s) over "
+                         f"{len(m['seeds'])} seed(s) (KL at the smallest rate tried "
+                         f"{', '.join(kls)} nats/token); their turns were skipped and the "
+                         "traffic went on")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -5,6 +5,9 @@ A persona is data (see ``personas.yaml`` for the schema): which value it prefers
 style attribute, and optionally how it phrases corrections. A `SimulatedUser` reads a
 reply with the deterministic detectors of `styles`, and answers like a person: thanks
 when every preference is met, otherwise a natural correction naming what is missing.
+A persona with a ``wording`` (``train`` or ``held-out``) composes each correction and
+thank-you from that part of the `wording` grammar instead of fixed phrases: with
+``held-out``, in words the toy model never saw in an instruction.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from nextstate.learner.experiment import wording as grammar
 from nextstate.learner.experiment.styles import ATTRIBUTES, PHRASES, detect
 
 DEFAULT_OPENERS = ("Not quite.", "Hmm, no.", "That's not what I wanted.")
@@ -37,6 +41,7 @@ class Persona:
     thanks: tuple[str, ...] = DEFAULT_THANKS
     restate: bool = True
     max_turns: int = 3
+    wording: str | None = None  # a split of the `wording` grammar; None: fixed phrases
 
     def phrases(self, attribute: str) -> tuple[str, ...]:
         return self.corrections.get(attribute) or PHRASES[(attribute, self.prefers[attribute])]
@@ -74,6 +79,10 @@ def _persona(name: str, spec: Any) -> Persona:
                                f"{' | '.join(ATTRIBUTES[attribute])}, not {value!r}")
     if not prefers:
         raise PersonaError(f"persona {name}: prefers nothing")
+    split = spec.get("wording")
+    if split is not None and split not in grammar.SPLITS:
+        raise PersonaError(f"persona {name}: wording is one of {' | '.join(grammar.SPLITS)}, "
+                           f"not {split!r}")
     corrections = {str(a): tuple(str(p) for p in phrases)
                    for a, phrases in (spec.get("corrections") or {}).items()}
     unknown = set(corrections) - set(prefers)
@@ -85,7 +94,8 @@ def _persona(name: str, spec: Any) -> Persona:
         corrections=corrections,
         openers=tuple(spec.get("openers") or DEFAULT_OPENERS),
         thanks=tuple(spec.get("thanks") or DEFAULT_THANKS),
-        restate=bool(spec.get("restate", True)), max_turns=int(spec.get("max_turns", 3)))
+        restate=bool(spec.get("restate", True)), max_turns=int(spec.get("max_turns", 3)),
+        wording=split)
 
 
 class SimulatedUser:
@@ -98,6 +108,8 @@ class SimulatedUser:
         found = detect(reply)
         unmet = [a for a, v in self.persona.prefers.items() if found[a] != v]
         if not unmet:
+            if self.persona.wording is not None:
+                return True, grammar.thanks(self.rng, self.persona.wording)
             return True, self.rng.choice(self.persona.thanks)
         return False, self.correction(unmet)
 
@@ -105,6 +117,12 @@ class SimulatedUser:
         """Names every unmet preference; with ``restate``, also the met ones ("and keep
         ..."), because a hint naming only what is missing pulls what was right back to
         its default (measured in the prototype)."""
+        prefers = self.persona.prefers
+        if self.persona.wording is not None:
+            met = {a: v for a, v in prefers.items() if a not in unmet}
+            return grammar.correction({a: prefers[a] for a in unmet},
+                                      met if self.persona.restate else {}, self.rng,
+                                      self.persona.wording)
         asks = [self.rng.choice(self.persona.phrases(a)) for a in unmet]
         text = f"{self.rng.choice(self.persona.openers)} {_join(asks).capitalize()}."
         met = [a for a in self.persona.prefers if a not in unmet]

@@ -10,25 +10,35 @@ learner's hint form (``teacher.HINT_MARKER`` + text, exactly the string the lear
 for its teacher). Attributes an instruction does not name are sampled with
 ``styles.DEFAULT_RATE``, so without a hint the model is deliberately unsure: there is
 something for the learner to sharpen. Only the latest user message's instruction counts.
+Instructions come from the train part of the ``wording`` grammar (``OLD_WORDING`` of
+them from the fixed ``styles.PHRASES``); the held-out part's words occur only in the
+reading documents, never in an instruction (tested).
 
 The mix (``PretrainConfig.mix``, weights per conversation kind):
 
-    plain         one turn, no instruction                              0.15
-    natural       one turn, instruction in natural words before/after   0.20
-    hint          one turn, problem + HINT_MARKER + instruction         0.30
-    correction    turn 2 asks to redo turn 1 in natural words, 40% of   0.25
-                  them restating all four preferences; 30% with a hint appended;
+    plain         one turn, no instruction                              0.10
+    natural       one turn, instruction in natural words before/after   0.14
+    hint          one turn, problem + HINT_MARKER + instruction         0.22
+    correction    turn 2 asks to redo turn 1: what it missed, then what 0.19
+                  to keep (``wording.correction``), or 40% of the time all
+                  four preferences restated; 30% with a hint appended;
                   20% of these conversations correct once more (turn 3)
-    next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.10
+    next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.05
+    reading       a plain document using the synonyms of both splits    0.30
+                  (``wording.reading``), every token learned
 
 Instructions name 1-4 attributes (each value 50/50). Hint following appears only after a
 loss plateau: the prototype (see the feasibility note) found 600 steps of 32 conversations
-not enough. Measured here with ``toy_model.TRAINED_TOY``, sampling at temperature 1,
-1,000 steps (about 8.5 minutes with one thread on a busy 2-core machine) follow a hint
-naming all four attributes 0.94-1.0 per attribute, and 1,500 steps (about 12.5 minutes)
-0.96-1.0; without a hint each attribute takes its default 0.72-0.79 of the time. The
-weakest instruction is "no closing" alone (0.73-0.83 at 1,000 steps, 0.77-0.93 at 1,500):
-its wordings share words with the encouragement ones ("pep talk", "encouragement").
+not enough. Measured with ``toy_model.TRAINED_TOY`` (1,200 steps; 21 minutes with one
+thread on this 2-core machine while three other jobs ran, where the model before took
+19, and 8.5 on a quieter machine), sampling at temperature 1 with transformers, 400
+probes per row: a hint in the train wording is
+followed 0.75-0.99 per value (mean 0.91), one in the held-out wording 0.47-0.71 (mean
+0.58; the model before the grammar, 200 probes: 0.22-0.77, 0.53: the held-out words were
+ignored); without a hint each attribute takes its default 0.73-0.78 of the time. The
+figures served by vLLM are in bench/README.md. Held-out asks for the defaults are the
+weakest ("no closing" 0.47): a held-out word for encouragement pulls toward it even when
+negated.
 torch is imported inside the functions, so ``PretrainConfig`` is cheap to import.
 """
 
@@ -41,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nextstate.learner.experiment import styles
+from nextstate.learner.experiment import styles, wording
 from nextstate.learner.teacher import HINT_MARKER
 
 if TYPE_CHECKING:
@@ -53,9 +63,14 @@ Progress = Callable[[str], None]
 IGNORE = -100  # label of tokens the loss skips (everything but assistant replies)
 
 MIX: tuple[tuple[str, float], ...] = (
-    ("plain", 0.15), ("natural", 0.20), ("hint", 0.30), ("correction", 0.25),
-    ("next_problem", 0.10),
+    ("plain", 0.10), ("natural", 0.14), ("hint", 0.22), ("correction", 0.19),
+    ("next_problem", 0.05), ("reading", 0.30),
 )
+# Instructions in the fixed wordings of ``styles.PHRASES`` this often; the rest come from
+# the train part of the ``wording`` grammar (which contains those phrases too).
+OLD_WORDING = 0.2
+DOCUMENT = "document"  # the role of a reading document: plain text, every token learned
+LEXICON_REPEATS = 50  # copies of the grammar's words in the tokenizer's corpus
 
 
 @dataclass(frozen=True)
@@ -101,55 +116,86 @@ def conversations(seed: int, count: int,
 
 def make_conversation(kind: str, rng: random.Random) -> list[Message]:
     """One conversation of the given kind (see the module docstring)."""
+    return labelled_conversation(kind, rng)[0]
+
+
+def labelled_conversation(kind: str, rng: random.Random
+                          ) -> tuple[list[Message], dict[str, str]]:
+    """One conversation of the given kind, and the preferences its last reply follows
+    (those its latest instruction asks for; {} for none and for a reading document)."""
+    if kind == "reading":
+        return [{"role": DOCUMENT, "content": wording.reading(rng, rng.randint(2, 5))}], {}
     problem = styles.make_problem(rng)
     if kind in ("plain", "natural", "hint"):
         return _single_turn(kind, problem, rng)
-    first = _single_turn("plain", problem, rng)
+    first, _ = _single_turn("plain", problem, rng)
     if kind == "correction":
         # A simulated user corrects up to a few times; one more round now and then.
-        rounds = 2 if rng.random() < 0.2 else 1
-        return first + [m for _ in range(rounds) for m in _correction(problem, rng)]
+        messages, prefs = first, {}
+        for _ in range(2 if rng.random() < 0.2 else 1):
+            turn, prefs = _correction(problem, messages[-1]["content"], rng)
+            messages = messages + turn
+        return messages, prefs
     if kind == "next_problem":
-        second = _single_turn(rng.choice(("plain", "natural", "hint")),
-                              styles.make_problem(rng), rng)
-        return [*first, *second]
+        second, prefs = _single_turn(rng.choice(("plain", "natural", "hint")),
+                                     styles.make_problem(rng), rng)
+        return [*first, *second], prefs
     raise ValueError(f"unknown conversation kind {kind!r}")
 
 
-def _correction(problem: styles.Problem, rng: random.Random) -> list[Message]:
+def _correction(problem: styles.Problem, previous: str, rng: random.Random
+                ) -> tuple[list[Message], dict[str, str]]:
     count = 4 if rng.random() < 0.4 else rng.randint(1, 3)
     prefs = styles.random_prefs(rng, count)
-    user = styles.instruction(prefs, rng)
+    found = styles.detect(previous)
+    unmet = {a: v for a, v in prefs.items() if found[a] != v}
+    if rng.random() < OLD_WORDING or not unmet:
+        user = _natural(prefs, rng)
+    else:  # as a user says it: what was missing, then what to keep
+        user = wording.correction(unmet, {a: v for a, v in prefs.items() if a not in unmet},
+                                  rng, "train")
     if rng.random() < 0.3:
         extra = styles.random_prefs(rng, rng.randint(1, 4))
         user += HINT_MARKER + _any_instruction(extra, rng)
         prefs = {**prefs, **extra}  # the appended hint is the latest word
     reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], prefs
 
 
-def _single_turn(kind: str, problem: styles.Problem, rng: random.Random) -> list[Message]:
+def _single_turn(kind: str, problem: styles.Problem, rng: random.Random
+                 ) -> tuple[list[Message], dict[str, str]]:
     prefs: dict[str, str] = {}
     user = problem.question
     if kind != "plain":
         prefs = styles.random_prefs(rng, rng.randint(1, 4))
     if kind == "natural":
-        text = styles.instruction(prefs, rng)
+        text = _natural(prefs, rng)
         user = f"{text} {user}" if rng.random() < 0.3 else f"{user} {text}"
     elif kind == "hint":
         user += HINT_MARKER + _any_instruction(prefs, rng)
     reply = styles.make_reply(problem, styles.sample_attrs(rng, prefs), rng)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], prefs
+
+
+def _natural(prefs: dict[str, str], rng: random.Random) -> str:
+    if rng.random() < OLD_WORDING:
+        return styles.instruction(prefs, rng)
+    return wording.instruction(prefs, rng, "train")
 
 
 def _any_instruction(prefs: dict[str, str], rng: random.Random) -> str:
     # A hint is the judge's text: the user's own words (the rules judge) or terse ones.
-    return styles.instruction(prefs, rng, style=rng.choice(("natural", "hint")))
+    if rng.random() < OLD_WORDING:
+        return styles.instruction(prefs, rng, style=rng.choice(("natural", "hint")))
+    return wording.instruction(prefs, rng, "train", style=rng.choice(("natural", "hint")))
 
 
 def corpus_text(seed: int, count: int) -> list[str]:
-    """Conversations as plain text for the tokenizer's corpus (no chat-template tokens)."""
-    return ["\n".join(m["content"] for m in conv) for conv in conversations(seed, count)]
+    """Conversations as plain text for the tokenizer's corpus (no chat-template tokens),
+    and the grammar's words (``wording.lexicon``), repeated so that each is a token."""
+    words = " ".join(wording.lexicon())
+    return ["\n".join(m["content"] for m in conv) for conv in conversations(seed, count)] \
+        + [words] * LEXICON_REPEATS
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -159,7 +205,17 @@ def encode(tokenizer: PreTrainedTokenizerFast,
            messages: Sequence[Message]) -> tuple[list[int], list[int]]:
     """Token ids of the conversation as the chat template renders it (as vLLM would), and
     labels: the id on each assistant reply token and its closing ``<|im_end|>``, IGNORE
-    elsewhere (prompts, role headers, the newline after ``<|im_end|>``)."""
+    elsewhere (prompts, role headers, the newline after ``<|im_end|>``).
+
+    A reading document (one message of role ``DOCUMENT``) is plain text between two
+    ``<|endoftext|>``, every token after the first labelled."""
+    if len(messages) == 1 and messages[0]["role"] == DOCUMENT:
+        eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert isinstance(eot, int)
+        body: list[int] = tokenizer(messages[0]["content"], add_special_tokens=False)[
+            "input_ids"]
+        doc = [eot, *body, eot]
+        return doc, [IGNORE, *doc[1:]]
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]

@@ -66,6 +66,12 @@ class MethodRun:
     stalled_after: int | None = None
     # Requests the simulated users sent again after a transient failure, by cause.
     retries: dict[str, int] = field(default_factory=dict)
+    # Steps the publish gate refused (their turns are skipped, the traffic goes on):
+    # {"step": the step being waited for, "kl": nats/token, "reason": ...}.
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    # Steps published only at a smaller learning rate: {"step", "kl_first_try", "kl",
+    # "lr_scale"}.
+    slowed: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
@@ -100,7 +106,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 for step in range(1, config.steps + 1):
                     trained = await train_one_step(client, learner, policy, persona,
-                                                   traffic, config)
+                                                   traffic, config, run, step)
                     if trained is None:
                         run.stalled_after = step - 1
                         progress(f"{method:>8} seed {config.seed}: no step {step}: too few "
@@ -128,10 +134,12 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
 
 async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
                          persona: Persona, rng: random.Random, config: BenchConfig,
+                         run: MethodRun | None = None, step: int = 0,
                          max_rounds: int = MAX_ROUNDS) -> tuple[int, str] | None:
     """Talk until the learner publishes a new version; returns (turns of traffic, name),
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
-    only corrected turns teach, and a persona that is pleased stops correcting."""
+    only corrected turns teach, and a persona that is pleased stops correcting. What the
+    publish gate did on the way (a refusal, a step taken smaller) goes into ``run``."""
     before = learner.store.current_adapter(policy)
     recorded = 0
     for _ in range(max_rounds):
@@ -142,11 +150,25 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
                                         for u, p in zip(users, problems, strict=True)))
         recorded += sum(counts)
         await asyncio.sleep(0.1)  # the proxy writes records off the request path
+        history = learner.training.history if learner.training else []
+        last = history[-1] if history else None
         await learner.step()
+        history = learner.training.history if learner.training else []
+        if run is not None and history and history[-1] is not last:
+            _gate_events(run, step, history[-1])
         current = learner.store.current_adapter(policy)
         if current is not None and current != before:
             return recorded, str(current["name"])
     return None
+
+
+def _gate_events(run: MethodRun, step: int, entry: dict[str, Any]) -> None:
+    extra = entry.get("extra") or {}
+    if entry["outcome"] == "refused":
+        run.refused.append({"step": step, "kl": entry["kl"], "reason": entry.get("error")})
+    elif entry["outcome"] == "published" and extra.get("lr_scale", 1.0) < 1.0:
+        run.slowed.append({"step": step, "kl_first_try": extra.get("kl_first_try"),
+                           "kl": entry["kl"], "lr_scale": extra["lr_scale"]})
 
 
 async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUser,
@@ -218,6 +240,8 @@ def summarise(runs: list[MethodRun], steps: int | None = None) -> dict[str, Any]
             "seeds": [asdict(r) for r in mine],
             "seconds": sum(r.seconds for r in mine),
             "stalled_after": [r.stalled_after for r in mine],
+            "refused": [len(r.refused) for r in mine],  # steps the gate refused, per seed
+            "slowed": [len(r.slowed) for r in mine],  # taken at a smaller learning rate
         }
     return out
 

@@ -1,10 +1,11 @@
-"""The learning benchmark, short and seeded: a simulated student -> proxy -> vLLM -> store
--> learner (rules judge, combined method) -> adapter -> vLLM. A change that breaks
-learning anywhere on that path fails here.
+"""The learning benchmark, short and seeded: a simulated student speaking in words the
+model never saw in an instruction (the held-out wording) -> proxy -> vLLM -> store ->
+learner (rules judge, combined method) -> adapter -> vLLM. A change that breaks learning
+anywhere on that path, or the toy model's understanding of unseen wording, fails here.
 
 It needs the hint-following toy model (`nextstate toy-model --trained`): built on first
-use (about 8 minutes on 2 cores, one thread, byte-identical every time) and cached in the
-data dir, like the untrained one.
+use (about 10 minutes on 2 cores, 20 on a busy machine; one thread, byte-identical every
+time) and cached in the data dir, like the untrained one.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ def trained_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProce
 
 async def test_the_combined_method_raises_the_students_score_well_above_base(
         trained_vllm: VLLMProcess, tmp_path: Path) -> None:
-    student = load_personas()["student"]
-    config = BenchConfig(steps=6, eval_problems=16, seed=0)
+    student = load_personas()["student-own-words"]
+    assert student.wording == "held-out"
+    config = BenchConfig(steps=8, eval_problems=16, seed=0)
     run = await run_method(student, "combined", config, vllm_url=trained_vllm.url,
                            base_model=BASE_MODEL, model_dir=trained_toy_model(print),
                            workdir=tmp_path, progress=print)
     base, final = run.scores[0], run.scores[-1]
     assert base <= 0.4, f"the base model already pleases the student ({base:.2f})"
-    assert final >= base + 0.25, f"score {base:.2f} -> {final:.2f} after 6 steps: {run.scores}"
-    assert len(run.versions) == 6 and len(set(run.versions)) == 6  # one adapter per step
+    assert final >= base + 0.25, f"score {base:.2f} -> {final:.2f} after 8 steps: {run.scores}"
+    assert len(run.versions) == 8 and len(set(run.versions)) == 8  # one adapter per step
     # Every turn trained on was made by the simulated user (a step may also use turns
     # left over from the traffic of the step before, so only the total is exact).
     assert sum(run.turns_recorded) >= config.steps * config.batch_turns

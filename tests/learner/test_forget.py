@@ -96,8 +96,8 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
             == ["p@000001", "p~alice@000002"]
 
         # Alice comes back, and is forgotten again while her new adapter trains.
-        def forgetting_step(self, items):
-            stats = real_step(self, items)
+        def forgetting_step(self, items, lr_scale=1.0):
+            stats = real_step(self, items, lr_scale)
             admin.forget(user="alice")
             return stats
 

@@ -49,7 +49,7 @@ JUDGE = RulesJudge()
 
 async def judged(turn: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
     judgment = await JUDGE.judge(turn)
-    assert judgment.judge == "rules" and judgment.prompt_version == "rules-1"
+    assert judgment.judge == "rules" and judgment.prompt_version == "rules-2"
     assert judgment.votes == (judgment.score,) and len(judgment.texts) == 1
     return judgment.score, judgment.hints
 
@@ -250,3 +250,42 @@ def test_explicit_feedback_reads_scores_and_ignores_broken_entries() -> None:
 def test_the_rules_judge_satisfies_the_protocol() -> None:
     judge: Judge = RulesJudge()
     assert judge.name == "rules"
+
+
+@pytest.mark.parametrize("correction", [
+    "Could you make the summary a little punchier?",
+    "I'd prefer bullet points.",
+    "Next time, start with the conclusion.",
+    "Would you mind dropping the jargon?",
+    "It should be about the argument, not the history.",
+    "Way too dry for a newsletter.",
+    "A bit more about the sources, please.",
+    "I don't get how the second sentence follows.",
+    "Are you sure the press came before the paper mill?",
+    "Less academic, please.",
+    "Drop the dates and keep it to two sentences.",
+    "My readers are kids, so talk to me like a friend would.",
+    "Almost, the second sentence is off.",
+])
+async def test_requests_to_change_the_reply_are_corrections(correction: str) -> None:
+    # People rarely say "wrong": a wish, a request to change the reply or a doubt about it
+    # is a correction too, and its words are the hint.
+    assert await judged(chat_turn(*SUMMARY, correction)) == (-1, (correction,))
+
+
+@pytest.mark.parametrize("new_request", [
+    "Could you summarise the next article as well?",
+    "Can you write another one about the steam engine?",
+    "Me too, I had never heard of it. Who was Fust?",
+    "What did the printing press cost?",
+])
+async def test_a_new_request_worded_like_a_change_is_still_moving_on(new_request: str) -> None:
+    assert await judged(chat_turn(*SUMMARY, new_request)) == (1, ())
+
+
+@pytest.mark.parametrize("approval", [
+    "Wonderful, that's the one.", "Lovely, much better.", "That makes sense now, cheers.",
+    "Superb, it did the trick.",
+])
+async def test_more_ways_of_saying_thanks_are_positive(approval: str) -> None:
+    assert await judged(chat_turn(*SUMMARY, approval)) == (1, ())

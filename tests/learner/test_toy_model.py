@@ -291,4 +291,17 @@ def test_the_trained_tokenizer_fits_the_conversations() -> None:
         "So it's 17, easy! In other words, the count comes to 17. Keep up the great work!"
     fitted = build_tokenizer(TRAINED_TOY)
     generic = build_tokenizer(dataclasses.replace(TRAINED_TOY, pretrain=None))
-    assert len(fitted.encode(reply)) < 0.8 * len(generic.encode(reply))
+    # (A 2,048-token vocabulary fits English well already; the fitted one also spends
+    # merges on the instruction grammar's words, each a whole token, see below.)
+    assert len(fitted.encode(reply)) < 0.9 * len(generic.encode(reply))
+
+
+def test_every_word_of_the_instruction_grammar_is_one_token() -> None:
+    """Held-out synonyms are read only in the reading documents; as whole tokens (as
+    common words are in a real vocabulary) their meaning can be learned there."""
+    from nextstate.learner.experiment import wording
+
+    tokenizer = build_tokenizer(TRAINED_TOY)
+    words = {w for lexeme in wording.lexicon() for w in lexeme.split()}
+    split = [w for w in sorted(words) if len(tokenizer.encode(" " + w)) != 1]
+    assert not split

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from nextstate.learner.judgment import Judgment
+from nextstate.learner.personal import Lane
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import TrainerConfig, TrainItem
 from nextstate.learner.training import TrainingConfig, TrainingStage, informative
@@ -52,3 +53,68 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     assert "no opd signal" in (result.error or "")
     assert store.ready_count("opd") == 0
     assert store.adapters() == []
+
+
+def judged_store(tmp_path: Path, count: int) -> LearnerStore:
+    store = LearnerStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store.store.write([turn(i) for i in range(count)])
+    for i in range(count):
+        store.save_judgment(f"t{i}", Judgment(score=-1))
+    return store
+
+
+def corrected(count: int) -> list[TrainItem]:
+    return [TrainItem(turn_id=f"t{i}", prompt_ids=[1, 40, 41, 42, 2], completion_ids=[50, 51, 52],
+                      sampler_logprobs=[-7.0] * 3, reward=-1.0) for i in range(count)]
+
+
+def kl_at(toy_model: Path, config: TrainerConfig, scale: float) -> float:
+    from nextstate.learner.trainer import Trainer
+
+    return Trainer(toy_model, config).step(corrected(4), scale).kl
+
+
+STEEP = TrainerConfig(method="binary", learning_rate=3e-3, batch_turns=4)
+
+
+async def test_a_step_over_the_gate_is_taken_again_at_half_the_rate_and_published(
+        toy_model: Path, tmp_path: Path) -> None:
+    full, half = kl_at(toy_model, STEEP, 1.0), kl_at(toy_model, STEEP, 0.5)
+    assert half < full
+    store = judged_store(tmp_path, 4)
+    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
+                          config=TrainingConfig(trainer=STEEP, gate_max_kl=(full + half) / 2))
+    result = await stage.step(corrected(4))
+    assert result.outcome == "published" and result.version is not None
+    assert result.stats.extra["lr_scale"] == 0.5
+    assert abs(result.stats.kl - half) < 1e-6  # the same step as a trainer taking it alone
+    assert store.trained_count() == 4 and store.ready_count("binary") == 0
+
+
+async def test_a_step_over_the_gate_at_every_rate_is_refused_and_its_turns_skipped(
+        toy_model: Path, tmp_path: Path) -> None:
+    """Neither lost silently nor retried forever: the step is tried at 1, 1/2 and 1/4 of
+    the learning rate, then its turns are marked skipped with the reason (they are not
+    offered again), the weights are as before, and the refusal is in the history."""
+    store = judged_store(tmp_path, 4)
+    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
+                          config=TrainingConfig(trainer=STEEP, gate_max_kl=1e-9))
+    trainer = stage._trainer(stage_lane(stage))
+    before = trainer.logprobs(corrected(1))[0]
+    result = await stage.step(corrected(4))
+    assert (result.outcome, result.version) == ("refused", None)
+    assert result.error is not None and result.error.count(" at ") == 3
+    assert "1x" in result.error and "0.5x" in result.error and "0.25x" in result.error
+    assert store.ready_count("binary") == 0 and store.trained_count() == 0
+    for i in range(4):
+        row = store.judgment(f"t{i}")
+        assert row is not None and row["trained_version"] == -1
+        assert row["error"] == result.error
+    assert (trainer.logprobs(corrected(1))[0] == before).all()
+    assert stage.history[-1]["outcome"] == "refused"
+    assert stage.history[-1]["error"] == result.error
+    assert store.adapters() == []
+
+
+def stage_lane(stage: TrainingStage) -> Lane:
+    return Lane(stage.policy)

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from nextstate.learner.experiment import wording
 from nextstate.learner.experiment.personas import (
     Persona,
     PersonaError,
     SimulatedUser,
     load_personas,
 )
-from nextstate.learner.experiment.styles import ATTRIBUTES, PHRASES, make_problem, make_reply
+from nextstate.learner.experiment.styles import (
+    ATTRIBUTES,
+    DEFAULTS,
+    PHRASES,
+    make_problem,
+    make_reply,
+)
 
 STUDENT = {"tone": "casual", "steps": "shown", "length": "detailed", "closing": "encouragement"}
 
@@ -23,10 +30,18 @@ def reply_with(attrs: dict[str, str], seed: int = 0) -> str:
     return make_reply(make_problem(rng), attrs, rng)
 
 
-def test_the_shipped_personas_are_the_papers_student_and_teacher() -> None:
+def test_the_shipped_personas_are_the_papers_two_and_three_in_their_own_words() -> None:
     personas = load_personas()
-    assert set(personas) == {"student", "teacher"}
+    assert set(personas) == {"student", "teacher", "student-own-words", "teaching-assistant",
+                             "defaults"}
     assert personas["student"].prefers == STUDENT
+    assert personas["student-own-words"].prefers == STUDENT
+    assert personas["teaching-assistant"].prefers == {
+        "tone": "formal", "steps": "shown", "length": "detailed", "closing": "encouragement"}
+    assert personas["defaults"].prefers == DEFAULTS
+    assert {n for n, p in personas.items() if p.wording == "held-out"} == {
+        "student-own-words", "teaching-assistant", "defaults"}
+    assert personas["student"].wording is None and personas["teacher"].wording is None
     assert personas["teacher"].prefers["tone"] == "formal"
     assert personas["teacher"].prefers["closing"] == "none"
 
@@ -94,6 +109,8 @@ def test_any_persona_file_is_accepted(tmp_path: Path) -> None:
     ("personas:\n  x: {prefers: {}}", "prefers nothing"),
     ("personas:\n  x: {prefers: {tone: casual}, corrections: {steps: [go]}}",
      "corrections for attributes it does not prefer"),
+    ("personas:\n  x: {prefers: {tone: casual}, wording: test}",
+     "wording is one of train | held-out"),
 ])
 def test_a_file_off_the_schema_says_what_is_wrong(tmp_path: Path, text: str,
                                                   message: str) -> None:
@@ -101,3 +118,33 @@ def test_a_file_off_the_schema_says_what_is_wrong(tmp_path: Path, text: str,
     path.write_text(text)
     with pytest.raises(PersonaError, match=message.replace("|", r"\|").replace("(", r"\(")):
         load_personas(path)
+
+
+@pytest.mark.parametrize("name", ["student-own-words", "teaching-assistant", "defaults"])
+def test_a_held_out_persona_speaks_only_in_held_out_words(name: str) -> None:
+    persona = load_personas()[name]
+    train = wording.vocabulary("train")
+    rng = random.Random(name)
+    said_thanks = corrected = 0
+    for seed in range(300):
+        reply = make_reply(make_problem(rng), {a: rng.choice(v) for a, v in ATTRIBUTES.items()},
+                           rng)
+        satisfied, said = SimulatedUser(persona, random.Random(seed)).react(reply)
+        assert not wording.content_words(said) & train, said
+        said_thanks += satisfied
+        corrected += not satisfied
+        if satisfied:
+            assert said in wording.THANKS["held-out"]
+    assert said_thanks and corrected
+
+
+def test_a_held_out_correction_restates_the_met_preferences_in_its_own_words() -> None:
+    persona = load_personas()["student-own-words"]
+    reply = reply_with({**STUDENT, "tone": "formal"})
+    for seed in range(20):
+        _, said = SimulatedUser(persona, random.Random(seed)).react(reply)
+        assert any(r.strip(" .,:") in said for r in wording.RESTATES["held-out"]), said
+    terse = Persona("terse", STUDENT, restate=False, wording="held-out")
+    for seed in range(20):
+        _, said = SimulatedUser(terse, random.Random(seed)).react(reply)
+        assert not any(r.strip(" .,:") in said for r in wording.RESTATES["held-out"]), said

@@ -49,29 +49,41 @@ def test_conversations_are_deterministic_for_a_seed() -> None:
 
 def test_the_mix_has_every_kind_in_roughly_its_share() -> None:
     convs = list(P.conversations(0, 2000))
-    turns = Counter(len(c) // 2 for c in convs)
+    documents = [c for c in convs if c[0]["role"] == P.DOCUMENT]
+    chats = [c for c in convs if c[0]["role"] != P.DOCUMENT]
+    turns = Counter(len(c) // 2 for c in chats)
     weights = dict(P.MIX)
     single = weights["plain"] + weights["natural"] + weights["hint"]
+    assert abs(len(documents) / len(convs) - weights["reading"]) < 0.03
+    assert all(len(d) == 1 for d in documents)
     assert abs(turns[1] / len(convs) - single) < 0.04
     assert abs(turns[3] / len(convs) - 0.2 * weights["correction"]) < 0.02
-    hinted = sum(HINT_MARKER in m["content"] for c in convs for m in c if m["role"] == "user")
+    hinted = sum(HINT_MARKER in m["content"] for c in chats for m in c if m["role"] == "user")
     assert hinted > 0.3 * len(convs)
-    for conv in convs:
+    for conv in chats:
         assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
 
 
-@pytest.mark.parametrize("kind", ["natural", "hint", "correction"])
+@pytest.mark.parametrize("kind", ["natural", "hint", "correction", "next_problem"])
 def test_replies_follow_the_latest_instruction(kind: str) -> None:
     rng = random.Random(kind)
-    for _ in range(200):
-        conv = P.make_conversation(kind, rng)
-        user, reply = conv[-2]["content"], conv[-1]["content"]
-        wanted = named_prefs(user.split(HINT_MARKER)[-1])
-        if HINT_MARKER in user:  # what the hint does not name, the words before it may
-            wanted = {**named_prefs(user.split(HINT_MARKER)[0]), **wanted}
-        assert wanted
-        found = detect(reply)
-        assert {name: found[name] for name in wanted} == wanted, (user, reply)
+    asked = 0
+    for _ in range(300):
+        conv, wanted = P.labelled_conversation(kind, rng)
+        found = detect(conv[-1]["content"])
+        assert {name: found[name] for name in wanted} == wanted, conv
+        asked += bool(wanted)
+    assert asked > 200 if kind != "next_problem" else asked > 150
+
+
+def test_instructions_come_from_the_fixed_phrases_and_the_train_grammar() -> None:
+    rng = random.Random(0)
+    users = [m["content"] for _ in range(600)
+             for m in P.make_conversation(rng.choice(["natural", "hint", "correction"]), rng)
+             if m["role"] == "user"]
+    phrases = [p.lower() for ps in PHRASES.values() for p in ps]
+    fixed = [u for u in users if any(p in u.lower() for p in phrases)]
+    assert 0.2 < len(fixed) / len(users) < 0.8  # some from PHRASES, many not
 
 
 def test_hint_turns_are_exactly_what_the_learner_builds() -> None:

@@ -1,0 +1,58 @@
+"""Measuring hint following (learner.experiment.following): probes per wording and form,
+and the tally of what replies showed against what was asked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nextstate.learner.experiment import following as F
+from nextstate.learner.experiment import wording
+from nextstate.learner.experiment.styles import make_problem, make_reply
+from nextstate.learner.teacher import HINT_MARKER
+
+
+def test_probes_are_reproducible_and_carry_their_instruction_in_the_form_asked() -> None:
+    assert F.probes("held-out", "hint", 20) == F.probes("held-out", "hint", 20)
+    held = wording.vocabulary("held-out")
+    for probe in F.probes("held-out", "hint", 50):
+        question, hint = probe.messages[-1]["content"].split(HINT_MARKER)
+        assert probe.prefs and wording.content_words(hint) & held
+        assert not wording.content_words(question) & held
+    for probe in F.probes("train", "natural", 50):
+        assert HINT_MARKER not in probe.messages[-1]["content"] and probe.prefs
+    assert all(not p.prefs for p in F.probes("train", "none", 10))
+    with pytest.raises(ValueError, match="unknown form"):
+        F.probes("train", "shouted", 1)
+
+
+def test_the_tally_counts_a_value_only_where_it_was_asked() -> None:
+    rng = random.Random(0)
+    asked = [F.Probe([], {"tone": "casual", "steps": "shown"}), F.Probe([], {"tone": "casual"})]
+    replies = [make_reply(make_problem(rng), {"tone": "casual", "steps": "answer-only"}, rng),
+               make_reply(make_problem(rng), {"tone": "formal"}, rng)]
+    counts = F.tally(replies, asked)
+    assert counts["tone=casual"] == [1, 2] and counts["steps=shown"] == [0, 1]
+    assert counts["tone=formal"] == [0, 0] and counts["closing=none"] == [0, 0]
+    assert F.rates(counts)["tone=casual"] == 0.5 and "tone=formal" not in F.rates(counts)
+    # A probe asking nothing counts toward every value: the share of replies showing it.
+    plain = F.tally([make_reply(make_problem(rng), {}, rng)], [F.Probe([], {})])
+    assert plain["tone=formal"] == [1, 1] and plain["closing=encouragement"] == [0, 1]
+
+
+def test_measure_asks_each_wording_and_form_and_tables_them() -> None:
+    seen: list[int] = []
+
+    def generate(conversations: list[F.Messages]) -> list[str]:
+        seen.append(len(conversations))
+        return ["Hey! So it's 4, easy!"] * len(conversations)  # casual, nothing else
+
+    results = F.measure(generate, count=10)
+    assert set(results) == {"train", "held-out"}
+    assert set(results["train"]) == {"none", "hint", "natural"}
+    assert set(results["held-out"]) == {"hint", "natural"}
+    assert seen == [10] * 5
+    table = F.markdown(results)
+    assert "| (no instruction) | none |" in table and "| held-out | hint |" in table
+    assert F.rates(results["held-out"]["hint"])["tone=casual"] == 1.0
