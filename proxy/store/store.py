@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
+from nextstate.proxy.dialects.kept import index_response
 from nextstate.proxy.record import (
     Assembled,
     FeedbackRecord,
@@ -110,7 +111,7 @@ def _opening_key(rec: TurnRecord) -> str | None:
     """The conversation a chat request without a session id continues: the key of its
     messages up to the last reply (what that reply's turn was indexed under)."""
     messages = rec.request.get("messages")
-    if rec.session_id or rec.endpoint != "chat" or not isinstance(messages, list):
+    if rec.session_id or rec.endpoint == "completions" or not isinstance(messages, list):
         return None
     i = last_assistant_index(messages)
     return None if i is None else conversation_key(messages[: i + 1])
@@ -196,7 +197,7 @@ class Store:
             return False
         if rec.session_id:
             messages = rec.request.get("messages")
-            return (rec.endpoint == "chat" and isinstance(messages, list)
+            return (rec.endpoint != "completions" and isinstance(messages, list)
                     and last_assistant_index(messages) is not None
                     and self._session(conn, rec.session_id) is None)
         if key is None:
@@ -223,13 +224,14 @@ class Store:
         keys = tuple(row)
         self._sql(("insert_turn", keys), turns.insert, keys).run(conn, row)
         self._index_replies(conn, rec, reply)
+        index_response(conn, rec)
         self._touch_session(conn, rec, session_id, session)
         return 1
 
     def _scrubbed(self, row: dict[str, Any]) -> dict[str, Any]:
         """The row with secrets masked; token ids dropped if anything was."""
         hits = 0
-        for field in ("request", "response", "error"):
+        for field in ("request", "response", "error", "dialect"):
             row[field], n = self.redactor.scrub(row[field])
             hits += n
         if hits:

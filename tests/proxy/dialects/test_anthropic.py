@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from nextstate.proxy.dialects import anthropic
-from nextstate.proxy.dialects.anthropic import MessagesStream, UnusableAnswer, from_chat, to_chat
+from nextstate.proxy.dialects.anthropic import UnusableAnswer, from_chat, to_chat
+from nextstate.proxy.dialects.anthropic_stream import MessagesStream
 from nextstate.proxy.errors import InvalidRequest
 from tests.proxy.dialects.streams import call, end, role, sse_events, text
 

@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from nextstate.proxy.dialects import anthropic
+from nextstate.proxy.dialects.anthropic_stream import MessagesStream
 from nextstate.proxy.dialects.responses import Served
 from nextstate.proxy.dialects.responses import to_chat as responses_to_chat
 from nextstate.proxy.dialects.responses_stream import ResponsesStream
@@ -169,7 +170,7 @@ async def _vllm_events(chunks: list[dict[str, Any]]) -> list[str]:
 @pytest.mark.parametrize("name", sorted(STREAMS))
 def test_chat_chunks_become_the_anthropic_events_vllm_streams(name):
     theirs = sse_events("".join(asyncio.run(_vllm_events(STREAMS[name]))).encode())
-    translator = anthropic.MessagesStream()
+    translator = MessagesStream()
     ours = sse_events(b"".join(translator.feed(c) for c in STREAMS[name]) + translator.done())
     assert view(ours) == view(theirs)
 
