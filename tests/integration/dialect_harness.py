@@ -26,6 +26,7 @@ from starlette.routing import Route
 from nextstate.proxy.backend import free_port
 from nextstate.proxy.capture import add_capture
 from nextstate.proxy.dialects import anthropic, responses
+from nextstate.proxy.dialects.anthropic_stream import MessagesStream
 from nextstate.proxy.dialects.conversation import Kept, expand, keep
 from nextstate.proxy.dialects.responses_stream import ResponsesStream
 from nextstate.proxy.errors import ProxyError
@@ -62,7 +63,7 @@ class DialectHarness:
         except ProxyError as exc:
             return Response(exc.body("anthropic"), exc.status, media_type="application/json")
         if body.get("stream"):
-            stream = anthropic.MessagesStream()
+            stream = MessagesStream()
             return await self._stream(chat, stream.feed, stream.done,
                                       anthropic.error_from_chat)
         status, answer = await self._whole(chat)
