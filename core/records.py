@@ -20,13 +20,16 @@ import orjson
 
 # The two relayed, recorded endpoints (chat completions and completions).
 Endpoint = Literal["chat", "completions"]
+# The API a turn came in on: chat, completions, or a dialect spoken over chat (Anthropic
+# Messages, OpenAI Responses: their record is the chat exchange, proxy/dialects/).
+Recorded = Literal["chat", "completions", "messages", "responses"]
 Status = Literal["ok", "upstream_error", "aborted"]
 
 
 @dataclass(slots=True)
 class TurnRecord:
     turn_id: str
-    endpoint: Endpoint
+    endpoint: Recorded
     created_at: float
     request: dict[str, Any]  # the client's body, minus the proxy's own session fields
     session_id: str | None = None
@@ -44,6 +47,9 @@ class TurnRecord:
     # Opt-in feedback sent with this request about the session's previous turn (or the
     # turn named by X-NextState-Feedback-For).
     feedback: dict[str, Any] | None = None
+    # A dialect turn's own request and answer, beside the chat exchange the model saw
+    # (``request``, ``response``): {"request", "response", "store"} (proxy/dialects/).
+    dialect: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -141,9 +147,10 @@ def untrainable(reply: Assembled) -> str | None:
 
 
 def assemble(record: TurnRecord) -> Assembled:
+    endpoint: Endpoint = "completions" if record.endpoint == "completions" else "chat"
     if record.response is not None:
-        return _from_response(record.response, record.endpoint)
-    return _from_chunks(record.chunks, record.endpoint)
+        return _from_response(record.response, endpoint)
+    return _from_chunks(record.chunks, endpoint)
 
 
 def _sampled_logprobs(logprobs: Any, endpoint: Endpoint) -> list[float]:

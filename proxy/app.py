@@ -1,8 +1,9 @@
 """The proxy's ASGI application: `make_app(settings)` (agent -> proxy -> vLLM).
 
 Routes, an allowlist: ``POST /v1/chat/completions`` and ``POST /v1/completions`` are
-relayed and recorded; the other inference endpoints (responses, messages, models,
-embeddings, tokenize) are forwarded as they are (`passthrough`); ``POST /v1/feedback``
+relayed and recorded; so are ``POST /v1/messages`` and ``POST /v1/responses``, spoken
+over chat (`dialects.routes`); the other inference endpoints (models, embeddings,
+tokenize, Anthropic's count_tokens) are forwarded as they are (`passthrough`); ``POST /v1/feedback``
 and ``POST /v1/next_state`` take what clients tell about earlier turns;
 ``GET /v1/learner/status`` shows what the learner does; export, deletion and adapter
 administration are in `admin`; ``GET /health`` reports the backends and the recorder.
@@ -32,6 +33,7 @@ from nextstate.core.routing import Router
 from nextstate.core.store import Store
 from nextstate.proxy import admin, passthrough
 from nextstate.proxy.deps import Deps
+from nextstate.proxy.dialects import routes as dialects
 from nextstate.proxy.errors import (
     InvalidRequest,
     NotFound,
@@ -202,6 +204,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/tenants/{tenant}", admin.delete_tenant, methods=["DELETE"]),
             Route("/v1/adapters", admin.list_adapters, methods=["GET"]),
             Route("/v1/adapters/rollback", admin.rollback, methods=["POST"]),
+            *dialects.routes(),
             *passthrough.routes(),
         ],
         exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},

@@ -1,14 +1,13 @@
 """The inference endpoints the proxy forwards without recording (agent -> proxy -> vLLM).
 
 The proxy is an allowlist. Chat and completions are relayed and recorded
-(proxy/relay.py); the endpoints below are forwarded as they are; everything else is
-answered by the proxy itself (its own endpoints, or a 404) and never reaches vLLM:
+(proxy/relay.py), and so are Anthropic's Messages and OpenAI's Responses, spoken over
+chat (proxy/dialects/routes.py, which also answers ``GET``/``DELETE
+/v1/responses/{id}``); the endpoints below are forwarded as they are; everything else
+is answered by the proxy itself (its own endpoints, or a 404) and never reaches vLLM:
 
-    POST /v1/responses                    OpenAI's Responses API
-    GET  /v1/responses/{response_id}      a stored response
     POST /v1/responses/{response_id}/cancel
-    POST /v1/messages                     Anthropic's Messages API (errors in its shape)
-    POST /v1/messages/count_tokens
+    POST /v1/messages/count_tokens        Anthropic's token count (errors in its shape)
     GET  /v1/models                       the served models
     POST /v1/embeddings                   embedding models
     POST /tokenize, POST /detokenize      vLLM's tokenizer, as clients count tokens with it
@@ -16,8 +15,7 @@ answered by the proxy itself (its own endpoints, or a 404) and never reaches vLL
 Each is a `Forward`: the body (within the proxy's size and time limits) and the query go
 to the route's own path, never the client's spelling of it, on the first backend that
 can be reached (failing over while nothing was sent), with the backend's key instead of
-the client's; vLLM's answer streams back untouched. Recording one of these later means
-replacing its line in `routes` with an endpoint of its own.
+the client's; vLLM's answer streams back untouched.
 """
 
 from __future__ import annotations
@@ -145,12 +143,8 @@ def _model(body: bytes) -> object:
 def routes() -> list[Route]:
     """The allowlisted inference endpoints that are forwarded as they are."""
     return [
-        Route("/v1/responses", Forward("/v1/responses"), methods=["POST"]),
-        Route("/v1/responses/{response_id}", Forward("/v1/responses/{response_id}"),
-              methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel",
               Forward("/v1/responses/{response_id}/cancel"), methods=["POST"]),
-        Route("/v1/messages", Forward("/v1/messages"), methods=["POST"]),
         Route("/v1/messages/count_tokens", Forward("/v1/messages/count_tokens"),
               methods=["POST"]),
         Route("/v1/models", Forward("/v1/models"), methods=["GET"]),

@@ -19,12 +19,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
 
-from nextstate.core.records import Endpoint, TurnRecord
+from nextstate.core.records import Endpoint, Recorded, TurnRecord
 from nextstate.core.sessions import SessionMeta, owner, read_session_meta
 from nextstate.core.vllm import VLLMUnreachable
 from nextstate.proxy.capture import Asked, add_capture, is_usage_chunk, strip_response
@@ -52,6 +52,31 @@ _CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 # A request may go to another replica after these: it was not sent (or the replica could
 # not even be asked whether it has the request's adapter).
 _FAIL_OVER: tuple[type[Exception], ...] = (*NOTHING_SENT, VLLMUnreachable)
+
+
+class View(Protocol):
+    """What a dialect (proxy/dialects/routes.py) makes of the chat exchange the relay
+    carries: the client's bytes, in the dialect's shape, and what the record keeps."""
+
+    endpoint: Recorded  # the record's endpoint
+    shape: Shape  # the shape of the proxy's own errors
+
+    def whole(self, status: int, raw: bytes) -> tuple[int, bytes]:
+        """A whole chat answer (as the client would see it) -> the dialect's."""
+        ...
+
+    def events(self, data: bytes) -> bytes:
+        """Complete chat SSE events (``data: ...\n\n``, as the client would see them)
+        -> the dialect's events made so far."""
+        ...
+
+    def lost(self, error: ProxyError) -> bytes:
+        """The dialect's in-band error event when the backend is lost mid-stream."""
+        ...
+
+    def kept(self) -> dict[str, Any] | None:
+        """The record's ``dialect``: the request and the answer the client got."""
+        ...
 
 
 async def read_body(receive: Receive, limit: int, timeout: float = 30.0) -> bytes:
@@ -199,8 +224,10 @@ class _Turn:
 
     def __init__(self, endpoint: Endpoint, url: Callable[[httpx.AsyncClient], httpx.URL],
                  deps: Deps, meta: SessionMeta, body: dict[str, Any], headers: Headers,
-                 tenant: str | None) -> None:
+                 tenant: str | None, view: View | None = None) -> None:
         self.endpoint = endpoint
+        self.view = view  # a dialect spoken over this chat exchange
+        self.shape: Shape = view.shape if view is not None else "openai"
         self.url = url
         self.deps = deps
         self.started = time.time()
@@ -210,7 +237,8 @@ class _Turn:
         self.asked: Asked | None = None
         if self.recording:
             self.record = TurnRecord(
-                turn_id=uuid.uuid4().hex, endpoint=endpoint, created_at=self.started,
+                turn_id=uuid.uuid4().hex, endpoint=view.endpoint if view else endpoint,
+                created_at=self.started,
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
                 session_done=meta.done, tenant=tenant, user=user, feedback=meta.feedback)
             self.asked = add_capture(body, endpoint)
@@ -246,7 +274,7 @@ class _Turn:
                 self._finish()
                 await send_error(send, BackendUnavailable(
                     f"The model backend at {self.deps.settings.backend_url} could not be "
-                    f"reached ({type(exc).__name__}). Is vLLM running?"))
+                    f"reached ({type(exc).__name__}). Is vLLM running?"), self.shape)
                 return
             ok = response.status_code == 200
             if self.stream and ok and "text/event-stream" in response.headers.get(
@@ -336,10 +364,14 @@ class _Turn:
                 self._fail(response.status_code, raw[:4000].decode("utf-8", "replace"))
         if response.status_code == 200 and self.transform:
             raw = self._capture_whole(raw)
+        status = response.status_code
+        if self.view is not None:
+            status, raw = self.view.whole(status, raw)
+            self._keep_dialect(status)
         headers = self._headers_out(response)
         headers.append((b"content-length", str(len(raw)).encode()))
         self._finish()
-        await send({"type": "http.response.start", "status": response.status_code,
+        await send({"type": "http.response.start", "status": status,
                     "headers": headers})
         await send({"type": "http.response.body", "body": raw})
 
@@ -373,11 +405,15 @@ class _Turn:
         try:
             async for data in response.aiter_bytes():
                 *events, pending = (pending + data).split(b"\n\n")
-                out = [o for o in (self._event(e) for e in events) if o]
+                out = b"".join(o for o in (self._event(e) for e in events) if o)
+                if self.view is not None and out:
+                    out = self.view.events(out)
+                    if self.done_seen:
+                        self._keep_dialect(200)
                 if out:
                     if self.done_seen:
                         self._finish()
-                    await send({"type": "http.response.body", "body": b"".join(out),
+                    await send({"type": "http.response.body", "body": out,
                                 "more_body": True})
         except httpx.TransportError as exc:
             # vLLM went away mid-stream: tell the client in-band, then end cleanly.
@@ -385,11 +421,26 @@ class _Turn:
                 self.record.status = "aborted"
                 self.record.error = f"backend lost mid-stream: {type(exc).__name__}: {exc}"
             error = BackendUnavailable("The model backend closed the stream unexpectedly.")
-            await send({"type": "http.response.body",
-                        "body": b"data: " + error.body() + b"\n\n", "more_body": True})
+            lost = self.view.lost(error) if self.view is not None else (
+                b"data: " + error.body() + b"\n\n")
+            await send({"type": "http.response.body", "body": lost, "more_body": True})
+        rest = self._release() + pending
+        if self.view is not None:
+            rest = self.view.events(rest) if rest.strip() else b""
+            self._keep_dialect(200)
         self._finish()
-        await send({"type": "http.response.body", "body": self._release() + pending,
-                    "more_body": False})
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    def _keep_dialect(self, status: int) -> None:
+        """The dialect's request and answer into the record (before it is committed)."""
+        if self.record is None or self.view is None:
+            return
+        self.record.dialect = self.view.kept()
+        if status != 200 and self.record.http_status == 200:
+            # The model answered but the dialect could not carry it (vLLM's own route
+            # refuses the same answer): the client got an error.
+            self.record.http_status = status
+            self.record.error = self.record.error or "the answer does not fit the dialect"
 
     def _event(self, event: bytes) -> bytes | None:
         """One SSE event in, the bytes the client gets out (None: nothing yet)."""

@@ -7,6 +7,7 @@ object per concept, so that no module knows all of them.
     store.judgments   Judgments: the learner's bookkeeping on the turns it reads
     store.retention   Retention: forgetting turns (and personal adapters), idle sessions
     store.status      LearnerStatus: what the learner last reported
+    store.responses   Responses: Responses objects kept for previous_response_id
 
 Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
 """
@@ -17,13 +18,14 @@ from nextstate.core.redact import Redactor
 from nextstate.core.store.database import Database, make_engine
 from nextstate.core.store.judgments import Judgments
 from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
+from nextstate.core.store.responses import Responses
 from nextstate.core.store.retention import Forgotten, Retention
 from nextstate.core.store.rows import EXPORT_COLUMNS
 from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
 __all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Database", "Forgotten", "Judgments",
-           "LearnerStatus", "Retention", "Store", "Turns", "TurnsForgotten", "make_engine"]
+           "LearnerStatus", "Responses", "Retention", "Store", "Turns", "TurnsForgotten", "make_engine"]
 
 
 class Store:
@@ -38,6 +40,7 @@ class Store:
         self.judgments = Judgments(self.db, self.turns)
         self.retention = Retention(self.db)
         self.status = LearnerStatus(self.db)
+        self.responses = Responses(self.db)
 
     @property
     def url(self) -> str:

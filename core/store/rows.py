@@ -13,13 +13,14 @@ from sqlalchemy import Connection, Row, Select, select
 from nextstate.core.records import Assembled, TurnRecord, untrainable
 from nextstate.core.sessions import next_state_of
 from nextstate.core.store.schema import turns
+from nextstate.core.tool_errors import tool_errors
 
 EXPORT_COLUMNS = (
     "id", "session_id", "turn_index", "turn_type", "endpoint", "status", "http_status",
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant", "user", "redacted", "untrainable",
+    "tenant", "user", "redacted", "untrainable", "dialect",
 )
 
 
@@ -79,13 +80,15 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "tenant": rec.tenant,
         "user": rec.user,
         "untrainable": untrainable(reply) if rec.status == "ok" else None,
+        "dialect": rec.dialect,
     }
 
 
 def next_state(conn: Connection, prev_id: str, rec: TurnRecord) -> list[dict[str, Any]]:
     messages = rec.request.get("messages")
-    if rec.endpoint == "chat" and isinstance(messages, list):
-        return next_state_of(messages)
+    if rec.endpoint != "completions" and isinstance(messages, list):
+        state = next_state_of(messages)
+        return tool_errors(state, rec.dialect) if rec.endpoint == "messages" else state
     prompt = rec.request.get("prompt")
     prev = conn.execute(select(turns.c.request, turns.c.response)
                         .where(turns.c.id == prev_id)).first()

@@ -89,6 +89,9 @@ turns = Table(
     # Why this turn's tokens cannot be trained on (see record.untrainable); NULL: they are
     # exactly what vLLM sampled. The learner never trains on a turn that has a reason.
     Column("untrainable", String(200)),
+    # A dialect turn's own request and answer (Anthropic Messages, OpenAI Responses), the
+    # chat exchange being in request/response; NULL for chat and completions turns.
+    Column("dialect", JSON),
     Index("ix_turns_session", "session_id", "turn_index"),
     Index("ix_turns_created", "created_at"),
     Index("ix_turns_pending", "next_state_status", "created_at"),

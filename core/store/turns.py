@@ -35,6 +35,7 @@ from nextstate.core.sessions import (
 )
 from nextstate.core.store import feedback as feedback_rows
 from nextstate.core.store.database import Database
+from nextstate.core.store.responses import index_response
 from nextstate.core.store.rows import (
     export_query,
     export_row,
@@ -49,7 +50,7 @@ def _opening_key(rec: TurnRecord) -> str | None:
     """The conversation a chat request without a session id continues: the key of its
     messages up to the last reply (what that reply's turn was indexed under)."""
     messages = rec.request.get("messages")
-    if rec.session_id or rec.endpoint != "chat" or not isinstance(messages, list):
+    if rec.session_id or rec.endpoint == "completions" or not isinstance(messages, list):
         return None
     i = last_assistant_index(messages)
     return None if i is None else conversation_key(messages[: i + 1])
@@ -96,7 +97,7 @@ class Turns:
             return False
         if rec.session_id:
             messages = rec.request.get("messages")
-            return (rec.endpoint == "chat" and isinstance(messages, list)
+            return (rec.endpoint != "completions" and isinstance(messages, list)
                     and last_assistant_index(messages) is not None
                     and self._session(conn, rec.session_id) is None)
         if key is None:
@@ -123,13 +124,14 @@ class Turns:
         keys = tuple(row)
         self.db.sql(("insert_turn", keys), turns.insert, keys).run(conn, row)
         self._index_replies(conn, rec, reply)
+        index_response(conn, rec)
         self._touch_session(conn, rec, session_id, session)
         return 1
 
     def _scrubbed(self, row: dict[str, Any]) -> dict[str, Any]:
         """The row with secrets masked; token ids dropped if anything was."""
         hits = 0
-        for field in ("request", "response", "error"):
+        for field in ("request", "response", "error", "dialect"):
             row[field], n = self.redactor.scrub(row[field])
             hits += n
         if hits:

@@ -34,9 +34,8 @@ def client_for(tmp_path, upstream, **settings) -> TestClient:
         spool_dir=tmp_path / "spool", **settings), transport=httpx.MockTransport(upstream)))
 
 
-FORWARDED = [("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"),
-             ("POST", "/v1/responses/resp_1/cancel"), ("POST", "/v1/messages"),
-             ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
+FORWARDED = [("POST", "/v1/responses/resp_1/cancel"), ("POST", "/v1/messages/count_tokens"),
+             ("GET", "/v1/models"),
              ("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize")]
 
 
@@ -79,7 +78,7 @@ def test_the_backends_key_replaces_the_clients(tmp_path):
     echo = Echo()
     with client_for(tmp_path, echo, api_key="client", backend_api_key="backend") as client:
         client.get("/v1/models", headers={"Authorization": "Bearer client"})
-        client.post("/v1/messages", json={}, headers={"x-api-key": "client"})
+        client.post("/v1/messages/count_tokens", json={}, headers={"x-api-key": "client"})
     assert [r.headers.get("authorization") for r in echo.seen] == ["Bearer backend"] * 2
     assert all("x-api-key" not in r.headers for r in echo.seen)
 
@@ -96,9 +95,12 @@ def test_an_open_proxy_passes_the_clients_own_credentials(tmp_path):
     echo = Echo()
     with client_for(tmp_path, echo) as client:
         client.get("/v1/models", headers={"Authorization": "Bearer theirs"})
-        client.post("/v1/messages", json={}, headers={"x-api-key": "theirs"})
+        client.post("/v1/messages/count_tokens", json={}, headers={"x-api-key": "theirs"})
     assert echo.seen[0].headers["authorization"] == "Bearer theirs"
     assert echo.seen[1].headers["x-api-key"] == "theirs"
+
+
+MESSAGE = {"model": "toy", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def anthropic_error(answer: httpx.Response) -> str:
@@ -114,19 +116,22 @@ def test_the_proxys_own_refusals_under_messages_are_in_anthropics_shape(tmp_path
     with client_for(tmp_path, down, max_body_bytes=10) as client:
         assert anthropic_error(client.post("/v1/messages", content=b"x" * 11)) == \
             "request_too_large"
-        answer = client.post("/v1/messages", content=b"{}")
+    with client_for(tmp_path, down) as client:
+        answer = client.post("/v1/messages", json=MESSAGE)
         assert answer.status_code == 502 and anthropic_error(answer) == "api_error"
+        answer = client.post("/v1/messages", content=b"{}")
+        assert answer.status_code == 400 and anthropic_error(answer) == "invalid_request_error"
         answer = client.post("/v1/messages/batches", content=b"{}")
         assert answer.status_code == 404 and anthropic_error(answer) == "not_found_error"
         answer = client.get("/v1/messages")
         assert answer.status_code == 400 and anthropic_error(answer) == "invalid_request_error"
         # and elsewhere, OpenAI's
-        assert client.post("/v1/responses", content=b"{}").json()["error"]["type"] == \
-            "backend_unavailable"
+        assert client.post("/v1/responses", json={"model": "toy", "input": "hi"}
+                           ).json()["error"]["type"] == "backend_unavailable"
     with client_for(tmp_path, Echo(), api_key="k") as client:
         answer = client.post("/v1/messages", json={}, headers={"x-api-key": "wrong"})
         assert answer.status_code == 401 and anthropic_error(answer) == "authentication_error"
-        assert client.post("/v1/messages", json={}, headers={"x-api-key": "k"}
+        assert client.post("/v1/messages/count_tokens", json={}, headers={"x-api-key": "k"}
                            ).status_code == 201
 
 
