@@ -25,7 +25,8 @@ from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
 __all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Database", "Forgotten", "Judgments",
-           "LearnerStatus", "Responses", "Retention", "Store", "Turns", "TurnsForgotten", "make_engine"]
+           "LearnerStatus", "Responses", "Retention", "Store", "Turns", "TurnsForgotten",
+           "make_engine"]
 
 
 class Store:

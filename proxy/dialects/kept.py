@@ -9,8 +9,8 @@ response served with ``store`` not false is kept twice:
   finds it even while its turn is still on its way to the store;
 - in the store, with its turn: the turn's ``dialect`` column holds the expanded request
   and the Responses object, and a ``turn_keys`` row maps the response id to the turn
-  (`nextstate.core.store.responses`, written by the recorder with the turn). Another proxy process, or
-  this one after a restart, finds it there. A turn that is not recorded (recording off,
+  (`nextstate.core.store.responses`, written by the recorder with the turn). Another
+  proxy process, or this one after a restart, finds it there. A turn that is not recorded (recording off,
   ``X-NextState-Record: off``) is kept in memory only.
 
 Lookups are scoped to the tenant: another tenant's id is unknown. ``DELETE`` forgets the

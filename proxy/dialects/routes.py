@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from starlette.routing import Route
 
+from nextstate.core.sessions import read_session_meta
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.dialects import JSON, anthropic, responses
 from nextstate.proxy.dialects.conversation import expand
@@ -41,7 +42,6 @@ from nextstate.proxy.relay import (
     send_error,
     unknown_model,
 )
-from nextstate.core.sessions import read_session_meta
 from nextstate.proxy.types import Receive, Scope, Send
 
 

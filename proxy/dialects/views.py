@@ -16,13 +16,13 @@ from typing import Any
 
 import orjson
 
+from nextstate.core.records import Recorded
 from nextstate.proxy.dialects import JSON, anthropic, responses
 from nextstate.proxy.dialects.anthropic_stream import MessagesStream
 from nextstate.proxy.dialects.conversation import keep
 from nextstate.proxy.dialects.kept import KeptResponses
 from nextstate.proxy.dialects.responses_stream import ResponsesStream
 from nextstate.proxy.errors import BackendUnavailable, ProxyError, Shape
-from nextstate.core.records import Recorded
 
 
 def chat_events(data: bytes) -> list[JSON | None]:

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 def proxy(vllm: VLLMProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
     """One proxy for the module (turns are told apart by their contents)."""
     tmp = tmp_path_factory.mktemp("dialects")
-    settings = ProxySettings(backend_url=vllm.url, store_url=f"sqlite:///{tmp / 'store.db'}",
+    settings = ProxySettings(backends=(vllm.url,), store_url=f"sqlite:///{tmp / 'store.db'}",
                              spool_dir=tmp / "spool")
     server = ProxyServer(replace(settings), free_port()).start()
     yield server
@@ -145,21 +145,22 @@ def test_a_claude_code_style_conversation_pairs_with_no_session_header(proxy):
         final = stream.get_final_message()
     assert "".join(b.text for b in final.content if b.type == "text") == text
     one = recorded(proxy, first.headers["x-nextstate-turn-id"])
-    [two] = _wait_paired(proxy, one["turn_id"])
+    one, two = _wait_paired(proxy, one["turn_id"])
     assert one["next_state"] == [{"role": "user", "content": "Now for Oslo."}]
     assert two["session_id"] == one["session_id"] and two["endpoint"] == "messages"
     # the billing header never reaches the model (it would defeat the prefix cache)
     assert all("billing" not in str(m["content"]) for m in two["request"]["messages"])
 
 
-def _wait_paired(proxy: ProxyServer, turn_id: str) -> list[dict[str, Any]]:
-    """The turn that gave ``turn_id`` its next state, once it has."""
+def _wait_paired(proxy: ProxyServer, turn_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The turn ``turn_id`` (read again: with its next state) and the turn that gave it
+    its next state, once it has one."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         turns = {t["turn_id"]: t for t in proxy.turns(0)}
         nxt = turns[turn_id].get("next_turn_id")
         if nxt in turns:
-            return [turns[nxt]]
+            return turns[turn_id], turns[nxt]
         time.sleep(0.05)
     raise AssertionError(f"turn {turn_id} was never paired")
 
@@ -189,7 +190,7 @@ def test_a_codex_style_tool_loop_pairs_with_no_session_header(proxy, chained):
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(reply.id)  # store: false keeps nothing
     one = recorded(proxy, first.headers["x-nextstate-turn-id"])
-    [two] = _wait_paired(proxy, one["turn_id"])
+    one, two = _wait_paired(proxy, one["turn_id"])
     assert one["next_state"] == [{"role": "tool", "tool_call_id": call.call_id,
                                   "content": "21C"}]
     assert two["session_id"] == one["session_id"] and two["endpoint"] == "responses"
