@@ -10,8 +10,8 @@ response served with ``store`` not false is kept twice:
 - in the store, with its turn: the turn's ``dialect`` column holds the expanded request
   and the Responses object, and a ``turn_keys`` row maps the response id to the turn
   (`nextstate.core.store.responses`, written by the recorder with the turn). Another
-  proxy process, or this one after a restart, finds it there. A turn that is not recorded (recording off,
-  ``X-NextState-Record: off``) is kept in memory only.
+  proxy process, or this one after a restart, finds it there. A turn that is not
+  recorded (recording off, ``X-NextState-Record: off``) is kept in memory only.
 
 Lookups are scoped to the tenant: another tenant's id is unknown. ``DELETE`` forgets the
 id in both places; forgetting the turn (retention, ``DELETE /v1/sessions/...``) forgets
