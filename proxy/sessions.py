@@ -1,7 +1,7 @@
 """Sessions and next states, as pure functions over OpenAI messages.
 
-agent -> proxy: a turn's session comes from ``X-Session-Id`` (or ``session_id`` in the
-body), else from the conversation itself: a request whose messages extend an earlier
+agent -> proxy: a turn's session comes from ``X-Session-Id`` (or a session header an
+agent already sends, `SESSION_HEADERS`, or ``session_id`` in the body), else from the conversation itself: a request whose messages extend an earlier
 turn's messages plus its reply continues that turn's session. The store applies these
 functions off the request path (proxy -> store), so the request path only reads headers.
 
@@ -22,6 +22,11 @@ import orjson
 TurnType = Literal["main", "side"]
 
 SESSION_HEADER = "x-session-id"
+# The session headers agents already send, after nextstate's own, in this order of
+# precedence: Claude Code (2.1.86+), Codex CLI (both spellings), OpenCode, OpenClaw's
+# gateway. An agent needs no change to have its turns paired by session.
+SESSION_HEADERS = (SESSION_HEADER, "x-claude-code-session-id", "session-id", "session_id",
+                   "x-session-affinity", "x-opencode-session", "x-openclaw-session-key")
 TURN_TYPE_HEADER = "x-turn-type"
 SESSION_DONE_HEADER = "x-session-done"
 RECORD_HEADER = "x-nextstate-record"
@@ -73,7 +78,8 @@ def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> Sessi
     """Session fields from headers (which win) or the body; pops the body fields.
     Raises ValueError for a malformed feedback header."""
     from_body = {k: body.pop(k) for k in BODY_FIELDS if k in body}
-    session_id = headers.get(SESSION_HEADER) or from_body.get("session_id")
+    session_id = next((headers[h] for h in SESSION_HEADERS if headers.get(h)),
+                      None) or from_body.get("session_id")
     turn_type = (headers.get(TURN_TYPE_HEADER) or str(from_body.get("turn_type") or "main"))
     done = headers.get(SESSION_DONE_HEADER)
     done_flag = _truthy(done) if done is not None else _truthy(from_body.get("session_done"))
