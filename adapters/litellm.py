@@ -12,7 +12,7 @@ Each chat call becomes a `TurnRecord` for a daemon thread that writes batches to
 a full queue drops (counted in `stats`), a failing store is retried with backoff.
 
 What reaches the callback depends on LiteLLM's version. The store checks what it got
-(`nextstate.proxy.record.untrainable`): a turn is trainable only with the prompt's ids,
+(`nextstate.core.records.untrainable`): a turn is trainable only with the prompt's ids,
 the completion's ids and a logprob a token, counts matching vLLM's usage; anything less
 is kept, marked with the reason, and never trained on. Compared with the nextstate proxy
 (seen with vLLM 0.32):
@@ -46,9 +46,9 @@ from typing import Any, Protocol
 import orjson
 from litellm.integrations.custom_logger import CustomLogger
 
-from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
+from nextstate.core.paths import default_store_url
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 
 log = logging.getLogger("nextstate.adapters.litellm")
 CHAT_CALLS = frozenset({"completion", "acompletion"})
@@ -60,10 +60,16 @@ REQUEST_FIELDS = frozenset({
     "top_logprobs", "reasoning_effort", "functions", "function_call", "modalities"})
 
 
-class TurnStore(Protocol):
-    """What the writer needs from a store (`nextstate.proxy.store.Store` is one)."""
-
+class TurnWriter(Protocol):
     def write(self, records: Sequence[TurnRecord]) -> int: ...
+
+
+class TurnStore(Protocol):
+    """What the writer needs from a store (`nextstate.core.store.Store` is one): the write
+    path of its turns, and closing it."""
+
+    @property
+    def turns(self) -> TurnWriter: ...
     def close(self) -> None: ...
 
 
@@ -85,7 +91,7 @@ class NextStateLogger(CustomLogger):
         super().__init__()
         self.session_key = session_key
         self._owns_store = store is None
-        self.store: TurnStore = store or Store(store_url or ProxySettings().resolved_store_url())
+        self.store: TurnStore = store or Store(store_url or default_store_url())
         self.stats = WriterStats()
         self.batch_size, self.max_backoff = batch_size, max_backoff
         self._queue: queue.Queue[TurnRecord] = queue.Queue(maxsize=queue_size)
@@ -201,7 +207,7 @@ class NextStateLogger(CustomLogger):
                 except queue.Empty:
                     break
             try:
-                written = self.store.write(batch)
+                written = self.store.turns.write(batch)
             except Exception as exc:  # store down, locked, full: keep the batch, retry later
                 self.stats.store_errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]

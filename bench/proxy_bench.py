@@ -55,7 +55,7 @@ from bench.servers import (
     start_litellm,
     start_nextstate,
 )
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_CORE, LOAD_CORE = 0, 1

@@ -168,7 +168,7 @@ def start_nextstate(backend: str, port: int, core: int | None, workdir: Path,
     change) to run instead of the installed one, for before/after comparisons."""
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", "from nextstate.proxy.cli import main; main()", "serve",
+    command = [sys.executable, "-c", "from nextstate.cli import main; main()", "serve",
                "--backend", backend, "--port", str(port),
                "--store", f"sqlite:///{home / 'store.db'}", *extra]
     env = {"NEXTSTATE_HOME": str(home)}

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from bench.loadgen import LoadSpec, Request, run_load
-from nextstate.proxy.backend import free_port, spawn, stop_group
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port, spawn, stop_group
 
 CHAT = {"model": "bench", "max_tokens": 32,
         "messages": [{"role": "user", "content": "soak " * 40}]}
@@ -76,10 +76,10 @@ async def lock_store_later(db: Path) -> None:
 async def soak(total: int, rounds: int, work: Path) -> dict:
     up_port, proxy_port = free_port(), free_port()
     db = work / "store.db"
-    Store(f"sqlite:///{db}").count_turns()  # create the tables before locking them
+    Store(f"sqlite:///{db}").turns.count()  # create the tables before locking them
     holder = {"upstream": start_upstream(up_port, work / "upstream.log")}
     wait(f"http://127.0.0.1:{up_port}/health")
-    proxy = spawn([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend",
+    proxy = spawn([sys.executable, "-m", "nextstate.cli", "serve", "--backend",
                    f"http://127.0.0.1:{up_port}", "--port", str(proxy_port), "--store",
                    f"sqlite:///{db}"], work / "proxy.log",
                   env={**os.environ, "NEXTSTATE_HOME": str(work)})
@@ -115,7 +115,7 @@ async def soak(total: int, rounds: int, work: Path) -> dict:
                 break
             await asyncio.sleep(0.5)
         store = Store(f"sqlite:///{db}")
-        written = store.count_turns()
+        written = store.turns.count()
         store.close()
     finally:
         stop_group(proxy)

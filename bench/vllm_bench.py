@@ -30,7 +30,7 @@ from bench.fake_upstream import run
 from bench.loadgen import LoadResult, LoadSpec, Request, percentile, run_load
 from bench.report import DIRECT, LITELLM, NEXTSTATE, Run, ratio_table, scenario_table
 from bench.servers import API_KEY, Server, start_litellm, start_nextstate
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
 
 TOY = "nextstate-toy"
 CORRECTIONS = ["No, that's wrong. Give me just the number.",
@@ -150,8 +150,8 @@ async def _publish_under_load(proxy: Server, vllm_url: str, model: Path, work: P
 
 def end_to_end(work: Path, args: argparse.Namespace) -> str:
     """Run both parts; returns the markdown section."""
+    from nextstate.core.paths import data_dir
     from nextstate.learner.toy_model import ensure_toy_model
-    from nextstate.proxy.settings import data_dir
 
     model = ensure_toy_model(data_dir())
     servers: list[Server] = []

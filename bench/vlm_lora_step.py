@@ -87,7 +87,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from nextstate.proxy.settings import data_dir
+    from nextstate.core.paths import data_dir
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ class Finding:
 
 @dataclass(frozen=True)
 class LoopFacts:
-    """What the store says about the loop (`nextstate.proxy.store.facts.loop_facts`)."""
+    """What the store says about the loop (`nextstate.core.store.facts.loop_facts`)."""
 
     turns: int = 0  # every recorded turn
     main_turns: int = 0  # answered main turns (the ones that can be learned from)

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from nextstate.core.store import Judgments
 from nextstate.learner.judgment import Judge, JudgeError, Judgment
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.teacher import Teacher, TeacherError
 
 log = logging.getLogger("nextstate.learner.judging")
@@ -37,7 +37,7 @@ class JudgingReport:
     last_error: str | None = None
 
 
-async def judge_pending(store: LearnerStore, judge: Judge, teacher: Teacher | None,
+async def judge_pending(store: Judgments, judge: Judge, teacher: Teacher | None,
                         config: JudgingConfig = JudgingConfig()) -> JudgingReport:
     """Judge what is waiting, once; returns what happened."""
     turns = await asyncio.to_thread(store.to_judge, config.batch,
@@ -57,7 +57,7 @@ async def judge_pending(store: LearnerStore, judge: Judge, teacher: Teacher | No
                 report.last_error = reason
                 log.warning("turn %s not judged: %s", turn["turn_id"], reason)
                 return
-            await asyncio.to_thread(store.save_judgment, turn["turn_id"], judgment,
+            await asyncio.to_thread(store.save, turn["turn_id"], judgment,
                                     teacher_logprobs,
                                     teacher.model_for(turn) if teacher else None)
             report.judged += 1

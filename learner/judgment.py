@@ -3,7 +3,7 @@
 A judge looks at a recorded turn (its request, reply and next state) and returns a
 `Judgment`: the evaluative score (+1, 0, -1) from a majority of votes, and the hindsight
 hints it found (for on-policy distillation). Judges never see the proxy; they get the
-turn as exported (`nextstate.proxy.store.Store.turns` rows).
+turn as exported (`nextstate.core.store.Turns.iterate` rows).
 """
 
 from __future__ import annotations

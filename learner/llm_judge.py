@@ -19,10 +19,10 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from nextstate.core.sessions import text_of
 from nextstate.learner.judgment import JudgeError, Judgment
 from nextstate.learner.rules import Feedback, explicit_feedback
 from nextstate.learner.votes import HINT_END, HINT_START, majority, parse_vote, select_hints
-from nextstate.proxy.sessions import text_of
 
 Messages = list[dict[str, str]]
 Complete = Callable[[Messages], Awaitable[str]]

@@ -7,7 +7,7 @@ turns that carry a signal gets a lane of their own, the personal policy
 the shared adapter's current weights, and the shared adapter keeps learning from
 everyone else (new users, turns with no user). A user with strong tastes so stops
 pulling the shared adapter their way, and each adapter learns from turns its own
-versions served. The proxy routes each user to their adapter (`nextstate.proxy.router`).
+versions served. The proxy routes each user to their adapter (`nextstate.core.routing`).
 
 Every lane goes through the same step, publish gate, versioned directories and
 housekeeping (`training`); one trainer swaps lanes in and out.
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextstate.learner.store import LearnerStore
-from nextstate.proxy.router import PERSONAL, personal_policy
+from nextstate.core.lora import personal_policy
+from nextstate.core.store import AdapterRegistry, Judgments
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Lane:
     user: str | None = None  # None: the shared lane
 
 
-def full_lanes(store: LearnerStore, policy: str, method: str, batch_turns: int,
+def full_lanes(store: Judgments, policy: str, method: str, batch_turns: int,
                min_turns: int | None) -> list[Lane]:
     """The lanes with a full batch of turns ready to train on, the one with the most
     waiting first (the shared lane first on a tie). Two queries however many users."""
@@ -46,13 +46,8 @@ def full_lanes(store: LearnerStore, policy: str, method: str, batch_turns: int,
     return [lane for _, lane in sorted(full, key=lambda pair: -pair[0])]
 
 
-def owns(policy: str, adapter_policy: str) -> bool:
-    """Is ``adapter_policy`` the policy itself or one of its personal policies?"""
-    return adapter_policy == policy or adapter_policy.startswith(policy + PERSONAL)
-
-
-def personal_adapters(store: LearnerStore, policy: str) -> dict[str, str]:
+def personal_adapters(store: AdapterRegistry, policy: str) -> dict[str, str]:
     """Each user's current personal adapter, {user: adapter name} (a user id unfit for a
     file name shows as its hash), for the status endpoint."""
     return {p[len(policy) + 1:]: name
-            for p, (name, _) in store.store.current_adapters(policy).items() if p != policy}
+            for p, (name, _) in store.currents(policy).items() if p != policy}

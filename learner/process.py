@@ -19,17 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextstate.core.lora import AdapterStatus, erase, owns
+from nextstate.core.paths import backend_root
+from nextstate.core.routing import Router
+from nextstate.core.store import Store, TurnsForgotten
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
-from nextstate.learner.forget import erase
 from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
-from nextstate.learner.personal import owns, personal_adapters
-from nextstate.learner.store import LearnerStore, TurnsForgotten
+from nextstate.learner.personal import personal_adapters
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import TrainingConfig, TrainingStage
-from nextstate.proxy.router import Router
-from nextstate.proxy.settings import backend_root
 
 log = logging.getLogger("nextstate.learner")
 
@@ -101,7 +101,7 @@ class Learner:
     def __init__(self, config: LearnerConfig, judge: Judge | None = None) -> None:
         self.config = config
         self.policy = config.policy or config.base_model
-        self.store = LearnerStore(config.store_url)
+        self.store = Store(config.store_url)
         self.judge = judge or make_judge(config)
         router = Router(self.policy, config.base_model) if config.teacher == "policy" else None
         key = config.backend_api_key
@@ -119,6 +119,7 @@ class Learner:
         self.state = "idle"
         self.backends: dict[str, list[str]] = {}  # adapter versions loaded, per backend
         self.erased: set[int] = set()  # forgotten versions gone from disk and every backend
+        self._status: dict[str, Any] | None = None  # as last computed (see _set_state)
 
     async def close(self) -> None:
         await self.teacher.close()
@@ -129,17 +130,18 @@ class Learner:
     async def step(self) -> int:
         """One round of work; returns how much it did (turns judged, steps trained)."""
         ranks.keep_alive()  # every round: the other training processes (if any) wait on us
-        self._set_state("judging")
+        await self._set_state("judging")
         if self.teacher.router is not None:  # --teacher policy: follow what serves whom
-            self.teacher.router.update(self.store.store.current_adapters(self.policy))
-        report = await judge_pending(self.store, self.judge, self.teacher,
+            self.teacher.router.update(
+                await asyncio.to_thread(self.store.adapters.currents, self.policy))
+        report = await judge_pending(self.store.judgments, self.judge, self.teacher,
                                      self.config.judging)
         self.totals.add(report)
         done = report.judged + report.failed
         await self._erase_forgotten()  # before housekeeping looks at what vLLM has
         if self.training is not None:
             await self.training.housekeeping()
-            self._set_state("training")
+            await self._set_state("training")
             try:
                 result = await self.training.maybe_step()
             except TurnsForgotten as exc:
@@ -156,7 +158,7 @@ class Learner:
                 done += 1
                 if result.error:
                     self._error(result.error)
-        self._set_state("idle")
+        await self._set_state("idle", report=True)
         return done
 
     async def _erase_forgotten(self) -> None:
@@ -164,7 +166,8 @@ class Learner:
         everywhere: forgotten through the proxy's admin endpoint, a backend was down when
         ``nextstate forget`` ran, or a step published one while its turns were being
         forgotten."""
-        rows = [r for r in self.store.adapters() if r["status"] == "forgotten"
+        versions = await asyncio.to_thread(self.store.adapters.versions)
+        rows = [r for r in versions if r["status"] == AdapterStatus.FORGOTTEN
                 and r["version"] not in self.erased and owns(self.policy, r["policy"])]
         if not rows:
             return
@@ -194,8 +197,9 @@ class Learner:
                     await asyncio.wait_for(stop.wait(), timeout=self.config.poll_seconds)
 
     def status(self) -> dict[str, Any]:
-        current = self.store.current_adapter(self.policy)
+        current = self.store.adapters.current(self.policy)
         training = self.config.training.trainer
+        judgments = self.store.judgments
         return {
             "state": self.state, "pid": os.getpid(), "started_at": self.started_at,
             "policy": self.policy,
@@ -204,21 +208,31 @@ class Learner:
             # Training processes (torchrun), and whether each holds a shard of the model.
             "ranks": ranks.world_size(), "sharded": training.shard,
             "batch_turns": training.batch_turns,
-            "counts": {**self.store.counts(), "ready": self.store.ready_count(training.method),
-                       "trained": self.store.trained_count()},
-            "rewards": self.store.reward_stats(),
+            "counts": {**judgments.counts(), "ready": judgments.ready_count(training.method),
+                       "trained": judgments.trained_count()},
+            "rewards": judgments.reward_stats(),
             "adapter": {"name": current["name"], "version": current["version"],
                         "published_at": current["published_at"]} if current else None,
             "personal_after": self.config.training.personal_min_turns,
-            "personal": personal_adapters(self.store, self.policy),
+            "personal": personal_adapters(self.store.adapters, self.policy),
             "steps": self.training.history if self.training else [],
             "backends": self.backends,
             "totals": asdict(self.totals),
         }
 
-    def _set_state(self, state: str) -> None:
+    async def _set_state(self, state: str, *, report: bool = False) -> None:
+        """Tell the store what the learner is doing, off the event loop. The full status
+        (~10 queries) is computed once a round (``report``, at its end) or when there is
+        none yet; a state change in between rewrites only the state field of the last one."""
         self.state = state
+        await asyncio.to_thread(self._write_status, report)
+
+    def _write_status(self, full: bool) -> None:
         try:
-            self.store.write_status(self.status())
+            if full or self._status is None:
+                self._status = self.status()
+            else:
+                self._status = {**self._status, "state": self.state}
+            self.store.status.write(self._status)
         except Exception as exc:  # status is best effort; the work is not
             log.warning("could not write learner status: %s", exc)

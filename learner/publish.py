@@ -6,33 +6,17 @@ may be gone). So every version gets a NEW immutable directory (written elsewhere
 renamed in) and a NEW name, ``<policy>@<version:06d>``; the proxy switches the policy's
 model name to it only once vLLM has loaded it. Old versions stay loaded for a grace
 period so requests already running on them finish, then are unloaded; directories
-beyond the last ``keep`` are deleted, never one that is still loaded.
+beyond the last ``keep`` are deleted, never one that is still loaded. Loading into vLLM
+and checking that it serves the version: `nextstate.core.lora.load_verified`.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from nextstate.core.vllm import VLLMClient, VLLMError
-
-VERSION = re.compile(r"@(\d+)$")
-
-
-class PublishError(Exception):
-    """vLLM did not take the adapter; the previous version keeps serving."""
-
-
-def version_name(policy: str, version: int) -> str:
-    return f"{policy}@{version:06d}"
-
-
-def version_of(served_model: str | None) -> int:
-    """The adapter version that served a turn (0: the base model)."""
-    match = VERSION.search(served_model or "")
-    return int(match.group(1)) if match else 0
+from nextstate.core.lora import LOADED
 
 
 def install(staged: Path, adapters_dir: Path, name: str) -> Path:
@@ -45,22 +29,10 @@ def install(staged: Path, adapters_dir: Path, name: str) -> Path:
     return final
 
 
-async def load_verified(vllm: VLLMClient, name: str, path: Path) -> None:
-    """Load adapter ``name`` from ``path`` into one vLLM and check that it lists it
-    (through `nextstate.core.vllm`, with the backend's key); PublishError if not."""
-    try:
-        await vllm.load_adapter(name, str(path))
-        listed = name in await vllm.models()
-    except VLLMError as exc:
-        raise PublishError(str(exc)) from exc
-    if not listed:
-        raise PublishError(f"vLLM at {vllm.url} does not list {name} after loading it")
-
-
 def prune(adapters_dir: Path, rows: list[dict[str, Any]], keep: int) -> list[str]:
     """Delete adapter directories beyond the newest ``keep``, except loaded ones.
     Returns the names deleted."""
-    loaded = {r["name"] for r in rows if r["status"] in ("current", "previous", "staged")}
+    loaded = {r["name"] for r in rows if r["status"] in LOADED}
     by_age = sorted(rows, key=lambda r: r["version"], reverse=True)
     deleted = []
     for row in by_age[keep:]:

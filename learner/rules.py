@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from nextstate.core.sessions import text_of
 from nextstate.learner.judgment import JudgeError, Judgment
-from nextstate.proxy.sessions import text_of
 
 _COMPLAINTS = ("long", "short", "formal", "casual", "informal", "verbose", "wordy", "vague",
                "generic", "complicated", "complex", "technical", "basic", "simple", "slow")

@@ -14,8 +14,8 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient, VLLMError
-from nextstate.proxy.router import Router
 
 HINT_MARKER = "\n\n[user's hint / instruction]\n"
 

@@ -24,18 +24,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nextstate.core.vllm import VLLMClient
-from nextstate.learner.personal import Lane, full_lanes, owns
-from nextstate.learner.publish import (
-    PublishError,
-    install,
+from nextstate.core.lora import (
+    PUBLISHED,
+    AdapterStatus,
+    NotLoaded,
     load_verified,
-    prune,
+    owns,
     version_name,
     version_of,
 )
+from nextstate.core.store import Store
+from nextstate.core.vllm import VLLMClient
+from nextstate.learner.personal import Lane, full_lanes
+from nextstate.learner.publish import install, prune
 from nextstate.learner.ranks import Leader, make_trainer
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
 log = logging.getLogger("nextstate.learner.training")
@@ -65,7 +67,9 @@ class StepResult:
     version: int | None
     name: str | None
     stats: StepStats
-    outcome: Literal["published", "refused", "failed", "skipped"]
+    # Refused by the publish gate, or not loaded (the adapter's status then): otherwise
+    # published or skipped.
+    outcome: Literal["published", "skipped", AdapterStatus.REFUSED, AdapterStatus.FAILED]
     error: str | None = None
 
 
@@ -119,7 +123,7 @@ def normalise_steps(items: list[TrainItem]) -> None:
 
 
 class TrainingStage:
-    def __init__(self, store: LearnerStore, model_dir: Path, policy: str,
+    def __init__(self, store: Store, model_dir: Path, policy: str,
                  vllms: list[VLLMClient], adapters_dir: Path,
                  config: TrainingConfig = TrainingConfig()) -> None:
         self.store = store
@@ -140,7 +144,7 @@ class TrainingStage:
         from its directory when another lane, or an earlier version after a rollback,
         was there). A user's first adapter starts from the shared adapter's weights;
         a policy's very first from a fresh LoRA."""
-        current = self.store.current_adapter(lane.policy)
+        current = self.store.adapters.current(lane.policy)
         key = (lane.policy, current["version"] if current else 0)
         if self.trainer is not None and key == self.loaded:
             return self.trainer
@@ -149,7 +153,7 @@ class TrainingStage:
             self.trainer.mark("fresh")
         source = current
         if source is None and lane.user is not None:
-            source = self.store.current_adapter(self.policy)
+            source = self.store.adapters.current(self.policy)
         if source is not None:
             self.trainer.load(Path(source["path"]))
         else:
@@ -162,13 +166,13 @@ class TrainingStage:
         (or down-weighting) stale ones."""
         cfg = self.config
         lane = lane or Lane(self.policy)
-        rows = self.store.ready_for_training(
+        rows = self.store.judgments.ready_for_training(
             cfg.trainer.method, 4 * cfg.trainer.batch_turns, user=lane.user,
             personal_after=cfg.personal_min_turns if lane.user is None else None)
         # How far behind a turn is: this policy's versions published after the one that
         # served it (version numbers are global and may skip, see `_fresh_name`).
-        published = sorted(a["version"] for a in self.store.adapters(lane.policy)
-                           if a["status"] in ("current", "previous", "unloaded"))
+        published = sorted(a["version"] for a in self.store.adapters.versions(lane.policy)
+                           if a["status"] in PUBLISHED)
         items, stale = [], []
         for row in rows:
             served = version_of(row["served_model"])
@@ -180,14 +184,15 @@ class TrainingStage:
             else:
                 stale.append(row["id"])
         if stale:
-            self.store.skip(stale, f"stale: served more than {cfg.max_staleness} versions ago")
+            self.store.judgments.skip(
+                stale, f"stale: served more than {cfg.max_staleness} versions ago")
         return items
 
     async def maybe_step(self) -> StepResult | None:
         """One step for the lane with the most turns waiting, once it has a batch."""
         cfg = self.config
         batch_turns = cfg.trainer.batch_turns
-        lanes = await asyncio.to_thread(full_lanes, self.store, self.policy,
+        lanes = await asyncio.to_thread(full_lanes, self.store.judgments, self.policy,
                                         cfg.trainer.method, batch_turns,
                                         cfg.personal_min_turns)
         for lane in lanes:
@@ -206,11 +211,11 @@ class TrainingStage:
         useful = informative(items, self.config.trainer)
         if not useful:
             reason = f"no {self.config.trainer.method} signal in these {len(items)} turns"
-            self.store.skip(ids, reason)
+            await asyncio.to_thread(self.store.judgments.skip, ids, reason)
             return self._remember(StepResult(None, None, StepStats(turns=len(items)),
                                              "skipped", reason), lane)
         trainer = await asyncio.to_thread(self._trainer, lane)
-        trainer.mark("before")
+        await asyncio.to_thread(trainer.mark, "before")
         log.info("training %s on %d turns", lane.policy, len(useful))
         stats, moved = await self._gated_step(trainer, useful)
         if stats is None:
@@ -218,27 +223,31 @@ class TrainingStage:
             tries = ", ".join(f"{kl:.3f} at {scale:g}x" for scale, kl in moved)
             reason = (f"publish gate: the step moved the policy {tries} the learning rate "
                       f"(nats/token), over the bound {cfg.gate_max_kl}")
-            self.store.skip(ids, reason)
+            await asyncio.to_thread(self.store.judgments.skip, ids, reason)
             log.error(reason)
             last = StepStats(turns=len(useful), kl=moved[-1][1],
                              extra={"lr_scale": moved[-1][0]})
-            return self._remember(StepResult(None, None, last, "refused", reason), lane)
+            return self._remember(StepResult(None, None, last, AdapterStatus.REFUSED, reason), lane)
         log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
         version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"
         await asyncio.to_thread(trainer.save, staged, stats)
-        path = install(staged, self.adapters_dir, name)
-        self.store.stage_adapter(version, name, lane.policy, str(path), asdict(stats))
+        path = await asyncio.to_thread(install, staged, self.adapters_dir, name)
+        await asyncio.to_thread(self.store.adapters.stage, version, name, lane.policy,
+                                str(path), asdict(stats))
         log.info("publishing %s", name)
         try:
             for vllm in self.vllms:  # verified on each; current only once all have it
                 await load_verified(vllm, name, path)
-        except PublishError as exc:
-            trainer.rewind("before")  # the turns stay untrained: learn from them again
-            self.store.set_adapter_status(version, "failed", str(exc))
+        except NotLoaded as exc:
+            # The turns stay untrained: learn from them again.
+            await asyncio.to_thread(trainer.rewind, "before")
+            await asyncio.to_thread(self.store.adapters.set_status, version,
+                                    AdapterStatus.FAILED, str(exc))
             log.error("adapter %s not published: %s", name, exc)
-            return self._remember(StepResult(version, name, stats, "failed", str(exc)), lane)
-        self.store.publish(version, ids, lane.policy)
+            return self._remember(
+                StepResult(version, name, stats, AdapterStatus.FAILED, str(exc)), lane)
+        await asyncio.to_thread(self.store.adapters.publish, version, ids, lane.policy)
         self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
                  stats.kl)
@@ -261,14 +270,14 @@ class TrainingStage:
                     log.warning("step taken at %gx the learning rate (KL %s)", scale,
                                 ", ".join(f"{kl:.3f}" for _, kl in moved))
                 return stats, moved
-            trainer.rewind("before")
+            await asyncio.to_thread(trainer.rewind, "before")
         return None, moved
 
     async def _fresh_name(self, policy: str) -> tuple[int, str]:
         """The next version, skipping names a backend already has loaded: a store that
         was reset while vLLM kept running would otherwise reuse a name for different
         weights, which vLLM would keep serving from its cache."""
-        version = self.store.next_version()
+        version = await asyncio.to_thread(self.store.adapters.next_version)
         taken: set[str] = set()
         for vllm in self.vllms:
             # An unreachable backend gets the adapter when it is back.
@@ -291,12 +300,13 @@ class TrainingStage:
         versions that never became current (a learner killed while publishing one, after
         vLLM had loaded it); then delete old directories."""
         if not self.started:  # what a killed learner was publishing will never serve
-            abandoned = self.store.abandon_staged()
+            abandoned = await asyncio.to_thread(self.store.adapters.abandon_staged)
             if abandoned:
                 log.warning("%d version(s) a stopped learner was publishing: abandoned",
                             abandoned)
             self.started = True
-        rows = [r for r in self.store.adapters() if owns(self.policy, r["policy"])]
+        versions = await asyncio.to_thread(self.store.adapters.versions)
+        rows = [r for r in versions if owns(self.policy, r["policy"])]
         for vllm in self.vllms:
             try:
                 loaded = await vllm.models()
@@ -304,24 +314,31 @@ class TrainingStage:
                 log.warning("backend %s unreachable: %s", vllm.url, exc)
                 continue
             for row in rows:
-                if row["status"] == "current" and row["name"] not in loaded:
+                if row["status"] == AdapterStatus.CURRENT and row["name"] not in loaded:
                     log.warning("%s lost %s (restarted?): loading it again", vllm.url,
                                 row["name"])
                     await load_verified(vllm, row["name"], Path(row["path"]))
                 retired = row["retired_at"] or 0
-                if row["status"] == "previous" and \
+                if row["status"] == AdapterStatus.PREVIOUS and \
                         time.time() - retired > self.config.unload_grace:
                     await vllm.unload_adapter(row["name"])
-                if row["status"] in ("abandoned", "failed") and row["name"] in loaded:
+                if row["status"] in (AdapterStatus.ABANDONED, AdapterStatus.FAILED) \
+                        and row["name"] in loaded:
                     log.warning("unloading %s from %s: it never served", row["name"],
                                 vllm.url)
                     await vllm.unload_adapter(row["name"])
+        await asyncio.to_thread(self._retire_and_prune, rows)
+
+    def _retire_and_prune(self, rows: list[dict[str, Any]]) -> None:
+        """Versions past their grace period are unloaded (in the store), then old
+        directories deleted (in a thread: SQL and rmtree)."""
         for row in rows:
             retired = row["retired_at"] or 0
-            if row["status"] == "previous" and time.time() - retired > self.config.unload_grace:
-                self.store.set_adapter_status(row["version"], "unloaded")
+            if row["status"] == AdapterStatus.PREVIOUS \
+                    and time.time() - retired > self.config.unload_grace:
+                self.store.adapters.set_status(row["version"], AdapterStatus.UNLOADED)
         by_policy: dict[str, list[dict[str, Any]]] = {}
-        for row in self.store.adapters():
+        for row in self.store.adapters.versions():
             if owns(self.policy, row["policy"]):
                 by_policy.setdefault(row["policy"], []).append(row)
         for mine in by_policy.values():

@@ -15,7 +15,6 @@ loopback by default).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,11 +22,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from nextstate.core.vllm import VLLMError
+from nextstate.core import lora
+from nextstate.core.lora import AdapterStatus
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
 from nextstate.proxy.relay import TENANT, parse_object, read_body
-from nextstate.proxy.store.store import NOT_SERVABLE
 
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
@@ -49,8 +48,8 @@ async def export(request: Request) -> Response:
     deps, tenant, admin = _caller(request)
     session_id = request.query_params.get("session_id")
     turns = await asyncio.to_thread(
-        lambda: list(deps.store.turns(session_id=session_id,
-                                      tenant=None if admin else tenant)))
+        lambda: list(deps.store.turns.iterate(session_id=session_id,
+                                              tenant=None if admin else tenant)))
 
     async def lines() -> AsyncIterator[bytes]:
         for turn in turns:
@@ -62,7 +61,7 @@ async def export(request: Request) -> Response:
 async def delete_session(request: Request) -> Response:
     deps, tenant, admin = _caller(request)
     session_id = request.path_params["session_id"]
-    deleted = await asyncio.to_thread(deps.store.forget, session_id=session_id,
+    deleted = await asyncio.to_thread(deps.store.retention.forget, session_id=session_id,
                                       tenant=None if admin else tenant)
     if not deleted.turns:
         raise NotFound(f"No session {session_id}.")  # also for another tenant's
@@ -71,28 +70,21 @@ async def delete_session(request: Request) -> Response:
 
 
 async def delete_tenant(request: Request) -> Response:
-    """The tenant's turns go, and its users' personal adapters stop being served: the
-    proxies stop routing to them at their next look at the store, and each backend is
-    told to unload them (a backend that cannot be reached now is left to the learner,
-    which also deletes their directories)."""
+    """The tenant's turns go, and its users' personal adapters stop being served: this
+    proxy stops routing to them at once (others at their next look at the store), their
+    directories are deleted and each backend is told to unload them (a backend that
+    cannot be reached now is left to the learner)."""
     deps = _require_admin(request)
     tenant = request.path_params["tenant"]
-    deleted = await asyncio.to_thread(deps.store.forget, tenant=tenant)
-    names = [row["name"] for row in deleted.adapters]
-    if names:  # this proxy at once, so that no request of theirs loads one again
-        deps.router.update(await asyncio.to_thread(deps.store.current_adapters,
-                                                   deps.router.policy or ""))
-    for backend in deps.backends.backends:
-        for name in names:
-            with contextlib.suppress(VLLMError):
-                await backend.vllm.unload_adapter(name)
+    deleted, _ = await lora.forget(deps.store, [b.vllm for b in deps.backends.backends],
+                                   router=deps.router, tenant=tenant)
     return _json({"object": "nextstate.deleted", "tenant": tenant, "turns": deleted.turns,
-                  "adapters": names})
+                  "adapters": [row["name"] for row in deleted.adapters]})
 
 
 async def list_adapters(request: Request) -> Response:
     deps = _require_admin(request)
-    rows = await asyncio.to_thread(deps.store.adapter_versions)
+    rows = await asyncio.to_thread(deps.store.adapters.versions)
     return _json({"object": "list", "data": rows})
 
 
@@ -103,17 +95,17 @@ async def rollback(request: Request) -> Response:
     version = body.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise InvalidRequest("version must be an integer", param="version")
-    rows = {r["version"]: r for r in await asyncio.to_thread(deps.store.adapter_versions)}
-    row = rows.get(version)
-    if row is None or row["status"] in NOT_SERVABLE:
-        raise NotFound(f"No published adapter version {version}.")
-    for backend in deps.backends.backends:  # every replica has it before it is current
-        try:
-            await backend.vllm.load_adapter(row["name"], row["path"])
-        except VLLMError as exc:
-            raise BackendUnavailable(f"{row['name']} was not loaded: {exc}") from exc
-    await asyncio.to_thread(deps.store.rollback, version)
-    return _json({"object": "nextstate.adapter", "name": row["name"], "status": "current"})
+    try:
+        row = await lora.rollback(deps.store, [b.vllm for b in deps.backends.backends],
+                                  version)
+    except lora.NoSuchVersion as exc:
+        raise NotFound(f"No published adapter version {version}.") from exc
+    except lora.DirectoryGone as exc:
+        raise NotFound(f"Adapter version {version} cannot serve again: {exc}.") from exc
+    except lora.NotLoaded as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    return _json({"object": "nextstate.adapter", "name": row["name"],
+                  "status": AdapterStatus.CURRENT})
 
 
 def _json(obj: dict[str, Any]) -> Response:

@@ -27,8 +27,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nextstate.core.redact import Redactor
+from nextstate.core.routing import Router
+from nextstate.core.store import Store
 from nextstate.proxy import admin, passthrough
-from nextstate.proxy.backends import BackendPool
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     InvalidRequest,
@@ -42,11 +44,9 @@ from nextstate.proxy.feedback import post_feedback, post_next_state
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.paths import PathGuard
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.redact import Redactor
 from nextstate.proxy.relay import TENANT, Generation, send_error
-from nextstate.proxy.router import Router
+from nextstate.proxy.replicas import BackendPool
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
 from nextstate.proxy.transport import UpstreamClient, UpstreamTransport
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
@@ -111,7 +111,7 @@ async def learner_status(request: Request) -> Response:
     """What the learner is doing (it writes its state to the store)."""
     deps: Deps = request.state.deps
     try:
-        status = await asyncio.to_thread(deps.store.learner_status)
+        status = await asyncio.to_thread(deps.store.status.read)
     except Exception as exc:
         raise StoreUnavailable(f"the store cannot be read ({type(exc).__name__})") from exc
     body = {"object": "nextstate.learner_status", "policy": deps.settings.policy,

@@ -10,9 +10,9 @@ resetting those keys to ``null``, never deleting them: the client sees the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Endpoint = Literal["chat", "completions"]
+from nextstate.core.records import Endpoint
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextstate.proxy.backends import BackendPool
+from nextstate.core.routing import Router
+from nextstate.core.store import Store
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.router import Router
+from nextstate.proxy.replicas import BackendPool
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from nextstate.core.records import FeedbackRecord, NextStateRecord
+from nextstate.core.sessions import parse_score
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import Conflict, InvalidRequest, NotFound, StoreUnavailable
-from nextstate.proxy.record import FeedbackRecord, NextStateRecord
 from nextstate.proxy.relay import TENANT, parse_object, read_body
-from nextstate.proxy.sessions import parse_score
 
 MAX_TEXT = 8000
 _SOURCE = re.compile(r"^adapter:[a-z0-9_.-]{1,40}$")
@@ -108,7 +108,7 @@ async def _check_owner(deps: Deps, turn_id: str | None, session_id: str | None,
     known = deps.recorder.recent_owner(turn_id, session_id)
     if known is None:
         try:
-            exists, owner = await asyncio.to_thread(deps.store.owner, turn_id, session_id)
+            exists, owner = await asyncio.to_thread(deps.store.turns.owner, turn_id, session_id)
         except Exception as exc:
             raise StoreUnavailable(f"the store cannot be read right now ({type(exc).__name__})"
                                    ) from exc

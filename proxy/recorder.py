@@ -33,9 +33,9 @@ from typing import Any
 import orjson
 from sqlalchemy.exc import DBAPIError
 
+from nextstate.core.records import Record, TurnRecord, decode, encode
+from nextstate.core.store import Store
 from nextstate.proxy.journal import Journal, Segment
-from nextstate.proxy.record import Record, TurnRecord, decode, encode
-from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.recorder")
 RECENT_IDS = 10_000
@@ -240,7 +240,7 @@ class Recorder:
 
     def _write(self, batch: list[Entry], retry: bool) -> int:
         try:
-            written, deferred = self.store.write_or_defer([r for _, r, _ in batch],
+            written, deferred = self.store.turns.write_or_defer([r for _, r, _ in batch],
                                                           self.pairing_wait)
         except (DBAPIError, OSError) as exc:  # the store is away: they wait in the journal
             self._store_failed(exc, batch, retry)
@@ -260,7 +260,7 @@ class Recorder:
         file beside the journal, counted, instead of being retried forever."""
         for i, entry in enumerate(batch):
             try:
-                self.stats.written += self.store.write([entry[1]])
+                self.stats.written += self.store.turns.write([entry[1]])
             except (DBAPIError, OSError) as exc:
                 self._store_failed(exc, batch[i:], retry=True)
                 return i
@@ -312,9 +312,9 @@ class Recorder:
         """End idle sessions; delete turns past their retention period; adopt the journal
         of a process that died since."""
         try:
-            self.store.expire_idle(self.idle_seconds)
+            self.store.retention.expire_idle(self.idle_seconds)
             if self.retention_days is not None:
-                self.store.forget(older_than=time.time() - self.retention_days * 86400)
+                self.store.retention.forget(older_than=time.time() - self.retention_days * 86400)
         except Exception as exc:
             self._store_failed(exc)
         return self.journal.adopt()

@@ -24,8 +24,10 @@ from typing import Any
 import httpx
 import orjson
 
+from nextstate.core.records import Endpoint, TurnRecord
+from nextstate.core.sessions import SessionMeta, owner, read_session_meta
 from nextstate.core.vllm import VLLMUnreachable
-from nextstate.proxy.capture import Asked, Endpoint, add_capture, is_usage_chunk, strip_response
+from nextstate.proxy.capture import Asked, add_capture, is_usage_chunk, strip_response
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     BackendUnavailable,
@@ -36,8 +38,6 @@ from nextstate.proxy.errors import (
     RequestTimeout,
     Shape,
 )
-from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.sessions import SessionMeta, owner, read_session_meta
 from nextstate.proxy.transport import NOTHING_SENT, UpstreamClient
 from nextstate.proxy.types import Headers, Receive, Scope, Send
 

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
+from nextstate.core.paths import data_dir
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
 from nextstate.proxy.server import BackgroundProxy
-from nextstate.proxy.settings import ProxySettings, data_dir
-from nextstate.proxy.store import Store
+from nextstate.proxy.settings import ProxySettings
 
 MODEL_NAME = "nextstate-toy"
 
@@ -206,7 +207,7 @@ class ProxyServer(BackgroundProxy):
         try:
             deadline = time.monotonic() + timeout
             while True:
-                rows = [t for t in store.turns()
+                rows = [t for t in store.turns.iterate()
                         if all(t.get(k) == v for k, v in filters.items())]
                 if len(rows) >= count or time.monotonic() > deadline:
                     return rows

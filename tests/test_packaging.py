@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_proxy_does_not_import_torch():
-    code = ("import sys, nextstate.proxy.app, nextstate.proxy.cli, nextstate.adapters; "
+    code = ("import sys, nextstate.proxy.app, nextstate.cli, nextstate.adapters; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
@@ -31,7 +31,7 @@ def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
     subprocess.run([python, "-m", "pip", "install", "-q", str(ROOT)], check=True,
                    capture_output=True, text=True)
     check = ("import importlib.util, nextstate.proxy.app, nextstate.learner, "
-             "nextstate.adapters, nextstate.proxy.store; "
+             "nextstate.adapters, nextstate.core.store; "
              "assert importlib.util.find_spec('torch') is None; "
              "assert importlib.util.find_spec('proxy') is None; print('ok')")
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)

@@ -21,11 +21,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from nextstate.core.paths import data_dir
+from nextstate.core.vllm_server import VLLMProcess, toy_model_config
 from nextstate.learner.experiment.personas import Persona
 from nextstate.learner.experiment.plot import plot_curves
 from nextstate.learner.experiment.run import BenchConfig, MethodRun, Progress, run_method, summarise
-from nextstate.proxy.backend import VLLMProcess, toy_model_config
-from nextstate.proxy.settings import data_dir
 
 BASE_MODEL = "nextstate-toy-trained"
 # The paper's Figure (OpenClaw-RL, simulated student): personalization score by step.

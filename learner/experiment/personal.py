@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 
+from nextstate.core.lora import PUBLISHED
+from nextstate.core.vllm_server import free_port
 from nextstate.learner.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
 from nextstate.learner.experiment.client import RetryingTransport
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
@@ -39,7 +41,6 @@ from nextstate.learner.experiment.styles import Problem, detect, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 
@@ -139,8 +140,8 @@ async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
 
 def published(learner: Learner, policy: str) -> dict[str, str]:
     """Versions published so far: {name: policy} (the shared policy and personal ones)."""
-    return {a["name"]: a["policy"] for a in learner.store.adapters()
-            if a["status"] in ("current", "previous", "unloaded")
+    return {a["name"]: a["policy"] for a in learner.store.adapters.versions()
+            if a["status"] in PUBLISHED
             and (a["policy"] == policy or a["policy"].startswith(policy + "~"))}
 
 
@@ -179,7 +180,7 @@ def _done(learner: Learner, policy: str, personas: Sequence[Persona],
 
 async def until_serving(client: httpx.AsyncClient, learner: Learner, policy: str) -> None:
     """The proxy follows the store; wait until it serves every current version."""
-    current = learner.store.store.current_adapters(policy)
+    current = learner.store.adapters.currents(policy)
     shared = current.pop(policy, (None, None))[0]
     personal = {p: name for p, (name, _) in current.items()}
     for _ in range(200):

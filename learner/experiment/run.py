@@ -24,13 +24,14 @@ from typing import Any
 
 import httpx
 
+from nextstate.core.lora import AdapterStatus
+from nextstate.core.vllm_server import free_port
 from nextstate.learner.experiment.client import RetryingTransport
 from nextstate.learner.experiment.personas import Persona, SimulatedUser
 from nextstate.learner.experiment.styles import Problem, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 
@@ -140,7 +141,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
     only corrected turns teach, and a persona that is pleased stops correcting. What the
     publish gate did on the way (a refusal, a step taken smaller) goes into ``run``."""
-    before = learner.store.current_adapter(policy)
+    before = learner.store.adapters.current(policy)
     recorded = 0
     for _ in range(max_rounds):
         users = [SimulatedUser(persona, random.Random(rng.random()))
@@ -156,7 +157,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         history = learner.training.history if learner.training else []
         if run is not None and history and history[-1] is not last:
             _gate_events(run, step, history[-1])
-        current = learner.store.current_adapter(policy)
+        current = learner.store.adapters.current(policy)
         if current is not None and current != before:
             return recorded, str(current["name"])
     return None
@@ -164,7 +165,7 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
 
 def _gate_events(run: MethodRun, step: int, entry: dict[str, Any]) -> None:
     extra = entry.get("extra") or {}
-    if entry["outcome"] == "refused":
+    if entry["outcome"] == AdapterStatus.REFUSED:
         run.refused.append({"step": step, "kl": entry["kl"], "reason": entry.get("error")})
     elif entry["outcome"] == "published" and extra.get("lr_scale", 1.0) < 1.0:
         run.slowed.append({"step": step, "kl_first_try": extra.get("kl_first_try"),

@@ -20,10 +20,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from nextstate.adapters.litellm import NextStateLogger
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
-from nextstate.learner.store import LearnerStore
-from nextstate.proxy.record import TurnRecord
-from nextstate.proxy.store import Store
 from tests.conftest import MODEL_NAME
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
@@ -69,7 +68,7 @@ def recorded(store_url: str, count: int, timeout: float = 15.0) -> list[dict[str
     try:
         deadline = time.monotonic() + timeout
         while True:
-            rows = list(store.turns())
+            rows = list(store.turns.iterate())
             if len(rows) >= count or time.monotonic() > deadline:
                 return rows
             time.sleep(0.05)
@@ -79,10 +78,10 @@ def recorded(store_url: str, count: int, timeout: float = 15.0) -> list[dict[str
 
 def trainable_ids(store_url: str, turn: dict[str, Any]) -> list[str]:
     """The turn's id if the learner would train on it once judged, else nothing."""
-    learner = LearnerStore(store_url)
+    learner = Store(store_url)
     try:
-        learner.save_judgment(turn["turn_id"], Judgment(score=-1))
-        return [row["id"] for row in learner.ready_for_training("binary", 10)]
+        learner.judgments.save(turn["turn_id"], Judgment(score=-1))
+        return [row["id"] for row in learner.judgments.ready_for_training("binary", 10)]
     finally:
         learner.close()
 
@@ -195,6 +194,7 @@ class FlakyStore:
 
     def __init__(self, url: str, failures: int) -> None:
         self.store, self.failures = Store(url), failures
+        self.turns = self  # what the logger writes through
         self.entered, self.release = threading.Event(), threading.Event()
 
     def write(self, records: Sequence[TurnRecord]) -> int:
@@ -203,7 +203,7 @@ class FlakyStore:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("store is down")
-        return self.store.write(records)
+        return self.store.turns.write(records)
 
     def close(self) -> None:
         self.store.close()

@@ -12,7 +12,7 @@ from bench.fake_upstream import COMPLETION_TOKENS, PIECES, serve
 from bench.loadgen import LoadSpec, Request, percentile, run_load
 from bench.proxy_bench import body
 from bench.report import DIRECT, NEXTSTATE, Run, checks, ratio_table
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 
 
 async def _with_upstream(check):  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 
 # (method, path) -> hold it "before" sending it to vLLM, "after" vLLM answered, or not (None)
 Rule = Callable[[str, str], str | None]

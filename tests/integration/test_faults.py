@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
+from nextstate.core.lora import load_verified, version_name
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
-from nextstate.learner.publish import load_verified, version_name
-from nextstate.learner.store import LearnerStore
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
 from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
-from nextstate.proxy.backend import VLLMProcess, free_port, toy_model_config
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
@@ -30,8 +30,8 @@ def publish_one_adapter(toy_model, tmp_path, store_url: str, vllm_url: str) -> s
     trainer.step([TrainItem("t", [1, 40, 2], [50, 51], [-7.0, -7.0], reward=1.0)])
     name = version_name(MODEL_NAME, 1)
     path = trainer.save(tmp_path / "adapters" / name)
-    store = LearnerStore(store_url)
-    store.stage_adapter(1, name, MODEL_NAME, str(path), {})
+    store = Store(store_url)
+    store.adapters.stage(1, name, MODEL_NAME, str(path), {})
 
     async def load() -> None:
         vllm = VLLMClient(vllm_url)
@@ -39,7 +39,7 @@ def publish_one_adapter(toy_model, tmp_path, store_url: str, vllm_url: str) -> s
         await vllm.aclose()
 
     asyncio.run(load())
-    store.publish(1, [], MODEL_NAME)
+    store.adapters.publish(1, [], MODEL_NAME)
     store.close()
     return name
 

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from bench.vllm_bench import converse
+from nextstate.cli import main
+from nextstate.core.vllm_server import VLLMProcess, toy_model_config
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import VLLMProcess, toy_model_config
-from nextstate.proxy.cli import main
 from tests.conftest import MODEL_NAME, _require_vllm
 from tests.integration.test_learner_training import ASK
 
@@ -91,8 +91,8 @@ async def test_proxy_and_learner_serve_publish_roll_back_and_forget_through_the_
             if not await learner.step():
                 break
         status = learner.status()
-        versions = learner.store.adapters()
-        judgments = [learner.store.judgment(t["turn_id"]) for t in proxy.turns(25)]
+        versions = learner.store.adapters.versions()
+        judgments = [learner.store.judgments.get(t["turn_id"]) for t in proxy.turns(25)]
         await serves_the_policy(vllm, proxy, status)
         await rolls_back(vllm, proxy, versions)
         await forgets_alice(vllm, proxy, learner, status)

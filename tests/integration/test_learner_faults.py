@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from bench.vllm_bench import converse
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import spawn, stop_group
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.backend import spawn, stop_group
 from tests.conftest import MODEL_NAME
 from tests.integration.relay import Relay
 from tests.integration.test_learner_training import drain
@@ -43,7 +43,7 @@ async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_on
     converse(proxy.base_url, 8)
     turns = proxy.turns(16)
     store_url = proxy.settings.resolved_store_url()
-    command = [sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", vllm.url,
+    command = [sys.executable, "-m", "nextstate.cli", "learn", "--backend", vllm.url,
                "--model", MODEL_NAME, "--model-dir", str(toy_model), "--store", store_url,
                "--batch-turns", "2"]
     rng = random.Random(7)
@@ -61,10 +61,10 @@ async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_on
     try:
         await drain(learner, rounds=20)
         store = learner.store
-        judged = [store.judgment(t["turn_id"]) for t in turns if t["turn_type"] == "main"]
-        versions = {a["version"]: a for a in store.adapters(MODEL_NAME)}
-        current = store.current_adapter(MODEL_NAME)
-        counts = store.counts()
+        judged = [store.judgments.get(t["turn_id"]) for t in turns if t["turn_type"] == "main"]
+        versions = {a["version"]: a for a in store.adapters.versions(MODEL_NAME)}
+        current = store.adapters.current(MODEL_NAME)
+        counts = store.judgments.counts()
     finally:
         await learner.close()
     # Every turn with a next state has exactly one judgment, which is done.
@@ -139,7 +139,7 @@ async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_servin
     try:
         await drain(learner, rounds=3)
         status = learner.status()
-        versions = learner.store.adapters(MODEL_NAME)
+        versions = learner.store.adapters.versions(MODEL_NAME)
     finally:
         await learner.close()
     assert versions and all(v["status"] == "failed" for v in versions)
@@ -156,7 +156,7 @@ async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_servin
 def learn(store_url: str, backend: str, toy_model: Path, home: Path, log: Path,
           *extra: str):
     """``nextstate learn`` as its own process (batches of 4 judged turns)."""
-    return spawn([sys.executable, "-m", "nextstate.proxy.cli", "learn", "--backend", backend,
+    return spawn([sys.executable, "-m", "nextstate.cli", "learn", "--backend", backend,
                   "--model", MODEL_NAME, "--model-dir", str(toy_model), "--store", store_url,
                   "--batch-turns", "4", *extra], log,
                  env={**os.environ, "NEXTSTATE_HOME": str(home)})
@@ -182,16 +182,16 @@ def recorded_turns(proxy) -> tuple[str, list[dict]]:
     return proxy.settings.resolved_store_url(), proxy.turns(16)
 
 
-def judged_rows(store: LearnerStore, turns: list[dict]) -> dict[str, tuple]:
-    rows = {t["turn_id"]: store.judgment(t["turn_id"]) for t in turns}
+def judged_rows(store: Store, turns: list[dict]) -> dict[str, tuple]:
+    rows = {t["turn_id"]: store.judgments.get(t["turn_id"]) for t in turns}
     return {k: (r["status"], r["updated_at"], r["attempts"]) for k, r in rows.items() if r}
 
 
-def check_serving(store: LearnerStore, vllm_url: str, proxy,
+def check_serving(store: Store, vllm_url: str, proxy,
                   loaded: tuple[str, ...] = ("current", "previous")) -> None:
     """One current version (if any): on disk, loaded in vLLM, and the proxy serves it;
     vLLM has no version of another status than ``loaded``."""
-    versions = store.adapters(MODEL_NAME)
+    versions = store.adapters.versions(MODEL_NAME)
     current = [v for v in versions if v["status"] == "current"]
     assert len(current) <= 1
     models = {m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
@@ -205,17 +205,17 @@ def check_serving(store: LearnerStore, vllm_url: str, proxy,
     assert answer.status_code == 200, answer.text
 
 
-def check_trained_once(store: LearnerStore, turns: list[dict]) -> None:
+def check_trained_once(store: Store, turns: list[dict]) -> None:
     """Every turn with a signal trained by a published version; and each published
     version's weights went through exactly the optimizer steps of the versions before it
     and its own (a step of a killed learner never carries over)."""
     import torch
 
-    published = {v["version"]: v for v in store.adapters(MODEL_NAME)
+    published = {v["version"]: v for v in store.adapters.versions(MODEL_NAME)
                  if v["status"] in ("current", "previous", "unloaded")}
     signal_turns = [t for t in turns if t["turn_index"] == 0]
     for t in signal_turns:
-        assert store.judgment(t["turn_id"])["trained_version"] in published, t["turn_id"]
+        assert store.judgments.get(t["turn_id"])["trained_version"] in published, t["turn_id"]
     passes = TrainerConfig().passes
     for i, version in enumerate(sorted(published), start=1):
         state = torch.load(Path(published[version]["path"]) / "optimizer.pt")["state"]
@@ -226,11 +226,11 @@ def check_trained_once(store: LearnerStore, turns: list[dict]) -> None:
 async def test_a_learner_killed_mid_judge_judges_each_turn_once(vllm, policy_proxy, toy_model,
                                                                 tmp_path):
     store_url, turns = recorded_turns(policy_proxy)
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     with Relay(vllm.url) as relay:
         # Held: a teacher call, once two hinted turns were judged (others wait, in flight).
         relay.hold(lambda method, path: "before" if path == "/v1/completions"
-                   and store.reward_stats()["with_hints"] >= 2 else None)
+                   and store.judgments.reward_stats()["with_hints"] >= 2 else None)
         learner = learn(store_url, relay.url, toy_model, tmp_path, tmp_path / "l1.log",
                         "--no-train")
         await until(relay.held.is_set, "the learner mid-judge")
@@ -239,7 +239,7 @@ async def test_a_learner_killed_mid_judge_judges_each_turn_once(vllm, policy_pro
     assert 2 <= sum(s == "ok" for s, _, _ in before.values()) < 16  # it was mid-judge
     learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log", "--no-train")
     try:
-        await until(lambda: store.counts()["awaiting_judgment"] == 0, "the rest judged")
+        await until(lambda: store.judgments.counts()["awaiting_judgment"] == 0, "the rest judged")
     finally:
         kill(learner)
     after = judged_rows(store, turns)
@@ -253,18 +253,19 @@ async def test_a_learner_killed_mid_judge_judges_each_turn_once(vllm, policy_pro
 async def test_a_learner_killed_mid_training_step_trains_each_turn_once(
         vllm, policy_proxy, toy_model, tmp_path):
     store_url, turns = recorded_turns(policy_proxy)
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     log = tmp_path / "l1.log"
     learner = learn(store_url, vllm.url, toy_model, tmp_path, log)
     await until(lambda: "training nextstate-toy" in log.read_text(), "a training step",
                 poll=0.005)
     kill(learner)
     assert "trained nextstate-toy" not in log.read_text()  # killed inside the step
-    assert store.adapters(MODEL_NAME) == []
+    assert store.adapters.versions(MODEL_NAME) == []
     check_serving(store, vllm.url, policy_proxy)
     learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log")
     try:
-        await until(lambda: store.trained_count() == 8, "every turn with a signal trained")
+        await until(lambda: store.judgments.trained_count() == 8,
+                    "every turn with a signal trained")
     finally:
         kill(learner)
     check_trained_once(store, turns)
@@ -277,24 +278,25 @@ async def test_a_learner_killed_mid_training_step_trains_each_turn_once(
 async def test_a_learner_killed_mid_publish_leaves_no_version_current_that_vllm_lacks(
         vllm, policy_proxy, toy_model, tmp_path, when):
     store_url, turns = recorded_turns(policy_proxy)
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     with Relay(vllm.url) as relay:
         relay.hold(lambda method, path: when if path == "/v1/load_lora_adapter" else None)
         learner = learn(store_url, relay.url, toy_model, tmp_path, tmp_path / "l1.log")
         await until(relay.held.is_set, "the learner mid-publish")
         kill(learner)
-    [staged] = store.adapters(MODEL_NAME)
+    [staged] = store.adapters.versions(MODEL_NAME)
     assert staged["status"] == "staged"  # written and named, never made current
     # (vLLM may have it, but nothing is routed to a version that is not current.)
     check_serving(store, vllm.url, policy_proxy, loaded=("staged",))
     learner = learn(store_url, vllm.url, toy_model, tmp_path, tmp_path / "l2.log")
     try:
-        await until(lambda: store.trained_count() == 8, "every turn with a signal trained")
+        await until(lambda: store.judgments.trained_count() == 8,
+                    "every turn with a signal trained")
         await until(lambda: staged["name"] not in {m["id"] for m in httpx.get(
             f"{vllm.url}/v1/models").json()["data"]}, "the abandoned version unloaded")
     finally:
         kill(learner)
-    versions = {v["version"]: v for v in store.adapters(MODEL_NAME)}
+    versions = {v["version"]: v for v in store.adapters.versions(MODEL_NAME)}
     assert versions[staged["version"]]["status"] == "abandoned"
     check_trained_once(store, turns)
     check_serving(store, vllm.url, policy_proxy)

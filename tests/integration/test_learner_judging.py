@@ -52,8 +52,8 @@ async def test_learner_judges_real_traffic_with_the_rules_judge(vllm, proxy):
     try:
         assert await learner.step() == 2
         assert await learner.step() == 0  # every turn is judged exactly once
-        corrected = learner.store.judgment(turns[0]["turn_id"])
-        last = learner.store.judgment(turns[1]["turn_id"])
+        corrected = learner.store.judgments.get(turns[0]["turn_id"])
+        last = learner.store.judgments.get(turns[1]["turn_id"])
         status = learner.status()
     finally:
         await learner.close()

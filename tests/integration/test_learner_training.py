@@ -50,7 +50,7 @@ async def test_learner_publishes_versions_the_proxy_serves(vllm, policy_proxy, t
         await drain(learner)
         await asyncio.sleep(1.5)
         await learner.training.housekeeping()  # past the grace: the old version goes
-        versions = learner.store.adapters()
+        versions = learner.store.adapters.versions()
         status = learner.status()
     finally:
         await learner.close()
@@ -106,7 +106,7 @@ async def test_publishing_under_load_fails_no_request(vllm, policy_proxy, toy_mo
     try:
         await drain(learner)
         await asyncio.sleep(1.0)  # keep the load on through the switch
-        [adapter] = [a["name"] for a in learner.store.adapters(MODEL_NAME)]
+        [adapter] = [a["name"] for a in learner.store.adapters.versions(MODEL_NAME)]
     finally:
         stop.set()
         for t in threads:
@@ -132,18 +132,18 @@ async def test_a_learner_killed_mid_publish_resumes_and_trains_nothing_twice(
     def die(*args, **kwargs):
         raise Killed
 
-    learner.store.publish = die  # killed after vLLM loaded the adapter, before the commit
+    learner.store.adapters.publish = die  # killed after vLLM loaded the adapter, before the commit
     with pytest.raises(Killed):
         await drain(learner)
-    staged = learner.store.adapters()
+    staged = learner.store.adapters.versions()
     await learner.close()
     assert [a["status"] for a in staged] == ["staged"]
 
     restarted = learner_for(proxy, vllm, toy_model, tmp_path)
     try:
         await drain(restarted)
-        versions = restarted.store.adapters()
-        trained = [restarted.store.judgment(t["turn_id"])["trained_version"]
+        versions = restarted.store.adapters.versions()
+        trained = [restarted.store.judgments.get(t["turn_id"])["trained_version"]
                    for t in proxy.turns(8) if t["turn_index"] == 0]
     finally:
         await restarted.close()

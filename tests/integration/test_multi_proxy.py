@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextstate.proxy.backend import free_port, spawn, stop_group
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port, spawn, stop_group
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ ASK = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 6}
 
 def start_proxy_process(backend: str, store: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = spawn([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend",
+    process = spawn([sys.executable, "-m", "nextstate.cli", "serve", "--backend",
                      backend, "--port", str(port), "--store", store], log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -51,7 +51,7 @@ def wait_for_turns(store_url: str, count: int, timeout: float = 20) -> list[dict
     deadline = time.monotonic() + timeout
     try:
         while True:
-            turns = list(store.turns())
+            turns = list(store.turns.iterate())
             if len(turns) >= count or time.monotonic() > deadline:
                 return turns
             time.sleep(0.1)

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from bench.vllm_bench import converse
+from nextstate.cli import main
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.cli import main
 from tests.conftest import MODEL_NAME
 from tests.integration.test_learner_training import ASK
 

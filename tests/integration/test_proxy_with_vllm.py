@@ -15,8 +15,8 @@ import orjson
 import pytest
 from transformers import AutoTokenizer
 
-from nextstate.proxy.backend import free_port
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
@@ -219,7 +219,7 @@ def test_backend_down_gives_502_and_the_proxy_keeps_serving(start_proxy):
 
 def test_store_unavailable_then_back_loses_nothing(vllm, start_proxy, tmp_path):
     db = tmp_path / "locked.db"
-    Store(f"sqlite:///{db}").count_turns()  # create the tables
+    Store(f"sqlite:///{db}").turns.count()  # create the tables
     proxy = start_proxy(vllm.url, store_url=f"sqlite:///{db}", sqlite_busy_timeout=0.1)
     lock = sqlite3.connect(db, timeout=0)
     lock.execute("BEGIN EXCLUSIVE")  # the database is locked for writers

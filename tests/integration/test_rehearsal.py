@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bench.vllm_bench import CORRECTIONS
-from nextstate.proxy.backend import VLLMProcess, free_port, spawn, stop_group, toy_model_config
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import VLLMProcess, free_port, spawn, stop_group, toy_model_config
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
             port = free_port()
             log = tmp_path / f"proxy{i}.log"
             processes.append(spawn([
-                sys.executable, "-m", "nextstate.proxy.cli", "serve", "--port", str(port),
+                sys.executable, "-m", "nextstate.cli", "serve", "--port", str(port),
                 "--store", postgres_url, "--policy", MODEL_NAME,
                 *[arg for b in backends for arg in ("--backend", b)]], log))
             proxies.append(f"http://127.0.0.1:{port}")
@@ -52,7 +52,7 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
         learner_log = tmp_path / "learner.log"
         processes.append(spawn([
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", "-m", "nextstate.proxy.cli", "learn", "--shard",
+            "--nproc-per-node", "2", "-m", "nextstate.cli", "learn", "--shard",
             "--store", postgres_url, "--model", MODEL_NAME, "--model-dir", str(toy_model),
             "--batch-turns", "4", *[arg for b in backends for arg in ("--backend", b)]],
             learner_log))
@@ -94,7 +94,7 @@ def test_two_backends_two_proxies_postgres_one_learner(vllm, toy_model, postgres
         store = Store(postgres_url)
         deadline = time.monotonic() + 30
         while True:  # records are written off the request path: wait for them
-            turns = list(store.turns())
+            turns = list(store.turns.iterate())
             if sum(t["served_model"] == name for t in turns) >= 2 or \
                     time.monotonic() > deadline:
                 break

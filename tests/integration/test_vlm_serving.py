@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nextstate.core.paths import data_dir
+from nextstate.core.vllm_server import VLLMConfig, VLLMProcess
 from nextstate.learner.image_teacher import score_with_images
 from nextstate.learner.multimodal import (
     LANGUAGE_LORA_TARGETS,
@@ -24,8 +26,6 @@ from nextstate.learner.multimodal import (
 )
 from nextstate.learner.teacher import with_hint
 from nextstate.learner.vlm_toy_model import ensure_vlm_toy_model
-from nextstate.proxy.backend import VLLMConfig, VLLMProcess
-from nextstate.proxy.settings import data_dir
 from tests.conftest import ProxyServer, _require_vllm
 from tests.integration.test_proxy_with_vllm import _events, _without_ids
 from tests.learner.test_multimodal import data_url

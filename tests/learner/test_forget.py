@@ -7,13 +7,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.lora import erase
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import process
-from nextstate.learner.forget import erase
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from nextstate.proxy.store import Store
 from tests.learner.test_personal import judged
 from tests.proxy.fake_vllm import FakeVLLM
 
@@ -74,7 +74,7 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
     store, admin = learner.store, Store(url)
 
     def names() -> dict[str, str]:
-        return {a["name"]: a["status"] for a in store.adapters()}
+        return {a["name"]: a["status"] for a in store.adapters.versions()}
 
     try:
         judged(store, [None, None])
@@ -87,7 +87,8 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
         # Forgotten with no backend at hand (the store alone, as the proxy's admin
         # endpoint or `nextstate forget` without --backend do it): the learner erases it
         # and its housekeeping never loads it again.
-        assert [a["name"] for a in admin.forget(user="alice").adapters] == ["p~alice@000002"]
+        assert [a["name"] for a in admin.retention.forget(user="alice").adapters] == [
+            "p~alice@000002"]
         await learner.step()
         await learner.step()
         assert fake.loaded == {"p@000001"}
@@ -98,7 +99,7 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
         # Alice comes back, and is forgotten again while her new adapter trains.
         def forgetting_step(self, items, lr_scale=1.0):
             stats = real_step(self, items, lr_scale)
-            admin.forget(user="alice")
+            admin.retention.forget(user="alice")
             return stats
 
         monkeypatch.setattr(Trainer, "step", forgetting_step)

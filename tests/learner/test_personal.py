@@ -6,10 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane, full_lanes, personal_adapters
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig, TrainingStage
 from tests.learner.test_store import turn
@@ -18,33 +18,33 @@ from tests.proxy.fake_vllm import FakeVLLM
 
 @pytest.fixture
 def store(tmp_path):
-    s = LearnerStore(f"sqlite:///{tmp_path / 'store.db'}")
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
     yield s
     s.close()
 
 
-def judged(store: LearnerStore, users: list[str | None], start: int = 0) -> list[str]:
+def judged(store: Store, users: list[str | None], start: int = 0) -> list[str]:
     turns = [turn(start + i) for i in range(len(users))]
     for t, user in zip(turns, users, strict=True):
         t.user = user
-    store.store.write(turns)
+    store.turns.write(turns)
     for t in turns:
-        store.save_judgment(t.turn_id, Judgment(score=-1))
+        store.judgments.save(t.turn_id, Judgment(score=-1))
     return [t.turn_id for t in turns]
 
 
 def test_without_personal_adapters_there_is_one_lane(store):
     judged(store, ["alice"] * 3 + [None])
-    assert full_lanes(store, "p", "binary", 4, None) == [Lane("p")]
-    assert full_lanes(store, "p", "binary", 5, None) == []
+    assert full_lanes(store.judgments, "p", "binary", 4, None) == [Lane("p")]
+    assert full_lanes(store.judgments, "p", "binary", 5, None) == []
 
 
 def test_lanes_with_a_full_batch_come_most_waiting_first(store):
     judged(store, ["alice"] * 3 + ["bob"] * 4 + ["carol", None])
     # alice and bob have their own lane; carol (one turn) and nobody share.
-    assert full_lanes(store, "p", "binary", 2, 3) == [
+    assert full_lanes(store.judgments, "p", "binary", 2, 3) == [
         Lane("p~bob", "bob"), Lane("p~alice", "alice"), Lane("p")]
-    assert full_lanes(store, "p", "binary", 4, 3) == [Lane("p~bob", "bob")]
+    assert full_lanes(store.judgments, "p", "binary", 4, 3) == [Lane("p~bob", "bob")]
 
 
 async def test_each_lane_trains_its_own_adapter_with_one_trainer(store, toy_model, tmp_path,
@@ -83,10 +83,10 @@ async def test_each_lane_trains_its_own_adapter_with_one_trainer(store, toy_mode
     assert names == ["p~alice@000001", "p@000002", "p~alice@000003"]
     assert len(built) == 1  # one trainer for every lane
     assert loads == ["p~alice@000001"]  # swapped back in for alice's second step
-    trained = {t: store.judgment(t)["trained_version"] for t in ids}
+    trained = {t: store.judgments.get(t)["trained_version"] for t in ids}
     assert trained == {"t0": 1, "t1": 2, "t2": 1, "t3": 2, "t4": 3, "t5": 3}
-    assert personal_adapters(store, "p") == {"alice": "p~alice@000003"}
-    assert {n: s for n, s in ((a["name"], a["status"]) for a in store.adapters())} == {
+    assert personal_adapters(store.adapters, "p") == {"alice": "p~alice@000003"}
+    assert {n: s for n, s in ((a["name"], a["status"]) for a in store.adapters.versions())} == {
         "p~alice@000001": "unloaded", "p@000002": "current", "p~alice@000003": "current"}
     # housekeeping keeps `keep` directories per policy, never the current ones
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
@@ -116,7 +116,7 @@ async def test_a_users_first_adapter_starts_from_the_shared_one(store, toy_model
 
 
 def test_status_lists_each_users_adapter():
-    from nextstate.learner.commands import render_status
+    from nextstate.cli.learn import render_status
 
     report = {"state": "idle", "counts": {}, "personal_after": 16,
               "personal": {"alice": "p~alice@000003", "bob": "p~bob@000004"}}

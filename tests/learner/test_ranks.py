@@ -121,7 +121,7 @@ def test_a_rank_that_fails_otherwise_ends_its_process(toy_model, tmp_path):
 
 
 def test_status_says_how_many_processes_train():
-    from nextstate.learner.commands import render_status
+    from nextstate.cli.learn import render_status
 
     report = {"state": "idle", "counts": {}, "method": "combined"}
     assert "processes" not in render_status({**report, "ranks": 1})

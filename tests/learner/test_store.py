@@ -1,8 +1,8 @@
 """The learner's bookkeeping in the store, on SQLite and PostgreSQL."""
 
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
-from nextstate.learner.store import LearnerStore
-from nextstate.proxy.record import TurnRecord
 
 
 def turn(i: int) -> TurnRecord:
@@ -17,72 +17,72 @@ def turn(i: int) -> TurnRecord:
 
 
 def test_ready_turns_follow_the_method_and_publish_marks_them_once(store_url):
-    store = LearnerStore(store_url)
-    store.store.write([turn(i) for i in range(3)])
-    store.save_judgment("t0", Judgment(score=-1), teacher_logprobs=[[-0.5, -0.5]])
-    store.save_judgment("t1", Judgment(score=1))
-    store.save_judgment("t2", Judgment(score=0))
-    assert [r["id"] for r in store.ready_for_training("binary", 10)] == ["t0", "t1"]
-    assert [r["id"] for r in store.ready_for_training("opd", 10)] == ["t0", "t1"]
-    assert [r["id"] for r in store.ready_for_training("combined", 10)] == ["t0", "t1"]
-    assert store.ready_count("combined") == 2
+    store = Store(store_url)
+    store.turns.write([turn(i) for i in range(3)])
+    store.judgments.save("t0", Judgment(score=-1), teacher_logprobs=[[-0.5, -0.5]])
+    store.judgments.save("t1", Judgment(score=1))
+    store.judgments.save("t2", Judgment(score=0))
+    assert [r["id"] for r in store.judgments.ready_for_training("binary", 10)] == ["t0", "t1"]
+    assert [r["id"] for r in store.judgments.ready_for_training("opd", 10)] == ["t0", "t1"]
+    assert [r["id"] for r in store.judgments.ready_for_training("combined", 10)] == ["t0", "t1"]
+    assert store.judgments.ready_count("combined") == 2
 
-    store.stage_adapter(1, "p@000001", "p", "/a/1", {"turns": 2})
-    store.publish(1, ["t0", "t1"], "p")
-    assert store.ready_count("combined") == 0 and store.trained_count() == 2
-    assert store.current_adapter("p")["name"] == "p@000001"
-    assert store.next_version() == 2
+    store.adapters.stage(1, "p@000001", "p", "/a/1", {"turns": 2})
+    store.adapters.publish(1, ["t0", "t1"], "p")
+    assert store.judgments.ready_count("combined") == 0 and store.judgments.trained_count() == 2
+    assert store.adapters.current("p")["name"] == "p@000001"
+    assert store.adapters.next_version() == 2
 
-    store.stage_adapter(2, "q@000002", "q", "/a/2", {})
-    store.publish(2, [], "q")  # another policy's publish leaves p's current alone
-    assert store.current_adapter("p")["version"] == 1
-    store.stage_adapter(3, "p@000003", "p", "/a/3", {})
-    store.publish(3, [], "p")
-    store.store.rollback(1)
-    assert store.current_adapter("p")["version"] == 1
-    assert {a["version"]: a["status"] for a in store.adapters("p")} == {1: "current",
+    store.adapters.stage(2, "q@000002", "q", "/a/2", {})
+    store.adapters.publish(2, [], "q")  # another policy's publish leaves p's current alone
+    assert store.adapters.current("p")["version"] == 1
+    store.adapters.stage(3, "p@000003", "p", "/a/3", {})
+    store.adapters.publish(3, [], "p")
+    store.adapters.rollback(1)
+    assert store.adapters.current("p")["version"] == 1
+    assert {a["version"]: a["status"] for a in store.adapters.versions("p")} == {1: "current",
                                                                        3: "previous"}
     store.close()
 
 
 def test_skipped_turns_are_never_ready_again(store_url):
-    store = LearnerStore(store_url)
-    store.store.write([turn(0)])
-    store.save_judgment("t0", Judgment(score=-1))
-    store.skip(["t0"], "stale")
-    assert store.ready_count("binary") == 0
-    assert store.judgment("t0")["trained_version"] == -1
+    store = Store(store_url)
+    store.turns.write([turn(0)])
+    store.judgments.save("t0", Judgment(score=-1))
+    store.judgments.skip(["t0"], "stale")
+    assert store.judgments.ready_count("binary") == 0
+    assert store.judgments.get("t0")["trained_version"] == -1
     store.close()
 
 
 def test_turns_whose_tokens_are_not_exact_are_kept_but_never_ready(store_url):
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     partial = turn(1)
     assert partial.response is not None
     partial.response["prompt_token_ids"] = None  # e.g. a client library dropped them
-    store.store.write([turn(0), partial])
+    store.turns.write([turn(0), partial])
     for turn_id in ("t0", "t1"):
-        store.save_judgment(turn_id, Judgment(score=-1))
-    assert [r["id"] for r in store.ready_for_training("binary", 10)] == ["t0"]
-    kept = store.store.turn("t1")
+        store.judgments.save(turn_id, Judgment(score=-1))
+    assert [r["id"] for r in store.judgments.ready_for_training("binary", 10)] == ["t0"]
+    kept = store.turns.get("t1")
     assert kept is not None and kept["untrainable"] == "no prompt token ids"
     store.close()
 
 
 def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
+    from nextstate.core.records import FeedbackRecord
     from nextstate.learner.training import normalise_steps, to_item
-    from nextstate.proxy.record import FeedbackRecord
 
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     steps = [turn(i) for i in range(3)]
     for t in steps:
         t.session_id, t.session_done = "episode", False
-    store.store.write(steps)
-    store.store.write([FeedbackRecord(feedback_id="verdict", created_at=9.0, score=1,
+    store.turns.write(steps)
+    store.turns.write([FeedbackRecord(feedback_id="verdict", created_at=9.0, score=1,
                                       source="endpoint", session_id="episode")])
     for t, votes in zip(steps, [(1, 1, 1), (-1, -1, 1), (0, 0, 0)], strict=True):
-        store.save_judgment(t.turn_id, Judgment(score=0, votes=votes))
-    rows = store.ready_for_training("binary", 10)  # the outcome makes them trainable
+        store.judgments.save(t.turn_id, Judgment(score=0, votes=votes))
+    rows = store.judgments.ready_for_training("binary", 10)  # the outcome makes them trainable
     items = [to_item(r) for r in rows]
     assert [round(i.reward, 3) for i in items] == [2.0, round(1 - 1 / 3, 3), 1.0]
     normalise_steps(items)
@@ -92,54 +92,54 @@ def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
 
 
 def test_a_user_with_enough_judged_turns_trains_apart_from_the_shared_lane(store_url):
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     turns = [turn(i) for i in range(7)]
     for t, user in zip(turns, ["alice"] * 3 + ["bob"] * 2 + [None] * 2, strict=True):
         t.user = user
-    store.store.write(turns)
+    store.turns.write(turns)
     for t in turns:
-        store.save_judgment(t.turn_id, Judgment(score=-1))
-    store.save_judgment("t4", Judgment(score=0))  # no signal: bob has one turn that counts
-    assert store.personal_users("binary", 2) == ["alice"]
-    assert store.personal_users("binary", 1) == ["alice", "bob"]
-    assert store.ready_by_user("binary") == {"alice": 3, "bob": 1, None: 2}
-    mine = store.ready_for_training("binary", 10, user="alice")
+        store.judgments.save(t.turn_id, Judgment(score=-1))
+    store.judgments.save("t4", Judgment(score=0))  # no signal: bob has one turn that counts
+    assert store.judgments.personal_users("binary", 2) == ["alice"]
+    assert store.judgments.personal_users("binary", 1) == ["alice", "bob"]
+    assert store.judgments.ready_by_user("binary") == {"alice": 3, "bob": 1, None: 2}
+    mine = store.judgments.ready_for_training("binary", 10, user="alice")
     assert [r["id"] for r in mine] == ["t0", "t1", "t2"]
-    shared = store.ready_for_training("binary", 10, personal_after=2)
+    shared = store.judgments.ready_for_training("binary", 10, personal_after=2)
     assert [r["id"] for r in shared] == ["t3", "t5", "t6"]  # bob's and nobody's
-    store.stage_adapter(1, "p~alice@000001", "p~alice", "/a/1", {})
-    store.publish(1, ["t0", "t1", "t2"], "p~alice")
-    assert store.personal_users("binary", 2) == ["alice"]  # trained turns still count
-    assert store.ready_for_training("binary", 10, user="alice") == []
+    store.adapters.stage(1, "p~alice@000001", "p~alice", "/a/1", {})
+    store.adapters.publish(1, ["t0", "t1", "t2"], "p~alice")
+    assert store.judgments.personal_users("binary", 2) == ["alice"]  # trained turns still count
+    assert store.judgments.ready_for_training("binary", 10, user="alice") == []
     store.close()
 
 
 def test_an_adapter_whose_turns_were_forgotten_while_it_trained_never_serves(store_url):
     import pytest
 
-    from nextstate.learner.store import TurnsForgotten
+    from nextstate.core.store import TurnsForgotten
 
-    store = LearnerStore(store_url)
+    store = Store(store_url)
     turns = [turn(i) for i in range(4)]
     for t in turns:
         t.user = "alice"
-    store.store.write(turns)
+    store.turns.write(turns)
     for t in turns:
-        store.save_judgment(t.turn_id, Judgment(score=-1))
-    store.stage_adapter(1, "p~alice@000001", "p~alice", "/a/1", {})
-    store.store.forget(session_id="s1")  # one of the step's turns, while it trained
+        store.judgments.save(t.turn_id, Judgment(score=-1))
+    store.adapters.stage(1, "p~alice@000001", "p~alice", "/a/1", {})
+    store.retention.forget(session_id="s1")  # one of the step's turns, while it trained
     with pytest.raises(TurnsForgotten):
-        store.publish(1, ["t0", "t1"], "p~alice")
+        store.adapters.publish(1, ["t0", "t1"], "p~alice")
     # The user forgotten after their adapter was staged: it has no turns left to mark,
     # and is never made current either.
-    store.stage_adapter(2, "p~alice@000002", "p~alice", "/a/2", {})
-    store.store.forget(user="alice")
+    store.adapters.stage(2, "p~alice@000002", "p~alice", "/a/2", {})
+    store.retention.forget(user="alice")
     with pytest.raises(TurnsForgotten):
-        store.publish(2, [], "p~alice")
-    assert store.current_adapter("p~alice") is None
-    assert {a["version"]: a["status"] for a in store.adapters()} == {1: "forgotten",
+        store.adapters.publish(2, [], "p~alice")
+    assert store.adapters.current("p~alice") is None
+    assert {a["version"]: a["status"] for a in store.adapters.versions()} == {1: "forgotten",
                                                                      2: "forgotten"}
-    assert store.judgment("t0") is None
-    store.save_judgment("t0", Judgment(score=-1, hints=("Say it in French.",)))
-    assert store.judgment("t0") is None  # judged while it was forgotten: nothing stays
+    assert store.judgments.get("t0") is None
+    store.judgments.save("t0", Judgment(score=-1, hints=("Say it in French.",)))
+    assert store.judgments.get("t0") is None  # judged while it was forgotten: nothing stays
     store.close()

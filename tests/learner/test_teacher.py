@@ -72,7 +72,7 @@ async def test_teacher_tokenizes_the_hinted_prompt_and_scores_the_recorded_token
 async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
     """--teacher policy: a user with their own adapter is taught by it, everyone else by
     the shared adapter (and by the base model while there is none)."""
-    from nextstate.proxy.router import Router
+    from nextstate.core.routing import Router
 
     seen = []
     router = Router("p", base_model="base")
@@ -99,22 +99,22 @@ async def test_a_policy_teacher_is_the_adapter_serving_each_turns_user():
 async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch):
     """The learner follows the store's current adapters for its policy teacher: each
     judgment names the adapter whose logprobs taught it."""
+    from nextstate.core.store import Store
     from nextstate.learner.process import Learner, LearnerConfig
-    from nextstate.learner.store import LearnerStore
     from tests.learner.test_judging import FakeJudge, turn
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    store = LearnerStore(url)
+    store = Store(url)
     records = []
     for user, session in (("alice", "a"), ("bob", "b")):
         pair = [turn(session, "q", "r", 1.0), turn(session, "no, in French", "bonjour", 2.0)]
         for rec in pair:
             rec.user = user
         records += pair
-    store.store.write(records)
+    store.turns.write(records)
     for version, policy in ((1, "p"), (2, "p~alice")):
-        store.stage_adapter(version, f"{policy}@{version:06d}", policy, f"/a/{version}", {})
-        store.publish(version, [], policy)
+        store.adapters.stage(version, f"{policy}@{version:06d}", policy, f"/a/{version}", {})
+        store.adapters.publish(version, [], policy)
     learner = Learner(LearnerConfig(store_url=url, backend_url="http://vllm",
                                     base_model="p", teacher="policy"), judge=FakeJudge())
     await learner.teacher.vllm.aclose()
@@ -124,7 +124,7 @@ async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch)
         await learner.step()
     finally:
         await learner.close()
-    assert [store.judgment(r.turn_id)["teacher_model"] for r in records[0::2]] == [
+    assert [store.judgments.get(r.turn_id)["teacher_model"] for r in records[0::2]] == [
         "p~alice@000002", "p@000001"]
     store.close()
 
@@ -136,8 +136,8 @@ def test_learn_gives_the_backends_key_to_every_client_it_makes(monkeypatch, tmp_
     tests/core/test_vllm.py)."""
     from click.testing import CliRunner
 
+    from nextstate import cli
     from nextstate.learner import process
-    from nextstate.proxy import cli
 
     made: list[tuple[str, str | None]] = []
     real = process.VLLMClient

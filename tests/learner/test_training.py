@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane
-from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import TrainerConfig, TrainItem
 from nextstate.learner.training import TrainingConfig, TrainingStage, informative
 from tests.learner.test_store import turn
@@ -39,11 +39,11 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
         tmp_path: Path) -> None:
     """Distillation over a batch in which the user was always happy: nothing to learn,
     no adapter, and the turns are not offered again."""
-    store = LearnerStore(f"sqlite:///{tmp_path / 'store.db'}")
-    store.store.write([turn(i) for i in range(2)])
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.turns.write([turn(i) for i in range(2)])
     for i in range(2):
-        store.save_judgment(f"t{i}", Judgment(score=1))
-    assert store.ready_count("opd") == 2  # a step is the same traffic for every method
+        store.judgments.save(f"t{i}", Judgment(score=1))
+    assert store.judgments.ready_count("opd") == 2  # a step is the same traffic for every method
     stage = TrainingStage(store, tmp_path / "no-model-needed", "p", vllms=[],
                           adapters_dir=tmp_path / "adapters",
                           config=TrainingConfig(trainer=TrainerConfig(method="opd")))
@@ -51,15 +51,15 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     result = await stage.step(thanked)
     assert (result.outcome, result.version) == ("skipped", None)
     assert "no opd signal" in (result.error or "")
-    assert store.ready_count("opd") == 0
-    assert store.adapters() == []
+    assert store.judgments.ready_count("opd") == 0
+    assert store.adapters.versions() == []
 
 
-def judged_store(tmp_path: Path, count: int) -> LearnerStore:
-    store = LearnerStore(f"sqlite:///{tmp_path / 'store.db'}")
-    store.store.write([turn(i) for i in range(count)])
+def judged_store(tmp_path: Path, count: int) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.turns.write([turn(i) for i in range(count)])
     for i in range(count):
-        store.save_judgment(f"t{i}", Judgment(score=-1))
+        store.judgments.save(f"t{i}", Judgment(score=-1))
     return store
 
 
@@ -88,7 +88,7 @@ async def test_a_step_over_the_gate_is_taken_again_at_half_the_rate_and_publishe
     assert result.outcome == "published" and result.version is not None
     assert result.stats.extra["lr_scale"] == 0.5
     assert abs(result.stats.kl - half) < 1e-6  # the same step as a trainer taking it alone
-    assert store.trained_count() == 4 and store.ready_count("binary") == 0
+    assert store.judgments.trained_count() == 4 and store.judgments.ready_count("binary") == 0
 
 
 async def test_a_step_over_the_gate_at_every_rate_is_refused_and_its_turns_skipped(
@@ -105,15 +105,15 @@ async def test_a_step_over_the_gate_at_every_rate_is_refused_and_its_turns_skipp
     assert (result.outcome, result.version) == ("refused", None)
     assert result.error is not None and result.error.count(" at ") == 3
     assert "1x" in result.error and "0.5x" in result.error and "0.25x" in result.error
-    assert store.ready_count("binary") == 0 and store.trained_count() == 0
+    assert store.judgments.ready_count("binary") == 0 and store.judgments.trained_count() == 0
     for i in range(4):
-        row = store.judgment(f"t{i}")
+        row = store.judgments.get(f"t{i}")
         assert row is not None and row["trained_version"] == -1
         assert row["error"] == result.error
     assert (trainer.logprobs(corrected(1))[0] == before).all()
     assert stage.history[-1]["outcome"] == "refused"
     assert stage.history[-1]["error"] == result.error
-    assert store.adapters() == []
+    assert store.adapters.versions() == []
 
 
 def stage_lane(stage: TrainingStage) -> Lane:

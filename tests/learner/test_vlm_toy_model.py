@@ -152,7 +152,7 @@ def test_the_cli_prints_the_cached_vision_model(data_dir: Path, model_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from nextstate.proxy import cli
+    from nextstate import cli
 
     monkeypatch.setenv("NEXTSTATE_HOME", str(data_dir))
     result = CliRunner().invoke(cli.main, ["toy-model", "--vision"])

@@ -40,7 +40,7 @@ def records(client, submitted=1):
     while deps.recorder.stats.submitted < submitted and time.monotonic() < deadline:
         time.sleep(0.005)
     client.portal.call(deps.recorder.flush)
-    return list(deps.store.turns())
+    return list(deps.store.turns.iterate())
 
 
 def direct(fake, body):
@@ -295,13 +295,13 @@ def test_malformed_next_state_is_a_400(client, body):
 
 def publish_adapter(tmp_path, policy: str, version: int) -> str:
     """What the learner does once vLLM has loaded a version: make it current."""
-    from nextstate.learner.publish import version_name
-    from nextstate.learner.store import LearnerStore
+    from nextstate.core.lora import version_name
+    from nextstate.core.store import Store
 
-    store = LearnerStore(f"sqlite:///{tmp_path}/s.db")
+    store = Store(f"sqlite:///{tmp_path}/s.db")
     name = version_name(policy, version)
-    store.stage_adapter(version, name, policy, f"/adapters/{name}", {})
-    store.publish(version, [], policy)
+    store.adapters.stage(version, name, policy, f"/adapters/{name}", {})
+    store.adapters.publish(version, [], policy)
     store.close()
     return name
 
@@ -363,9 +363,9 @@ def test_policies_do_not_retire_each_others_adapters(tmp_path, fake):
 
 
 def test_learner_status_endpoint_reports_the_learner_and_serving_version(tmp_path, fake):
-    from nextstate.learner.store import LearnerStore
+    from nextstate.core.store import Store
 
-    LearnerStore(f"sqlite:///{tmp_path}/s.db").write_status({"state": "training"})
+    Store(f"sqlite:///{tmp_path}/s.db").status.write({"state": "training"})
     with open_client(tmp_path, fake, policy="toy") as c:
         body = c.get("/v1/learner/status").json()
     assert body["learner"]["state"] == "training"
@@ -428,7 +428,7 @@ def test_adapter_administration_needs_the_admin_key(tmp_path, fake):
 
 
 def test_deleting_a_tenant_stops_serving_its_users_personal_adapters(tmp_path, fake):
-    from nextstate.proxy.router import personal_policy
+    from nextstate.core.lora import personal_policy
 
     with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02, **KEYS) as c:
         shared = publish_adapter(tmp_path, "toy", 1)

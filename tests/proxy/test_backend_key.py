@@ -36,7 +36,7 @@ def test_serving_an_adapter_vllm_lost_sends_the_key_throughout(tmp_path, keyed):
 
 
 def test_rollback_and_forgetting_a_tenant_send_the_key(tmp_path, keyed):
-    from nextstate.proxy.router import personal_policy
+    from nextstate.core.lora import personal_policy
 
     with open_client(tmp_path, keyed, policy="toy", adapter_poll_seconds=0.02,
                      backend_api_key="backend-key", **KEYS) as c:

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nextstate.proxy.backend import free_port, spawn, stop_group
-from nextstate.proxy.store import Store
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import free_port, spawn, stop_group
 
 CLIENTS = 16  # half whole, half streamed
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def start(command: list[str], log: Path, url: str, env: dict[str, str] | None = 
 
 def serve(upstream: str, home: Path, store_url: str, port: int):
     """``nextstate serve`` as its own process (the journal lives in ``home``/spool)."""
-    return start([sys.executable, "-m", "nextstate.proxy.cli", "serve", "--backend", upstream,
+    return start([sys.executable, "-m", "nextstate.cli", "serve", "--backend", upstream,
                   "--port", str(port), "--store", store_url], home / f"proxy-{port}.log",
                  f"http://127.0.0.1:{port}", {"NEXTSTATE_HOME": str(home)})
 
@@ -101,7 +101,7 @@ async def test_sigkill_mid_load_loses_no_answered_turn_and_duplicates_none(
     db = home / "store.db"
     home.mkdir()
     store_url = f"sqlite:///{db}"
-    Store(store_url).count_turns()  # the tables, so that another connection can lock them
+    Store(store_url).turns.count()  # the tables, so that another connection can lock them
     port = free_port()
     proxy = serve(upstream, home, store_url, port)
     load = Load(f"http://127.0.0.1:{port}")
@@ -159,6 +159,6 @@ async def _recorded(store: Store, url: str, timeout: float = 60) -> list[dict]:
                 break
             await asyncio.sleep(0.2)
     try:
-        return list(store.turns())
+        return list(store.turns.iterate())
     finally:
         store.close()

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from starlette.testclient import TestClient
 
+from nextstate.core.vllm_server import free_port
 from nextstate.proxy.app import make_app
-from nextstate.proxy.backend import free_port
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings

@@ -10,10 +10,10 @@ import time
 
 import orjson
 
+from nextstate.core.records import FeedbackRecord, TurnRecord, decode, encode
+from nextstate.core.store import Store
 from nextstate.proxy import journal as journal_module
-from nextstate.proxy.record import FeedbackRecord, TurnRecord, decode, encode
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.store import Store
 from tests.proxy.test_recorder import FlakyStore, rec
 
 
@@ -47,9 +47,9 @@ def test_encode_writes_what_decode_reads_for_every_kind():
 KILLED = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from nextstate.proxy.record import TurnRecord
+    from nextstate.core.records import TurnRecord
     from nextstate.proxy.recorder import Recorder
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     recorder = Recorder(Store(sys.argv[1]), Path(sys.argv[2]))  # its writer never runs
     for i in range(20):
@@ -70,7 +70,7 @@ def test_records_of_a_killed_process_are_written_once_by_the_next_one(tmp_path):
         recorder = Recorder(store, tmp_path / "j")
         recorder.start()
         _flush(recorder)
-    assert [t["turn_id"] for t in store.turns()] == [f"k{i}" for i in range(20)]
+    assert [t["turn_id"] for t in store.turns.iterate()] == [f"k{i}" for i in range(20)]
     assert list((tmp_path / "j").glob("journal-*")) == []
 
 
@@ -90,10 +90,10 @@ def test_a_live_process_journal_is_left_to_it(tmp_path):
     other = Recorder(store, tmp_path)
     other.start()
     _flush(other)
-    assert store.inner.count_turns() == 0  # locked by its owner: not an orphan
+    assert store.inner.turns.count() == 0  # locked by its owner: not an orphan
     alive.start()
     _flush(alive)
-    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r0", "r1", "r2"]
+    assert sorted(t["turn_id"] for t in store.inner.turns.iterate()) == ["r0", "r1", "r2"]
 
 
 def test_segments_rotate_and_each_is_deleted_once_written(tmp_path):
@@ -107,7 +107,7 @@ def test_segments_rotate_and_each_is_deleted_once_written(tmp_path):
     assert len(list(tmp_path.glob("journal-*.jsonl"))) >= 3
     recorder.start()
     _flush(recorder)
-    assert [t["turn_id"] for t in store.inner.turns()] == [f"r{i}" for i in range(30)]
+    assert [t["turn_id"] for t in store.inner.turns.iterate()] == [f"r{i}" for i in range(30)]
     assert list(tmp_path.glob("journal-*")) == []
 
 
@@ -120,7 +120,7 @@ def test_an_incomplete_last_line_left_by_a_crash_is_skipped(tmp_path):
     recorder = Recorder(store, tmp_path)
     recorder.start()
     _flush(recorder)
-    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r1", "r2", "r4"]
+    assert sorted(t["turn_id"] for t in store.inner.turns.iterate()) == ["r1", "r2", "r4"]
     assert recorder.journal.torn == 1
     assert not orphan.exists() and not old_spool.exists()
 
@@ -149,7 +149,7 @@ async def test_a_running_proxy_takes_over_the_journal_of_one_that_died_since(tmp
     await recorder.flush()
     (tmp_path / "journal-1-1-000001.jsonl").write_bytes(encode(rec(7)))  # left by the dead
     deadline = time.monotonic() + 10
-    while store.inner.count_turns() == 0 and time.monotonic() < deadline:
+    while store.inner.turns.count() == 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     await recorder.stop()
-    assert [t["turn_id"] for t in store.inner.turns()] == ["r7"]
+    assert [t["turn_id"] for t in store.inner.turns.iterate()] == ["r7"]

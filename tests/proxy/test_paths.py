@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 from nextstate.proxy.errors import shape_for
 from nextstate.proxy.paths import canonical
 from nextstate.proxy.server import BackgroundProxy

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from nextstate.proxy.record import TurnRecord
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.store import Store
 
 
 class FlakyStore:
@@ -16,6 +16,7 @@ class FlakyStore:
     def __init__(self) -> None:
         self.inner = Store("sqlite://")
         self.down = False
+        self.turns = self.retention = self  # what the recorder writes and sweeps through
 
     def write(self, records):
         return self.write_or_defer(records)[0]
@@ -23,7 +24,7 @@ class FlakyStore:
     def write_or_defer(self, records, pairing_wait=0.0, now=None):
         if self.down:
             raise OSError("database is locked")
-        return self.inner.write_or_defer(records, pairing_wait, now)
+        return self.inner.turns.write_or_defer(records, pairing_wait, now)
 
     def expire_idle(self, idle_seconds, now=None):
         return 0
@@ -51,13 +52,13 @@ async def test_records_wait_on_disk_while_the_store_is_down(tmp_path):
     for i in range(10):  # more than the memory queue would hold
         recorder.submit(rec(i))
     await until(lambda: recorder.stats.spooled == 10)
-    assert store.inner.count_turns() == 0
+    assert store.inner.turns.count() == 0
     assert recorder.stats.spooled == 10 and recorder.snapshot()["spool_pending"] == 10
     assert recorder.stats.dropped == 0
     store.down = False
     await recorder.flush(timeout=10)
     await recorder.stop()
-    assert [t["turn_id"] for t in store.inner.turns()] == [f"r{i}" for i in range(10)]
+    assert [t["turn_id"] for t in store.inner.turns.iterate()] == [f"r{i}" for i in range(10)]
     assert list(tmp_path.glob("*.jsonl")) == []
 
 
@@ -75,7 +76,7 @@ async def test_spool_left_by_a_dead_process_is_replayed_on_start(tmp_path):
     second.start()
     await second.flush()
     await second.stop()
-    assert store.inner.turn("r1") is not None
+    assert store.inner.turns.get("r1") is not None
 
 
 @pytest.mark.parametrize("n", [1, 50])
@@ -87,7 +88,7 @@ async def test_submit_never_blocks_and_everything_is_written(tmp_path, n):
         recorder.submit(rec(i))
     await recorder.flush()
     await recorder.stop()
-    assert store.inner.count_turns() == n
+    assert store.inner.turns.count() == n
     assert recorder.stats.written == n
 
 
@@ -105,11 +106,11 @@ async def test_a_turn_waiting_for_its_parent_is_written_once_the_parent_arrives(
                             {"index": 0, "message": {"role": "assistant", "content": "r"}}]})
     recorder.submit(child)
     await asyncio.sleep(0.3)
-    assert store.inner.count_turns() == 0  # waiting, not lost
+    assert store.inner.turns.count() == 0  # waiting, not lost
     recorder.submit(parent)
     await recorder.flush(timeout=5)
     await recorder.stop()
-    assert store.inner.turn("parent")["next_turn_id"] == "child"
+    assert store.inner.turns.get("parent")["next_turn_id"] == "child"
 
 
 class PoisonStore(FlakyStore):
@@ -133,7 +134,7 @@ async def test_one_bad_record_is_set_aside_and_never_blocks_the_rest(tmp_path):
     recorder.submit(rec(4))
     await recorder.flush(timeout=5)
     await recorder.stop()
-    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r1", "r2", "r4"]
+    assert sorted(t["turn_id"] for t in store.inner.turns.iterate()) == ["r1", "r2", "r4"]
     assert recorder.stats.rejected == 1 and recorder.stats.spooled == 0
     [rejected] = tmp_path.glob("rejected-*.jsonl")
     assert b'"poison"' in rejected.read_bytes()
@@ -158,7 +159,7 @@ async def test_a_full_disk_keeps_records_in_memory_then_drops_counted_and_never_
     store.down = False
     await recorder.flush()
     await recorder.stop()
-    assert [t["turn_id"] for t in store.inner.turns()] == ["r1"]
+    assert [t["turn_id"] for t in store.inner.turns.iterate()] == ["r1"]
 
 
 async def test_stop_returns_with_the_store_locked_and_the_next_start_writes_the_rest(
@@ -170,11 +171,11 @@ async def test_stop_returns_with_the_store_locked_and_the_next_start_writes_the_
     for i in range(3):
         recorder.submit(rec(i))
     await asyncio.wait_for(recorder.stop(), timeout=10)
-    assert store.inner.count_turns() == 0
+    assert store.inner.turns.count() == 0
     store.down = False
     again = Recorder(store, tmp_path)
     again.start()
     await again.flush()
     await again.stop()
-    assert sorted(t["turn_id"] for t in store.inner.turns()) == ["r0", "r1", "r2"]
+    assert sorted(t["turn_id"] for t in store.inner.turns.iterate()) == ["r0", "r1", "r2"]
     assert list(tmp_path.glob("journal-*")) == []

@@ -6,8 +6,8 @@ import orjson
 import pytest
 from starlette.testclient import TestClient
 
+from nextstate.core.records import decode
 from nextstate.proxy.app import make_app
-from nextstate.proxy.record import decode
 from nextstate.proxy.settings import ProxySettings
 from tests.proxy.fake_vllm import FakeVLLM
 

@@ -28,7 +28,7 @@ def test_a_client_connection_idle_longer_than_client_pools_keep_it_is_still_serv
 
     import httpx
 
-    from nextstate.proxy.backend import free_port
+    from nextstate.core.vllm_server import free_port
     from nextstate.proxy.server import BackgroundProxy
     from nextstate.proxy.settings import ProxySettings
     from tests.proxy.fake_vllm import FakeVLLM

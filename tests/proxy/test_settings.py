@@ -2,7 +2,8 @@
 
 import pytest
 
-from nextstate.proxy.settings import ProxySettings, backend_root
+from nextstate.core.paths import backend_root
+from nextstate.proxy.settings import ProxySettings
 
 
 @pytest.mark.parametrize("given, root", [

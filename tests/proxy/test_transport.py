@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.transport import HIGH_WATER, UpstreamClient, UpstreamTransport

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from nextstate.proxy.backend import free_port
+from nextstate.core.vllm_server import free_port
 from tests.proxy.fake_vllm import FakeVLLM
 
 

@@ -8,16 +8,16 @@ import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from nextstate.proxy.store import Store
-from nextstate.proxy.store.prepared import Prepared
-from nextstate.proxy.store.schema import sessions, turns
-from tests.proxy.test_store import chat_turn
+from nextstate.core.store import Store
+from nextstate.core.store.prepared import Prepared
+from nextstate.core.store.schema import sessions, turns
+from tests.core.store.test_store import chat_turn
 
 
 @pytest.fixture
 def store(store_url):
     s = Store(store_url)
-    s.ensure_schema()
+    s.db.ensure_schema()
     yield s
     s.close()
 
@@ -32,10 +32,10 @@ def _row(turn_id: str) -> dict:
 
 def test_rows_are_stored_exactly_as_sqlalchemy_stores_them(store):
     row = _row("ours")
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         Prepared(turns.insert(), conn.dialect, tuple(row)).run(conn, row)
         conn.execute(turns.insert(), {**_row("theirs")})
-    with store.engine.connect() as conn:
+    with store.db.engine.connect() as conn:
         raw = {r.id: r._asdict() for r in conn.execute(text("SELECT * FROM turns"))}
         nulls = conn.execute(text(
             "SELECT id FROM turns WHERE prompt_token_ids IS NULL OR next_state IS NULL"
@@ -44,11 +44,11 @@ def test_rows_are_stored_exactly_as_sqlalchemy_stores_them(store):
         k: v for k, v in raw["theirs"].items() if k != "id"}
     assert raw["ours"]["redacted"] in (False, 0)  # the column's default
     assert sorted(nulls) == ["ours", "theirs"]
-    assert store.turn("ours")["request"] == row["request"]
+    assert store.turns.get("ours")["request"] == row["request"]
 
 
 def test_selects_and_updates_read_and_write_like_sqlalchemy(store):
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         conn.execute(sessions.insert(), {"id": "s", "created_at": 1.0, "updated_at": 1.0,
                                          "turn_count": 2, "done": False})
         find = Prepared(select(sessions).where(sessions.c.id == bindparam("id")), conn.dialect)
@@ -63,13 +63,13 @@ def test_selects_and_updates_read_and_write_like_sqlalchemy(store):
 
 def test_a_locked_store_raises_sqlalchemy_errors_and_rolls_back(tmp_path):
     store = Store(f"sqlite:///{tmp_path}/s.db", busy_timeout=0.05)
-    store.write([chat_turn([{"role": "user", "content": "hi"}], "hello")])
+    store.turns.write([chat_turn([{"role": "user", "content": "hi"}], "hello")])
     lock = sqlite3.connect(tmp_path / "s.db")
     lock.execute("BEGIN EXCLUSIVE")
     with pytest.raises(OperationalError) as caught:
-        store.write([chat_turn([{"role": "user", "content": "again"}], "hello")])
+        store.turns.write([chat_turn([{"role": "user", "content": "again"}], "hello")])
     assert isinstance(caught.value, DBAPIError) and "locked" in str(caught.value)
     lock.rollback()
-    assert store.write([chat_turn([{"role": "user", "content": "later"}], "hi")]) == 1
-    assert store.count_turns() == 2
+    assert store.turns.write([chat_turn([{"role": "user", "content": "later"}], "hi")]) == 1
+    assert store.turns.count() == 2
     store.close()

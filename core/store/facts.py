@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from nextstate.core.health import LoopFacts
-from nextstate.proxy.store.schema import adapters, judgments, turns
+from nextstate.core.store.schema import adapters, judgments, turns
 
 
 def loop_facts(engine: Engine, since: float | None = None) -> LoopFacts:

@@ -87,7 +87,7 @@ def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatc
     """The first replica in a session's ranking drops SYNs (a real listener that accepts
     nothing), the second is a fake vLLM over real HTTP: the request waits out the connect
     timeout, goes to the second, and is answered and recorded once."""
-    from nextstate.proxy.backends import BackendPool
+    from nextstate.proxy.replicas import BackendPool
     from tests.proxy.upstream import RecordingUpstream, black_hole
 
     async def no_watcher(self, router, interval):  # the relay's own failover, alone
@@ -107,7 +107,7 @@ def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatc
                        c.post("/v1/chat/completions", json={**CHAT, "stream": True},
                               headers={"X-Session-Id": session}).status_code]
             c.portal.call(c.app_state["deps"].recorder.flush)
-            turns = list(c.app_state["deps"].store.turns())
+            turns = list(c.app_state["deps"].store.turns.iterate())
             down = not pool.backends[0].healthy
     assert answers == [200, 200]
     assert down  # and skipped by the next requests until the watcher sees it again

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import orjson
 
-from nextstate.proxy.capture import Endpoint
-
+# The two relayed, recorded endpoints (chat completions and completions).
+Endpoint = Literal["chat", "completions"]
 Status = Literal["ok", "upstream_error", "aborted"]
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, Select, select
 
-from nextstate.proxy.record import Assembled, TurnRecord, untrainable
-from nextstate.proxy.sessions import next_state_of
-from nextstate.proxy.store.schema import turns
+from nextstate.core.records import Assembled, TurnRecord, untrainable
+from nextstate.core.sessions import next_state_of
+from nextstate.core.store.schema import turns
 
 EXPORT_COLUMNS = (
     "id", "session_id", "turn_index", "turn_type", "endpoint", "status", "http_status",

@@ -18,32 +18,13 @@ serves them all side by side on one base model (multi-LoRA).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 
+from nextstate.core.lora import BASE_SUFFIX, PERSONAL, personal_policy
+from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient, VLLMRefused
-from nextstate.proxy.store import Store
 
 log = logging.getLogger("nextstate.router")
-BASE_SUFFIX = "@base"
-PERSONAL = "~"  # <policy>~<user>: the policy of one user's own adapter
-# User ids that can name an adapter and its directory as they are; others are hashed.
-_PLAIN_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-
-
-def personal_key(user: str) -> str:
-    """``user`` as their adapter's name shows it: as is, or its hash when the id is unfit
-    for a file name."""
-    if _PLAIN_USER.fullmatch(user):
-        return user
-    return "u-" + hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
-
-
-def personal_policy(policy: str, user: str) -> str:
-    """The policy name of ``user``'s own adapter (adapter versions are
-    ``<policy>~<user>@000007``)."""
-    return f"{policy}{PERSONAL}{personal_key(user)}"
 
 
 class Router:
@@ -110,7 +91,7 @@ class Router:
         however many personal adapters there are."""
         while True:
             try:
-                self.update(await asyncio.to_thread(store.current_adapters,
+                self.update(await asyncio.to_thread(store.adapters.currents,
                                                     self.policy or ""))
             except Exception as exc:  # the store is away: keep serving what we have
                 log.debug("could not read the current adapters: %s", exc)

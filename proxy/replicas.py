@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient, VLLMUnreachable
-from nextstate.proxy.router import Router
 
 log = logging.getLogger("nextstate.backends")
 

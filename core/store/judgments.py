@@ -1,53 +1,51 @@
-"""The learner's side of the store (store -> learner -> store).
+"""Judgments: the learner's bookkeeping on the turns it reads (store -> learner -> store).
 
 The proxy writes turns; the learner reads the ones that have their next state, and
-writes back what it learned about them: judgments (with teacher logprobs), then the
-adapter versions trained on them. Everything the learner knows lives in the store, so a
-learner killed at any moment picks up where it was: a turn is judged once because its
-judgment row is what marks it judged, and trained once because the transaction that
-makes an adapter current is the one that marks its turns trained.
+writes back what it learned about them: a judgment each (score, votes, hints, teacher
+logprobs), then which adapter version trained on it. Everything the learner knows lives
+in the store, so a learner killed at any moment picks up where it was: a turn is judged
+once because its judgment row is what marks it judged, and trained once because the
+transaction that publishes an adapter (`AdapterRegistry.publish`) is the one that marks
+its turns trained.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import String, and_, func, or_, select, update
 
-from nextstate.learner.judgment import Judgment
-from nextstate.proxy.store import Store
-from nextstate.proxy.store.schema import (
-    adapters,
-    feedback,
-    judgments,
-    learner_status,
-    sessions,
-    turns,
-)
+from nextstate.core.store.database import Database
+from nextstate.core.store.schema import feedback, judgments, sessions, turns
+from nextstate.core.store.turns import Turns
 
 
-class TurnsForgotten(Exception):
-    """Turns a step learned from were forgotten before its adapter was published: the
-    adapter is discarded, and the trainer's weights with it."""
+class Verdict(Protocol):
+    """What the store keeps of a judge's judgment (`nextstate.learner.judgment.Judgment`
+    is one)."""
+
+    @property
+    def score(self) -> int: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def votes(self) -> Sequence[int | None]: ...
+    @property
+    def texts(self) -> Sequence[str]: ...
+    @property
+    def hints(self) -> Sequence[str]: ...
+    @property
+    def judge(self) -> str: ...
+    @property
+    def prompt_version(self) -> str: ...
 
 
-class LearnerStore:
-    def __init__(self, url: str) -> None:
-        self.store = Store(url)
-        self.engine = self.store.engine
-
-    def close(self) -> None:
-        self.store.close()
-
-    def _begin(self) -> Any:
-        self.store.ensure_schema()
-        return self.engine.begin()
-
-    def _connect(self) -> Any:
-        self.store.ensure_schema()
-        return self.engine.connect()
+class Judgments:
+    def __init__(self, db: Database, turns: Turns) -> None:
+        self.db = db
+        self.turns = turns
 
     def to_judge(self, limit: int, *, max_attempts: int = 5, retry_after: float = 30.0,
                  now: float | None = None) -> list[dict[str, Any]]:
@@ -71,13 +69,13 @@ class LearnerStore:
             .order_by(turns.c.created_at)
             .limit(limit)
         )
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             ids = [row.id for row in conn.execute(query)]
-        return list(self.store.turns(ids=ids)) if ids else []
+        return list(self.turns.iterate(ids=ids)) if ids else []
 
-    def save_judgment(self, turn_id: str, judgment: Judgment,
-                      teacher_logprobs: Sequence[Sequence[float]] | None = None,
-                      teacher_model: str | None = None) -> None:
+    def save(self, turn_id: str, judgment: Verdict,
+             teacher_logprobs: Sequence[Sequence[float]] | None = None,
+             teacher_model: str | None = None) -> None:
         now = time.time()
         values = {
             "status": "ok", "score": judgment.score, "source": judgment.source,
@@ -96,7 +94,7 @@ class LearnerStore:
 
     def _upsert(self, turn_id: str, values: dict[str, Any], now: float,
                 count_attempt: bool = False) -> None:
-        with self._begin() as conn:
+        with self.db.begin() as conn:
             row = conn.execute(select(judgments.c.attempts)
                                .where(judgments.c.turn_id == turn_id)).first()
             attempts = (row.attempts if row is not None else 0) + (1 if count_attempt else 0)
@@ -109,14 +107,14 @@ class LearnerStore:
                 conn.execute(update(judgments).where(judgments.c.turn_id == turn_id)
                              .values(attempts=attempts, **values))
 
-    def judgment(self, turn_id: str) -> dict[str, Any] | None:
-        with self._connect() as conn:
+    def get(self, turn_id: str) -> dict[str, Any] | None:
+        with self.db.connect() as conn:
             row = conn.execute(select(judgments).where(judgments.c.turn_id == turn_id)).first()
         return {str(k): v for k, v in row._mapping.items()} if row is not None else None
 
     def counts(self) -> dict[str, int]:
         """Where turns are in the pipeline."""
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             def count(*where: Any) -> int:
                 query = select(func.count()).select_from(
                     turns.outerjoin(judgments, judgments.c.turn_id == turns.c.id)).where(*where)
@@ -133,16 +131,7 @@ class LearnerStore:
                 "judge_errors": count(judgments.c.status == "error"),
             }
 
-    def write_status(self, status: dict[str, Any], learner_id: int = 0) -> None:
-        now = time.time()
-        with self._begin() as conn:
-            changed = conn.execute(update(learner_status).where(learner_status.c.id == learner_id)
-                                   .values(updated_at=now, status=status)).rowcount
-            if not changed:
-                conn.execute(learner_status.insert().values(id=learner_id, updated_at=now,
-                                                            status=status))
-
-    # -- training and publishing ------------------------------------------------------------
+    # -- training ---------------------------------------------------------------------------
 
     def ready_for_training(self, method: str, limit: int, *, user: str | None = None,
                            personal_after: int | None = None) -> list[dict[str, Any]]:
@@ -167,13 +156,13 @@ class LearnerStore:
         elif personal_after is not None:
             query = query.where(or_(turns.c.user.is_(None), turns.c.user.not_in(
                 _personal_users(method, personal_after))))
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             return [{str(k): v for k, v in row._mapping.items()} for row in conn.execute(query)]
 
     def personal_users(self, method: str, min_turns: int) -> list[str]:
         """Users with at least ``min_turns`` judged turns carrying a signal for
         ``method`` (trained or not): from then on their turns train their own adapter."""
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             return sorted(row.user for row in conn.execute(_personal_users(method, min_turns)))
 
     def ready_by_user(self, method: str) -> dict[str | None, int]:
@@ -181,84 +170,28 @@ class LearnerStore:
         query = (select(turns.c.user, func.count().label("n"))
                  .join(judgments, judgments.c.turn_id == turns.c.id)
                  .where(*_ready_for(method)).group_by(turns.c.user))
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             return {row.user: int(row.n) for row in conn.execute(query)}
 
     def skip(self, turn_ids: Sequence[str], reason: str) -> None:
         """Turns that will never be trained on (too stale, refused by the gate)."""
-        with self._begin() as conn:
+        with self.db.begin() as conn:
             conn.execute(update(judgments).where(judgments.c.turn_id.in_(list(turn_ids)))
                          .values(trained_version=-1, error=reason[:2000]))
 
-    def next_version(self) -> int:
-        with self._connect() as conn:
-            return int(conn.execute(select(func.max(adapters.c.version))).scalar() or 0) + 1
-
-    def stage_adapter(self, version: int, name: str, policy: str, path: str,
-                      stats: dict[str, Any]) -> None:
-        with self._begin() as conn:
-            conn.execute(adapters.insert().values(
-                version=version, name=name, policy=policy, path=path, status="staged",
-                created_at=time.time(), stats=stats))
-
-    def publish(self, version: int, turn_ids: Sequence[str], policy: str) -> None:
-        """Make ``version`` current for ``policy`` and mark the turns it learned from,
-        atomically. Raises `TurnsForgotten`, and marks the version forgotten instead, if
-        any of those turns were forgotten while the step trained on them (or the version
-        was, with its user): an adapter never serves what was forgotten."""
-        now = time.time()
-        try:
-            with self._begin() as conn:
-                # The turns first, then the adapters: the order `Store.forget` takes them
-                # in, so that the two wait for each other rather than deadlock.
-                kept = conn.execute(update(judgments)
-                                    .where(judgments.c.turn_id.in_(list(turn_ids)))
-                                    .values(trained_version=version)).rowcount
-                if kept < len(set(turn_ids)):
-                    raise TurnsForgotten(f"{len(set(turn_ids)) - kept} of the turns version "
-                                         f"{version} learned from were forgotten")
-                conn.execute(update(adapters).where(adapters.c.status == "current",
-                                                    adapters.c.policy == policy)
-                             .values(status="previous", retired_at=now))
-                made = conn.execute(update(adapters).where(adapters.c.version == version,
-                                                           adapters.c.status == "staged")
-                                    .values(status="current", published_at=now, error=None))
-                if not made.rowcount:
-                    raise TurnsForgotten(f"version {version} was forgotten before it served")
-        except TurnsForgotten as exc:
-            self.set_adapter_status(version, "forgotten", str(exc))
-            raise
-
-    def set_adapter_status(self, version: int, status: str, error: str | None = None) -> None:
-        with self._begin() as conn:
-            conn.execute(update(adapters).where(adapters.c.version == version)
-                         .values(status=status, error=error))
-
-    def adapters(self, policy: str | None = None) -> list[dict[str, Any]]:
-        return self.store.adapter_versions(policy)
-
-    def current_adapter(self, policy: str) -> dict[str, Any] | None:
-        return next((a for a in self.adapters(policy) if a["status"] == "current"), None)
-
-    def abandon_staged(self) -> int:
-        """Versions a killed learner staged but never published."""
-        with self._begin() as conn:
-            return int(conn.execute(update(adapters).where(adapters.c.status == "staged")
-                                    .values(status="abandoned")).rowcount or 0)
-
     def ready_count(self, method: str) -> int:
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(judgments)
                                     .where(*_ready_for(method))).scalar_one())
 
     def trained_count(self) -> int:
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(judgments)
                                     .where(judgments.c.trained_version > 0)).scalar_one())
 
     def reward_stats(self) -> dict[str, Any]:
         """How judged turns scored, and how many carried hints."""
-        with self._connect() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(select(judgments.c.score, judgments.c.source,
                                        func.count().label("n"))
                                 .where(judgments.c.status == "ok")

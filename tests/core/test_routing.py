@@ -8,7 +8,8 @@ import httpx
 import orjson
 import pytest
 
-from nextstate.proxy.router import Router, personal_policy
+from nextstate.core.lora import personal_policy
+from nextstate.core.routing import Router
 from tests.proxy.fake_vllm import FakeVLLM
 from tests.proxy.test_app import CHAT, open_client, publish_adapter, records
 

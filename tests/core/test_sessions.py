@@ -1,6 +1,6 @@
 """Session headers, conversation keys and next states."""
 
-from nextstate.proxy.sessions import (
+from nextstate.core.sessions import (
     conversation_key,
     next_state_kind,
     next_state_of,
@@ -62,7 +62,7 @@ def test_next_state_without_history_is_the_new_user_message():
 
 
 def test_a_turn_belongs_to_the_named_user_within_its_tenant():
-    from nextstate.proxy.sessions import owner, read_session_meta
+    from nextstate.core.sessions import owner, read_session_meta
 
     assert read_session_meta({"x-nextstate-user": " alice "}, {}).user == "alice"
     assert read_session_meta({}, {}).user is None

@@ -1,4 +1,4 @@
-"""The model backend: a vLLM server started as a child process, or one attached by URL.
+"""Starting vLLM, and nextstate's other child processes (CLI, experiment -> vLLM).
 
 agent -> proxy -> **vLLM**. `VLLMProcess` starts ``python -m vllm.entrypoints.openai.
 api_server`` from the current environment with runtime LoRA loading enabled and
@@ -9,7 +9,8 @@ but ``/health``: vLLM's own check (``VLLM_API_KEY``, which guards ``/v1/*``) and
 `nextstate.core.vllm_guard` for the rest. The key goes through the environment, not the
 command line, where any local user could read it. The child is stopped with its whole process
 group on exit, and is told to die with its parent (PR_SET_PDEATHSIG), so no orphan
-survives even a ``kill -9`` of nextstate.
+survives even a ``kill -9`` of nextstate (`spawn`, `stop_group`: how ``nextstate up``
+also runs the learner). `check_backend` looks at a vLLM that someone else started.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Assembling a turn's reply from vLLM's JSON or stream chunks."""
 
-from nextstate.proxy.record import TurnRecord, assemble, untrainable
+from nextstate.core.records import TurnRecord, assemble, untrainable
 
 
 def _record(**kw):

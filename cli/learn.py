@@ -6,10 +6,6 @@
     nextstate status                  what the learner is doing, with progress to the next step
     nextstate adapters list           every adapter version and its state
     nextstate adapters rollback V     make version V current again
-    nextstate bench learning          the paper's personalization experiment in miniature
-    nextstate bench personal          two opposite personas: shared vs personal adapters
-    nextstate bench following         hint following per attribute, train vs held-out wording
-    nextstate demo                    one persona, the combined method, live
 
 Heavy imports (torch, transformers) happen inside the commands, so the proxy-only
 install can list these commands without them.
@@ -25,17 +21,16 @@ from typing import Any
 
 import click
 
-from nextstate.proxy.options import (
+from nextstate.cli.options import (
     TOY_MODEL_NAME,
     backend_key_option,
     backend_option,
     existing_store,
+    personal_after_option,
     require_learner_extra,
+    store_option,
 )
-from nextstate.proxy.options import store_option as _store
-from nextstate.proxy.settings import data_dir, default_store_url
-
-_backend_key = backend_key_option
+from nextstate.core.paths import data_dir, default_store_url
 
 
 @click.command()
@@ -47,8 +42,8 @@ _backend_key = backend_key_option
 @click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="The base model's weights (default: the toy model).")
 @click.option("--no-train", is_flag=True, help="Only judge; never train.")
-@_store
-@_backend_key
+@store_option
+@backend_key_option
 @click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
               show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
 @click.option("--judge-model", default=None,
@@ -62,10 +57,7 @@ _backend_key = backend_key_option
               help="Default: 1e-3 for models under 100M parameters, else 2e-5.")
 @click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
               show_default=True, help="Whose logprobs teach under a hint.")
-@click.option("--personal-after", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Personal adapters: a user (X-NextState-User, or the API key's tenant) "
-              "with N judged turns gets their own adapter, trained on their turns from then "
-              "on. Default: one adapter for everyone.")
+@personal_after_option
 @click.option("--shard", is_flag=True,
               help="Under torchrun with N processes: each holds 1/N of the weights (FSDP), "
               "for a base model that does not fit one GPU.")
@@ -121,15 +113,15 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
 
 
 @click.command()
-@_store
+@store_option
 def status(store: str | None) -> None:
     """What the learner is doing: state, counts, rewards, recent steps."""
-    from nextstate.proxy.store import Store
+    from nextstate.core.store import Store
 
     url = existing_store(store)
     db = Store(url)
     try:
-        report = db.learner_status()
+        report = db.status.read()
     finally:
         db.close()
     if report is None:
@@ -206,14 +198,14 @@ def adapters() -> None:
 
 
 @adapters.command("list")
-@_store
+@store_option
 def list_adapters(store: str | None) -> None:
     """Every version: its state, when it was published, its step's numbers."""
-    from nextstate.learner.store import LearnerStore
+    from nextstate.core.store import Store
 
-    db = LearnerStore(existing_store(store))
+    db = Store(existing_store(store))
     try:
-        rows = db.adapters()
+        rows = db.adapters.versions()
     finally:
         db.close()
     if not rows:
@@ -228,155 +220,31 @@ def list_adapters(store: str | None) -> None:
 
 @adapters.command()
 @click.argument("version", type=int)
-@backend_option(required=True, help="URL of the vLLM server (the version is loaded there "
-                "first).")
-@_backend_key
-@_store
-def rollback(version: int, backend: str, backend_api_key: str | None, store: str | None,
-             ) -> None:
-    """Serve VERSION again (loaded into vLLM first, then made current)."""
+@backend_option(multiple=True, required=True,
+                help="URL of a vLLM server (repeatable: the version is loaded on each first).")
+@backend_key_option
+@store_option
+def rollback(version: int, backends: tuple[str, ...], backend_api_key: str | None,
+             store: str | None) -> None:
+    """Serve VERSION again (loaded into every vLLM first, then made current)."""
+    from nextstate.core import lora
+    from nextstate.core.store import Store
     from nextstate.core.vllm import VLLMClient
-    from nextstate.learner.publish import PublishError, load_verified
-    from nextstate.learner.store import LearnerStore
-    from nextstate.proxy.store.store import NOT_SERVABLE
 
-    db = LearnerStore(existing_store(store))
-    try:
-        row = next((r for r in db.adapters() if r["version"] == version), None)
-        if row is None or row["status"] in NOT_SERVABLE:
-            raise click.ClickException(f"no published version {version}")
-        if not Path(row["path"]).exists():
-            raise click.ClickException(f"{row['name']}'s directory is gone ({row['path']})")
+    db = Store(existing_store(store))
 
-        async def load() -> None:
-            vllm = VLLMClient(backend, backend_api_key)
-            try:
-                await load_verified(vllm, row["name"], Path(row["path"]))
-            finally:
+    async def go() -> dict[str, Any]:
+        vllms = [VLLMClient(url, backend_api_key) for url in backends]
+        try:
+            return await lora.rollback(db, vllms, version)
+        finally:
+            for vllm in vllms:
                 await vllm.aclose()
 
-        try:
-            asyncio.run(load())
-        except PublishError as exc:
-            raise click.ClickException(str(exc)) from exc
-        db.store.rollback(version)
+    try:
+        row = asyncio.run(go())
+    except (lora.NoSuchVersion, lora.DirectoryGone, lora.NotLoaded) as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         db.close()
     click.echo(f"{row['name']} is current again")
-
-
-@click.group()
-def bench() -> None:
-    """Benchmarks."""
-
-
-@bench.command("learning")
-@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="A persona YAML file (default: the shipped student/teacher).")
-@click.option("--persona", default="student", show_default=True)
-@click.option("--method", type=click.Choice(["binary", "opd", "combined", "all"]),
-              default="all", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Repeat with seeds 0..N-1 and report the mean and spread.")
-@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
-              show_default=True)
-def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
-                   seeds: int, eval_problems: int, out: Path) -> None:
-    """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
-    require_learner_extra("nextstate bench learning")
-    from nextstate.learner.experiment.bench import run_benchmark
-    from nextstate.learner.experiment.run import METHODS, BenchConfig
-
-    chosen = _persona(personas_file, persona)
-    methods = METHODS if method == "all" else (method,)
-    config = BenchConfig(steps=steps, eval_problems=eval_problems)
-    results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
-                            progress=lambda m: click.echo(m, err=True))
-    click.echo((out / "results.md").read_text())
-    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'learning_curves.png'} "
-               f"({results['wall_seconds'] / 60:.1f} min)")
-
-
-@bench.command("following")
-@click.option("--count", type=int, default=400, show_default=True,
-              help="Probes per wording and form.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/following"),
-              show_default=True)
-def bench_following(count: int, out: Path) -> None:
-    """How often the hint-following toy model, served by vLLM, does what an instruction
-    asks, per attribute, for train and held-out wordings."""
-    import json
-
-    from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
-    from nextstate.learner.experiment.following import markdown, measure, vllm_generator
-
-    with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
-        results = measure(vllm_generator(vllm.url, BASE_MODEL), count=count)
-    (out / "following.json").write_text(json.dumps(results, indent=2))
-    (out / "following.md").write_text(markdown(results))
-    click.echo(markdown(results))
-
-
-@bench.command("personal")
-@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
-              default=None, help="A persona YAML file (default: the shipped student/teacher).")
-@click.option("--pair", default="student,teacher", show_default=True,
-              help="The two personas (comma-separated) whose traffic is interleaved.")
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Steps of two optimizer steps each.")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--personal-after", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Judged turns before a persona trains its own adapter.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/personal"),
-              show_default=True)
-def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int,
-                   eval_problems: int, personal_after: int, out: Path) -> None:
-    """Two personas with opposite tastes: one shared adapter vs an adapter each."""
-    require_learner_extra("nextstate bench personal")
-    from nextstate.learner.experiment.personal import run_personal_benchmark
-    from nextstate.learner.experiment.run import BenchConfig
-
-    chosen = [_persona(personas_file, name.strip()) for name in pair.split(",")]
-    results = run_personal_benchmark(
-        chosen, BenchConfig(steps=steps, eval_problems=eval_problems), out,
-        personal_after=personal_after, seeds=range(seeds),
-        progress=lambda m: click.echo(m, err=True))
-    click.echo((out / "results.md").read_text())
-    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'personal_adapters.png'} "
-               f"({results['wall_seconds'] / 60:.1f} min)")
-
-
-@click.command()
-@click.option("--persona", default="student", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Default: <data dir>/demo")
-def demo(persona: str, steps: int, out: Path | None) -> None:
-    """Watch an agent adapt to a simulated user: one persona, the combined method."""
-    require_learner_extra("nextstate demo")
-    from nextstate.learner.experiment.bench import run_benchmark
-    from nextstate.learner.experiment.run import BenchConfig
-
-    chosen = _persona(None, persona)
-    out = out or data_dir() / "demo"
-    click.echo(f"persona {chosen.name}: prefers "
-               + ", ".join(f"{k} {v}" for k, v in chosen.prefers.items()), err=True)
-    run_benchmark(chosen, ("combined",), BenchConfig(steps=steps), out,
-                  progress=lambda m: click.echo(m, err=True))
-    click.echo((out / "results.md").read_text())
-    click.echo(f"plot: {out / 'learning_curves.png'}")
-
-
-def _persona(path: Path | None, name: str) -> Any:
-    from nextstate.learner.experiment.personas import PersonaError, load_personas
-
-    try:
-        personas = load_personas(path)
-    except PersonaError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if name not in personas:
-        raise click.ClickException(f"no persona {name!r}; have: {', '.join(personas)}")
-    return personas[name]

@@ -1,4 +1,5 @@
-"""The ``nextstate`` command line: what ``up`` starts, what ``forget`` deletes and says."""
+"""The ``nextstate`` command line (nextstate.cli): what ``up`` starts, what ``forget`` deletes
+and says, what ``rollback`` loads, and one sentence for each newcomer's mistake."""
 
 from __future__ import annotations
 
@@ -14,22 +15,23 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
+from nextstate import cli
+from nextstate.cli import serve, stack
 from nextstate.core import vllm
-from nextstate.proxy import cli
+from nextstate.core.records import TurnRecord
+from nextstate.core.store import Store
+from nextstate.core.vllm_server import GUARD, VLLMProcess, free_port
 from nextstate.proxy.app import make_app
-from nextstate.proxy.backend import GUARD, VLLMProcess, free_port
-from nextstate.proxy.record import TurnRecord
 from nextstate.proxy.settings import ProxySettings
-from nextstate.proxy.store import Store
 from tests.proxy.fake_vllm import FakeVLLM
 
 
 def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
     started = []
-    monkeypatch.setattr(cli, "check_backend", lambda url, key: ["toy"])
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: started.append(command))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: None)
+    monkeypatch.setattr(stack, "check_backend", lambda url, key: ["toy"])
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: started.append(command))
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: None)
     runner = CliRunner()
     assert runner.invoke(cli.main, ["up", "--backend", "http://vllm",
                                     "--personal-after", "8"]).exit_code == 0
@@ -53,12 +55,12 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(cli, "VLLMProcess", Started)
-    monkeypatch.setattr(cli, "_ensure_toy_model", lambda: Path("/models/toy"))
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: seen[-1].update(
+    monkeypatch.setattr(stack, "VLLMProcess", Started)
+    monkeypatch.setattr(stack, "ensure_toy_model", lambda: Path("/models/toy"))
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen[-1].update(
         command=command, env=env))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: seen[-1].update(
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen[-1].update(
         settings=settings))
     monkeypatch.setenv("NEXTSTATE_BACKEND_API_KEY", "")
     runner = CliRunner()
@@ -76,10 +78,10 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
 
 def test_up_with_a_backend_sends_the_key_it_is_given(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "check_backend", lambda url, key: seen.update(checked=key) or [])
-    monkeypatch.setattr(cli, "spawn", lambda command, log, env: seen.update(env=env))
-    monkeypatch.setattr(cli, "stop_group", lambda process: None)
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: seen.update(
+    monkeypatch.setattr(stack, "check_backend", lambda url, key: seen.update(checked=key) or [])
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen.update(env=env))
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen.update(
         settings=settings))
     result = CliRunner().invoke(cli.main, ["up", "--backend", "http://vllm",
                                            "--backend-api-key", "k"])
@@ -94,12 +96,12 @@ def store_url(tmp_path):
     disk, one of them loaded), beside the shared adapter."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
-    store.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
+    store.turns.write([TurnRecord(turn_id=f"t{i}", endpoint="chat", created_at=float(i),
                             request={"messages": [{"role": "user", "content": str(i)}]},
                             session_id=f"s{i}", user="alice") for i in range(2)])
-    from nextstate.proxy.store.schema import adapters
+    from nextstate.core.store.schema import adapters
 
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         for version, policy, status in ((1, "p", "current"), (2, "p~alice", "previous"),
                                         (3, "p~alice", "current")):
             name = f"{policy}@{version:06d}"
@@ -130,7 +132,7 @@ def test_forgetting_a_user_unloads_and_deletes_their_adapters(store_url, tmp_pat
     assert fake.loaded == {"p@000001"} and fake.unauthorized == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["p@000001"]
     store = Store(store_url)
-    assert store.current_adapters("p") == {"p": ("p@000001", str(tmp_path / "p@000001"))}
+    assert store.adapters.currents("p") == {"p": ("p@000001", str(tmp_path / "p@000001"))}
     store.close()
 
 
@@ -166,7 +168,7 @@ def test_forgetting_without_a_backend_still_forgets_and_says_so(store_url, monke
     assert "no --backend given: a vLLM that has them loaded keeps them until it restarts" \
         in result.output
     store = Store(store_url)
-    assert {a["name"]: a["status"] for a in store.adapter_versions()} == {
+    assert {a["name"]: a["status"] for a in store.adapters.versions()} == {
         "p@000001": "current", "p~alice@000002": "forgotten", "p~alice@000003": "forgotten"}
     store.close()
     # A session or an age never takes adapters, and says nothing about them.
@@ -240,7 +242,7 @@ def not_vllm() -> Iterator[str]:
 
 
 def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch):
-    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    monkeypatch.setattr(serve, "run_proxy", lambda *a: pytest.fail("must not start"))
     result = CliRunner().invoke(cli.main, ["serve", "--backend", f"{not_vllm}/api",
                                            "--port", str(free_port())])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -250,7 +252,7 @@ def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch)
 
 def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
     started = []
-    monkeypatch.setattr(cli, "run_proxy", lambda settings, host, port: started.append(settings))
+    monkeypatch.setattr(serve, "run_proxy", lambda settings, host, port: started.append(settings))
     result = CliRunner().invoke(cli.main, ["serve", "--backend", "http://127.0.0.1:9/v1",
                                            "--port", str(free_port())])
     assert result.exit_code == 0, result.output
@@ -260,7 +262,7 @@ def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
 
 
 def test_a_port_in_use_is_named_before_anything_starts(monkeypatch):
-    monkeypatch.setattr(cli, "run_proxy", lambda *a: pytest.fail("must not start"))
+    monkeypatch.setattr(serve, "run_proxy", lambda *a: pytest.fail("must not start"))
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()

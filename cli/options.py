@@ -9,14 +9,16 @@ at another instead of creating an empty one or printing a driver's traceback.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import click
 
-from nextstate.proxy.settings import backend_root, default_store_url
-from nextstate.proxy.store.locate import StoreNotFound, check_url, require_store
+from nextstate.core.paths import backend_root, data_dir, default_store_url
+from nextstate.core.store.locate import StoreNotFound, check_url, require_store
 
 TOY_MODEL_NAME = "nextstate-toy"
+DEFAULT_PORT = 8400
 
 
 def _backend_urls(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -56,6 +58,23 @@ backend_key_option = click.option(
     "--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY", default=None,
     help="Key to present to vLLM (the one it was started with, --api-key).")
 
+api_key_option = click.option("--api-key", envvar="NEXTSTATE_API_KEY", default=None,
+                              help="Bearer key clients must present to the proxy.")
+no_record_option = click.option("--no-record", is_flag=True, help="Forward without recording.")
+client_key_option = click.option(
+    "--client-key", multiple=True, metavar="TENANT=KEY",
+    help="A per-client key (repeatable); each tenant sees only its own sessions.")
+host_option = click.option(
+    "--host", default="127.0.0.1", show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; give keys then).")
+port_option = click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+                           show_default=True, help="The proxy's port.")
+personal_after_option = click.option(
+    "--personal-after", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Personal adapters: a user (X-NextState-User, or the API key's tenant) with N "
+    "judged turns gets their own adapter, trained on their turns from then on. Default: "
+    "one adapter for everyone.")
+
 
 def require_learner_extra(what: str) -> None:
     """Training needs torch, which the proxy's own install leaves out on purpose."""
@@ -66,6 +85,18 @@ def require_learner_extra(what: str) -> None:
         raise click.ClickException(
             f"{what} needs the learner extra ({', '.join(missing)} not installed): "
             "pip install 'nextstate[learner]'")
+
+
+def ensure_toy_model(progress: bool = True) -> Path:
+    """The embedded toy model (built once, then cached in the data dir)."""
+    try:
+        from nextstate.learner.toy_model import ensure_toy_model as ensure
+    except ImportError as exc:  # the proxy-only install has no torch
+        raise click.ClickException(
+            f"building the toy model needs the learner extra ({exc}); "
+            "pip install 'nextstate[learner]'") from exc
+    return ensure(data_dir(), progress=(lambda m: click.echo(m, err=True))
+                  if progress else None)
 
 
 def free_port_or_fail(host: str, port: int) -> None:

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nextstate.proxy.redact import MASK, Redactor
+from nextstate.core.redact import MASK, Redactor
 
 
 def test_default_patterns_catch_keys_tokens_and_emails():

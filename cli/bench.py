@@ -1,0 +1,169 @@
+"""Experiments and models for them: ``nextstate bench learning|personal|following``,
+``nextstate demo`` (simulated users -> proxy -> vLLM -> learner, see nextstate.experiment)
+and ``nextstate toy-model`` (the embedded model they run on). torch is imported inside
+the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nextstate.cli.options import require_learner_extra
+from nextstate.core.paths import data_dir
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("learning")
+@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A persona YAML file (default: the shipped student/teacher).")
+@click.option("--persona", default="student", show_default=True)
+@click.option("--method", type=click.Choice(["binary", "opd", "combined", "all"]),
+              default="all", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat with seeds 0..N-1 and report the mean and spread.")
+@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
+              show_default=True)
+def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
+                   seeds: int, eval_problems: int, out: Path) -> None:
+    """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
+    require_learner_extra("nextstate bench learning")
+    from nextstate.learner.experiment.bench import run_benchmark
+    from nextstate.learner.experiment.run import METHODS, BenchConfig
+
+    chosen = _persona(personas_file, persona)
+    methods = METHODS if method == "all" else (method,)
+    config = BenchConfig(steps=steps, eval_problems=eval_problems)
+    results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
+                            progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'learning_curves.png'} "
+               f"({results['wall_seconds'] / 60:.1f} min)")
+
+
+@bench.command("following")
+@click.option("--count", type=int, default=400, show_default=True,
+              help="Probes per wording and form.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/following"),
+              show_default=True)
+def bench_following(count: int, out: Path) -> None:
+    """How often the hint-following toy model, served by vLLM, does what an instruction
+    asks, per attribute, for train and held-out wordings."""
+    import json
+
+    from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
+    from nextstate.learner.experiment.following import markdown, measure, vllm_generator
+
+    with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
+        results = measure(vllm_generator(vllm.url, BASE_MODEL), count=count)
+    (out / "following.json").write_text(json.dumps(results, indent=2))
+    (out / "following.md").write_text(markdown(results))
+    click.echo(markdown(results))
+
+
+@bench.command("personal")
+@click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A persona YAML file (default: the shipped student/teacher).")
+@click.option("--pair", default="student,teacher", show_default=True,
+              help="The two personas (comma-separated) whose traffic is interleaved.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Steps of two optimizer steps each.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--personal-after", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Judged turns before a persona trains its own adapter.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/personal"),
+              show_default=True)
+def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int,
+                   eval_problems: int, personal_after: int, out: Path) -> None:
+    """Two personas with opposite tastes: one shared adapter vs an adapter each."""
+    require_learner_extra("nextstate bench personal")
+    from nextstate.learner.experiment.personal import run_personal_benchmark
+    from nextstate.learner.experiment.run import BenchConfig
+
+    chosen = [_persona(personas_file, name.strip()) for name in pair.split(",")]
+    results = run_personal_benchmark(
+        chosen, BenchConfig(steps=steps, eval_problems=eval_problems), out,
+        personal_after=personal_after, seeds=range(seeds),
+        progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'}\nplot:    {out / 'personal_adapters.png'} "
+               f"({results['wall_seconds'] / 60:.1f} min)")
+
+
+@click.command()
+@click.option("--persona", default="student", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Default: <data dir>/demo")
+def demo(persona: str, steps: int, out: Path | None) -> None:
+    """Watch an agent adapt to a simulated user: one persona, the combined method."""
+    require_learner_extra("nextstate demo")
+    from nextstate.learner.experiment.bench import run_benchmark
+    from nextstate.learner.experiment.run import BenchConfig
+
+    chosen = _persona(None, persona)
+    out = out or data_dir() / "demo"
+    click.echo(f"persona {chosen.name}: prefers "
+               + ", ".join(f"{k} {v}" for k, v in chosen.prefers.items()), err=True)
+    run_benchmark(chosen, ("combined",), BenchConfig(steps=steps), out,
+                  progress=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"plot: {out / 'learning_curves.png'}")
+
+
+def _persona(path: Path | None, name: str) -> Any:
+    from nextstate.learner.experiment.personas import PersonaError, load_personas
+
+    try:
+        personas = load_personas(path)
+    except PersonaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if name not in personas:
+        raise click.ClickException(f"no persona {name!r}; have: {', '.join(personas)}")
+    return personas[name]
+
+
+@click.command("toy-model")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Build into this directory instead of the cache.")
+@click.option("--trained", is_flag=True,
+              help="The hint-following model of the learning benchmark (pretrained from "
+                   "scratch: ~8 minutes on 2 cores, then cached).")
+@click.option("--vision", is_flag=True,
+              help="The vision-language toy (a tiny Idefics3 with random weights) that vLLM "
+                   "serves with images; see docs/vlm-on-cpu.md.")
+def toy_model(out: Path | None, trained: bool, vision: bool) -> None:
+    """Build the embedded toy model (cached in the data dir) and print its path."""
+    if trained and vision:
+        raise click.UsageError("--trained and --vision are two different models; pick one")
+    try:
+        from nextstate.learner.toy_model import (
+            TRAINED_TOY,
+            ToyModelRecipe,
+            build_toy_model,
+            ensure_toy_model,
+        )
+        from nextstate.learner.vlm_toy_model import build_vlm_toy_model, ensure_vlm_toy_model
+    except ImportError as exc:  # the proxy-only install has no torch
+        raise click.ClickException(
+            f"building the toy model needs the learner extra ({exc}); "
+            "pip install 'nextstate[learner]'") from exc
+    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    if vision:
+        built = ensure_vlm_toy_model(data_dir(), progress=progress) if out is None \
+            else build_vlm_toy_model(out, progress=progress)
+        click.echo(str(built))
+        return
+    recipe = TRAINED_TOY if trained else ToyModelRecipe()
+    if out is None:
+        click.echo(str(ensure_toy_model(data_dir(), recipe, progress=progress)))
+    else:
+        click.echo(str(build_toy_model(out, recipe, progress=progress)))

@@ -1,0 +1,97 @@
+"""``nextstate serve``: the recording proxy in front of a vLLM someone else runs
+(user -> CLI -> proxy -> vLLM)."""
+
+from __future__ import annotations
+
+import click
+
+from nextstate.cli.options import (
+    api_key_option,
+    backend_key_option,
+    backend_option,
+    client_key_option,
+    free_port_or_fail,
+    host_option,
+    no_record_option,
+    port_option,
+    store_option,
+)
+from nextstate.core.vllm_server import BackendStartError, BackendUnreachable, check_backend
+from nextstate.proxy.server import run_proxy
+from nextstate.proxy.settings import ProxySettings
+
+
+def proxy_settings(backend: str, store: str | None, api_key: str | None,
+              backend_api_key: str | None, no_record: bool,
+              client_key: tuple[str, ...] = (), policy: str | None = None,
+              **more: object) -> ProxySettings:
+    pairs = []
+    for item in client_key:
+        tenant, sep, key = item.partition("=")
+        if not sep or not tenant or not key:
+            raise click.BadParameter(f"expected TENANT=KEY, got {item!r}",
+                                     param_hint="--client-key")
+        pairs.append((tenant, key))
+    return ProxySettings(backend_url=backend, store_url=store or "",
+                         api_key=api_key, backend_api_key=backend_api_key,
+                         record=not no_record, client_keys=tuple(pairs), policy=policy,
+                         **more)  # type: ignore[arg-type]
+
+
+@click.command()
+@backend_option(multiple=True, required=True,
+                help="URL of a running vLLM server (http://HOST:PORT, with or without /v1); "
+                "repeat it for replicas (sessions are spread across them, with affinity "
+                "and failover).")
+@port_option
+@host_option
+@store_option
+@api_key_option
+@backend_key_option
+@no_record_option
+@client_key_option
+@click.option("--policy", default=None,
+              help="Model name whose requests go to the learner's current adapter.")
+@click.option("--admin-key", envvar="NEXTSTATE_ADMIN_KEY", default=None,
+              help="Key for export of all data, deletion of tenants, adapters, rollback.")
+@click.option("--retention-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Delete turns (and what was derived from them) older than this.")
+@click.option("--no-redact", is_flag=True,
+              help="Store message text as sent (default: mask API keys, tokens, e-mails).")
+def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
+          api_key: str | None,
+          backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
+          policy: str | None, admin_key: str | None, retention_days: float | None,
+          no_redact: bool) -> None:
+    """Run the recording proxy in front of an existing vLLM."""
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
+                                "more_backends": backends[1:]}
+    backend = backends[0]
+    if no_redact:
+        extra["redact_patterns"] = ()
+    settings = proxy_settings(backend, store, api_key, backend_api_key, no_record, client_key,
+                         policy, **extra)
+    free_port_or_fail(host, port)
+    for url in settings.backend_urls():
+        _look_at_backend(url, backend_api_key, policy)
+    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
+    run_proxy(settings, host, port)
+
+
+def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
+    """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
+    key); one that does not answer yet only gets a warning: the proxy answers 502 until
+    it does, then serves."""
+    try:
+        names = check_backend(url, api_key=api_key)
+    except BackendUnreachable as exc:
+        click.echo(f"warning: {exc} The proxy starts anyway and answers 502 until it does.",
+                   err=True)
+        return
+    except BackendStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if policy is not None and policy not in names:
+        click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not the policy "
+                   f"{policy!r}: requests for {policy!r} will get vLLM's 404 until it does "
+                   "(--policy is the name vLLM serves the base model under, "
+                   "--served-model-name)", err=True)

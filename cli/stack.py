@@ -1,0 +1,140 @@
+"""``nextstate up``: the whole stack on one machine (vLLM with the model, the learner
+as its own process, the recording proxy in front), stopped together by Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from nextstate.cli.options import (
+    TOY_MODEL_NAME,
+    api_key_option,
+    backend_option,
+    ensure_toy_model,
+    free_port_or_fail,
+    host_option,
+    no_record_option,
+    personal_after_option,
+    port_option,
+    store_option,
+)
+from nextstate.cli.serve import proxy_settings
+from nextstate.core.paths import data_dir
+from nextstate.core.vllm_server import (
+    BackendStartError,
+    VLLMConfig,
+    VLLMProcess,
+    check_backend,
+    spawn,
+    stop_group,
+    toy_model_config,
+)
+from nextstate.proxy.server import run_proxy
+from nextstate.proxy.settings import ProxySettings
+
+
+@click.command()
+@port_option
+@click.option("--model", "model_dir", type=click.Path(exists=True, path_type=Path),
+              default=None, help="A local Hugging Face model dir (default: the toy model).")
+@click.option("--model-name", default=None, help="Name clients use for the model.")
+@backend_option(help="Attach to this running vLLM (http://HOST:PORT, with or without /v1) "
+                "instead of starting one.")
+@click.option("--vllm-arg", multiple=True, help="Extra argument for vLLM (repeatable), "
+              "e.g. --vllm-arg=--tool-call-parser=hermes --vllm-arg=--enable-auto-tool-choice")
+@click.option("--no-learner", is_flag=True, help="Serve and record, but do not learn.")
+@personal_after_option
+@host_option
+@store_option
+@api_key_option
+@no_record_option
+@click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY", default=None,
+              help="With --backend: the key that vLLM wants. Otherwise the key the vLLM "
+              "started here asks for (default: a random one).")
+def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
+       vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
+       store: str | None, api_key: str | None, no_record: bool,
+       backend_api_key: str | None) -> None:
+    """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
+    free_port_or_fail(host, port)
+    store_url = store or ProxySettings().resolved_store_url()
+    if backend:
+        try:
+            names = check_backend(backend, backend_api_key)
+        except BackendStartError as exc:
+            raise click.ClickException(str(exc)) from exc
+        name = model_name or (names[0] if names else TOY_MODEL_NAME)
+        with _learner(backend, name, model_dir, store_url, train=bool(model_dir),
+                      off=no_learner, personal_after=personal_after,
+                      backend_api_key=backend_api_key):
+            _announce(host, port, name, store, api_key)
+            run_proxy(proxy_settings(backend, store, api_key, backend_api_key, no_record,
+                                policy=name), host, port)
+        return
+    # The vLLM started here is never open: only this proxy and learner know its key.
+    key = backend_api_key or secrets.token_urlsafe(32)
+    log_path = data_dir() / "logs" / "vllm.log"
+    if model_dir is None:
+        config = toy_model_config(ensure_toy_model(), model_name or TOY_MODEL_NAME,
+                                  log_path=log_path, extra_args=vllm_arg, api_key=key)
+    else:
+        config = VLLMConfig(model=model_dir, served_model_name=model_name or model_dir.name,
+                            log_path=log_path, extra_args=vllm_arg, api_key=key)
+    name = config.served_model_name
+    click.echo(f"starting vLLM with {config.model} (log: {config.log_path}) ...", err=True)
+    try:
+        with VLLMProcess(config) as vllm, _learner(vllm.url, name, config.model, store_url,
+                                                  train=True, off=no_learner,
+                                                  personal_after=personal_after,
+                                                  backend_api_key=key):
+            _announce(host, port, name, store, api_key)
+            run_proxy(proxy_settings(vllm.url, store, api_key, key, no_record, policy=name),
+                      host, port)
+    except BackendStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, train: bool,
+             off: bool = False, personal_after: int | None = None,
+             backend_api_key: str | None = None) -> Iterator[None]:
+    """``nextstate learn`` as its own process for as long as the stack is up (the
+    backend's key in its environment, where other users cannot read it)."""
+    if off:
+        yield
+        return
+    command = [sys.executable, "-m", "nextstate.cli", "learn", "--backend", backend,
+               "--model", name, "--store", store_url]
+    command += ["--model-dir", str(model_dir)] if train and model_dir else ["--no-train"]
+    if personal_after is not None:
+        command += ["--personal-after", str(personal_after)]
+    log_path = data_dir() / "logs" / "learner.log"
+    env = dict(os.environ)
+    env.pop("NEXTSTATE_BACKEND_API_KEY", None)
+    if backend_api_key:
+        env["NEXTSTATE_BACKEND_API_KEY"] = backend_api_key
+    process = spawn(command, log_path, env=env)
+    click.echo(f"learner running (log: {log_path})", err=True)
+    try:
+        yield
+    finally:
+        stop_group(process)
+
+
+def _announce(host: str, port: int, model: str, store: str | None, api_key: str | None) -> None:
+    base = f"http://{host}:{port}/v1"
+    settings = ProxySettings(store_url=store or "")
+    click.echo(
+        "\nnextstate is up. Point any OpenAI client at it:\n\n"
+        f"  export OPENAI_BASE_URL={base}\n"
+        f"  export OPENAI_API_KEY={api_key or 'unused'}\n\n"
+        f"  model:  {model}\n"
+        f"  store:  {settings.resolved_store_url()}\n"
+        f"  export: nextstate export --store {settings.resolved_store_url()}\n\n"
+        "Ctrl-C stops everything.", err=True)

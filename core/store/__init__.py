@@ -1,0 +1,47 @@
+"""The store (proxy -> store -> learner): one database, read and written through one
+object per concept, so that no module knows all of them.
+
+    store.turns       Turns: the recorder's writes (turns, sessions, pairing, feedback,
+                      next states) and the reads of export and the learner
+    store.adapters    AdapterRegistry: every adapter version and which one serves
+    store.judgments   Judgments: the learner's bookkeeping on the turns it reads
+    store.retention   Retention: forgetting turns (and personal adapters), idle sessions
+    store.status      LearnerStatus: what the learner last reported
+
+Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
+"""
+
+from __future__ import annotations
+
+from nextstate.core.redact import Redactor
+from nextstate.core.store.database import Database, make_engine
+from nextstate.core.store.judgments import Judgments
+from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
+from nextstate.core.store.retention import Forgotten, Retention
+from nextstate.core.store.rows import EXPORT_COLUMNS
+from nextstate.core.store.status import LearnerStatus
+from nextstate.core.store.turns import Turns
+
+__all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Database", "Forgotten", "Judgments",
+           "LearnerStatus", "Retention", "Store", "Turns", "TurnsForgotten", "make_engine"]
+
+
+class Store:
+    """One database and the concepts over it. Any SQLAlchemy URL; nothing connects until
+    first use (a proxy starts while its store is down)."""
+
+    def __init__(self, url: str, *, busy_timeout: float = 5.0,
+                 redactor: Redactor | None = None) -> None:
+        self.db = Database(url, busy_timeout)
+        self.turns = Turns(self.db, redactor)
+        self.adapters = AdapterRegistry(self.db)
+        self.judgments = Judgments(self.db, self.turns)
+        self.retention = Retention(self.db)
+        self.status = LearnerStatus(self.db)
+
+    @property
+    def url(self) -> str:
+        return self.db.url
+
+    def close(self) -> None:
+        self.db.close()

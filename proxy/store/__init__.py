@@ -1,7 +1,0 @@
-"""The store (proxy -> store -> learner): SQLAlchemy tables and the `Store` that reads and
-writes them."""
-
-from nextstate.proxy.store.rows import EXPORT_COLUMNS
-from nextstate.proxy.store.store import Store, make_engine
-
-__all__ = ["EXPORT_COLUMNS", "Store", "make_engine"]
