@@ -38,10 +38,11 @@ TIMEOUT = 20.0
 
 
 async def check_backend(url: str, *, api_key: str | None, model: str | None, lora_rank: int,
-                        current: tuple[str, ...] = ()) -> list[Finding]:
+                        current: tuple[str, ...] = (),
+                        transport: httpx.AsyncBaseTransport | None = None) -> list[Finding]:
     """Every check of one vLLM server; ``current``: the adapters it should be serving."""
     async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key),
-                                 timeout=TIMEOUT) as http:
+                                 timeout=TIMEOUT, transport=transport) as http:
         where = f"vLLM at {url}"
         try:
             listed = await http.get("/v1/models")
@@ -74,9 +75,16 @@ async def check_backend(url: str, *, api_key: str | None, model: str | None, lor
                 "(the proxy routes them elsewhere only if it knows)",
                 "restart the learner (it loads the current adapter on every backend) or "
                 f"run nextstate adapters rollback VERSION --backend {url}"))
-        found += await _lora_checks(http, where, lora_rank)
-        found += await _logprobs_mode(http, where, model)
-        found += await round_trip(http, where, model)
+        for check in (_lora_checks(http, where, lora_rank), _logprobs_mode(http, where, model),
+                      round_trip(http, where, model)):
+            try:
+                found += await check
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+                # A slow or odd answer is a finding too, never a traceback.
+                found.append(Finding("vllm.answers", "warn", f"{where} gave no usable answer "
+                                     f"to a check ({type(exc).__name__}: {exc})"[:300],
+                                     "that check could not be made",
+                                     "run doctor again; if it repeats, see vLLM's log"))
     return found
 
 
@@ -173,12 +181,11 @@ async def round_trip(http: httpx.AsyncClient, where: str, model: str) -> list[Fi
                     "answer, each with its logprob")]
 
 
-async def check_proxy(url: str, *, api_key: str | None = None) -> tuple[list[Finding], dict[
-        str, Any]]:
+async def check_proxy(url: str, *, transport: httpx.AsyncBaseTransport | None = None
+                      ) -> tuple[list[Finding], dict[str, Any]]:
     """The proxy's /health: its backends and recorder (spool, rejected records). Returns
     the findings and the health body (doctor takes the backends from it)."""
-    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT,
-                                 headers=auth_headers(api_key)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, transport=transport) as http:
         try:
             answer = await http.get("/health")
         except httpx.HTTPError as exc:

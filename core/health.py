@@ -14,7 +14,6 @@ A finding says what is wrong, why it matters for learning and the exact fix. Its
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -89,18 +88,17 @@ def session_findings(facts: LoopFacts) -> list[Finding]:
     if facts.main_turns == 0:
         found.append(Finding(
             "sessions.side", "block", f"every one of {answered} answered turns is a side turn",
-            "side turns (no tools, a prompt unlike the session's) are never trained on",
-            "send the conversation's history with each request, or an X-Session-Id header "
-            "(or x-openclaw-session-key) naming the session; a framework's title or summary "
-            "calls are side turns by design"))
+            "side turns are never paired or trained on",
+            "the client marks them X-Turn-Type: side (or turn_type in the body): send it "
+            "only on calls outside the conversation (titles, summaries), never on the "
+            "agent's own turns"))
     elif share(facts.side_turns, answered) > SIDE_SHARE:
         found.append(Finding(
             "sessions.side", "warn",
             f"{_pct(facts.side_turns, answered)} of answered turns are side turns",
-            "side turns are never trained on",
-            "if these are your agent's own turns, send X-Session-Id (or "
-            "x-openclaw-session-key) with each request; summariser and title calls are "
-            "side turns by design"))
+            "side turns are never paired or trained on",
+            "if these are your agent's own turns, stop sending X-Turn-Type: side on them; "
+            "summariser and title calls are side turns by design"))
     if share(facts.no_next_state, facts.main_turns) > NO_NEXT_STATE_SHARE:
         found.append(Finding(
             "sessions.next_state", "warn",
@@ -184,6 +182,8 @@ def judge_findings(facts: LoopFacts) -> list[Finding]:
             "distillation (opd, combined) learns only from corrections with a hint",
             "corrections that say what to do instead give hints; binary RL still uses "
             "their -1"))
+    if not facts.judged and not failing:
+        return [Finding("judge", "ok", "no turn judged yet")]
     return found or [Finding("judge", "ok", f"{facts.judged} turns judged, votes "
                              + ", ".join(f"{k}: {v}" for k, v in sorted(facts.votes.items())))]
 
@@ -290,5 +290,11 @@ def learning_health(findings: Iterable[Finding], report: Mapping[str, Any] | Non
     return {"state": "learning", "why": why, "fix": []}
 
 
-def finite(values: Iterable[float | None]) -> bool:
-    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def store_findings(facts: LoopFacts, report: Mapping[str, Any] | None,
+                   now: float | None = None) -> list[Finding]:
+    """Everything the store and the learner's report show: sessions, tokens, the judge,
+    training (doctor adds the live checks of `nextstate.core.doctor`)."""
+    return [*session_findings(facts), *token_findings(facts), *judge_findings(facts),
+            *training_findings(facts, report, now)]

@@ -1,8 +1,9 @@
 """Sessions and next states, as pure functions over OpenAI messages.
 
 agent -> proxy: a turn's session comes from ``X-Session-Id`` (or a session header an
-agent already sends, `SESSION_HEADERS`, or ``session_id`` in the body), else from the conversation itself: a request whose messages extend an earlier
-turn's messages plus its reply continues that turn's session. The store applies these
+agent already sends, `SESSION_HEADERS`, or ``session_id`` in the body), else from the
+conversation itself: a request whose messages extend an earlier turn's messages plus its
+reply continues that turn's session. The store applies these
 functions off the request path (proxy -> store), so the request path only reads headers.
 
 A *continuation key* is a hash of a normalised conversation. Normalisation keeps what a

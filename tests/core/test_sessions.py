@@ -1,5 +1,7 @@
 """Session headers, conversation keys and next states."""
 
+import pytest
+
 from nextstate.core.sessions import (
     conversation_key,
     next_state_kind,
@@ -70,3 +72,18 @@ def test_a_turn_belongs_to_the_named_user_within_its_tenant():
     assert owner("alice", "team-a") == "team-a:alice"
     assert owner(None, "team-a") == "team-a"
     assert owner(None, None) is None
+
+
+@pytest.mark.parametrize("header", ["x-claude-code-session-id", "session-id", "session_id",
+                                    "x-session-affinity", "x-opencode-session",
+                                    "x-openclaw-session-key"])
+def test_the_session_headers_agents_already_send_name_the_session(header):
+    assert read_session_meta({header: "s-1"}, {}).session_id == "s-1"
+
+
+def test_x_session_id_outranks_an_agents_own_header_which_outranks_the_body():
+    both = {"x-session-id": "ours", "x-claude-code-session-id": "claude"}
+    assert read_session_meta(both, {"session_id": "body"}).session_id == "ours"
+    assert read_session_meta({"x-claude-code-session-id": "claude", "session-id": "codex"},
+                             {"session_id": "body"}).session_id == "claude"
+    assert read_session_meta({}, {"session_id": "body"}).session_id == "body"
