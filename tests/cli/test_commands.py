@@ -193,7 +193,7 @@ def test_every_backend_option_takes_the_url_with_or_without_v1():
                 found[name] = param.process_value(
                     click.Context(command), ("http://h:8000/v1/",) if param.multiple
                     else "http://h:8000/v1/")
-    assert set(found) == {"serve", "up", "learn", "forget", "adapters rollback"}
+    assert set(found) == {"serve", "up", "learn", "forget", "adapters rollback", "doctor"}
     assert all(v in ("http://h:8000", ("http://h:8000",)) for v in found.values()), found
 
 
