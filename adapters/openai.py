@@ -46,8 +46,10 @@ class Session:
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """A sync OpenAI client for this session (kwargs go to ``openai.OpenAI``)."""
         http = httpx.Client(event_hooks={"response": [self._remember]}, timeout=600)
+        # (openai 3 types http_client as httpx2's client; it takes httpx's: tests/adapters.)
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "unused",
-                             default_headers=self.headers(), http_client=http, **kwargs)
+                             default_headers=self.headers(),
+                             http_client=http, **kwargs)  # type: ignore[arg-type]
 
     def async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
         """An async OpenAI client for this session."""
@@ -56,7 +58,8 @@ class Session:
 
         http = httpx.AsyncClient(event_hooks={"response": [remember]}, timeout=600)
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "unused",
-                                  default_headers=self.headers(), http_client=http, **kwargs)
+                                  default_headers=self.headers(),
+                                  http_client=http, **kwargs)  # type: ignore[arg-type]
 
     def _remember(self, response: httpx.Response) -> None:
         turn_id = response.headers.get(TURN_ID_HEADER)
@@ -64,7 +67,8 @@ class Session:
             self.last_turn_id = turn_id
 
     def _is_main(self, request: httpx.Request) -> bool:
-        return request.headers.get("x-turn-type", "main") != "side"
+        turn_type: str = request.headers.get("x-turn-type", "main")
+        return turn_type != "side"
 
     def feedback(self, score: int, *, hint: str | None = None, comment: str | None = None,
                  turn_id: str | None = None) -> dict[str, Any]:

@@ -31,12 +31,9 @@ from bench.loadgen import LoadResult, LoadSpec, Request, percentile, run_load
 from bench.report import DIRECT, LITELLM, NEXTSTATE, Run, ratio_table, scenario_table
 from bench.servers import API_KEY, Server, start_litellm, start_nextstate
 from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+from nextstate.experiment.converse import converse
 
 TOY = "nextstate-toy"
-CORRECTIONS = ["No, that's wrong. Give me just the number.",
-               "Try again, and keep it short please.",
-               "That's not what I asked. Answer in one sentence.",
-               "I meant the total, not each part."]
 
 
 def _body(stream: bool) -> dict[str, Any]:
@@ -82,29 +79,6 @@ def _as_run(name: str, stream: bool, conc: int, rnd: int, result: LoadResult, cp
                upstream_cpu_ms=float("nan"),
                peak_rss_mb=server.peak_rss_mb() if server else float("nan"),
                errors=dict(result.errors))
-
-
-def converse(base_url: str, sessions: int, offset: int = 0, user: str | None = None,
-             feedback: bool = True) -> None:
-    """The learner's material: sessions of two turns, a question, a reply and a correction
-    (with ``feedback``, every third one also carries a -1 and a hint), as ``user`` when
-    given. The integration tests use it too."""
-    ask = {"model": TOY, "temperature": 1.0, "max_tokens": 12}
-    as_user = {"X-NextState-User": user} if user else {}
-    with httpx.Client(base_url=base_url, timeout=120, headers=as_user) as client:
-        for i in range(offset, offset + sessions):
-            question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
-            first = client.post("/chat/completions", json={**ask, "messages": question})
-            first.raise_for_status()
-            reply = first.json()["choices"][0]["message"]["content"]
-            follow = [*question, {"role": "assistant", "content": reply},
-                      {"role": "user", "content": CORRECTIONS[i % len(CORRECTIONS)]}]
-            done = {"X-Session-Done": "1"}
-            if feedback and i % 3 == 0:
-                done |= {"X-NextState-Feedback": "-1",
-                         "X-NextState-Hint": "State only the final number."}
-            client.post("/chat/completions", json={**ask, "messages": follow},
-                        headers=done).raise_for_status()
 
 
 async def _publish_under_load(proxy: Server, vllm_url: str, model: Path, work: Path,
@@ -215,7 +189,7 @@ async def _learn(args: argparse.Namespace) -> None:
 
     trainer = replace(TrainerConfig(), batch_turns=4)
     learner = Learner(LearnerConfig(
-        store_url=args.store, backend_url=args.backend, base_model=TOY,
+        store_url=args.store, backends=(args.backend,), base_model=TOY,
         model_dir=Path(args.model_dir), adapters_dir=Path(args.adapters),
         training=TrainingConfig(trainer=trainer, unload_grace=0.0)))
     try:

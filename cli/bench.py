@@ -35,8 +35,8 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
                    seeds: int, eval_problems: int, out: Path) -> None:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
     require_learner_extra("nextstate bench learning")
-    from nextstate.learner.experiment.bench import run_benchmark
-    from nextstate.learner.experiment.run import METHODS, BenchConfig
+    from nextstate.experiment.bench import run_benchmark
+    from nextstate.experiment.run import METHODS, BenchConfig
 
     chosen = _persona(personas_file, persona)
     methods = METHODS if method == "all" else (method,)
@@ -58,8 +58,8 @@ def bench_following(count: int, out: Path) -> None:
     asks, per attribute, for train and held-out wordings."""
     import json
 
-    from nextstate.learner.experiment.bench import BASE_MODEL, serving_trained_toy
-    from nextstate.learner.experiment.following import markdown, measure, vllm_generator
+    from nextstate.experiment.bench import BASE_MODEL, serving_trained_toy
+    from nextstate.experiment.following import markdown, measure, vllm_generator
 
     with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
         results = measure(vllm_generator(vllm.url, BASE_MODEL), count=count)
@@ -85,8 +85,8 @@ def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int
                    eval_problems: int, personal_after: int, out: Path) -> None:
     """Two personas with opposite tastes: one shared adapter vs an adapter each."""
     require_learner_extra("nextstate bench personal")
-    from nextstate.learner.experiment.personal import run_personal_benchmark
-    from nextstate.learner.experiment.run import BenchConfig
+    from nextstate.experiment.personal import run_personal_benchmark
+    from nextstate.experiment.run import BenchConfig
 
     chosen = [_persona(personas_file, name.strip()) for name in pair.split(",")]
     results = run_personal_benchmark(
@@ -106,8 +106,8 @@ def bench_personal(personas_file: Path | None, pair: str, steps: int, seeds: int
 def demo(persona: str, steps: int, out: Path | None) -> None:
     """Watch an agent adapt to a simulated user: one persona, the combined method."""
     require_learner_extra("nextstate demo")
-    from nextstate.learner.experiment.bench import run_benchmark
-    from nextstate.learner.experiment.run import BenchConfig
+    from nextstate.experiment.bench import run_benchmark
+    from nextstate.experiment.run import BenchConfig
 
     chosen = _persona(None, persona)
     out = out or data_dir() / "demo"
@@ -120,7 +120,7 @@ def demo(persona: str, steps: int, out: Path | None) -> None:
 
 
 def _persona(path: Path | None, name: str) -> Any:
-    from nextstate.learner.experiment.personas import PersonaError, load_personas
+    from nextstate.experiment.personas import PersonaError, load_personas
 
     try:
         personas = load_personas(path)
@@ -145,12 +145,8 @@ def toy_model(out: Path | None, trained: bool, vision: bool) -> None:
     if trained and vision:
         raise click.UsageError("--trained and --vision are two different models; pick one")
     try:
-        from nextstate.learner.toy_model import (
-            TRAINED_TOY,
-            ToyModelRecipe,
-            build_toy_model,
-            ensure_toy_model,
-        )
+        from nextstate.experiment.pretrain import TRAINED_TOY
+        from nextstate.learner.toy_model import ToyModelRecipe, build_toy_model, ensure_toy_model
         from nextstate.learner.vlm_toy_model import build_vlm_toy_model, ensure_vlm_toy_model
     except ImportError as exc:  # the proxy-only install has no torch
         raise click.ClickException(

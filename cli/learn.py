@@ -17,7 +17,7 @@ import asyncio
 import datetime
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
@@ -31,6 +31,11 @@ from nextstate.cli.options import (
     store_option,
 )
 from nextstate.core.paths import data_dir, default_store_url
+from nextstate.learner.config import JudgeKind, LearnerConfig, Method, TeacherKind, TrainerConfig
+
+# The options' defaults are the configuration's (learner/config.py: torch-free).
+LEARNER = LearnerConfig(store_url="", backends=("http://defaults",), base_model="")
+TRAINER = TrainerConfig()
 
 
 @click.command()
@@ -44,19 +49,20 @@ from nextstate.core.paths import data_dir, default_store_url
 @click.option("--no-train", is_flag=True, help="Only judge; never train.")
 @store_option
 @backend_key_option
-@click.option("--judge", type=click.Choice(["rules", "llm"]), default="rules",
+@click.option("--judge", type=click.Choice(get_args(JudgeKind)), default=LEARNER.judge,
               show_default=True, help="rules: offline cues; llm: a judge model via litellm.")
 @click.option("--judge-model", default=None,
               help="litellm model for --judge llm (default: the base model on --backend).")
 @click.option("--judge-api-base", default=None)
-@click.option("--method", type=click.Choice(["binary", "opd", "combined"]),
-              default="combined", show_default=True)
-@click.option("--batch-turns", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--method", type=click.Choice(get_args(Method)), default=TRAINER.method,
+              show_default=True)
+@click.option("--batch-turns", type=click.IntRange(min=1), default=TRAINER.batch_turns,
+              show_default=True,
               help="Judged turns per optimizer step.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Default: 1e-3 for models under 100M parameters, else 2e-5.")
-@click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
-              show_default=True, help="Whose logprobs teach under a hint.")
+@click.option("--teacher", type=click.Choice(get_args(TeacherKind)),
+              default=LEARNER.teacher, show_default=True, help="Whose logprobs teach under a hint.")
 @personal_after_option
 @click.option("--shard", is_flag=True,
               help="Under torchrun with N processes: each holds 1/N of the weights (FSDP), "
@@ -74,7 +80,6 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
 
     from nextstate.learner import ranks
     from nextstate.learner.process import Learner, LearnerConfig
-    from nextstate.learner.trainer import TrainerConfig
     from nextstate.learner.training import TrainingConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -88,15 +93,18 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         from nextstate.learner.toy_model import ensure_toy_model
 
         model_dir = ensure_toy_model(data_dir())
-    trainer = replace(TrainerConfig(), method=method, batch_turns=batch_turns,
-                      learning_rate=learning_rate, shard=shard)
-    config = LearnerConfig(
-        store_url=store or default_store_url(), backend_url=backends[0],
-        backend_urls=backends, backend_api_key=backend_api_key,
-        base_model=base_model, model_dir=None if no_train else model_dir,
-        adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
-        judge_api_base=judge_api_base, teacher=teacher,
-        training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after))
+    try:
+        trainer = replace(TRAINER, method=method, batch_turns=batch_turns,
+                          learning_rate=learning_rate, shard=shard)
+        config = LearnerConfig(
+            store_url=store or default_store_url(), backends=backends,
+            backend_api_key=backend_api_key,
+            base_model=base_model, model_dir=None if no_train else model_dir,
+            adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
+            judge_api_base=judge_api_base, teacher=teacher,
+            training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after))
+    except ValueError as exc:  # a combination the configuration refuses
+        raise click.UsageError(str(exc)) from exc
 
     async def go() -> None:
         learner = Learner(config)

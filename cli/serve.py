@@ -21,10 +21,10 @@ from nextstate.proxy.server import run_proxy
 from nextstate.proxy.settings import ProxySettings
 
 
-def proxy_settings(backend: str, store: str | None, api_key: str | None,
-              backend_api_key: str | None, no_record: bool,
-              client_key: tuple[str, ...] = (), policy: str | None = None,
-              **more: object) -> ProxySettings:
+def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | None,
+                   backend_api_key: str | None, no_record: bool,
+                   client_key: tuple[str, ...] = (), policy: str | None = None,
+                   **more: object) -> ProxySettings:
     pairs = []
     for item in client_key:
         tenant, sep, key = item.partition("=")
@@ -32,10 +32,13 @@ def proxy_settings(backend: str, store: str | None, api_key: str | None,
             raise click.BadParameter(f"expected TENANT=KEY, got {item!r}",
                                      param_hint="--client-key")
         pairs.append((tenant, key))
-    return ProxySettings(backend_url=backend, store_url=store or "",
-                         api_key=api_key, backend_api_key=backend_api_key,
-                         record=not no_record, client_keys=tuple(pairs), policy=policy,
-                         **more)  # type: ignore[arg-type]
+    try:
+        return ProxySettings(backends=backends, store_url=store or "",
+                             api_key=api_key, backend_api_key=backend_api_key,
+                             record=not no_record, client_keys=tuple(pairs), policy=policy,
+                             **more)  # type: ignore[arg-type]
+    except ValueError as exc:  # a combination the settings refuse
+        raise click.UsageError(str(exc)) from exc
 
 
 @click.command()
@@ -64,15 +67,13 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           policy: str | None, admin_key: str | None, retention_days: float | None,
           no_redact: bool) -> None:
     """Run the recording proxy in front of an existing vLLM."""
-    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
-                                "more_backends": backends[1:]}
-    backend = backends[0]
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days}
     if no_redact:
         extra["redact_patterns"] = ()
-    settings = proxy_settings(backend, store, api_key, backend_api_key, no_record, client_key,
-                         policy, **extra)
+    settings = proxy_settings(backends, store, api_key, backend_api_key, no_record,
+                              client_key, policy, **extra)
     free_port_or_fail(host, port)
-    for url in settings.backend_urls():
+    for url in settings.backends:
         _look_at_backend(url, backend_api_key, policy)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)

@@ -74,7 +74,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                       off=no_learner, personal_after=personal_after,
                       backend_api_key=backend_api_key):
             _announce(host, port, name, store, api_key)
-            run_proxy(proxy_settings(backend, store, api_key, backend_api_key, no_record,
+            run_proxy(proxy_settings((backend,), store, api_key, backend_api_key, no_record,
                                 policy=name), host, port)
         return
     # The vLLM started here is never open: only this proxy and learner know its key.
@@ -94,7 +94,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                                                   personal_after=personal_after,
                                                   backend_api_key=key):
             _announce(host, port, name, store, api_key)
-            run_proxy(proxy_settings(vllm.url, store, api_key, key, no_record, policy=name),
+            run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name),
                       host, port)
     except BackendStartError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -14,19 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from nextstate.core.store import Judgments
+from nextstate.learner.config import JudgingConfig
 from nextstate.learner.judgment import Judge, JudgeError, Judgment
 from nextstate.learner.teacher import Teacher, TeacherError
 
 log = logging.getLogger("nextstate.learner.judging")
-
-
-@dataclass(frozen=True)
-class JudgingConfig:
-    batch: int = 32  # turns taken from the store per round
-    concurrency: int = 4  # turns judged at once
-    max_attempts: int = 5  # a turn the judge keeps failing on is given up after this
-    retry_after: float = 30.0  # seconds before a failed turn is tried again
-    max_hints: int = 3  # teacher logprobs are computed for at most this many hints
 
 
 @dataclass

@@ -16,54 +16,23 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nextstate.core.health import learning_health, store_findings
 from nextstate.core.lora import AdapterStatus, erase, owns
-from nextstate.core.paths import backend_root
 from nextstate.core.routing import Router
 from nextstate.core.store import Store, TurnsForgotten
 from nextstate.core.store.facts import loop_facts
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
-from nextstate.learner.judging import JudgingConfig, JudgingReport, judge_pending
+from nextstate.learner.config import LearnerConfig
+from nextstate.learner.judging import JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
 from nextstate.learner.personal import personal_adapters
 from nextstate.learner.teacher import Teacher
-from nextstate.learner.training import TrainingConfig, TrainingStage
+from nextstate.learner.training import TrainingStage
 
 log = logging.getLogger("nextstate.learner")
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    store_url: str
-    backend_url: str  # the teacher and the judge use this one
-    base_model: str  # vLLM's name for the base model
-    policy: str | None = None  # the name clients use; adapters are <policy>@<version>
-    # Every vLLM serving the policy (default: backend_url); adapters go to all of them.
-    backend_urls: tuple[str, ...] = ()
-    # The key every vLLM wants (its --api-key / VLLM_API_KEY); sent on every call.
-    backend_api_key: str | None = None
-    model_dir: Path | None = None  # the base model's weights; None: judge only, no training
-    adapters_dir: Path | None = None  # where adapter versions are written
-    judge: str = "rules"  # rules | llm
-    judge_model: str | None = None  # for llm: a litellm model string
-    judge_api_base: str | None = None
-    judge_api_key: str | None = None
-    # Whose logprobs teach: base (the paper's choice) | policy (the adapter serving the
-    # turn's user: their own, else the shared one).
-    teacher: str = "base"
-    poll_seconds: float = 1.0
-    judging: JudgingConfig = field(default_factory=JudgingConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-
-    def __post_init__(self) -> None:
-        # Accept the URLs as users write them (http://host:8000/v1 as well).
-        object.__setattr__(self, "backend_url", backend_root(self.backend_url))
-        object.__setattr__(self, "backend_urls",
-                           tuple(backend_root(u) for u in self.backend_urls))
 
 
 def make_judge(config: LearnerConfig) -> Judge:
@@ -110,8 +79,7 @@ class Learner:
         key = config.backend_api_key
         self.teacher = Teacher(VLLMClient(config.backend_url, key, timeout=120.0),
                                config.base_model, router=router)
-        self.vllms = [VLLMClient(url, key)
-                      for url in config.backend_urls or (config.backend_url,)]
+        self.vllms = [VLLMClient(url, key) for url in config.backends]
         self.training: TrainingStage | None = None
         if config.model_dir is not None:
             adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"

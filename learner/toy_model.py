@@ -11,8 +11,8 @@ nothing, deterministically (same recipe, byte-identical files):
      a synthetic corpus)   seeded init)     optional)    chat template)
 
 The default recipe is untrained (random weights, a few seconds): enough to serve and to
-test the plumbing. ``TRAINED_TOY`` adds the pretraining stage of
-``nextstate.learner.experiment.pretrain``: a 4-layer model trained from scratch for a few
+test the plumbing. A recipe with a ``pretrain`` stage (a ``Pretraining``: the experiment's
+``nextstate.experiment.pretrain.TRAINED_TOY`` is one) is trained from scratch for a few
 minutes on synthetic conversations, so that it answers word problems in four style
 attributes and follows hints, the starting point of the miniature personalization
 experiment.
@@ -36,9 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from nextstate.learner.experiment.pretrain import PretrainConfig, corpus_text
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -65,6 +63,16 @@ Stage = Callable[
 ]
 
 
+class Pretraining(Protocol):
+    """A pretraining stage's recipe: a frozen dataclass (its fields are part of the
+    model's digest) that adds text to the tokenizer's corpus and trains the fresh model."""
+
+    def corpus(self) -> list[str]: ...
+
+    def train(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+              progress: Progress | None = None) -> None: ...
+
+
 @dataclass(frozen=True)
 class ToyModelRecipe:
     """Everything that determines the built files; its digest names the cache directory."""
@@ -86,7 +94,7 @@ class ToyModelRecipe:
     # conversations, so that the vocabulary fits them).
     corpus_documents: int = 4000
     # None: random weights. Otherwise train from scratch on synthetic conversations.
-    pretrain: PretrainConfig | None = None
+    pretrain: Pretraining | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -105,14 +113,6 @@ class ToyModelRecipe:
             del payload["pretrain"]  # so untrained recipes keep the digests they had
         encoded = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(encoded).hexdigest()[:12]
-
-
-# The hint-following model of the personalization experiment: 4 layers of 128 (about 1.1M
-# parameters), pretrained from scratch for 1,200 steps (one thread; 21 minutes on this
-# 2-core machine while three other jobs ran, see experiment/pretrain.py); the measured
-# behaviour is in experiment/pretrain.py's docstring.
-TRAINED_TOY = ToyModelRecipe(num_hidden_layers=4, intermediate_size=384, vocab_size=2048,
-                             pretrain=PretrainConfig(data_version=2, steps=1200))
 
 
 def chat_template() -> str:
@@ -268,7 +268,7 @@ def build_tokenizer(recipe: ToyModelRecipe) -> PreTrainedTokenizerFast:
     )
     corpus = synthetic_corpus(recipe.seed, recipe.corpus_documents)
     if recipe.pretrain is not None:
-        corpus += corpus_text(recipe.pretrain.seed, recipe.pretrain.tokenizer_conversations)
+        corpus += recipe.pretrain.corpus()
     tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
     return PreTrainedTokenizerFast(
@@ -324,11 +324,9 @@ def _stages(recipe: ToyModelRecipe) -> list[Stage]:
 
 def pretrain_stage(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                    recipe: ToyModelRecipe, progress: Progress) -> None:
-    """Train from scratch on synthetic conversations (``experiment.pretrain``)."""
-    from nextstate.learner.experiment.pretrain import pretrain
-
+    """Train from scratch on synthetic conversations (the recipe's ``Pretraining``)."""
     assert recipe.pretrain is not None
-    pretrain(model, tokenizer, recipe.pretrain, progress)
+    recipe.pretrain.train(model, tokenizer, progress)
 
 
 def _save(

@@ -27,11 +27,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from nextstate.learner import sharding
+from nextstate.learner.config import TrainerConfig
 from nextstate.learner.losses import (
     binary_advantages,
     clipped_surrogate,
@@ -39,35 +40,6 @@ from nextstate.learner.losses import (
     kl_to_reference,
     opd_advantages,
 )
-
-Method = Literal["binary", "opd", "combined"]
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    method: Method = "combined"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    target_modules: tuple[str, ...] = LORA_TARGETS
-    # None: 1e-3 for models under 100M parameters (the toy model needs it to move in a
-    # few steps), 2e-5 above (a usual LoRA rate for 4-8B models).
-    learning_rate: float | None = None
-    batch_turns: int = 16  # turns per optimizer step
-    passes: int = 2  # optimizer updates per batch (measured: 2 learns faster than 1)
-    max_tokens_per_microbatch: int = 8192
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    importance_cap: float = 2.0
-    opd_clip: float = 1.0
-    w_opd: float = 1.0
-    w_rl: float = 1.0
-    kl_coef: float = 0.0  # KL to the base model (adapter off); 0: off
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    # FSDP: with N processes, each holds 1/N of the weights (for a base model that does
-    # not fit one GPU). Off: each holds the whole model, which is faster when it fits.
-    shard: bool = False
 
 
 @dataclass

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,31 +35,13 @@ from nextstate.core.lora import (
 )
 from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
+from nextstate.learner.config import TrainingConfig
 from nextstate.learner.personal import Lane, full_lanes
 from nextstate.learner.publish import install, prune
 from nextstate.learner.ranks import Leader, make_trainer
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
 
 log = logging.getLogger("nextstate.learner.training")
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # A turn served by an adapter more than this many versions older than the current
-    # one is dropped ("drop") or weighted 1/(1 + extra versions) ("downweight").
-    max_staleness: int = 4
-    stale: Literal["drop", "downweight"] = "drop"
-    gate: bool = True
-    gate_max_kl: float = 1.0  # nats per token on the step's own batch
-    # A step over the bound is taken again from where it started, at half the learning
-    # rate, up to this many times; then it is refused and its turns are skipped.
-    gate_retries: int = 2
-    keep: int = 5  # adapter directories kept per policy (loaded ones are never deleted)
-    unload_grace: float = 120.0  # seconds an old version stays loaded for in-flight requests
-    # Personal adapters: a user with this many judged turns carrying a signal gets their
-    # own adapter, trained on their turns from then on. None: one adapter for everyone.
-    personal_min_turns: int | None = None
 
 
 @dataclass

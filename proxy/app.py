@@ -158,7 +158,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                 timeout=httpx.Timeout(settings.upstream_timeout,
                                       connect=settings.upstream_connect_timeout))
 
-        backends = BackendPool(settings.backend_urls(), make_client, settings.backend_api_key)
+        backends = BackendPool(settings.backends, make_client, settings.backend_api_key)
         store = Store(settings.resolved_store_url(), busy_timeout=settings.sqlite_busy_timeout,
                       redactor=Redactor(settings.redact_patterns))
         recorder = Recorder(store, settings.resolved_spool_dir(),

@@ -18,9 +18,9 @@ from nextstate.core.redact import DEFAULT_PATTERNS
 class ProxySettings:
     """Everything `make_app` needs. Defaults suit a local vLLM on port 8000."""
 
-    backend_url: str = "http://127.0.0.1:8000"
-    # More vLLM replicas of the same model; sessions are spread across all of them.
-    more_backends: tuple[str, ...] = ()
+    # The vLLM replicas of the model (the first is the one that answers when affinity does
+    # not decide); sessions are spread across all of them.
+    backends: tuple[str, ...] = ("http://127.0.0.1:8000",)
     health_interval_seconds: float = 2.0
     store_url: str = ""  # empty: a SQLite file in the data dir
     # Bearer key clients must present; None leaves the proxy open (it binds loopback).
@@ -65,10 +65,22 @@ class ProxySettings:
     sqlite_busy_timeout: float = 5.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.backends, str) or not self.backends:
+            raise ValueError("backends must be a tuple of at least one vLLM URL")
         # Accept the URLs as users write them (http://host:8000/v1 as well).
-        object.__setattr__(self, "backend_url", backend_root(self.backend_url))
-        object.__setattr__(self, "more_backends",
-                           tuple(backend_root(u) for u in self.more_backends))
+        object.__setattr__(self, "backends", tuple(backend_root(u) for u in self.backends))
+        for name in ("queue_size", "keep_alive_seconds", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ValueError(f"retention_days must be over 0, not {self.retention_days}")
+        if self.base_model is not None and self.policy is None:
+            raise ValueError("base_model names the policy's base model: give the policy too")
+
+    @property
+    def backend_url(self) -> str:
+        """The first backend."""
+        return self.backends[0]
 
     def tenants_by_key(self) -> dict[bytes, str]:
         """Client keys and their tenants (``api_key``'s tenant is "default")."""
@@ -76,9 +88,6 @@ class ProxySettings:
         if self.api_key:
             keys[self.api_key.encode()] = "default"
         return keys
-
-    def backend_urls(self) -> tuple[str, ...]:
-        return (self.backend_url, *self.more_backends)
 
     def resolved_store_url(self) -> str:
         return self.store_url or default_store_url()

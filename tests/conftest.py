@@ -46,7 +46,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building the hint-following model in the background when the learning test
     will need it (~10 minutes, one thread): its fixture then waits on the build's lock
     instead of building from scratch."""
-    from nextstate.learner.toy_model import TRAINED_TOY
+    from nextstate.experiment.pretrain import TRAINED_TOY
 
     wanted = any(item.nodeid.startswith(LEARNING_TEST) for item in session.items)
     if not wanted or (data_dir() / "models" / f"toy-{TRAINED_TOY.digest()}").is_dir():
@@ -54,7 +54,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     data_dir().mkdir(parents=True, exist_ok=True)
     log = open(data_dir() / "trained-toy-build.log", "ab")  # noqa: SIM115 (outlives this hook)
     session.config.stash[_BUILD] = subprocess.Popen(
-        [sys.executable, "-c", "from nextstate.learner.experiment.bench import "
+        [sys.executable, "-c", "from nextstate.experiment.bench import "
          "trained_toy_model; trained_toy_model(print)"], stdout=log, stderr=log)
 
 
@@ -222,7 +222,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
     started: list[ProxyServer] = []
 
     def start(backend_url: str, **overrides: Any) -> ProxyServer:
-        settings = ProxySettings(backend_url=backend_url,
+        settings = ProxySettings(backends=(backend_url,),
                                  store_url=f"sqlite:///{tmp_path / 'store.db'}",
                                  spool_dir=tmp_path / "spool")
         proxy = ProxyServer(replace(settings, **overrides), free_port()).start()

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from bench.vllm_bench import converse
 from nextstate.cli import main
 from nextstate.core.vllm_server import VLLMProcess, toy_model_config
+from nextstate.experiment.converse import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -81,7 +81,7 @@ async def test_proxy_and_learner_serve_publish_roll_back_and_forget_through_the_
     converse(proxy.base_url, 4, 20, user="alice")
     proxy.turns(25)
     learner = Learner(LearnerConfig(
-        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        store_url=proxy.settings.resolved_store_url(), backends=(vllm.url,),
         backend_api_key=KEY, base_model=MODEL_NAME, model_dir=toy_model,
         adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=4),

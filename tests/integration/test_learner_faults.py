@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.vllm_bench import converse
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import spawn, stop_group
+from nextstate.experiment.converse import converse
 from nextstate.learner.judging import JudgingConfig
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig
@@ -55,7 +55,7 @@ async def test_a_learner_killed_at_random_moments_judges_and_trains_each_turn_on
         stop_group(process)
 
     learner = Learner(LearnerConfig(
-        store_url=store_url, backend_url=vllm.url, base_model=MODEL_NAME,
+        store_url=store_url, backends=(vllm.url,), base_model=MODEL_NAME,
         model_dir=toy_model, adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=2))))
     try:
@@ -94,7 +94,7 @@ async def test_a_judge_that_is_down_or_answers_garbage_leaves_turns_for_later(
     for judge_api, why in (("http://127.0.0.1:9/v1", "every judge call failed"),  # down
                            (f"{vllm.url}/v1", "malformed")):  # the untrained toy: garbage
         learner = Learner(LearnerConfig(
-            store_url=store_url, backend_url=vllm.url, base_model=MODEL_NAME,
+            store_url=store_url, backends=(vllm.url,), base_model=MODEL_NAME,
             judge="llm", judge_model=f"hosted_vllm/{MODEL_NAME}", judge_api_base=judge_api,
             judging=retry_now))
         learner.judge.retries = 0
@@ -109,7 +109,7 @@ async def test_a_judge_that_is_down_or_answers_garbage_leaves_turns_for_later(
         errors = status["totals"]["recent_errors"]
         assert errors and all("JudgeError" in e and why in e for e in errors), errors
     # A working judge later picks them up: nothing was lost.
-    learner = Learner(LearnerConfig(store_url=store_url, backend_url=vllm.url,
+    learner = Learner(LearnerConfig(store_url=store_url, backends=(vllm.url,),
                                     base_model=MODEL_NAME, judging=retry_now))
     try:
         await learner.step()
@@ -133,7 +133,7 @@ async def test_an_adapter_vllm_refuses_is_reported_and_the_previous_keeps_servin
 
     monkeypatch.setattr(Trainer, "save", save_without_weights)
     learner = Learner(LearnerConfig(
-        store_url=store_url, backend_url=vllm.url, base_model=MODEL_NAME,
+        store_url=store_url, backends=(vllm.url,), base_model=MODEL_NAME,
         model_dir=toy_model, adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=2))))
     try:

@@ -48,7 +48,7 @@ async def test_learner_judges_real_traffic_with_the_rules_judge(vllm, proxy):
         {"role": "user", "content": correction}]}, headers={"X-Session-Done": "1"})
     turns = proxy.turns(2)
     learner = Learner(LearnerConfig(store_url=proxy.settings.resolved_store_url(),
-                                    backend_url=vllm.url, base_model=MODEL_NAME))
+                                    backends=(vllm.url,), base_model=MODEL_NAME))
     try:
         assert await learner.step() == 2
         assert await learner.step() == 0  # every turn is judged exactly once

@@ -10,7 +10,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from bench.vllm_bench import converse
+from nextstate.experiment.converse import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -22,7 +22,7 @@ def learner_for(proxy, vllm, toy_model, tmp_path, unload_grace: float = 0.0,
                 **training) -> Learner:
     trainer = replace(TrainerConfig(), batch_turns=4, **training)
     return Learner(LearnerConfig(
-        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        store_url=proxy.settings.resolved_store_url(), backends=(vllm.url,),
         base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=unload_grace)))
 

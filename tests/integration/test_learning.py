@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from nextstate.core.vllm_server import VLLMProcess, toy_model_config
-from nextstate.learner.experiment.bench import BASE_MODEL, trained_toy_model
-from nextstate.learner.experiment.personas import load_personas
-from nextstate.learner.experiment.run import BenchConfig, run_method
+from nextstate.experiment.bench import BASE_MODEL, trained_toy_model
+from nextstate.experiment.personas import load_personas
+from nextstate.experiment.run import BenchConfig, run_method
 from tests.conftest import _require_vllm
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from bench.vllm_bench import converse
 from nextstate.cli import main
+from nextstate.experiment.converse import converse
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -45,7 +45,7 @@ async def test_users_get_their_own_adapters_side_by_side_and_others_the_shared_o
     converse(proxy.base_url, 2, 30, feedback=False)
     proxy.turns(24)
     learner = Learner(LearnerConfig(
-        store_url=proxy.settings.resolved_store_url(), backend_url=vllm.url,
+        store_url=proxy.settings.resolved_store_url(), backends=(vllm.url,),
         base_model=MODEL_NAME, model_dir=toy_model, adapters_dir=tmp_path / "adapters",
         training=TrainingConfig(trainer=replace(TrainerConfig(), batch_turns=4),
                                 personal_min_turns=4, unload_grace=0.0)))

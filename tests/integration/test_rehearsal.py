@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from bench.vllm_bench import CORRECTIONS
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import VLLMProcess, free_port, spawn, stop_group, toy_model_config
+from nextstate.experiment.converse import CORRECTIONS
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

@@ -67,7 +67,7 @@ async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_share
                                                           real_load(self, d)))
     url = f"sqlite:///{tmp_path / 'store.db'}"
     learner = Learner(LearnerConfig(
-        store_url=url, backend_url="http://vllm", base_model="p", model_dir=toy_model,
+        store_url=url, backends=("http://vllm",), base_model="p", model_dir=toy_model,
         adapters_dir=tmp_path / "adapters", backend_api_key="k",
         training=TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                                 personal_min_turns=2, unload_grace=0.0)))

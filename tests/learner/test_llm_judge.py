@@ -276,11 +276,11 @@ def test_the_backends_own_model_as_judge_is_asked_with_the_backends_key(monkeypa
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123")  # the hosted judge's own key
 
-    config = LearnerConfig(store_url="sqlite://", backend_url="http://vllm:8000",
+    config = LearnerConfig(store_url="sqlite://", backends=("http://vllm:8000",),
                            base_model="toy", judge="llm", backend_api_key="k")
     judge = make_judge(config)
     assert (judge.api_base, judge.api_key) == ("http://vllm:8000/v1", "k")
-    other = make_judge(LearnerConfig(store_url="sqlite://", backend_url="http://vllm:8000",
+    other = make_judge(LearnerConfig(store_url="sqlite://", backends=("http://vllm:8000",),
                                      base_model="toy", judge="llm", backend_api_key="k",
                                      judge_model="openai/gpt-4o-mini"))
     assert other.api_key is None  # another provider never gets vLLM's key

@@ -115,7 +115,7 @@ async def test_the_learner_records_each_turns_own_teacher(tmp_path, monkeypatch)
     for version, policy in ((1, "p"), (2, "p~alice")):
         store.adapters.stage(version, f"{policy}@{version:06d}", policy, f"/a/{version}", {})
         store.adapters.publish(version, [], policy)
-    learner = Learner(LearnerConfig(store_url=url, backend_url="http://vllm",
+    learner = Learner(LearnerConfig(store_url=url, backends=("http://vllm",),
                                     base_model="p", teacher="policy"), judge=FakeJudge())
     await learner.teacher.vllm.aclose()
     learner.teacher.vllm = VLLMClient("http://vllm", http=httpx.AsyncClient(

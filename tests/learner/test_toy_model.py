@@ -16,10 +16,9 @@ import pytest
 
 pytest.importorskip("transformers")  # the learner extra; the proxy-only install lacks it
 
-from nextstate.learner.experiment.pretrain import PretrainConfig  # noqa: E402
+from nextstate.experiment.pretrain import TRAINED_TOY, PretrainConfig  # noqa: E402
 from nextstate.learner.toy_model import (  # noqa: E402
     BUILDER_VERSION,
-    TRAINED_TOY,
     ToyModelRecipe,
     build_tokenizer,
     build_toy_model,
@@ -269,7 +268,7 @@ def test_a_pretrain_stage_reports_progress_and_builds_byte_identical_files(
     first = ensure_toy_model(tmp_path / "a", TINY_TRAINED, progress=lines.append)
     # The same recipe in another process (another hash seed) gives the same bytes.
     script = "import sys; from pathlib import Path; " \
-        "from nextstate.learner.experiment.pretrain import PretrainConfig; " \
+        "from nextstate.experiment.pretrain import PretrainConfig; " \
         "from nextstate.learner.toy_model import ToyModelRecipe, ensure_toy_model; " \
         f"print(ensure_toy_model(Path(sys.argv[1]), {TINY_TRAINED!r}))"
     env = {**os.environ, "PYTHONHASHSEED": "54321"}
@@ -299,7 +298,7 @@ def test_the_trained_tokenizer_fits_the_conversations() -> None:
 def test_every_word_of_the_instruction_grammar_is_one_token() -> None:
     """Held-out synonyms are read only in the reading documents; as whole tokens (as
     common words are in a real vocabulary) their meaning can be learned there."""
-    from nextstate.learner.experiment import wording
+    from nextstate.experiment import wording
 
     tokenizer = build_tokenizer(TRAINED_TOY)
     words = {w for lexeme in wording.lexicon() for w in lexeme.split()}

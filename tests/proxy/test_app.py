@@ -15,7 +15,7 @@ CHAT = {"model": "toy", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def open_client(tmp_path, upstream, **settings):
-    app = make_app(ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+    app = make_app(ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp_path}/s.db",
                                  spool_dir=tmp_path / "spool", **settings),
                    transport=httpx.MockTransport(upstream))
     return TestClient(app)

@@ -30,7 +30,7 @@ SCHEMA = schemathesis.openapi.from_dict(openapi_schema())
 @pytest.fixture(scope="module")
 def live_proxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    settings_ = ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp}/s.db",
+    settings_ = ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp}/s.db",
                               spool_dir=tmp / "spool", max_body_bytes=64 * 1024)
     proxy = BackgroundProxy(settings_, free_port(), transport=httpx.MockTransport(FakeVLLM()))
     with proxy:
@@ -52,7 +52,7 @@ def test_the_served_description_is_the_maintained_one(live_proxy):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("props")
-    app = make_app(ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp}/s.db",
+    app = make_app(ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp}/s.db",
                                  spool_dir=tmp / "spool"),
                    transport=httpx.MockTransport(FakeVLLM()))
     with TestClient(app) as c:
@@ -108,7 +108,7 @@ def test_deeply_nested_json_is_a_400(client):
 def test_a_client_too_slow_to_send_its_body_gets_a_408(tmp_path):
     import socket
 
-    settings_ = ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+    settings_ = ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp_path}/s.db",
                               spool_dir=tmp_path / "spool", body_timeout_seconds=0.5)
     with BackgroundProxy(settings_, free_port(),
                          transport=httpx.MockTransport(FakeVLLM())) as proxy:

@@ -30,7 +30,7 @@ class Echo:
 
 def client_for(tmp_path, upstream, **settings) -> TestClient:
     return TestClient(make_app(ProxySettings(
-        backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+        backends=("http://vllm",), store_url=f"sqlite:///{tmp_path}/s.db",
         spool_dir=tmp_path / "spool", **settings), transport=httpx.MockTransport(upstream)))
 
 
@@ -141,7 +141,7 @@ def test_a_forwarded_request_fails_over_while_nothing_was_sent(tmp_path):
             raise httpx.ConnectTimeout("no answer to the SYN", request=request)
         return fake(request)
 
-    app = make_app(ProxySettings(backend_url="http://a", more_backends=("http://b",),
+    app = make_app(ProxySettings(backends=("http://a", "http://b"),
                                  store_url=f"sqlite:///{tmp_path}/s.db",
                                  spool_dir=tmp_path / "spool", health_interval_seconds=3600,
                                  adapter_poll_seconds=3600),

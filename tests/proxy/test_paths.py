@@ -88,7 +88,7 @@ PROBE = orjson.dumps({"lora_name": "evil", "lora_path": "/tmp/evil", "model": "t
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paths")
     with RecordingUpstream() as upstream:
-        settings_ = ProxySettings(backend_url=upstream.url, store_url=f"sqlite:///{tmp}/s.db",
+        settings_ = ProxySettings(backends=(upstream.url,), store_url=f"sqlite:///{tmp}/s.db",
                                   spool_dir=tmp / "spool")
         with BackgroundProxy(settings_, free_port()) as proxy:
             yield proxy, upstream

@@ -41,7 +41,7 @@ def spying(app, seen):
 def spied(tmp_path):
     seen: list = []
     fake = FakeVLLM()
-    app = make_app(ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+    app = make_app(ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp_path}/s.db",
                                  spool_dir=tmp_path / "spool"), transport=httpx.MockTransport(fake))
     with TestClient(spying(app, seen)) as client:
         yield client, seen, fake

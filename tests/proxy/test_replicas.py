@@ -30,7 +30,7 @@ class Replicas:
 
 
 def open_pool(tmp_path, replicas, **settings):
-    app = make_app(ProxySettings(backend_url="http://a", more_backends=("http://b",),
+    app = make_app(ProxySettings(backends=("http://a", "http://b"),
                                  store_url=f"sqlite:///{tmp_path}/s.db",
                                  spool_dir=tmp_path / "spool", health_interval_seconds=0.05,
                                  adapter_poll_seconds=0.02, **settings),
@@ -95,7 +95,7 @@ def test_a_replica_that_times_out_on_connect_is_failed_over(tmp_path, monkeypatc
 
     monkeypatch.setattr(BackendPool, "watch", no_watcher)
     with black_hole() as hole, RecordingUpstream() as upstream:
-        app = make_app(ProxySettings(backend_url=hole, more_backends=(upstream.url,),
+        app = make_app(ProxySettings(backends=(hole, upstream.url),
                                      store_url=f"sqlite:///{tmp_path}/s.db",
                                      spool_dir=tmp_path / "spool",
                                      upstream_connect_timeout=0.3))

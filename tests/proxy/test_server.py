@@ -33,7 +33,7 @@ def test_a_client_connection_idle_longer_than_client_pools_keep_it_is_still_serv
     from nextstate.proxy.settings import ProxySettings
     from tests.proxy.fake_vllm import FakeVLLM
 
-    settings = ProxySettings(backend_url="http://vllm", store_url=f"sqlite:///{tmp_path}/s.db",
+    settings = ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp_path}/s.db",
                              spool_dir=tmp_path / "spool")
     port = free_port()
     with (BackgroundProxy(settings, port, transport=httpx.MockTransport(FakeVLLM())),

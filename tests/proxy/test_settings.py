@@ -26,5 +26,5 @@ def test_what_is_not_a_backend_url_is_refused_in_one_sentence(given):
 
 
 def test_settings_normalise_every_backend():
-    settings = ProxySettings(backend_url="http://a:1/v1/", more_backends=("http://b:2/v1",))
-    assert settings.backend_urls() == ("http://a:1", "http://b:2")
+    settings = ProxySettings(backends=("http://a:1/v1/", "http://b:2/v1"))
+    assert settings.backends == ("http://a:1", "http://b:2")

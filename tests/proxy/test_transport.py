@@ -256,7 +256,7 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_connection(tmp_pa
             await asyncio.sleep(0.01)
 
     async with Upstream(endless) as upstream:
-        settings = ProxySettings(backend_url=upstream.url, store_url=f"sqlite:///{tmp_path}/s.db",
+        settings = ProxySettings(backends=(upstream.url,), store_url=f"sqlite:///{tmp_path}/s.db",
                                  spool_dir=tmp_path / "spool")
         proxy = await asyncio.to_thread(BackgroundProxy(settings, free_port()).start)
         try:

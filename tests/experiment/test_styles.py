@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nextstate.learner.experiment.styles import (
+from nextstate.experiment.styles import (
     ATTRIBUTES,
     DEFAULT_RATE,
     DEFAULTS,

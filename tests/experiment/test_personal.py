@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from nextstate.learner.experiment.personal import (
+from nextstate.experiment.personal import (
     ModeRun,
     markdown_table,
     plot_personal,

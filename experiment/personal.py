@@ -33,11 +33,11 @@ import httpx
 
 from nextstate.core.lora import PUBLISHED
 from nextstate.core.vllm_server import free_port
-from nextstate.learner.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
-from nextstate.learner.experiment.client import RetryingTransport
-from nextstate.learner.experiment.personas import Persona, SimulatedUser
-from nextstate.learner.experiment.run import BenchConfig, Progress, conversation
-from nextstate.learner.experiment.styles import Problem, detect, make_problem
+from nextstate.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
+from nextstate.experiment.client import RetryingTransport
+from nextstate.experiment.personas import Persona, SimulatedUser
+from nextstate.experiment.run import BenchConfig, Progress, conversation
+from nextstate.experiment.styles import Problem, detect, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -66,14 +66,14 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
                    workdir: Path, progress: Progress = print) -> ModeRun:
     policy = f"pair-{mode}-s{config.seed}"
     store_url = f"sqlite:///{workdir / policy}.db"
-    settings = ProxySettings(backend_url=vllm_url, store_url=store_url,
+    settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=workdir / "spool" / policy, policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05)
     trainer = TrainerConfig(method="combined", batch_turns=config.batch_turns,
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
     learner = Learner(LearnerConfig(
-        store_url=store_url, backend_url=vllm_url, base_model=base_model, policy=policy,
+        store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
         model_dir=model_dir, adapters_dir=workdir / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0, personal_min_turns=(
             personal_after if mode == "personal" else None))))

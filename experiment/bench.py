@@ -23,9 +23,9 @@ from typing import Any
 
 from nextstate.core.paths import data_dir
 from nextstate.core.vllm_server import VLLMProcess, toy_model_config
-from nextstate.learner.experiment.personas import Persona
-from nextstate.learner.experiment.plot import plot_curves
-from nextstate.learner.experiment.run import BenchConfig, MethodRun, Progress, run_method, summarise
+from nextstate.experiment.personas import Persona
+from nextstate.experiment.plot import plot_curves
+from nextstate.experiment.run import BenchConfig, MethodRun, Progress, run_method, summarise
 
 BASE_MODEL = "nextstate-toy-trained"
 # The paper's Figure (OpenClaw-RL, simulated student): personalization score by step.
@@ -34,7 +34,8 @@ PAPER = {"combined": {"0": 0.17, "8": 0.76, "16": 0.81},
 
 
 def trained_toy_model(progress: Progress) -> Path:
-    from nextstate.learner.toy_model import TRAINED_TOY, ensure_toy_model
+    from nextstate.experiment.pretrain import TRAINED_TOY
+    from nextstate.learner.toy_model import ensure_toy_model
 
     return ensure_toy_model(data_dir(), TRAINED_TOY, progress=progress)
 

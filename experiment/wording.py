@@ -36,7 +36,7 @@ import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
-from nextstate.learner.experiment.styles import ATTRIBUTES, PHRASES, random_prefs
+from nextstate.experiment.styles import ATTRIBUTES, PHRASES, random_prefs
 
 SPLITS = ("train", "held-out")
 Split = str

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from nextstate.learner.experiment.bench import PAPER, markdown_table
-from nextstate.learner.experiment.plot import plot_curves
-from nextstate.learner.experiment.run import MethodRun, summarise
+from nextstate.experiment.bench import PAPER, markdown_table
+from nextstate.experiment.plot import plot_curves
+from nextstate.experiment.run import MethodRun, summarise
 
 
 def runs() -> list[MethodRun]:

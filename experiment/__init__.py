@@ -9,5 +9,5 @@ speak in the held-out part measure whether it learns from words the model never 
 an instruction (``following`` measures the model's hint following itself):
 
     styles, wording (train)  ->  pretrain (synthetic conversations, training)
-        ->  toy_model.TRAINED_TOY  ->  vLLM  ->  simulated users  ->  proxy  ->  learner
+        ->  pretrain.TRAINED_TOY  ->  vLLM  ->  simulated users  ->  proxy  ->  learner
 """

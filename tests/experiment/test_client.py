@@ -4,7 +4,7 @@ counts them; it gives up after two retries, and never retries a client error."""
 import httpx
 import pytest
 
-from nextstate.learner.experiment.client import RetryingTransport
+from nextstate.experiment.client import RetryingTransport
 
 
 def flaky(failures):

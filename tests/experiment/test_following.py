@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from nextstate.learner.experiment import following as F
-from nextstate.learner.experiment import wording
-from nextstate.learner.experiment.styles import make_problem, make_reply
+from nextstate.experiment import following as F
+from nextstate.experiment import wording
+from nextstate.experiment.styles import make_problem, make_reply
 from nextstate.learner.teacher import HINT_MARKER
 
 

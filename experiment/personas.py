@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from nextstate.learner.experiment import wording as grammar
-from nextstate.learner.experiment.styles import ATTRIBUTES, PHRASES, detect
+from nextstate.experiment import wording as grammar
+from nextstate.experiment.styles import ATTRIBUTES, PHRASES, detect
 
 DEFAULT_OPENERS = ("Not quite.", "Hmm, no.", "That's not what I wanted.")
 DEFAULT_THANKS = ("Thanks, that's perfect!", "Great, thank you!")
@@ -55,7 +55,7 @@ class Persona:
 def load_personas(path: Path | None = None) -> dict[str, Persona]:
     """Personas from a YAML file (default: the two shipped with nextstate)."""
     if path is None:
-        text = resources.files("nextstate.learner.experiment").joinpath(
+        text = resources.files("nextstate.experiment").joinpath(
             "personas.yaml").read_text()
     else:
         text = Path(path).read_text()

@@ -16,8 +16,8 @@ pytest.importorskip("transformers")  # the learner extra
 
 import torch  # noqa: E402
 
-from nextstate.learner.experiment import pretrain as P  # noqa: E402
-from nextstate.learner.experiment.styles import PHRASES, detect  # noqa: E402
+from nextstate.experiment import pretrain as P  # noqa: E402
+from nextstate.experiment.styles import PHRASES, detect  # noqa: E402
 from nextstate.learner.teacher import HINT_MARKER, with_hint  # noqa: E402
 from nextstate.learner.toy_model import ToyModelRecipe, build_tokenizer, init_model  # noqa: E402
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextstate.learner.experiment import wording
-from nextstate.learner.experiment.styles import ATTRIBUTES, detect, make_problem
+from nextstate.experiment import wording
+from nextstate.experiment.styles import ATTRIBUTES, detect, make_problem
 from nextstate.learner.teacher import with_hint
 
 FORMS = ("none", "hint", "natural")

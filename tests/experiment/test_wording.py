@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from nextstate.learner.experiment import pretrain as P
-from nextstate.learner.experiment import wording as W
-from nextstate.learner.experiment.styles import ATTRIBUTES, PHRASES, random_prefs
+from nextstate.experiment import pretrain as P
+from nextstate.experiment import wording as W
+from nextstate.experiment.styles import ATTRIBUTES, PHRASES, random_prefs
 
 HELD = W.vocabulary("held-out")
 TRAIN = W.vocabulary("train")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from nextstate.learner.experiment import wording
-from nextstate.learner.experiment.personas import (
+from nextstate.experiment import wording
+from nextstate.experiment.personas import (
     Persona,
     PersonaError,
     SimulatedUser,
     load_personas,
 )
-from nextstate.learner.experiment.styles import (
+from nextstate.experiment.styles import (
     ATTRIBUTES,
     DEFAULTS,
     PHRASES,

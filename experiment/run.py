@@ -26,9 +26,9 @@ import httpx
 
 from nextstate.core.lora import AdapterStatus
 from nextstate.core.vllm_server import free_port
-from nextstate.learner.experiment.client import RetryingTransport
-from nextstate.learner.experiment.personas import Persona, SimulatedUser
-from nextstate.learner.experiment.styles import Problem, make_problem
+from nextstate.experiment.client import RetryingTransport
+from nextstate.experiment.personas import Persona, SimulatedUser
+from nextstate.experiment.styles import Problem, make_problem
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -83,14 +83,14 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     store_url = f"sqlite:///{home / 'store.db'}"
-    settings = ProxySettings(backend_url=vllm_url, store_url=store_url,
+    settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=home / "spool", policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05)
     trainer = TrainerConfig(method=method, batch_turns=config.batch_turns,  # type: ignore[arg-type]
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
     learner = Learner(LearnerConfig(
-        store_url=store_url, backend_url=vllm_url, base_model=base_model, policy=policy,
+        store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
         model_dir=model_dir, adapters_dir=home / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0)))
     run = MethodRun(method=method, seed=config.seed)
