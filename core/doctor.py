@@ -62,7 +62,7 @@ async def check_backend(url: str, *, api_key: str | None, model: str | None, lor
         served = [m["id"] for m in listed.json().get("data", []) if isinstance(m, dict)]
         found = [Finding("vllm.reachable", "ok", f"{where} serves {', '.join(served)}")]
         model = model or (served[0] if served else None)
-        if model not in served:
+        if model is None or model not in served:
             found.append(Finding("vllm.model", "block", f"{where} doesn't serve {model}",
                                  "requests for it get a 404",
                                  f"start vLLM with --served-model-name {model}"))
