@@ -1,7 +1,7 @@
 """Sessions and next states, as pure functions over OpenAI messages.
 
-agent -> proxy: a turn's session comes from ``X-Session-Id`` (or a session header an
-agent already sends, `SESSION_HEADERS`, or ``session_id`` in the body), else from the
+agent -> proxy: a turn's session comes from ``X-Session-Id`` (or OpenClaw's
+``x-openclaw-session-key``, `SESSION_HEADERS`; or ``session_id`` in the body), else from the
 conversation itself: a request whose messages extend an earlier turn's messages plus its
 reply continues that turn's session. The store applies these
 functions off the request path (proxy -> store), so the request path only reads headers.
@@ -23,11 +23,13 @@ import orjson
 TurnType = Literal["main", "side"]
 
 SESSION_HEADER = "x-session-id"
-# The session headers agents already send, after nextstate's own, in this order of
-# precedence: Claude Code (2.1.86+), Codex CLI (both spellings), OpenCode, OpenClaw's
-# gateway. An agent needs no change to have its turns paired by session.
-SESSION_HEADERS = (SESSION_HEADER, "x-claude-code-session-id", "session-id", "session_id",
-                   "x-session-affinity", "x-opencode-session", "x-openclaw-session-key")
+# Headers that name the session, in this order of precedence: nextstate's own, then
+# OpenClaw's gateway's (it routes sessions by it). The coding agents' own session headers
+# (x-claude-code-session-id, Codex's session-id, OpenCode's x-session-affinity) are not
+# read: they ride on the agent's background calls (titles, summaries, compaction) too, and
+# a session id pairs a turn with the session's last one whatever it asks, so those calls
+# would become next states. Conversation matching pairs those agents' turns without them.
+SESSION_HEADERS = (SESSION_HEADER, "x-openclaw-session-key")
 TURN_TYPE_HEADER = "x-turn-type"
 SESSION_DONE_HEADER = "x-session-done"
 RECORD_HEADER = "x-nextstate-record"

@@ -74,16 +74,17 @@ def test_a_turn_belongs_to_the_named_user_within_its_tenant():
     assert owner(None, None) is None
 
 
-@pytest.mark.parametrize("header", ["x-claude-code-session-id", "session-id", "session_id",
-                                    "x-session-affinity", "x-opencode-session",
-                                    "x-openclaw-session-key"])
-def test_the_session_headers_agents_already_send_name_the_session(header):
-    assert read_session_meta({header: "s-1"}, {}).session_id == "s-1"
-
-
-def test_x_session_id_outranks_an_agents_own_header_which_outranks_the_body():
-    both = {"x-session-id": "ours", "x-claude-code-session-id": "claude"}
+def test_openclaws_session_key_names_the_session_after_x_session_id_before_the_body():
+    assert read_session_meta({"x-openclaw-session-key": "oc-1"}, {}).session_id == "oc-1"
+    both = {"x-session-id": "ours", "x-openclaw-session-key": "oc-1"}
     assert read_session_meta(both, {"session_id": "body"}).session_id == "ours"
-    assert read_session_meta({"x-claude-code-session-id": "claude", "session-id": "codex"},
-                             {"session_id": "body"}).session_id == "claude"
+    assert read_session_meta({"x-openclaw-session-key": "oc-1"},
+                             {"session_id": "body"}).session_id == "oc-1"
     assert read_session_meta({}, {"session_id": "body"}).session_id == "body"
+
+
+def test_a_coding_agents_own_session_header_is_left_to_conversation_matching():
+    """Claude Code sends x-claude-code-session-id on its title and summary calls too: read
+    as the session, those calls would become the conversation's next states."""
+    for header in ("x-claude-code-session-id", "session-id", "x-session-affinity"):
+        assert read_session_meta({header: "s-1"}, {}).session_id is None
