@@ -1,6 +1,5 @@
 """Session headers, conversation keys and next states."""
 
-import pytest
 
 from nextstate.core.sessions import (
     conversation_key,
