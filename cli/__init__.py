@@ -5,6 +5,7 @@
     nextstate learn       the learner: judge recorded turns, train and publish adapters
     nextstate status      what the learner is doing
     nextstate adapters    list the published adapter versions, or roll back to one
+    nextstate doctor      why isn't it learning? every check of the loop, with its fix
     nextstate toy-model   build (or find in the cache) the embedded toy model
     nextstate bench learning / personal / following, nextstate demo   the experiments
     nextstate export      write recorded turns as JSON lines
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import click
 
-from nextstate.cli import bench, data, learn, serve, stack
+from nextstate.cli import bench, data, doctor, learn, serve, stack
 
 __all__ = ["main"]
 
 
 @click.group(commands=[serve.serve, stack.up, learn.learn, learn.status, learn.adapters,
+                       doctor.doctor,
                        data.export, data.forget, bench.toy_model, bench.bench, bench.demo])
 def main() -> None:
     """nextstate: turn ordinary agent traffic into training signal.

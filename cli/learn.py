@@ -113,8 +113,12 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         finally:
             await learner.close()
 
+    from nextstate.learner.llm_judge import JudgeConfigError
+
     try:
         asyncio.run(go())
+    except JudgeConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         ranks.stop()
         ranks.leave()
@@ -147,7 +151,11 @@ def render_status(report: dict[str, Any]) -> str:
     filled = min(ready, batch)
     bar = "#" * round(20 * filled / batch) + "." * (20 - round(20 * filled / batch))
     age = report.get("age_seconds", 0.0)
+    health = report.get("health") or {}
     lines = [
+        *([f"health    {health['state']}" + (f": {'; '.join(health['why'])}"
+                                             if health.get("why") else "")]
+          if health else []),
         f"learner   {report.get('state', '?')} (reported {age:.0f}s ago, pid "
         f"{report.get('pid')}), judge {report.get('judge')}, method {report.get('method')}"
         + _ranks(report),

@@ -1,8 +1,9 @@
 """Sessions and next states, as pure functions over OpenAI messages.
 
-agent -> proxy: a turn's session comes from ``X-Session-Id`` (or ``session_id`` in the
-body), else from the conversation itself: a request whose messages extend an earlier
-turn's messages plus its reply continues that turn's session. The store applies these
+agent -> proxy: a turn's session comes from ``X-Session-Id`` (or OpenClaw's
+``x-openclaw-session-key``, `SESSION_HEADERS`; or ``session_id`` in the body), else from the
+conversation itself: a request whose messages extend an earlier turn's messages plus its
+reply continues that turn's session. The store applies these
 functions off the request path (proxy -> store), so the request path only reads headers.
 
 A *continuation key* is a hash of a normalised conversation. Normalisation keeps what a
@@ -22,6 +23,13 @@ import orjson
 TurnType = Literal["main", "side"]
 
 SESSION_HEADER = "x-session-id"
+# Headers that name the session, in this order of precedence: nextstate's own, then
+# OpenClaw's gateway's (it routes sessions by it). The coding agents' own session headers
+# (x-claude-code-session-id, Codex's session-id, OpenCode's x-session-affinity) are not
+# read: they ride on the agent's background calls (titles, summaries, compaction) too, and
+# a session id pairs a turn with the session's last one whatever it asks, so those calls
+# would become next states. Conversation matching pairs those agents' turns without them.
+SESSION_HEADERS = (SESSION_HEADER, "x-openclaw-session-key")
 TURN_TYPE_HEADER = "x-turn-type"
 SESSION_DONE_HEADER = "x-session-done"
 RECORD_HEADER = "x-nextstate-record"
@@ -73,7 +81,8 @@ def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> Sessi
     """Session fields from headers (which win) or the body; pops the body fields.
     Raises ValueError for a malformed feedback header."""
     from_body = {k: body.pop(k) for k in BODY_FIELDS if k in body}
-    session_id = headers.get(SESSION_HEADER) or from_body.get("session_id")
+    session_id = next((headers[h] for h in SESSION_HEADERS if headers.get(h)),
+                      None) or from_body.get("session_id")
     turn_type = (headers.get(TURN_TYPE_HEADER) or str(from_body.get("turn_type") or "main"))
     done = headers.get(SESSION_DONE_HEADER)
     done_flag = _truthy(done) if done is not None else _truthy(from_body.get("session_done"))

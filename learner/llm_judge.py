@@ -25,6 +25,45 @@ from nextstate.learner.rules import Feedback, explicit_feedback
 from nextstate.learner.votes import HINT_END, HINT_START, majority, parse_vote, select_hints
 
 Messages = list[dict[str, str]]
+
+# Values people leave in a key they have not filled in (compared lowercased).
+PLACEHOLDER_KEYS = frozenset({"", "sk-...", "sk-xxx", "xxx", "your-api-key", "your_api_key",
+                              "your-key", "changeme", "placeholder", "none", "null", "empty",
+                              "todo", "<key>", "api-key"})
+
+
+class JudgeConfigError(ValueError):
+    """The judge can't work as configured (a missing or placeholder key): refused at
+    start with one sentence, rather than failing every turn later."""
+
+
+def check_key(model: str, api_base: str | None, api_key: str | None,
+              environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a judge whose key is missing or a placeholder. A judge at an ``api_base`` of
+    one's own (a vLLM) may need no key; a hosted one needs its provider's."""
+    if api_key is not None:
+        if api_key.strip().lower() in PLACEHOLDER_KEYS:
+            raise JudgeConfigError(f"the judge's API key looks like a placeholder "
+                                   f"({api_key!r}): give the real key, or use --judge rules")
+        return
+    if api_base is not None:
+        return
+    provider_key = f"{model.split('/')[0].upper()}_API_KEY"
+    value = environ.get(provider_key)
+    if value is not None and value.strip().lower() in PLACEHOLDER_KEYS:
+        raise JudgeConfigError(f"{provider_key} looks like a placeholder ({value!r}): set "
+                               f"the real key for the judge model {model}, or use --judge "
+                               "rules")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm  # lazily: importing it takes seconds
+
+    missing = [k for k in litellm.validate_environment(model).get("missing_keys") or []
+               if not environ.get(k)]
+    if missing:
+        raise JudgeConfigError(f"the judge model {model} needs {', '.join(missing)} in the "
+                               "environment: set it, or use --judge rules")
+
+
 Complete = Callable[[Messages], Awaitable[str]]
 
 CONTEXT_MESSAGES = 6  # earlier messages shown; the reply and the next state carry the signal

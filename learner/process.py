@@ -18,9 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nextstate.core.health import learning_health, store_findings
 from nextstate.core.lora import AdapterStatus, erase, owns
 from nextstate.core.routing import Router
 from nextstate.core.store import Store, TurnsForgotten
+from nextstate.core.store.facts import loop_facts
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
 from nextstate.learner.config import LearnerConfig
@@ -39,7 +41,7 @@ def make_judge(config: LearnerConfig) -> Judge:
 
         return RulesJudge()
     if config.judge == "llm":
-        from nextstate.learner.llm_judge import LLMJudge
+        from nextstate.learner.llm_judge import LLMJudge, check_key
 
         model = config.judge_model or f"hosted_vllm/{config.base_model}"
         api_base = config.judge_api_base or (
@@ -47,6 +49,7 @@ def make_judge(config: LearnerConfig) -> Judge:
         # The backend's own model answers with the backend's key.
         api_key = config.judge_api_key or (
             config.backend_api_key if config.judge_model is None else None)
+        check_key(model, api_base, api_key)
         return LLMJudge(model, api_base=api_base, api_key=api_key)
     raise ValueError(f"unknown judge {config.judge!r} (rules or llm)")
 
@@ -186,7 +189,16 @@ class Learner:
             "steps": self.training.history if self.training else [],
             "backends": self.backends,
             "totals": asdict(self.totals),
+            "lora_rank": training.lora_rank,
         }
+
+    def health(self, report: dict[str, Any]) -> dict[str, Any]:
+        """learning / stalled / blocked, and why: what doctor says from the store, over
+        the last day's turns (`nextstate.core.health`)."""
+        now = time.time()
+        facts = loop_facts(self.store.db.engine, since=now - 86400)
+        return learning_health(store_findings(facts, {**report, "updated_at": now}, now),
+                               report)
 
     async def _set_state(self, state: str, *, report: bool = False) -> None:
         """Tell the store what the learner is doing, off the event loop. The full status
@@ -199,6 +211,7 @@ class Learner:
         try:
             if full or self._status is None:
                 self._status = self.status()
+                self._status["health"] = self.health(self._status)
             else:
                 self._status = {**self._status, "state": self.state}
             self.store.status.write(self._status)

@@ -193,7 +193,7 @@ def test_every_backend_option_takes_the_url_with_or_without_v1():
                 found[name] = param.process_value(
                     click.Context(command), ("http://h:8000/v1/",) if param.multiple
                     else "http://h:8000/v1/")
-    assert set(found) == {"serve", "up", "learn", "forget", "adapters rollback"}
+    assert set(found) == {"serve", "up", "learn", "forget", "adapters rollback", "doctor"}
     assert all(v in ("http://h:8000", ("http://h:8000",)) for v in found.values()), found
 
 
@@ -301,3 +301,71 @@ def test_status_names_the_store_no_learner_reported_to(store_url):
     result = CliRunner().invoke(cli.main, ["status", "--store", store_url])
     assert result.exit_code == 1
     assert f"no learner has reported to the store at {store_url} yet" in result.output
+
+
+def test_rollback_loads_on_every_backend_before_the_version_is_current(store_url, tmp_path,
+                                                                     monkeypatch):
+    """``nextstate adapters rollback V --backend A --backend B`` (core.lora.rollback, the
+    admin endpoint's path too): V is loaded and verified on A and on B while the store
+    still serves the version before; only then is V current."""
+    from nextstate.core.store.schema import adapters
+
+    store = Store(store_url)
+    with store.db.begin() as conn:
+        (tmp_path / "p@000004").mkdir()
+        conn.execute(adapters.insert().values(version=4, name="p@000004", policy="p",
+                                              status="unloaded", created_at=0.0,
+                                              path=str(tmp_path / "p@000004")))
+    fakes = {"http://a": FakeVLLM(), "http://b": FakeVLLM()}
+    current_at_load: list[str] = []
+
+    def backend(url):
+        def handle(request):
+            if request.url.path == "/v1/load_lora_adapter":
+                current_at_load.append(store.adapters.current("p")["name"])
+            return fakes[url](request)
+        return handle
+
+    real = vllm.VLLMClient
+    monkeypatch.setattr(vllm, "VLLMClient", lambda url, key: real(
+        url, key, http=httpx.AsyncClient(transport=httpx.MockTransport(backend(url)))))
+    result = CliRunner().invoke(cli.main, ["adapters", "rollback", "4", "--store", store_url,
+                                           "--backend", "http://a", "--backend", "http://b"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "p@000004 is current again\n"
+    assert all("p@000004" in fake.loaded for fake in fakes.values())
+    assert current_at_load == ["p@000001", "p@000001"]  # not current before both had it
+    assert store.adapters.current("p")["name"] == "p@000004"
+    assert {a["name"]: a["status"] for a in store.adapters.versions("p")}["p@000001"] \
+        == "previous"
+    store.close()
+
+
+@pytest.mark.parametrize(("status", "directory", "says"), [
+    ("refused", True, "no published version 4"),
+    ("failed", True, "no published version 4"),
+    ("forgotten", True, "no published version 4"),
+    ("previous", False, "p@000004's directory is gone"),
+])
+def test_rollback_refuses_a_version_that_may_not_or_cannot_serve(
+        store_url, tmp_path, monkeypatch, status, directory, says):
+    from nextstate.core.store.schema import adapters
+
+    store = Store(store_url)
+    with store.db.begin() as conn:
+        if directory:
+            (tmp_path / "p@000004").mkdir()
+        conn.execute(adapters.insert().values(version=4, name="p@000004", policy="p",
+                                              status=status, created_at=0.0,
+                                              path=str(tmp_path / "p@000004")))
+    fake = FakeVLLM()
+    real = vllm.VLLMClient
+    monkeypatch.setattr(vllm, "VLLMClient", lambda url, key: real(
+        url, key, http=httpx.AsyncClient(transport=httpx.MockTransport(fake))))
+    result = CliRunner().invoke(cli.main, ["adapters", "rollback", "4", "--store", store_url,
+                                           "--backend", "http://a"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert says in result.output
+    assert fake.admin == []  # nothing was loaded
+    assert store.adapters.current("p")["name"] == "p@000001"  # nothing changed
+    store.close()

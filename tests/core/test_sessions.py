@@ -1,5 +1,6 @@
 """Session headers, conversation keys and next states."""
 
+
 from nextstate.core.sessions import (
     conversation_key,
     next_state_kind,
@@ -70,3 +71,19 @@ def test_a_turn_belongs_to_the_named_user_within_its_tenant():
     assert owner("alice", "team-a") == "team-a:alice"
     assert owner(None, "team-a") == "team-a"
     assert owner(None, None) is None
+
+
+def test_openclaws_session_key_names_the_session_after_x_session_id_before_the_body():
+    assert read_session_meta({"x-openclaw-session-key": "oc-1"}, {}).session_id == "oc-1"
+    both = {"x-session-id": "ours", "x-openclaw-session-key": "oc-1"}
+    assert read_session_meta(both, {"session_id": "body"}).session_id == "ours"
+    assert read_session_meta({"x-openclaw-session-key": "oc-1"},
+                             {"session_id": "body"}).session_id == "oc-1"
+    assert read_session_meta({}, {"session_id": "body"}).session_id == "body"
+
+
+def test_a_coding_agents_own_session_header_is_left_to_conversation_matching():
+    """Claude Code sends x-claude-code-session-id on its title and summary calls too: read
+    as the session, those calls would become the conversation's next states."""
+    for header in ("x-claude-code-session-id", "session-id", "x-session-affinity"):
+        assert read_session_meta({header: "s-1"}, {}).session_id is None

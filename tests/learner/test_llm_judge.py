@@ -271,8 +271,10 @@ def test_the_llm_judge_satisfies_the_protocol() -> None:
     assert judge.prompt_version == "prm-1"
 
 
-def test_the_backends_own_model_as_judge_is_asked_with_the_backends_key() -> None:
+def test_the_backends_own_model_as_judge_is_asked_with_the_backends_key(monkeypatch) -> None:
     from nextstate.learner.process import LearnerConfig, make_judge
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123")  # the hosted judge's own key
 
     config = LearnerConfig(store_url="sqlite://", backends=("http://vllm:8000",),
                            base_model="toy", judge="llm", backend_api_key="k")
@@ -282,3 +284,24 @@ def test_the_backends_own_model_as_judge_is_asked_with_the_backends_key() -> Non
                                      base_model="toy", judge="llm", backend_api_key="k",
                                      judge_model="openai/gpt-4o-mini"))
     assert other.api_key is None  # another provider never gets vLLM's key
+
+
+@pytest.mark.parametrize(("model", "api_base", "api_key", "environ", "refused"), [
+    ("openai/gpt-4o-mini", None, None, {}, "needs OPENAI_API_KEY in the environment"),
+    ("openai/gpt-4o-mini", None, None, {"OPENAI_API_KEY": "sk-..."}, "looks like a placeholder"),
+    ("openai/gpt-4o-mini", None, "changeme", {}, "looks like a placeholder"),
+    ("openai/gpt-4o-mini", None, None, {"OPENAI_API_KEY": "sk-real-0123"}, None),
+    ("hosted_vllm/toy", "http://127.0.0.1:8000/v1", None, {}, None),  # a vLLM of one's own
+])
+def test_a_missing_or_placeholder_judge_key_is_refused_at_start(
+        model, api_base, api_key, environ, refused, monkeypatch) -> None:
+    from nextstate.learner.llm_judge import JudgeConfigError, check_key
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    if refused is None:
+        check_key(model, api_base, api_key, environ)
+        return
+    with pytest.raises(JudgeConfigError, match=refused) as caught:
+        check_key(model, api_base, api_key, environ)
+    assert "--judge rules" in str(caught.value)

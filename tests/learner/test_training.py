@@ -3,6 +3,7 @@ takes the same judged traffic per step and trains on the turns that carry its si
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,54 @@ async def test_a_step_over_the_gate_at_every_rate_is_refused_and_its_turns_skipp
 
 def stage_lane(stage: TrainingStage) -> Lane:
     return Lane(stage.policy)
+
+
+def served_store(tmp_path: Path, served: dict[str, str]) -> Store:
+    """Judged turns (each a correction) served by the given model names, and four
+    published versions of policy ``p``."""
+    from nextstate.core.store.schema import adapters
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    records = []
+    for i, model in enumerate(served.values()):
+        record = turn(i)
+        records.append(replace(record, turn_id=list(served)[i],
+                               response={**record.response, "model": model}))
+    store.turns.write(records)
+    for turn_id in served:
+        store.judgments.save(turn_id, Judgment(score=-1))
+    with store.db.begin() as conn:
+        for version in range(1, 5):
+            conn.execute(adapters.insert().values(
+                version=version, name=f"p@{version:06d}", policy="p", path="/nowhere",
+                status="current" if version == 4 else "previous", created_at=0.0))
+    return store
+
+
+SERVED = {"now": "p@000004", "one behind": "p@000003", "three behind": "p@000001",
+          "base": "p"}
+
+
+@pytest.mark.parametrize("stale", ["drop", "downweight"])
+def test_turns_served_too_many_versions_ago_are_dropped_or_down_weighted(
+        tmp_path: Path, stale: str) -> None:
+    """max_staleness 1: a turn served by the current version or the one before trains at
+    full weight; older ones are skipped with the reason ("drop") or weighted
+    1/(1 + versions beyond the bound) ("downweight")."""
+    store = served_store(tmp_path, SERVED)
+    stage = TrainingStage(store, tmp_path / "no-model-needed", "p", vllms=[],
+                          adapters_dir=tmp_path / "adapters", config=TrainingConfig(
+                              trainer=TrainerConfig(method="binary"), max_staleness=1,
+                              stale=stale))  # type: ignore[arg-type]
+    weights = {item.turn_id: item.weight for item in stage.ready()}
+    if stale == "drop":
+        assert weights == {"now": 1.0, "one behind": 1.0}
+        for turn_id in ("three behind", "base"):
+            row = store.judgments.get(turn_id)
+            assert row is not None and row["trained_version"] == -1
+            assert row["error"] == "stale: served more than 1 versions ago"
+        assert store.judgments.ready_count("binary") == 2
+    else:
+        assert weights == {"now": 1.0, "one behind": 1.0, "three behind": 1 / 3,
+                           "base": 1 / 4}
+        assert store.judgments.ready_count("binary") == 4
