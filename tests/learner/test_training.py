@@ -11,7 +11,12 @@ from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane
 from nextstate.learner.store import LearnerStore
 from nextstate.learner.trainer import TrainerConfig, TrainItem
-from nextstate.learner.training import TrainingConfig, TrainingStage, informative
+from nextstate.learner.training import (
+    TrainingConfig,
+    TrainingStage,
+    informative,
+    weak_hints,
+)
 from tests.learner.test_store import turn
 
 
@@ -53,6 +58,43 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     assert "no opd signal" in (result.error or "")
     assert store.ready_count("opd") == 0
     assert store.adapters() == []
+
+
+def hinted(name: str, teacher: list[float], reward: float | None = -1.0) -> TrainItem:
+    return TrainItem(turn_id=name, prompt_ids=[1], completion_ids=[2, 3],
+                     sampler_logprobs=[-1.0, -2.0], reward=reward, teacher_logprobs=teacher)
+
+
+def test_a_hint_that_barely_moves_the_teacher_is_dropped_and_its_turn_keeps_its_reward(
+        ) -> None:
+    """A hint the model did not understand (its teacher scores the reply as the student
+    did) gives no teacher signal: under combined the turn learns from its reward, under
+    distillation it teaches nothing; a hint that moved the teacher is kept."""
+    understood = hinted("understood", [-3.0, -2.5])  # mean |change| 1.25
+    vague = hinted("vague", [-1.02, -1.99])  # 0.015
+    vague_unrewarded = hinted("vague, no reward", [-1.0, -2.0], reward=None)
+    batch = [understood, vague, vague_unrewarded]
+    stats = weak_hints(batch, min_change=0.05)
+    assert understood.teacher_logprobs == [-3.0, -2.5]
+    assert vague.teacher_logprobs is None and vague_unrewarded.teacher_logprobs is None
+    assert [i.turn_id for i in informative(batch, TrainerConfig(method="combined"))] == [
+        "understood", "vague"]
+    assert [i.turn_id for i in informative(batch, TrainerConfig(method="opd"))] == [
+        "understood"]
+    assert stats["hinted"] == 3 and stats["hints_dropped"] == 2
+    # the teacher was less sure than the student of "understood" and "vague" (a reply
+    # that was corrected), as sure of the third: none of the three gained
+    assert stats["teacher_no_gain"] == 1.0
+
+
+def test_by_default_every_hint_counts_and_the_step_says_what_the_hints_did() -> None:
+    batch = [hinted("less sure", [-3.0, -2.5]), hinted("surer", [-0.5, -1.0]),
+             item("thanked", 1.0, False)]
+    stats = weak_hints(batch, min_change=0.0)
+    assert all(i.teacher_logprobs for i in batch[:2])
+    assert stats == {"hinted": 2.0, "teacher_no_gain": 0.5,
+                     "teacher_change": (1.25 + 0.75) / 2, "hints_dropped": 0.0}
+    assert weak_hints([item("thanked", 1.0, False)], 1.0) == {"hinted": 0.0}
 
 
 def judged_store(tmp_path: Path, count: int) -> LearnerStore:
