@@ -61,8 +61,9 @@ class TrainingConfig:
     gate_retries: int = 2
     # A hinted turn whose teacher scores the reply within this many nats per token of the
     # sampler (mean |logπ_teacher − logπ_sampler|) is taken as a hint the model did not
-    # understand: it loses its teacher signal (combined: it learns from its reward; opd:
-    # it teaches nothing). 0: every hint counts. See `weak_hints`.
+    # understand: under distillation (opd, combined) the turn teaches nothing (its −1 is
+    # the same judgment, and alone it would push down every token). 0: every hint
+    # counts. See `weak_hints`.
     min_teacher_change: float = 0.0
     keep: int = 5  # adapter directories kept per policy (loaded ones are never deleted)
     unload_grace: float = 120.0  # seconds an old version stays loaded for in-flight requests
@@ -141,7 +142,7 @@ def teacher_change(item: TrainItem) -> tuple[float, float] | None:
 
 
 def weak_hints(items: list[TrainItem], min_change: float) -> dict[str, float]:
-    """Drops the teacher signal of turns whose hint moved the teacher less than
+    """Drops the signals (hint and reward) of turns whose hint moved the teacher less than
     ``min_change`` (mean nats/token; 0: none are dropped), in place; returns what the
     hints did, for the step's stats: hinted turns, the share whose teacher was no more
     confident than the sampler, the mean change, and the hints dropped."""
@@ -149,7 +150,7 @@ def weak_hints(items: list[TrainItem], min_change: float) -> dict[str, float]:
     dropped = 0
     for item, (_, change) in changes:
         if change < min_change:
-            item.teacher_logprobs = None
+            item.teacher_logprobs, item.reward = None, None
             dropped += 1
     if not changes:
         return {"hinted": 0.0}
@@ -240,7 +241,8 @@ class TrainingStage:
     async def step(self, items: list[TrainItem], lane: Lane | None = None) -> StepResult:
         lane = lane or Lane(self.policy)
         normalise_steps(items)
-        hints = weak_hints(items, self.config.min_teacher_change)
+        distils = self.config.trainer.method != "binary"
+        hints = weak_hints(items, self.config.min_teacher_change if distils else 0.0)
         ids = [item.turn_id for item in items]
         # A step consumes its judged turns; those without the method's signal (a thank-you
         # under distillation) are part of it but teach nothing, so they stay out of the

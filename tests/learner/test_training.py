@@ -65,22 +65,20 @@ def hinted(name: str, teacher: list[float], reward: float | None = -1.0) -> Trai
                      sampler_logprobs=[-1.0, -2.0], reward=reward, teacher_logprobs=teacher)
 
 
-def test_a_hint_that_barely_moves_the_teacher_is_dropped_and_its_turn_keeps_its_reward(
-        ) -> None:
+def test_a_turn_whose_hint_barely_moved_the_teacher_teaches_nothing() -> None:
     """A hint the model did not understand (its teacher scores the reply as the student
-    did) gives no teacher signal: under combined the turn learns from its reward, under
-    distillation it teaches nothing; a hint that moved the teacher is kept."""
+    did): the turn is dropped from distillation, its −1 with it (alone it would push down
+    every token of the reply); a turn whose hint moved the teacher is kept."""
     understood = hinted("understood", [-3.0, -2.5])  # mean |change| 1.25
     vague = hinted("vague", [-1.02, -1.99])  # 0.015
     vague_unrewarded = hinted("vague, no reward", [-1.0, -2.0], reward=None)
     batch = [understood, vague, vague_unrewarded]
     stats = weak_hints(batch, min_change=0.05)
     assert understood.teacher_logprobs == [-3.0, -2.5]
-    assert vague.teacher_logprobs is None and vague_unrewarded.teacher_logprobs is None
-    assert [i.turn_id for i in informative(batch, TrainerConfig(method="combined"))] == [
-        "understood", "vague"]
-    assert [i.turn_id for i in informative(batch, TrainerConfig(method="opd"))] == [
-        "understood"]
+    assert vague.teacher_logprobs is None and vague.reward is None
+    for method in ("opd", "combined"):
+        chosen = informative(batch, TrainerConfig(method=method))  # type: ignore[arg-type]
+        assert [i.turn_id for i in chosen] == ["understood"]
     assert stats["hinted"] == 3 and stats["hints_dropped"] == 2
     # the teacher was less sure than the student of "understood" and "vague" (a reply
     # that was corrected), as sure of the third: none of the three gained
@@ -95,6 +93,19 @@ def test_by_default_every_hint_counts_and_the_step_says_what_the_hints_did() -> 
     assert stats == {"hinted": 2.0, "teacher_no_gain": 0.5,
                      "teacher_change": (1.25 + 0.75) / 2, "hints_dropped": 0.0}
     assert weak_hints([item("thanked", 1.0, False)], 1.0) == {"hinted": 0.0}
+
+
+async def test_binary_rl_keeps_the_reward_of_a_turn_whose_hint_was_weak(
+        toy_model: Path, tmp_path: Path) -> None:
+    """Dropping weak hints is about distillation: binary RL never uses the teacher."""
+    store = judged_store(tmp_path, 1)
+    config = TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=1),
+                            min_teacher_change=10.0)
+    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
+                          config=config)
+    result = await stage.step([hinted("t0", [-1.0, -2.0])])
+    assert result.outcome == "published" and result.stats.reward_mean == -1.0
+    assert result.stats.extra["hints_dropped"] == 0
 
 
 def judged_store(tmp_path: Path, count: int) -> LearnerStore:
