@@ -75,6 +75,12 @@ class TrainingConfig:
     # A step over the bound is taken again from where it started, at half the learning
     # rate, up to this many times; then it is refused and its turns are skipped.
     gate_retries: int = 2
+    # A hinted turn whose teacher scores the reply within this many nats per token of the
+    # sampler (mean |logπ_teacher − logπ_sampler|) is taken as a hint the model did not
+    # understand: under distillation (opd, combined) the turn teaches nothing (its −1 is
+    # the same judgment, and alone it would push down every token). 0: every hint
+    # counts. See `training.weak_hints`.
+    min_teacher_change: float = 0.0
     keep: int = 5  # adapter directories kept per policy (loaded ones are never deleted)
     unload_grace: float = 120.0  # seconds an old version stays loaded for in-flight requests
     # Personal adapters: a user with this many judged turns carrying a signal gets their

@@ -285,6 +285,11 @@ class Trainer:
             importance_weight=importance_weight,
             tokens_per_second=total_tokens * (passes + 2) / max(seconds, 1e-9),
             seconds=seconds,
+            # For the publish gate's record: `kl` grows as e^Δ when a sampled token falls
+            # by Δ nats (it estimates KL(after ‖ before) from tokens sampled before); the
+            # same samples' estimate of KL(before ‖ after) grows as Δ, and the largest fall.
+            extra={"kl_before_after": float(kl_to_reference(old_all, new_all, mask)),
+                   "largest_fall": float((old_all - new_all).max())},
         )
 
     # -- saving and restoring -------------------------------------------------------------------

@@ -6,7 +6,13 @@ new adapter goes through the publish gate (how far the step moved the policy on 
 batch, as KL), is written to a new immutable directory, loaded into vLLM under a new
 name, and only then made current in the store, in the same transaction that marks its
 turns trained. If anything fails before that, the trainer is put back as it was and the
-turns stay untrained: nothing is trained twice, nothing is lost.
+turns stay untrained: nothing is trained twice, nothing is lost. A step refused by the
+gate (over the bound at every rate tried) marks its turns skipped, with the reason.
+
+Each step records what the hints did (`weak_hints`): how many turns had one, how often
+the hinted teacher was no more confident about the sampled tokens than the student, and
+how far the hint moved it; a hint that barely moved it can be dropped (a vague hint, or
+one the model does not understand).
 
 With personal adapters (`personal`), each user past ``personal_min_turns`` is a lane of
 its own; a step trains the lane with the most turns waiting. One trainer serves every
@@ -104,6 +110,36 @@ def normalise_steps(items: list[TrainItem]) -> None:
             step.reward = (step.reward - mean) / (std + 1e-6) if std > 1e-6 else 0.0
 
 
+def teacher_change(item: TrainItem) -> tuple[float, float] | None:
+    """How the hint changed the model's view of the reply, per token on average:
+    (mean logπ_teacher − logπ_sampler, mean |logπ_teacher − logπ_sampler|); None without
+    a hint. The first ≤ 0 is a teacher no more confident about the sampled tokens than
+    the student, the second near 0 a hint that changed nothing."""
+    if not item.teacher_logprobs or not item.sampler_logprobs:
+        return None
+    diffs = [t - s for t, s in zip(item.teacher_logprobs, item.sampler_logprobs, strict=False)]
+    return sum(diffs) / len(diffs), sum(abs(d) for d in diffs) / len(diffs)
+
+
+def weak_hints(items: list[TrainItem], min_change: float) -> dict[str, float]:
+    """Drops the signals (hint and reward) of turns whose hint moved the teacher less than
+    ``min_change`` (mean nats/token; 0: none are dropped), in place; returns what the
+    hints did, for the step's stats: hinted turns, the share whose teacher was no more
+    confident than the sampler, the mean change, and the hints dropped."""
+    changes = [(item, c) for item in items if (c := teacher_change(item)) is not None]
+    dropped = 0
+    for item, (_, change) in changes:
+        if change < min_change:
+            item.teacher_logprobs, item.reward = None, None
+            dropped += 1
+    if not changes:
+        return {"hinted": 0.0}
+    return {"hinted": float(len(changes)),
+            "teacher_no_gain": sum(gain <= 0 for _, (gain, _) in changes) / len(changes),
+            "teacher_change": sum(c for _, (_, c) in changes) / len(changes),
+            "hints_dropped": float(dropped)}
+
+
 class TrainingStage:
     def __init__(self, store: Store, model_dir: Path, policy: str,
                  vllms: list[VLLMClient], adapters_dir: Path,
@@ -186,6 +222,8 @@ class TrainingStage:
     async def step(self, items: list[TrainItem], lane: Lane | None = None) -> StepResult:
         lane = lane or Lane(self.policy)
         normalise_steps(items)
+        distils = self.config.trainer.method != "binary"
+        hints = weak_hints(items, self.config.min_teacher_change if distils else 0.0)
         ids = [item.turn_id for item in items]
         # A step consumes its judged turns; those without the method's signal (a thank-you
         # under distillation) are part of it but teach nothing, so they stay out of the
@@ -208,8 +246,9 @@ class TrainingStage:
             await asyncio.to_thread(self.store.judgments.skip, ids, reason)
             log.error(reason)
             last = StepStats(turns=len(useful), kl=moved[-1][1],
-                             extra={"lr_scale": moved[-1][0]})
+                             extra={"lr_scale": moved[-1][0], **hints})
             return self._remember(StepResult(None, None, last, AdapterStatus.REFUSED, reason), lane)
+        stats.extra.update(hints)
         log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
         version, name = await self._fresh_name(lane.policy)
         staged = self.adapters_dir / f".staging-{name}"

@@ -31,6 +31,17 @@ def test_binary_reward_moves_the_completion_in_its_direction(toy_model, reward):
     assert stats.kl > 0 and stats.tokens == 16 and stats.reward_mean == reward
 
 
+def test_a_step_that_pushes_the_sampled_tokens_down_reports_both_kl_estimates(toy_model):
+    """Tokens sampled before the step, pushed down: the gate's `kl` (KL after ‖ before)
+    counts a fall of Δ nats as e^Δ, KL(before ‖ after) as about Δ; both are reported."""
+    trainer = Trainer(toy_model, TrainerConfig(method="binary", learning_rate=3e-2))
+    before = trainer.logprobs([item()])[0]
+    stats = trainer.step([item(reward=-1.0)] * 4)
+    fall = float((before - trainer.logprobs([item()])[0]).max())
+    assert stats.extra["largest_fall"] == pytest.approx(fall, abs=1e-5) and fall > 0.1
+    assert stats.kl > stats.extra["kl_before_after"] > 0
+
+
 def test_opd_pulls_toward_the_teacher(toy_model):
     trainer = Trainer(toy_model, TrainerConfig(method="opd", learning_rate=1e-2))
     old = trainer.logprobs([item()])[0].tolist()

@@ -12,7 +12,12 @@ from nextstate.core.store import Store
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane
 from nextstate.learner.trainer import TrainerConfig, TrainItem
-from nextstate.learner.training import TrainingConfig, TrainingStage, informative
+from nextstate.learner.training import (
+    TrainingConfig,
+    TrainingStage,
+    informative,
+    weak_hints,
+)
 from tests.learner.test_store import turn
 
 
@@ -54,6 +59,54 @@ async def test_a_step_without_any_signal_consumes_its_turns_and_publishes_nothin
     assert "no opd signal" in (result.error or "")
     assert store.judgments.ready_count("opd") == 0
     assert store.adapters.versions() == []
+
+
+def hinted(name: str, teacher: list[float], reward: float | None = -1.0) -> TrainItem:
+    return TrainItem(turn_id=name, prompt_ids=[1], completion_ids=[2, 3],
+                     sampler_logprobs=[-1.0, -2.0], reward=reward, teacher_logprobs=teacher)
+
+
+def test_a_turn_whose_hint_barely_moved_the_teacher_teaches_nothing() -> None:
+    """A hint the model did not understand (its teacher scores the reply as the student
+    did): the turn is dropped from distillation, its −1 with it (alone it would push down
+    every token of the reply); a turn whose hint moved the teacher is kept."""
+    understood = hinted("understood", [-3.0, -2.5])  # mean |change| 1.25
+    vague = hinted("vague", [-1.02, -1.99])  # 0.015
+    vague_unrewarded = hinted("vague, no reward", [-1.0, -2.0], reward=None)
+    batch = [understood, vague, vague_unrewarded]
+    stats = weak_hints(batch, min_change=0.05)
+    assert understood.teacher_logprobs == [-3.0, -2.5]
+    assert vague.teacher_logprobs is None and vague.reward is None
+    for method in ("opd", "combined"):
+        chosen = informative(batch, TrainerConfig(method=method))  # type: ignore[arg-type]
+        assert [i.turn_id for i in chosen] == ["understood"]
+    assert stats["hinted"] == 3 and stats["hints_dropped"] == 2
+    # the teacher was less sure than the student of "understood" and "vague" (a reply
+    # that was corrected), as sure of the third: none of the three gained
+    assert stats["teacher_no_gain"] == 1.0
+
+
+def test_by_default_every_hint_counts_and_the_step_says_what_the_hints_did() -> None:
+    batch = [hinted("less sure", [-3.0, -2.5]), hinted("surer", [-0.5, -1.0]),
+             item("thanked", 1.0, False)]
+    stats = weak_hints(batch, min_change=0.0)
+    assert all(i.teacher_logprobs for i in batch[:2])
+    assert stats == {"hinted": 2.0, "teacher_no_gain": 0.5,
+                     "teacher_change": (1.25 + 0.75) / 2, "hints_dropped": 0.0}
+    assert weak_hints([item("thanked", 1.0, False)], 1.0) == {"hinted": 0.0}
+
+
+async def test_binary_rl_keeps_the_reward_of_a_turn_whose_hint_was_weak(
+        toy_model: Path, tmp_path: Path) -> None:
+    """Dropping weak hints is about distillation: binary RL never uses the teacher."""
+    store = judged_store(tmp_path, 1)
+    config = TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=1),
+                            min_teacher_change=10.0)
+    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
+                          config=config)
+    result = await stage.step([hinted("t0", [-1.0, -2.0])])
+    assert result.outcome == "published" and result.stats.reward_mean == -1.0
+    assert result.stats.extra["hints_dropped"] == 0
 
 
 def judged_store(tmp_path: Path, count: int) -> Store:
