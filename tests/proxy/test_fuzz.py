@@ -59,7 +59,8 @@ def client(tmp_path_factory):
         yield c
 
 
-PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/feedback", "/v1/next_state"]
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/feedback", "/v1/next_state",
+         "/v1/messages", "/v1/responses"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children, max_size=4)
@@ -96,6 +97,29 @@ def test_any_session_or_feedback_header_gets_an_answer_below_500(client, name, v
     answer = client.post("/v1/chat/completions", headers={name: value}, json={
         "model": "toy", "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code in (200, 400)
+
+
+DIALECT_FIELDS = {"/v1/messages": ("messages", "system", "tools", "tool_choice", "max_tokens",
+                                   "thinking", "output_config", "stop_sequences", "stream"),
+                  "/v1/responses": ("input", "instructions", "tools", "tool_choice", "text",
+                                    "reasoning", "include", "previous_response_id", "stream")}
+
+
+@slow
+@given(path=st.sampled_from(sorted(DIALECT_FIELDS)), data=st.data())
+def test_any_dialect_shaped_json_gets_an_answer_below_500(client, path, data):
+    """A dialect request with each field anything at all (items and blocks included)."""
+    fields = DIALECT_FIELDS[path]
+    body = {"model": "toy", **data.draw(st.dictionaries(st.sampled_from(fields), json_values
+                                                         | st.lists(st.dictionaries(
+                                                             st.sampled_from(["type", "role",
+                                                                              "content", "text",
+                                                                              "call_id", "id"]),
+                                                             json_values), max_size=3),
+                                                         max_size=5))}
+    answer = client.post(path, content=json.dumps(body),  # json: infinities too
+                         headers={"content-type": "application/json"})
+    assert answer.status_code < 500, answer.text
 
 
 def test_deeply_nested_json_is_a_400(client):
