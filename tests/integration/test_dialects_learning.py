@@ -77,7 +77,7 @@ async def test_a_hinted_correction_of_a_dialect_turn_trains_by_distillation(
     learner = learner_for(proxy, vllm, toy_model, tmp_path, method="opd")
     try:
         await drain(learner)
-        judged = [learner.store.judgment(t["turn_id"]) for t in firsts]
+        judged = [learner.store.judgments.get(t["turn_id"]) for t in firsts]
         status = learner.status()
     finally:
         await learner.close()
