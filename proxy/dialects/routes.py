@@ -81,6 +81,8 @@ class _Dialect:
 
     async def translate(self, deps: Deps, body: JSON, tenant: str | None,
                         ) -> tuple[JSON, View]:
+        """The chat request vLLM would build for this dialect body, and the view that
+        turns the answer back; each dialect (`Messages`, `Responses`) defines it."""
         raise NotImplementedError
 
 
