@@ -18,6 +18,7 @@ serves them all side by side on one base model (multi-LoRA).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from nextstate.core.lora import BASE_SUFFIX, PERSONAL, personal_policy
@@ -38,8 +39,10 @@ class Router:
     have, and the relay when vLLM answers 404 for the adapter.
     """
 
-    def __init__(self, policy: str | None, base_model: str | None = None) -> None:
+    def __init__(self, policy: str | None, base_model: str | None = None,
+                 store: Store | None = None) -> None:
         self.policy = policy
+        self.store = store  # read again before loading an adapter vLLM lost
         self.base_model = base_model or policy
         self.current: str | None = None  # the adapter version serving the policy
         self.path: str | None = None
@@ -86,13 +89,18 @@ class Router:
             self.personal = personal
         self.paths = {n: p for n, p in found.values()}
 
-    async def follow(self, store: Store, interval: float) -> None:
+    async def refresh(self) -> None:
+        """Read the current adapters from the store now."""
+        if self.store is not None:
+            self.update(await asyncio.to_thread(self.store.adapters.currents,
+                                                self.policy or ""))
+
+    async def follow(self, interval: float) -> None:
         """Keep in step with the store (runs for the app's lifetime): one query a poll,
         however many personal adapters there are."""
         while True:
             try:
-                self.update(await asyncio.to_thread(store.adapters.currents,
-                                                    self.policy or ""))
+                await self.refresh()
             except Exception as exc:  # the store is away: keep serving what we have
                 log.debug("could not read the current adapters: %s", exc)
             await asyncio.sleep(interval)
@@ -107,6 +115,11 @@ class Router:
         try:
             if name in await vllm.models():
                 return True
+            # What we follow may be a poll behind the learner, which unloads a version
+            # once it is retired: only a version the store still calls current is
+            # loaded again, never one just retired (vLLM would keep it for good).
+            with contextlib.suppress(Exception):  # the store is away: go by the last poll
+                await self.refresh()
             path = self.paths.get(name)
             if path is None:  # no longer current: nothing to load it from
                 return False

@@ -170,11 +170,10 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                             retention_days=settings.retention_days,
                             sync_interval=settings.journal_sync_seconds)
         recorder.start()
-        router = Router(settings.policy, settings.base_model)
+        router = Router(settings.policy, settings.base_model, store)
         tasks = []
         if settings.policy:
-            tasks.append(asyncio.create_task(router.follow(store,
-                                                           settings.adapter_poll_seconds)))
+            tasks.append(asyncio.create_task(router.follow(settings.adapter_poll_seconds)))
         if settings.policy or len(backends.backends) > 1:
             tasks.append(asyncio.create_task(backends.watch(
                 router, min(settings.health_interval_seconds,

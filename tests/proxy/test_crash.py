@@ -112,8 +112,10 @@ async def test_sigkill_mid_load_loses_no_answered_turn_and_duplicates_none(
         nonlocal lock, pending_at_kill
         await asyncio.sleep(2.0)  # under load
         if store_locked:
-            lock = sqlite3.connect(db, timeout=0)
-            lock.execute("BEGIN EXCLUSIVE")  # the store is locked for the proxy's writer
+            # The store locked for the proxy's writer, taken between two of its
+            # transactions (waiting for one to end, off the clients' event loop).
+            lock = sqlite3.connect(db, timeout=30, check_same_thread=False)
+            await asyncio.to_thread(lock.execute, "BEGIN EXCLUSIVE")
             await asyncio.sleep(1.5)
         async with httpx.AsyncClient() as http:
             health = (await http.get(f"{load.url}/health")).json()["recorder"]
