@@ -140,3 +140,28 @@ def test_an_overlong_user_header_is_a_400(tmp_path, user):
     assert answer.status_code == 400
     assert "X-NextState-User".lower() in answer.json()["error"]["message"].lower()
     assert fake.requests == []
+
+
+async def test_a_version_retired_since_the_last_poll_is_never_loaded_again(tmp_path):
+    """The proxy follows the store a poll behind: when vLLM lacks the version it still
+    takes for current, it reads the store before loading, and leaves a retired one out
+    (the learner has just unloaded it, and nothing would unload it again)."""
+    from nextstate.core.store import Store
+    from nextstate.core.vllm import VLLMClient
+
+    fake = FakeVLLM()
+    old, new = publish_adapter(tmp_path, "toy", 1), publish_adapter(tmp_path, "toy", 2)
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    router = Router("toy", store=store)
+    router.update({"toy": (old, f"/adapters/{old}")})  # the last poll, before v2
+    vllm = VLLMClient("http://vllm", http=httpx.AsyncClient(
+        base_url="http://vllm", transport=httpx.MockTransport(fake)))
+    try:
+        assert await router.check_loaded(vllm) is False  # v1: retired, not loaded
+        assert router.current == new
+        assert await router.check_loaded(vllm) is True  # v2: vLLM lost it, loaded again
+    finally:
+        await vllm.http.aclose()
+        store.close()
+    assert [body["lora_name"] for path, body in fake.admin
+            if path == "/v1/load_lora_adapter"] == [new]
