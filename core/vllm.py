@@ -103,6 +103,14 @@ class VLLMClient:
         return {m["id"] for m in data if isinstance(m, dict) and "id" in m} \
             if isinstance(data, list) else set()
 
+    async def max_model_len(self) -> int | None:
+        """The context length it serves (the first model in ``/v1/models`` that says)."""
+        data = (await self._json("GET", "/v1/models")).get("data")
+        for model in data if isinstance(data, list) else []:
+            if isinstance(model, dict) and isinstance(model.get("max_model_len"), int):
+                return int(model["max_model_len"])
+        return None
+
     async def load_adapter(self, name: str, path: str) -> None:
         """Load the LoRA adapter in directory ``path`` as ``name`` (done when it already
         has ``name``: versions are immutable, so the same name is the same weights)."""

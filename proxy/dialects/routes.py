@@ -125,14 +125,12 @@ class Responses(_Dialect):
 
 async def _max_model_len(deps: Deps) -> int | None:
     for backend in deps.backends.ranked(None):
-        try:
-            answer = await backend.client.get("/v1/models", timeout=5.0)
-            data = answer.json().get("data") if answer.status_code == 200 else None
+        try:  # the proxy's own call: with the backend's key
+            length = await backend.vllm.max_model_len()
         except Exception:  # noqa: BLE001 (any failure: the echo goes without it)
             continue
-        for model in data or []:
-            if isinstance(model, dict) and isinstance(model.get("max_model_len"), int):
-                return int(model["max_model_len"])
+        if length is not None:
+            return length
     return None
 
 

@@ -18,6 +18,7 @@ TOKEN_IDS = [11, 12, 13]
 LOGPROBS = [-0.5, -0.25, -0.125]
 PROMPT_IDS = [1, 2, 3, 4]
 FINGERPRINT = "vllm-fake"
+MAX_MODEL_LEN = 2048
 
 
 class FakeVLLM:
@@ -57,7 +58,8 @@ class FakeVLLM:
             return httpx.Response(200, text="Success")
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [
-                {"id": name} for name in ["toy", *sorted(self.loaded)]]})
+                {"id": name, "max_model_len": MAX_MODEL_LEN}
+                for name in ["toy", *sorted(self.loaded)]]})
         if request.url.path == "/health":
             return httpx.Response(200)
         if request.url.path == "/tokenize":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.proxy.fake_vllm import FakeVLLM
+from tests.proxy.fake_vllm import MAX_MODEL_LEN, PROMPT_IDS, FakeVLLM
 from tests.proxy.test_app import CHAT, KEYS, ROOT, open_client, publish_adapter, wait_for_router
 
 
@@ -65,3 +65,15 @@ def test_without_the_key_the_backend_refuses_and_the_proxy_says_so(tmp_path):
     assert answer.status_code == 401
     assert rollback.status_code == 502 and "401" in rollback.json()["error"]["message"]
     assert fake.loaded == set() and fake.unauthorized
+
+
+def test_the_dialect_routes_ask_vllm_with_the_key(tmp_path, keyed):
+    """Responses asks the server's context length for its echo, Messages relays: both
+    with the key (the keyed fixture fails on any call without it)."""
+    with open_client(tmp_path, keyed, backend_api_key="backend-key") as c:
+        response = c.post("/v1/responses", json={"model": "toy", "input": "hi"})
+        message = c.post("/v1/messages", json={
+            "model": "toy", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == message.status_code == 200
+    # The default max_output_tokens is what the context has left after the prompt.
+    assert response.json()["max_output_tokens"] == MAX_MODEL_LEN - len(PROMPT_IDS)

@@ -8,7 +8,7 @@ import pytest
 
 from nextstate.proxy.dialects import anthropic
 from tests.proxy.fake_vllm import LOGPROBS, PROMPT_IDS, TOKEN_IDS, FakeVLLM
-from tests.proxy.test_app import open_client, records
+from tests.proxy.test_app import open_client, publish_adapter, records, wait_for_router
 
 MESSAGE = {"model": "toy", "max_tokens": 8, "system": "Be brief.",
            "messages": [{"role": "user", "content": "hi"}]}
@@ -223,9 +223,9 @@ def test_the_backend_down_is_a_502_in_the_dialects_shape(tmp_path):
 
 
 def test_the_policy_name_goes_to_its_adapter_and_comes_back(tmp_path, fake):
-    fake.loaded = {"toy@000003"}
-    with open_client(tmp_path, fake, policy="toy") as c:
-        c.app_state["deps"].router.current = "toy@000003"
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02) as c:
+        # Published as the learner does (set by hand, the next poll of the store undid it).
+        wait_for_router(c, publish_adapter(tmp_path, "toy", 3))
         answer = c.post("/v1/messages", json=MESSAGE)
         assert answer.json()["model"] == "toy"
     assert fake.requests[-1]["model"] == "toy@000003"
