@@ -30,7 +30,7 @@ class FlakyStore:
         return 0
 
 
-async def until(condition, timeout=10.0):
+async def until(condition, timeout=30.0):
     """Wait for the writer (a thread, slow to start on a busy machine) to get there."""
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
