@@ -24,9 +24,9 @@ from starlette.responses import Response, StreamingResponse
 
 from nextstate.core import lora
 from nextstate.core.lora import AdapterStatus
+from nextstate.proxy.asgi import TENANT, parse_object, read_body
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest, NotFound
-from nextstate.proxy.relay import TENANT, parse_object, read_body
 
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 

@@ -32,6 +32,7 @@ from nextstate.core.redact import Redactor
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
 from nextstate.proxy import admin, passthrough
+from nextstate.proxy.asgi import TENANT
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.dialects import routes as dialects
 from nextstate.proxy.errors import (
@@ -40,13 +41,14 @@ from nextstate.proxy.errors import (
     ProxyError,
     StoreUnavailable,
     Unauthorized,
+    send_error,
     shape_for,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.paths import PathGuard
 from nextstate.proxy.recorder import Recorder
-from nextstate.proxy.relay import TENANT, Generation, send_error
+from nextstate.proxy.relay import Generation
 from nextstate.proxy.replicas import BackendPool
 from nextstate.proxy.settings import ProxySettings
 from nextstate.proxy.transport import UpstreamClient, UpstreamTransport

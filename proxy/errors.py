@@ -15,14 +15,22 @@
 
 Under ``/v1/messages`` (Anthropic's API) the same errors take Anthropic's shape,
 ``{"type": "error", "error": {"type", "message"}}``, so that Anthropic clients read them.
-Errors that vLLM itself returns are never wrapped: they pass through untouched.
+Errors that vLLM itself returns are never wrapped: they pass through untouched. A
+backend that cannot be reached at all is one error, `BackendUnavailable`, made in one
+place (`map_upstream`); `send_error` writes any of them to the client.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
+import httpx
 import orjson
+
+from nextstate.core.vllm import VLLMUnreachable
+from nextstate.proxy.types import Send
 
 Shape = Literal["openai", "anthropic"]
 ANTHROPIC_PREFIX = "/v1/messages"
@@ -114,3 +122,30 @@ class StoreUnavailable(ProxyError):
     status = 503
     type = "store_unavailable"
     anthropic_type = "api_error"
+
+
+def unknown_model(model: str) -> NotFound:
+    """What a client that names an adapter version itself is told (vLLM's own words for a
+    model it does not serve): versions are reached through the policy's name only."""
+    return NotFound(f"The model `{model}` does not exist.", param="model")
+
+
+@contextlib.contextmanager
+def map_upstream(message: str = "The model backend could not be reached",
+                 hint: str = "") -> Iterator[None]:
+    """The one translation of "vLLM could not be reached" (a transport error, or the
+    proxy's own call to vLLM getting no answer) into `BackendUnavailable`, with the
+    transport error as its cause."""
+    try:
+        yield
+    except (httpx.TransportError, VLLMUnreachable) as exc:
+        raise BackendUnavailable(f"{message} ({type(exc).__name__}).{hint}") from exc
+
+
+async def send_error(send: Send, exc: ProxyError, shape: Shape = "openai") -> None:
+    """The error as the whole reply, in the client's API shape."""
+    body = exc.body(shape)
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

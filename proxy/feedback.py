@@ -22,9 +22,9 @@ from starlette.responses import Response
 
 from nextstate.core.records import FeedbackRecord, NextStateRecord
 from nextstate.core.sessions import parse_score
+from nextstate.proxy.asgi import TENANT, parse_object, read_body
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import Conflict, InvalidRequest, NotFound, StoreUnavailable
-from nextstate.proxy.relay import TENANT, parse_object, read_body
 
 MAX_TEXT = 8000
 _SOURCE = re.compile(r"^adapter:[a-z0-9_.-]{1,40}$")

@@ -26,17 +26,22 @@ import httpx
 import orjson
 from starlette.routing import Route
 
-from nextstate.proxy.deps import Deps
-from nextstate.proxy.errors import BackendUnavailable, ProxyError, shape_for
-from nextstate.proxy.relay import (
+from nextstate.proxy.asgi import (
     downstream_headers,
     read_body,
-    send_error,
-    unknown_model,
     until_disconnect,
     upstream_headers,
 )
-from nextstate.proxy.transport import NOTHING_SENT
+from nextstate.proxy.deps import Deps
+from nextstate.proxy.errors import (
+    BackendUnavailable,
+    ProxyError,
+    map_upstream,
+    send_error,
+    shape_for,
+    unknown_model,
+)
+from nextstate.proxy.replicas import Backend
 from nextstate.proxy.types import Receive, Scope, Send
 
 
@@ -71,12 +76,11 @@ class Forward:
         async def work() -> None:
             nonlocal response, done
             try:
-                response = await self._send(deps, scope, body)
-            except httpx.TransportError as exc:
+                with map_upstream():
+                    response = await self._send(deps, scope, body)
+            except BackendUnavailable as exc:
                 done = True
-                await send_error(send, BackendUnavailable(
-                    f"The model backend could not be reached ({type(exc).__name__})."),
-                    self.shape)
+                await send_error(send, exc, self.shape)
                 return
             if self.path == "/v1/models" and response.status_code == 200:
                 await self._models(deps, response, send)
@@ -111,22 +115,17 @@ class Forward:
         await send({"type": "http.response.body", "body": raw})
 
     async def _send(self, deps: Deps, scope: Scope, body: bytes) -> httpx.Response:
-        pool = deps.backends
-        candidates = pool.ranked(None)
         headers = upstream_headers(scope["headers"], deps)
         query: bytes = scope.get("query_string", b"")
-        for i, backend in enumerate(candidates):
+
+        async def post(backend: Backend) -> httpx.Response:
             request = backend.client.build_request(scope["method"], self.target(scope),
                                                    content=body, headers=headers)
             if query:
                 request.url = request.url.copy_with(query=query)
-            try:
-                return await backend.client.send(request, stream=True)
-            except NOTHING_SENT:
-                pool.mark_down(backend)
-                if i == len(candidates) - 1:
-                    raise
-        raise AssertionError("unreachable: the pool always has a backend")
+            return await backend.client.send(request, stream=True)
+
+        return (await deps.backends.send(post))[1]
 
 
 def _model(body: bytes) -> object:

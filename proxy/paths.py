@@ -29,8 +29,7 @@ from __future__ import annotations
 import string
 import urllib.parse
 
-from nextstate.proxy.errors import InvalidRequest, shape_for
-from nextstate.proxy.relay import send_error
+from nextstate.proxy.errors import InvalidRequest, send_error, shape_for
 from nextstate.proxy.types import ASGIApp, Receive, Scope, Send
 
 _PATH_BYTES = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/%").encode()

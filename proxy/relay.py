@@ -14,11 +14,10 @@ partial turn is kept, marked ``aborted``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
@@ -26,32 +25,31 @@ import orjson
 
 from nextstate.core.records import Endpoint, Recorded, TurnRecord
 from nextstate.core.sessions import SessionMeta, owner, read_session_meta
-from nextstate.core.vllm import VLLMUnreachable
+from nextstate.proxy.asgi import (
+    TENANT,
+    downstream_headers,
+    ours,
+    parse_object,
+    read_body,
+    until_disconnect,
+    upstream_headers,
+)
 from nextstate.proxy.capture import Asked, add_capture, is_usage_chunk, strip_response
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.errors import (
     BackendUnavailable,
     InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
     ProxyError,
-    RequestTimeout,
     Shape,
+    map_upstream,
+    send_error,
+    unknown_model,
 )
-from nextstate.proxy.transport import NOTHING_SENT, UpstreamClient
+from nextstate.proxy.replicas import Backend
+from nextstate.proxy.transport import UpstreamClient
 from nextstate.proxy.types import Headers, Receive, Scope, Send
 
 TURN_ID_HEADER = b"x-nextstate-turn-id"
-TENANT = "nextstate.tenant"  # scope key set by the API-key middleware
-# Hop-by-hop and framing headers are never copied between the two connections.
-_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer",
-        b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
-        b"accept-encoding", b"content-encoding", b"date", b"server"}
-_OURS = (b"x-session-", b"x-turn-type", b"x-nextstate-")
-_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
-# A request may go to another replica after these: it was not sent (or the replica could
-# not even be asked whether it has the request's adapter).
-_FAIL_OVER: tuple[type[Exception], ...] = (*NOTHING_SENT, VLLMUnreachable)
 
 
 class View(Protocol):
@@ -77,108 +75,6 @@ class View(Protocol):
     def kept(self) -> dict[str, Any] | None:
         """The record's ``dialect``: the request and the answer the client got."""
         ...
-
-
-async def read_body(receive: Receive, limit: int, timeout: float = 30.0) -> bytes:
-    """The whole request body, within a size limit and a time limit (slow clients)."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):  # (anyio.fail_after costs ~10x as much)
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise InvalidRequest("client disconnected while sending the body")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError as exc:
-        raise RequestTimeout(f"the request body did not arrive within {timeout:.0f}s") from exc
-
-
-def unknown_model(model: str) -> NotFound:
-    """What a client that names an adapter version itself is told (vLLM's own words for a
-    model it does not serve): versions are reached through the policy's name only."""
-    return NotFound(f"The model `{model}` does not exist.", param="model")
-
-
-def parse_object(body: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return obj
-
-
-def ours(headers: Headers) -> dict[str, str]:
-    """nextstate's own request headers (session, feedback, opt-out), decoded."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.startswith(_OURS)}
-
-
-def upstream_headers(headers: Headers, deps: Deps) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones, ours, and credentials: vLLM gets the
-    backend's key, or (a proxy with no keys of its own and none for vLLM) the client's."""
-    out = [(k, v) for k, v in headers
-           if k not in _HOP and not k.startswith(_OURS) and k not in _CREDENTIALS]
-    settings = deps.settings
-    if settings.backend_api_key:
-        out.append((b"authorization", f"Bearer {settings.backend_api_key}".encode()))
-    elif settings.api_key is None and not settings.client_keys and settings.admin_key is None:
-        out.extend((k, v) for k, v in headers if k in _CREDENTIALS)
-    return out
-
-
-def downstream_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-    return [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP]
-
-
-async def send_error(send: Send, exc: ProxyError, shape: Shape = "openai") -> None:
-    body = exc.body(shape)
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]],
-                           finished: Callable[[], bool]) -> bool:
-    """Run ``work`` while watching for the client going away; True if it went away
-    before ``finished()`` (cancelling ``work``)."""
-    # Plain asyncio rather than an anyio task group: this runs on every request and a
-    # task group costs ~50 µs; the watcher cancels this task, and only its own
-    # cancellation is absorbed (uncancel) while any other propagates.
-    task = asyncio.current_task()
-    assert task is not None
-    gone = cancelled = False
-
-    async def watch() -> None:
-        nonlocal gone, cancelled
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone = not finished()
-                cancelled = True
-                task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await work()
-    except asyncio.CancelledError:
-        if not cancelled or task.uncancel() > 0:
-            raise
-    else:
-        if cancelled:  # work absorbed our cancellation itself
-            task.uncancel()
-    finally:
-        watcher.cancel()
-    return gone
 
 
 class Generation:
@@ -215,11 +111,11 @@ class Generation:
         if deps.router.private(body.get("model")):
             await send_error(send, unknown_model(body["model"]))
             return
-        turn = _Turn(self.endpoint, self.url, deps, meta, body, headers, scope.get(TENANT))
+        turn = Turn(self.endpoint, self.url, deps, meta, body, headers, scope.get(TENANT))
         await turn.run(receive, send)
 
 
-class _Turn:
+class Turn:
     """One request's relay state: the upstream response, the record, what the client asked."""
 
     def __init__(self, endpoint: Endpoint, url: Callable[[httpx.AsyncClient], httpx.URL],
@@ -268,13 +164,14 @@ class _Turn:
         async def work() -> None:
             nonlocal response
             try:
-                response = await self._send()
-            except (httpx.TransportError, VLLMUnreachable) as exc:
-                self._fail(502, f"backend unreachable: {type(exc).__name__}: {exc}")
+                with map_upstream(f"The model backend at {self.deps.settings.backend_url} "
+                                  "could not be reached", " Is vLLM running?"):
+                    response = await self._send()
+            except BackendUnavailable as exc:
+                cause = exc.__cause__
+                self._fail(502, f"backend unreachable: {type(cause).__name__}: {cause}")
                 self._finish()
-                await send_error(send, BackendUnavailable(
-                    f"The model backend at {self.deps.settings.backend_url} could not be "
-                    f"reached ({type(exc).__name__}). Is vLLM running?"), self.shape)
+                await send_error(send, exc, self.shape)
                 return
             ok = response.status_code == 200
             if self.stream and ok and "text/event-stream" in response.headers.get(
@@ -307,36 +204,19 @@ class _Turn:
 
     async def _send(self) -> httpx.Response:
         """Send upstream: to this session's replica, failing over to the next while
-        nothing was sent (the connection was refused or timed out, or the replica
-        could not be asked for the adapter the request needs)."""
-        pool = self.deps.backends
-        adapter = self.adapter
-        shared = self.deps.router.current if adapter is not None else None
-        candidates = (pool.ranked(self.affinity, shared) if len(pool.backends) > 1
-                      else pool.backends)
-        for i, backend in enumerate(candidates):
-            client = backend.client
-            try:
-                if adapter is not None and not backend.has(adapter):
-                    # Not known to have it (a restart, a new version): check, load if
-                    # missing, before the policy request goes there.
-                    await pool.ensure_adapter(backend, self.deps.router, adapter)
-                response = await self._post(client)
-            except _FAIL_OVER:
-                pool.mark_down(backend)
-                if i == len(candidates) - 1:
-                    raise
-                continue
-            if response.status_code == 404 and self.rename is not None:
-                # vLLM restarted between two checks and forgot the adapter: load, retry.
-                await response.aclose()
-                await self.deps.router.check_loaded(backend.vllm, adapter)
-                response = await self._post(client)
-            return response
-        raise AssertionError("unreachable: the pool always has a backend")
+        nothing was sent (replicas.py)."""
+        backend, response = await self.deps.backends.send(
+            self._post, affinity=self.affinity, adapter=self.adapter, router=self.deps.router)
+        if response.status_code == 404 and self.rename is not None:
+            # vLLM restarted between two checks and forgot the adapter: load, retry.
+            await response.aclose()
+            await self.deps.router.check_loaded(backend.vllm, self.adapter)
+            response = await self._post(backend)
+        return response
 
-    async def _post(self, client: httpx.AsyncClient) -> httpx.Response:
+    async def _post(self, backend: Backend) -> httpx.Response:
         """The request to one backend; its reply streams."""
+        client = backend.client
         url = self.url(client)
         if isinstance(client, UpstreamClient):  # the direct path (proxy/transport.py)
             return await client.send_direct(client.direct_request(
@@ -403,24 +283,25 @@ class _Turn:
                     "headers": self._headers_out(response)})
         pending = b""
         try:
-            async for data in response.aiter_bytes():
-                *events, pending = (pending + data).split(b"\n\n")
-                out = b"".join(o for o in (self._event(e) for e in events) if o)
-                if self.view is not None and out:
-                    out = self.view.events(out)
-                    if self.done_seen:
-                        self._keep_dialect(200)
-                if out:
-                    if self.done_seen:
-                        self._finish()
-                    await send({"type": "http.response.body", "body": out,
-                                "more_body": True})
-        except httpx.TransportError as exc:
+            with map_upstream("The model backend closed the stream unexpectedly"):
+                async for data in response.aiter_bytes():
+                    *events, pending = (pending + data).split(b"\n\n")
+                    out = b"".join(o for o in (self._event(e) for e in events) if o)
+                    if self.view is not None and out:
+                        out = self.view.events(out)
+                        if self.done_seen:
+                            self._keep_dialect(200)
+                    if out:
+                        if self.done_seen:
+                            self._finish()
+                        await send({"type": "http.response.body", "body": out,
+                                    "more_body": True})
+        except BackendUnavailable as error:
             # vLLM went away mid-stream: tell the client in-band, then end cleanly.
             if self.record is not None:
+                cause = error.__cause__
                 self.record.status = "aborted"
-                self.record.error = f"backend lost mid-stream: {type(exc).__name__}: {exc}"
-            error = BackendUnavailable("The model backend closed the stream unexpectedly.")
+                self.record.error = f"backend lost mid-stream: {type(cause).__name__}: {cause}"
             lost = self.view.lost(error) if self.view is not None else (
                 b"data: " + error.body() + b"\n\n")
             await send({"type": "http.response.body", "body": lost, "more_body": True})

@@ -14,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
 from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient, VLLMUnreachable
+from nextstate.proxy.transport import NOTHING_SENT
 
 log = logging.getLogger("nextstate.backends")
+# A request may go to another replica after these: it was not sent (or the replica could
+# not even be asked whether it has the request's adapter).
+FAIL_OVER: tuple[type[Exception], ...] = (*NOTHING_SENT, VLLMUnreachable)
 
 
 class Backend:
@@ -66,6 +70,28 @@ class BackendPool:
             f"{key}|{b.url}".encode(), digest_size=8).digest())
         return ([b for b in order if b.serving(adapter)]
                 + [b for b in order if not b.serving(adapter)])
+
+    async def send(self, post: Callable[[Backend], Awaitable[httpx.Response]], *,
+                   affinity: str | None = None, adapter: str | None = None,
+                   router: Router | None = None) -> tuple[Backend, httpx.Response]:
+        """``post`` a request to the best backend for ``affinity``, failing over to the
+        next while nothing was sent: the connection was refused or timed out, or the
+        replica could not be asked for ``adapter`` (loaded first where a backend is not
+        known to have it). Raises the last backend's error when none took it."""
+        shared = router.current if router is not None and adapter is not None else None
+        candidates = self.ranked(affinity, shared)
+        for i, backend in enumerate(candidates):
+            try:
+                if router is not None and adapter is not None and not backend.has(adapter):
+                    # Not known to have it (a restart, a new version): check, load if
+                    # missing, before the policy request goes there.
+                    await self.ensure_adapter(backend, router, adapter)
+                return backend, await post(backend)
+            except FAIL_OVER:
+                self.mark_down(backend)
+                if i == len(candidates) - 1:
+                    raise
+        raise AssertionError("unreachable: the pool always has a backend")
 
     def mark_down(self, backend: Backend) -> None:
         if backend.healthy:

@@ -25,23 +25,21 @@ import orjson
 from starlette.routing import Route
 
 from nextstate.core.sessions import read_session_meta
+from nextstate.proxy.asgi import TENANT, ours, parse_object, read_body
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.dialects import JSON, anthropic, responses
 from nextstate.proxy.dialects.conversation import expand
 from nextstate.proxy.dialects.kept import KeptResponses
 from nextstate.proxy.dialects.views import MessagesView, ResponsesView
-from nextstate.proxy.errors import InvalidRequest, NotFound, ProxyError, Shape
-from nextstate.proxy.relay import (
-    TENANT,
-    Generation,
-    View,
-    _Turn,
-    ours,
-    parse_object,
-    read_body,
+from nextstate.proxy.errors import (
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    Shape,
     send_error,
     unknown_model,
 )
+from nextstate.proxy.relay import Generation, Turn, View
 from nextstate.proxy.types import Receive, Scope, Send
 
 
@@ -76,7 +74,7 @@ class _Dialect:
         except ProxyError as exc:
             await send_error(send, exc, self.shape)
             return
-        turn = _Turn("chat", self.chat.url, deps, meta, chat, headers, tenant, view)
+        turn = Turn("chat", self.chat.url, deps, meta, chat, headers, tenant, view)
         await turn.run(receive, send)
 
     async def translate(self, deps: Deps, body: JSON, tenant: str | None,

@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 
 from nextstate.proxy.app import make_app
 from nextstate.proxy.settings import ProxySettings
-from tests.proxy.fake_vllm import PROMPT_IDS, TOKEN_IDS, FakeVLLM
+from tests.proxy.fake_vllm import MAX_MODEL_LEN, PROMPT_IDS, TOKEN_IDS, FakeVLLM
 
 CHAT = {"model": "toy", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -153,7 +153,7 @@ def test_api_key_is_required_when_configured_and_not_forwarded(tmp_path, fake):
 
 def test_the_model_list_passes_through(client):
     answer = client.get("/v1/models")
-    assert answer.json()["data"] == [{"id": "toy"}]
+    assert answer.json()["data"] == [{"id": "toy", "max_model_len": MAX_MODEL_LEN}]
 
 
 @pytest.mark.parametrize("path", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
@@ -480,5 +480,5 @@ def test_the_model_list_hides_the_adapter_versions(tmp_path, fake):
     with open_client(tmp_path, fake, policy="toy") as c:
         answer = c.get("/v1/models")
     assert answer.status_code == 200
-    assert answer.json()["data"] == [{"id": "toy"}]
+    assert answer.json()["data"] == [{"id": "toy", "max_model_len": MAX_MODEL_LEN}]
     assert int(answer.headers["content-length"]) == len(answer.content)
