@@ -98,3 +98,40 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path: Path
     names = {name for _, name in _imports(module, "learner", root=tmp_path)}
     assert names == {"nextstate.proxy", "nextstate.proxy.relay"}
 
+
+
+def _status_literals(source: str) -> list[tuple[int, str]]:
+    """Adapter statuses spelled as strings and compared with a status (``row["status"]
+    == "current"``, ``adapters.c.status == "failed"``, ``status in ("staged", ...)``)."""
+    from nextstate.core.lora import AdapterStatus
+
+    names = {s.value for s in AdapterStatus}
+
+    def is_status(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "status") or (
+            isinstance(node, ast.Name) and node.id == "status") or (
+            isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+            and node.slice.value == "status")
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(
+                is_status(side) for side in (node.left, *node.comparators)):
+            for side in ast.walk(node):
+                if isinstance(side, ast.Constant) and side.value in names:
+                    found.append((node.lineno, side.value))
+    return found
+
+
+def test_adapter_statuses_are_spelled_only_by_their_owner() -> None:
+    """core/lora.py owns the adapter lifecycle: everyone else compares with
+    ``AdapterStatus``, so a status can't drift between modules."""
+    spelled = {str(path.relative_to(ROOT)): found for folder in LAYERS
+               for path in sorted((ROOT / folder).rglob("*.py"))
+               if path != ROOT / "core" / "lora.py"
+               and (found := _status_literals(path.read_text()))}
+    assert spelled == {}
+    # The check itself finds such a spelling.
+    assert _status_literals('old = [r for r in rows if r["status"] == "previous"]\n'
+                            'if status in ("staged", "x"): pass') == [
+        (1, "previous"), (2, "staged")]

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from nextstate.core.health import LoopFacts
+from nextstate.core.lora import AdapterStatus
 from nextstate.core.store.schema import adapters, judgments, turns
 
 
@@ -55,10 +56,10 @@ def loop_facts(engine: Engine, since: float | None = None) -> LoopFacts:
         statuses = {row[0]: int(row[1]) for row in grouped(adapters.c.status,
                                                             source=adapters)}
         failed = tuple(str(row.error) for row in conn.execute(
-            select(adapters.c.error).where(adapters.c.status == "failed")
+            select(adapters.c.error).where(adapters.c.status == AdapterStatus.FAILED)
             .order_by(adapters.c.version.desc()).limit(3)))
         current = tuple(row.name for row in conn.execute(
-            select(adapters.c.name).where(adapters.c.status == "current")))
+            select(adapters.c.name).where(adapters.c.status == AdapterStatus.CURRENT)))
     return LoopFacts(
         turns=sum(kinds.values()),
         main_turns=kinds.get(("main", "ok"), 0),
