@@ -136,7 +136,8 @@ class Trainer:
         advantages = [self._advantages(item, old_t) for item, old_t in zip(items, old,
                                                                             strict=True)]
         total_tokens = sum(len(item.completion_ids) for item in items)
-        groups = self._rank_microbatches(items, rank, world)
+        groups = rank_microbatches(items, rank, world,
+                                   self.config.max_tokens_per_microbatch, self.sharded)
         # FSDP averages the ranks' gradients; the shares below are made to be summed.
         scale = world if self.sharded else 1
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -195,7 +196,7 @@ class Trainer:
     def logprobs(self, items: Sequence[TrainItem]) -> list[torch.Tensor]:
         """Per-token logprobs of each item's completion under the current weights."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(items)
-        for batch in self._microbatches(items):
+        for batch in microbatches(items, self.config.max_tokens_per_microbatch):
             logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
             for row, i in enumerate(batch):
                 out[i] = logp_B_T[row, : int(mask_B_T[row].sum())].float().cpu()
@@ -228,38 +229,6 @@ class Trainer:
             logp_B_T[row, :t] = row_logp.gather(-1, target[:, None])[:, 0]
             mask_B_T[row, :t] = 1.0
         return logp_B_T, mask_B_T
-
-    def _rank_microbatches(self, items: Sequence[TrainItem], rank: int,
-                           world: int) -> list[list[int]]:
-        """This rank's micro-batches (indices into ``items``): every ``world``-th item from
-        ``rank`` on. Sharded, every rank gets as many (padded with empty ones), since each
-        forward and backward pass is a collective operation."""
-        def of(r: int) -> list[list[int]]:
-            mine = list(range(r, len(items), world))
-            return [[mine[i] for i in local]
-                    for local in self._microbatches([items[i] for i in mine])]
-
-        groups = of(rank)
-        if self.sharded:
-            most = max(len(of(r)) for r in range(world))
-            groups += [[] for _ in range(most - len(groups))]
-        return groups
-
-    def _microbatches(self, items: Sequence[TrainItem]) -> Iterator[list[int]]:
-        """Indices of items grouped so that each padded group fits the token budget
-        (an item longer than the budget goes alone)."""
-        budget = self.config.max_tokens_per_microbatch
-        batch: list[int] = []
-        longest = 0
-        for i, item in enumerate(items):
-            n = len(item.prompt_ids) + len(item.completion_ids)
-            if batch and max(longest, n) * (len(batch) + 1) > budget:
-                yield batch
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, n)
-        if batch:
-            yield batch
 
     def _summary(self, items: Sequence[TrainItem], old: list[torch.Tensor],
                  new: list[torch.Tensor], advantages: list[torch.Tensor],
@@ -357,6 +326,39 @@ class Trainer:
 
     def rewind(self, name: str) -> None:
         self.restore(self._marks[name])
+
+
+def rank_microbatches(items: Sequence[TrainItem], rank: int, world: int, budget: int,
+                      sharded: bool) -> list[list[int]]:
+    """One rank's micro-batches (indices into ``items``): every ``world``-th item from
+    ``rank`` on. Sharded, every rank gets as many (padded with empty ones), since each
+    forward and backward pass is a collective operation."""
+    def of(r: int) -> list[list[int]]:
+        mine = list(range(r, len(items), world))
+        return [[mine[i] for i in local]
+                for local in microbatches([items[i] for i in mine], budget)]
+
+    groups = of(rank)
+    if sharded:
+        most = max(len(of(r)) for r in range(world))
+        groups += [[] for _ in range(most - len(groups))]
+    return groups
+
+
+def microbatches(items: Sequence[TrainItem], budget: int) -> Iterator[list[int]]:
+    """Indices of items grouped so that each padded group fits the token ``budget``
+    (an item longer than the budget goes alone)."""
+    batch: list[int] = []
+    longest = 0
+    for i, item in enumerate(items):
+        n = len(item.prompt_ids) + len(item.completion_ids)
+        if batch and max(longest, n) * (len(batch) + 1) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield batch
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -105,7 +105,7 @@ def _source(body: dict[str, Any]) -> str:
 async def _check_owner(deps: Deps, turn_id: str | None, session_id: str | None,
                        tenant: str | None) -> None:
     """404 for an unknown turn or session, 409 for another tenant's."""
-    known = deps.recorder.recent_owner(turn_id, session_id)
+    known = deps.recorder.recent.owner(turn_id, session_id)
     if known is None:
         try:
             exists, owner = await asyncio.to_thread(deps.store.turns.owner, turn_id, session_id)

@@ -57,6 +57,29 @@ class RecorderStats:
     last_error: str | None = None
 
 
+class RecentOwners:
+    """The tenant of each turn and session submitted lately (the newest ``size``)."""
+
+    def __init__(self, size: int = RECENT_IDS) -> None:
+        self.size = size
+        self._tenants: OrderedDict[str, str | None] = OrderedDict()
+
+    def add(self, record: TurnRecord) -> None:
+        self._remember(record.turn_id, record.tenant)
+        if record.session_id:
+            self._remember(f"session:{record.session_id}", record.tenant)
+
+    def _remember(self, key: str, tenant: str | None) -> None:
+        self._tenants[key] = tenant
+        if len(self._tenants) > self.size:
+            self._tenants.popitem(last=False)
+
+    def owner(self, turn_id: str | None, session_id: str | None) -> tuple[str | None] | None:
+        """(tenant,) if the turn or session was submitted recently, else None."""
+        key = turn_id if turn_id is not None else f"session:{session_id}"
+        return (self._tenants[key],) if key in self._tenants else None
+
+
 class Recorder:
     def __init__(self, store: Store, spool_dir: Path, *, queue_size: int = 512,
                  idle_seconds: float = 900.0, batch_size: int = 128, linger: float = 0.02,
@@ -88,9 +111,8 @@ class Recorder:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._starting = False  # adopting what earlier processes left
-        # Turn and session ids recently submitted, with their tenant: feedback may name a
-        # turn whose record is still on its way to the store.
-        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        # Feedback may name a turn whose record is still on its way to the store.
+        self.recent = RecentOwners()
 
     # -- request path -------------------------------------------------------------------
 
@@ -98,9 +120,7 @@ class Recorder:
         """Into the journal (the page cache) now; into the store soon. Never raises."""
         self.stats.submitted += 1
         if isinstance(record, TurnRecord):
-            self._remember(record.turn_id, record.tenant)
-            if record.session_id:
-                self._remember(f"session:{record.session_id}", record.tenant)
+            self.recent.add(record)
         try:
             self.journal.append(encode(record))
         except (OSError, TypeError) as exc:  # a full disk; a value JSON cannot hold
@@ -123,17 +143,6 @@ class Recorder:
         self._memory.append(record)
         self.stats.unlogged += 1
         log.warning("record kept in memory only: %s", exc)
-
-    def _remember(self, key: str, tenant: str | None) -> None:
-        self._recent[key] = tenant
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
-
-    def recent_owner(self, turn_id: str | None, session_id: str | None,
-                     ) -> tuple[str | None] | None:
-        """(tenant,) if the turn or session was submitted recently, else None."""
-        key = turn_id if turn_id is not None else f"session:{session_id}"
-        return (self._recent[key],) if key in self._recent else None
 
     # -- lifecycle and status ---------------------------------------------------------------
 

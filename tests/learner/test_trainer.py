@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem, microbatches
 
 PROMPT = [1, 40, 41, 42, 2, 1, 43]
 COMPLETION = [50, 51, 52, 53]
@@ -79,7 +79,7 @@ def test_save_resume_and_restore_round_trip(toy_model, tmp_path):
 def test_microbatches_respect_the_token_budget(toy_model):
     trainer = Trainer(toy_model, TrainerConfig(max_tokens_per_microbatch=24))
     items = [item()] * 5  # 11 tokens each: two fit in 24
-    assert list(trainer._microbatches(items)) == [[0, 1], [2, 3], [4]]
+    assert list(microbatches(items, 24)) == [[0, 1], [2, 3], [4]]
     full = Trainer(toy_model, TrainerConfig())
     one = full.logprobs(items)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, trainer.logprobs(items),
