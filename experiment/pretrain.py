@@ -25,7 +25,7 @@ The mix (``PretrainConfig.mix``, weights per conversation kind):
                   20% of these conversations correct once more (turn 3)
     next_problem  turn 2 is a new problem (no instruction/natural/hint) 0.05
     reading       a plain document using the synonyms of both splits    0.30
-                  (``wording.reading``), every token learned
+                  (``reading.reading``), every token learned
 
 Instructions name 1-4 attributes (each value 50/50). Hint following appears only after a
 loss plateau: the prototype (see the feasibility note) found 600 steps of 32 conversations
@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nextstate.experiment import styles, wording
+from nextstate.experiment import reading, styles, wording
 from nextstate.learner.teacher import HINT_MARKER
 from nextstate.learner.toy_model import ToyModelRecipe
 
@@ -134,7 +134,7 @@ def labelled_conversation(kind: str, rng: random.Random
     """One conversation of the given kind, and the preferences its last reply follows
     (those its latest instruction asks for; {} for none and for a reading document)."""
     if kind == "reading":
-        return [{"role": DOCUMENT, "content": wording.reading(rng, rng.randint(2, 5))}], {}
+        return [{"role": DOCUMENT, "content": reading.reading(rng, rng.randint(2, 5))}], {}
     problem = styles.make_problem(rng)
     if kind in ("plain", "natural", "hint"):
         return _single_turn(kind, problem, rng)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from nextstate.experiment import pretrain as P
+from nextstate.experiment import reading as R
 from nextstate.experiment import wording as W
 from nextstate.experiment.styles import ATTRIBUTES, PHRASES, random_prefs
 
@@ -115,9 +116,9 @@ def test_typos_change_one_word_at_the_given_rate() -> None:
 
 
 def test_reading_documents_put_synonyms_in_the_same_frames() -> None:
-    assert set(W.READING_FRAMES) == set(W.LEXEMES)
+    assert set(R.READING_FRAMES) == set(W.LEXEMES)
     rng = random.Random(0)
-    text = " ".join(W.reading(rng) for _ in range(300))
+    text = " ".join(R.reading(rng) for _ in range(300))
     for slot in ("casual", "working", "cheer"):
         for word in W.LEXEMES[slot]["train"] + W.LEXEMES[slot]["held-out"]:
             assert word in text, word
