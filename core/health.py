@@ -32,6 +32,9 @@ NO_NEXT_STATE_SHARE = 0.5
 SINGLE_TURN_SESSIONS_SHARE = 0.8
 ZERO_VOTE_SHARE = 0.5
 MIN_TURNS = 10  # fewer turns than this are too few to call a pattern
+# This many steps in a row refused by the gate, or without signal, block learning: the
+# next ones will be the same until the setup changes (doctor exits non-zero).
+STUCK_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,14 @@ def training_findings(facts: LoopFacts, report: Mapping[str, Any] | None,
             "training.batch", "ok",
             f"{ready}/{batch} judged turns with signal ready: a step starts after "
             f"{batch - ready} more", "", "lower --batch-turns to step sooner"))
+    # The same outcome for the last STUCK_STEPS steps: it will go on until fixed.
+    recent = [s.get("outcome") for s in list(report.get("steps") or [])[-STUCK_STEPS:]]
+    stuck = {recent[0]} if len(recent) == STUCK_STEPS and len(set(recent)) == 1 else set()
     gate = {k: v for k, v in facts.skipped.items() if k.startswith("publish gate")}
     if gate:
         kls = sorted({m for k in gate for m in re.findall(r"(\d+\.\d+) at 0\.25x", k)})
         found.append(Finding(
-            "training.gate", "warn",
+            "training.gate", "block" if "refused" in stuck else "warn",
             f"the publish gate refused steps ({sum(gate.values())} turns skipped"
             + (f"; KL at the smallest rate {', '.join(kls)} nats/token" if kls else "") + ")",
             "a refused step's turns are skipped: the policy stays as it was",
@@ -226,7 +232,7 @@ def training_findings(facts: LoopFacts, report: Mapping[str, Any] | None,
     no_signal = sum(v for k, v in facts.skipped.items() if k.startswith("no "))
     if no_signal:
         found.append(Finding(
-            "training.zero_advantage", "warn",
+            "training.zero_advantage", "block" if "skipped" in stuck else "warn",
             f"{no_signal} judged turns were skipped for having no signal (zero advantage)",
             "a batch whose rewards are all equal, or corrections without teacher "
             "logprobs, gives a zero gradient",

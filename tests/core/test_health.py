@@ -104,6 +104,23 @@ def test_gate_refusals_zero_advantage_and_staleness_are_counted_with_their_reaso
     assert "1.400" in gate_finding.what and "--learning-rate" in gate_finding.fix
 
 
+def test_every_recent_step_refused_or_without_signal_blocks_learning() -> None:
+    """Once the last three steps were all refused (or all had no signal), the next ones
+    will be too until the setup changes: doctor says block and exits non-zero."""
+    gate = "publish gate: the step moved the policy 1.400 at 0.25x the learning rate"
+    facts = LoopFacts(skipped={gate: 48, "no binary signal in these 16 turns": 48})
+    refused = report(steps=[{"outcome": "refused"}] * 3)
+    skipped = report(steps=[{"outcome": "skipped"}] * 3)
+    mixed = report(steps=[{"outcome": "refused"}, {"outcome": "published"},
+                          {"outcome": "refused"}])
+    assert levels(training_findings(facts, refused, NOW))["training.gate"] == "block"
+    assert levels(training_findings(facts, skipped, NOW))["training.zero_advantage"] == "block"
+    assert levels(training_findings(facts, mixed, NOW)) == {
+        "training.batch": "ok", "training.gate": "warn", "training.zero_advantage": "warn"}
+    assert learning_health(training_findings(facts, refused, NOW), refused)["state"] == \
+        "blocked"
+
+
 def test_failed_loads_name_the_fix_from_vllms_error() -> None:
     steps = [{"outcome": "failed", "error": "vLLM at http://x refused load adapter p@000001 "
               "(500): LoRA rank 32 is greater than max_lora_rank 16."}]
