@@ -303,6 +303,19 @@ def test_status_names_the_store_no_learner_reported_to(store_url):
     assert f"no learner has reported to the store at {store_url} yet" in result.output
 
 
+def test_status_opens_with_the_learning_health_verdict_and_why(store_url):
+    store = Store(store_url)
+    store.status.write({"state": "idle", "pid": 7, "judge": "rules", "method": "combined",
+                        "batch_turns": 16, "counts": {"ready": 3}, "steps": [],
+                        "health": {"state": "stalled", "why": [
+                            "the last 3 steps: refused, refused, refused"], "fix": []}})
+    store.close()
+    result = CliRunner().invoke(cli.main, ["status", "--store", store_url])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        "health    stalled: the last 3 steps: refused, refused, refused")
+
+
 def test_rollback_loads_on_every_backend_before_the_version_is_current(store_url, tmp_path,
                                                                      monkeypatch):
     """``nextstate adapters rollback V --backend A --backend B`` (core.lora.rollback, the
