@@ -1,17 +1,18 @@
-"""The client's view through the translation is vLLM's own, for Messages and Responses.
+"""The client's view through the proxy is vLLM's own, for Messages and Responses.
 
-agent -> (vLLM's /v1/messages | /v1/responses)  vs  agent -> harness -> vLLM's chat route.
+agent -> (vLLM's /v1/messages | /v1/responses)  vs  agent -> proxy -> vLLM's chat route.
 For each request of a family (plain, system prompt, multi-turn, a tool loop with a tool
 call and its result, forced tool calls, stop strings, an image the text-only model
 refuses, a bad request), streamed and not, at temperature 0: the answer from vLLM's own
-dialect route and the answer through the translation (`dialect_harness`) are the same
-after `parity.view` (ids and timestamps aside; stream chunking aside) and `uncached`
-(the prefix cache's share of the prompt: it depends on what ran before). The official
-SDKs parse both alike. The toy model answers noise: fine, the noise must match.
+dialect route and the answer through the recording proxy are the same after
+`parity.view` (ids and timestamps aside; stream chunking aside) and `uncached` (the
+prefix cache's share of the prompt: it depends on what ran before). The official SDKs
+parse both alike. The toy model answers noise: fine, the noise must match.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,10 +21,9 @@ import httpx
 import openai
 import pytest
 
-from nextstate.core.vllm_server import VLLMProcess
-from nextstate.proxy.dialects.responses import Served
-from tests.conftest import MODEL_NAME
-from tests.integration.dialect_harness import DialectHarness
+from nextstate.core.vllm_server import VLLMProcess, free_port
+from nextstate.proxy.settings import ProxySettings
+from tests.conftest import MODEL_NAME, ProxyServer
 from tests.integration.parity import events, uncached, view
 
 pytestmark = pytest.mark.integration
@@ -96,9 +96,14 @@ RESPONSES = {
 
 
 @pytest.fixture(scope="module")
-def harness(vllm: VLLMProcess) -> Iterator[DialectHarness]:
-    with DialectHarness(vllm.url, Served(max_model_len=vllm.config.max_model_len)) as front:
-        yield front
+def proxy(vllm: VLLMProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
+    """The recording proxy in front of the same vLLM, for the module."""
+    tmp = tmp_path_factory.mktemp("parity")
+    server = ProxyServer(ProxySettings(
+        backends=(vllm.url,), store_url=f"sqlite:///{tmp / 'store.db'}",
+        spool_dir=tmp / "spool"), free_port()).start()
+    yield server
+    server.stop()
 
 
 def ask(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -109,19 +114,19 @@ def ask(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     return answer.status_code, answer.json()
 
 
-def both(vllm: VLLMProcess, harness: DialectHarness, path: str,
+def both(vllm: VLLMProcess, proxy: ProxyServer, path: str,
          body: dict[str, Any]) -> tuple[Any, Any]:
     theirs = ask(vllm.url, path, body)
-    ours = ask(harness.url, path, body)
+    ours = ask(proxy.url, path, body)
     return uncached(view(theirs)), uncached(view(ours))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("case", sorted(MESSAGES))
-def test_messages_answers_are_vllms_own(vllm, harness, case, stream):
+def test_messages_answers_are_vllms_own(vllm, proxy, case, stream):
     body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, **MESSAGES[case],
             "stream": stream}
-    theirs, ours = both(vllm, harness, "/v1/messages", body)
+    theirs, ours = both(vllm, proxy, "/v1/messages", body)
     if case == "forced_tool" and not stream:
         # The toy model's forced call has arguments `true`: vLLM cannot make that a
         # tool_use block either. Same status and error type; the message is ours.
@@ -137,10 +142,10 @@ def test_messages_answers_are_vllms_own(vllm, harness, case, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("case", sorted(RESPONSES))
-def test_responses_answers_are_vllms_own(vllm, harness, case, stream):
+def test_responses_answers_are_vllms_own(vllm, proxy, case, stream):
     body = {"model": MODEL_NAME, "max_output_tokens": 8, "temperature": 0, **RESPONSES[case],
             "stream": stream}
-    theirs, ours = both(vllm, harness, "/v1/responses", body)
+    theirs, ours = both(vllm, proxy, "/v1/responses", body)
     assert ours == theirs
     if case == "image":
         assert ours[0] == 400
@@ -155,9 +160,9 @@ def test_responses_answers_are_vllms_own(vllm, harness, case, stream):
     ("/v1/responses", {"input": "Hi", "tool_choice": "required"}, "tool_choice"),
     ("/v1/responses", {"input": [{"type": "item_reference", "id": "x"}]}, "input"),
 ])
-def test_a_bad_request_is_a_400_in_the_dialects_shape(vllm, harness, path, body, param):
+def test_a_bad_request_is_a_400_in_the_dialects_shape(vllm, proxy, path, body, param):
     body = {"model": MODEL_NAME, **body}
-    theirs, ours = both(vllm, harness, path, body)
+    theirs, ours = both(vllm, proxy, path, body)
     assert ours[0] == theirs[0] == 400
     if path == "/v1/messages":
         # vLLM answers its own validation errors in OpenAI's shape even here; ours take
@@ -172,11 +177,11 @@ def sdk_view(obj: Any) -> Any:
     return uncached(view(obj.model_dump()))
 
 
-def test_the_anthropic_sdk_reads_ours_as_it_reads_vllms(vllm, harness):
+def test_the_anthropic_sdk_reads_ours_as_it_reads_vllms(vllm, proxy):
     chat = {"model": MODEL_NAME, "max_tokens": 8, "extra_body": {"temperature": 0},
             "system": "You are terse.", "messages": [{"role": "user", "content": "Hello"}]}
     views = []
-    for base in (vllm.url, harness.url):
+    for base in (vllm.url, proxy.url):
         client = anthropic.Anthropic(base_url=base, api_key="unused")
         whole = client.messages.create(**chat)
         with client.messages.stream(**chat) as stream:
@@ -190,11 +195,11 @@ def test_the_anthropic_sdk_reads_ours_as_it_reads_vllms(vllm, harness):
     assert views[1][0]["stop_reason"] == "max_tokens"
 
 
-def test_the_openai_sdk_reads_ours_as_it_reads_vllms(vllm, harness):
+def test_the_openai_sdk_reads_ours_as_it_reads_vllms(vllm, proxy):
     request = {"model": MODEL_NAME, "max_output_tokens": 8, "temperature": 0,
                "tools": [FUNCTION], "tool_choice": "required", "input": "hi"}
     views = []
-    for base in (vllm.url, harness.url):
+    for base in (vllm.url, proxy.url):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         whole = client.responses.create(**{**request, "max_output_tokens": 40})
         with client.responses.stream(**{**request, "max_output_tokens": 40}) as stream:
@@ -208,9 +213,10 @@ def test_the_openai_sdk_reads_ours_as_it_reads_vllms(vllm, harness):
     assert views[0] == views[1]
 
 
-def test_previous_response_id_continues_the_conversation_the_model_saw(harness):
-    """vLLM keeps no responses by default (404); the translation keeps them itself."""
-    client = openai.OpenAI(base_url=f"{harness.url}/v1", api_key="unused")
+def test_previous_response_id_continues_the_conversation_the_model_saw(proxy):
+    """vLLM keeps no responses by default (404); the proxy keeps them itself, and the
+    conversation the model saw is what is recorded."""
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused")
     first = client.responses.create(model=MODEL_NAME, instructions="Be terse.",
                                     input="Weather?", max_output_tokens=40, temperature=0,
                                     tools=[FUNCTION], tool_choice="required")
@@ -220,9 +226,20 @@ def test_previous_response_id_continues_the_conversation_the_model_saw(harness):
         model=MODEL_NAME, previous_response_id=first.id, max_output_tokens=8, temperature=0,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}])
     assert second.previous_response_id == first.id
-    seen = harness.chat_requests[-1]["messages"]
+    seen = recorded(proxy, second.id)["request"]["messages"]
     assert [m["role"] for m in seen] == ["user", "assistant", "tool"]  # instructions stay put
     assert seen[1]["tool_calls"][0]["function"]["arguments"] == call.arguments
     assert seen[2] == {"role": "tool", "content": "18C", "tool_call_id": call.call_id}
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=MODEL_NAME, input="Hi", previous_response_id="resp_no")
+
+
+def recorded(proxy: ProxyServer, response_id: str) -> dict[str, Any]:
+    """The turn that answered ``response_id``, once the recorder has written it."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for turn in proxy.turns(0):
+            if ((turn.get("dialect") or {}).get("response") or {}).get("id") == response_id:
+                return turn
+        time.sleep(0.05)
+    raise AssertionError(f"no turn recorded for {response_id}")
