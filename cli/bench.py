@@ -29,10 +29,13 @@ def bench() -> None:
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Repeat with seeds 0..N-1 and report the mean and spread.")
 @click.option("--eval-problems", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--api", type=click.Choice(["chat", "messages"]), default="chat",
+              show_default=True, help="How the simulated users talk: Chat Completions, or "
+              "Anthropic Messages through the official SDK (as Claude Code does).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
               show_default=True)
 def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
-                   seeds: int, eval_problems: int, out: Path) -> None:
+                   seeds: int, eval_problems: int, api: str, out: Path) -> None:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
     require_learner_extra("nextstate bench learning")
     from nextstate.experiment.bench import run_benchmark
@@ -40,7 +43,8 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
 
     chosen = _persona(personas_file, persona)
     methods = METHODS if method == "all" else (method,)
-    config = BenchConfig(steps=steps, eval_problems=eval_problems)
+    config = BenchConfig(steps=steps, eval_problems=eval_problems,
+                         api=api)  # type: ignore[arg-type]
     results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
                             progress=lambda m: click.echo(m, err=True))
     click.echo((out / "results.md").read_text())

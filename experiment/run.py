@@ -3,7 +3,9 @@ through the real stack (simulated user -> proxy -> vLLM -> store -> learner -> a
 vLLM).
 
 For each method, a fresh store and policy: simulated users ask problems and answer the
-replies (thanks, or a correction); the learner judges those turns with the `rules` judge,
+replies (thanks, or a correction), over Chat Completions or, with ``api="messages"``,
+through the Anthropic SDK as Claude Code would; the learner judges those turns with the
+`rules` judge,
 takes one optimizer step per ``batch_turns`` judged turns and publishes the adapter; after
 every step the persona rates the first reply to each of a fixed set of held-out problems,
 sent with recording off so that evaluation is never trained on.
@@ -20,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -52,6 +54,10 @@ class BenchConfig:
     learning_rate: float | None = None  # trainer default (1e-3 for the toy model)
     passes: int = 2
     seed: int = 0
+    # How the simulated users talk to the proxy: Chat Completions, or Anthropic Messages
+    # through the official SDK. (Evaluation always asks the chat route, recording off: it
+    # measures the policy, whichever API trained it.)
+    api: Literal["chat", "messages"] = "chat"
 
 
 @dataclass
@@ -102,12 +108,13 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     with BackgroundProxy(settings, free_port()) as proxy:
         async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600,
                                      transport=users) as client:
+            speaker = speaker_for(config.api, client, proxy.url)
             try:
                 run.scores.append(await evaluate(client, policy, persona, eval_set, config))
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 for step in range(1, config.steps + 1):
                     trained = await train_one_step(client, learner, policy, persona,
-                                                   traffic, config, run, step)
+                                                   traffic, config, run, step, speaker)
                     if trained is None:
                         run.stalled_after = step - 1
                         progress(f"{method:>8} seed {config.seed}: no step {step}: too few "
@@ -124,6 +131,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                     progress(f"{method:>8} seed {config.seed}: step {step} score "
                              f"{run.scores[-1]:.3f} ({version}, {recorded} turns of traffic)")
             finally:
+                await speaker.aclose()
                 await learner.close()
                 run.retries = dict(users.retries)
     run.seconds = time.monotonic() - started
@@ -136,18 +144,20 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
 async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
                          persona: Persona, rng: random.Random, config: BenchConfig,
                          run: MethodRun | None = None, step: int = 0,
+                         speaker: Speaker | None = None,
                          max_rounds: int = MAX_ROUNDS) -> tuple[int, str] | None:
     """Talk until the learner publishes a new version; returns (turns of traffic, name),
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
     only corrected turns teach, and a persona that is pleased stops correcting. What the
     publish gate did on the way (a refusal, a step taken smaller) goes into ``run``."""
     before = learner.store.adapters.current(policy)
+    speaker = speaker or ChatSpeaker(client)
     recorded = 0
     for _ in range(max_rounds):
         users = [SimulatedUser(persona, random.Random(rng.random()))
                  for _ in range(config.concurrency)]
         problems = [make_problem(rng) for _ in users]
-        counts = await asyncio.gather(*(conversation(client, policy, u, p, config)
+        counts = await asyncio.gather(*(conversation(client, policy, u, p, config, speaker)
                                         for u, p in zip(users, problems, strict=True)))
         recorded += sum(counts)
         await asyncio.sleep(0.1)  # the proxy writes records off the request path
@@ -172,19 +182,73 @@ def _gate_events(run: MethodRun, step: int, entry: dict[str, Any]) -> None:
                            "kl": entry["kl"], "lr_scale": extra["lr_scale"]})
 
 
+class Speaker(Protocol):
+    """How a simulated user sends a conversation and reads the reply's text."""
+
+    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
+                    config: BenchConfig) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ChatSpeaker:
+    """Chat Completions, as any OpenAI-SDK agent."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
+                    config: BenchConfig) -> str:
+        answer = await self.client.post(
+            "/chat/completions", headers={"X-Session-Id": session},
+            json={"model": policy, "messages": messages, "temperature": config.temperature,
+                  "max_tokens": config.max_tokens})
+        answer.raise_for_status()
+        return str(answer.json()["choices"][0]["message"]["content"] or "")
+
+    async def aclose(self) -> None:
+        pass  # the client is the caller's
+
+
+class MessagesSpeaker:
+    """Anthropic Messages through the official SDK (``ANTHROPIC_BASE_URL`` at the proxy),
+    as Claude Code talks. The SDK retries transient failures itself, by the same policy
+    as `RetryingTransport` (it brings its own HTTP client), so its retries go uncounted."""
+
+    def __init__(self, proxy_url: str) -> None:
+        import anthropic
+
+        self.sdk = anthropic.AsyncAnthropic(base_url=proxy_url, api_key="unused",
+                                            timeout=600)
+
+    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
+                    config: BenchConfig) -> str:
+        # (The SDK has no temperature argument any more: it goes in the body, as vLLM's
+        # Messages route and the proxy read it.)
+        answer = await self.sdk.messages.create(
+            model=policy, messages=messages, max_tokens=config.max_tokens,  # type: ignore[arg-type]
+            extra_body={"temperature": config.temperature},
+            extra_headers={"X-Session-Id": session})
+        return "".join(block.text for block in answer.content if block.type == "text")
+
+    async def aclose(self) -> None:
+        await self.sdk.close()
+
+
+def speaker_for(api: str, client: httpx.AsyncClient, proxy_url: str) -> Speaker:
+    return MessagesSpeaker(proxy_url) if api == "messages" else ChatSpeaker(client)
+
+
 async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUser,
-                       problem: Problem, config: BenchConfig) -> int:
+                       problem: Problem, config: BenchConfig,
+                       speaker: Speaker | None = None) -> int:
     """One problem: the user reads up to ``max_turns`` replies, correcting until pleased.
     Its last answer is sent as the last turn's next state. Returns the turns it made."""
+    speaker = speaker or ChatSpeaker(client)
     session = uuid.uuid4().hex
     messages: list[dict[str, str]] = [{"role": "user", "content": problem.question}]
     for turn in range(user.persona.max_turns):
-        answer = await client.post("/chat/completions", headers={"X-Session-Id": session},
-                                   json={"model": policy, "messages": messages,
-                                         "temperature": config.temperature,
-                                         "max_tokens": config.max_tokens})
-        answer.raise_for_status()
-        reply = answer.json()["choices"][0]["message"]["content"] or ""
+        reply = await speaker.reply(policy, messages, session, config)
         satisfied, said = user.react(reply)
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": said}]
         if satisfied or turn == user.persona.max_turns - 1:
