@@ -26,6 +26,7 @@ from nextstate.cli.options import (
     backend_key_option,
     backend_option,
     existing_store,
+    look_at_backend,
     personal_after_option,
     require_learner_extra,
     store_option,
@@ -105,6 +106,9 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
             training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after))
     except ValueError as exc:  # a combination the configuration refuses
         raise click.UsageError(str(exc)) from exc
+    for url in config.backends:
+        look_at_backend(url, backend_api_key, base_model,
+                        then="The learner starts anyway and publishes there once it does.")
 
     async def go() -> None:
         learner = Learner(config)

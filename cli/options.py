@@ -121,3 +121,22 @@ def existing_store(store: str | None) -> str:
     except StoreNotFound as exc:
         raise click.ClickException(str(exc)) from exc
     return url
+
+
+def look_at_backend(url: str, api_key: str | None, model: str | None, *, then: str) -> None:
+    """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
+    key), in one sentence; one that does not answer yet only gets a warning ending with
+    ``then`` (what the command does meanwhile)."""
+    from nextstate.core.vllm_server import BackendStartError, BackendUnreachable, check_backend
+
+    try:
+        names = check_backend(url, api_key=api_key)
+    except BackendUnreachable as exc:
+        click.echo(f"warning: {exc} {then}", err=True)
+        return
+    except BackendStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if model is not None and model not in names:
+        click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not {model!r}: "
+                   f"requests for {model!r} will get vLLM's 404 until it does (the name "
+                   "vLLM serves the base model under is its --served-model-name)", err=True)

@@ -12,11 +12,11 @@ from nextstate.cli.options import (
     client_key_option,
     free_port_or_fail,
     host_option,
+    look_at_backend,
     no_record_option,
     port_option,
     store_option,
 )
-from nextstate.core.vllm_server import BackendStartError, BackendUnreachable, check_backend
 from nextstate.proxy.server import run_proxy
 from nextstate.proxy.settings import ProxySettings
 
@@ -74,25 +74,7 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
                               client_key, policy, **extra)
     free_port_or_fail(host, port)
     for url in settings.backends:
-        _look_at_backend(url, backend_api_key, policy)
+        look_at_backend(url, backend_api_key, policy,
+                        then="The proxy starts anyway and answers 502 until it does.")
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
-
-
-def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
-    """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
-    key); one that does not answer yet only gets a warning: the proxy answers 502 until
-    it does, then serves."""
-    try:
-        names = check_backend(url, api_key=api_key)
-    except BackendUnreachable as exc:
-        click.echo(f"warning: {exc} The proxy starts anyway and answers 502 until it does.",
-                   err=True)
-        return
-    except BackendStartError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if policy is not None and policy not in names:
-        click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not the policy "
-                   f"{policy!r}: requests for {policy!r} will get vLLM's 404 until it does "
-                   "(--policy is the name vLLM serves the base model under, "
-                   "--served-model-name)", err=True)

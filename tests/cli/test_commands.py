@@ -250,6 +250,14 @@ def test_serve_names_a_backend_that_answers_404_on_models(not_vllm, monkeypatch)
     assert "give its root URL, e.g. http://HOST:8000 (with or without /v1)" in result.output
 
 
+def test_learn_names_a_backend_that_answers_404_on_models(not_vllm, tmp_path):
+    result = CliRunner().invoke(cli.main, [
+        "learn", "--backend", f"{not_vllm}/api", "--no-train", "--once",
+        "--store", f"sqlite:///{tmp_path / 'store.db'}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{not_vllm}/api answers 404 for /v1/models" in result.output
+
+
 def test_serve_starts_while_the_backend_is_down_and_says_so(monkeypatch):
     started = []
     monkeypatch.setattr(serve, "run_proxy", lambda settings, host, port: started.append(settings))
