@@ -3,6 +3,8 @@ dialect, kept for previous_response_id, errors in each API's shape (a fake vLLM)
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -229,3 +231,35 @@ def test_the_policy_name_goes_to_its_adapter_and_comes_back(tmp_path, fake):
         answer = c.post("/v1/messages", json=MESSAGE)
         assert answer.json()["model"] == "toy"
     assert fake.requests[-1]["model"] == "toy@000003"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/messages", MESSAGE), ("/v1/responses", RESPONSE)],
+                         ids=["messages", "responses"])
+def test_a_dialect_turn_gets_its_tenant_its_users_adapter_and_redaction(tmp_path, fake, path,
+                                                                         body):
+    """As for chat: the key names the tenant, the user header picks the user's own
+    adapter (the client still sees the policy's name), and secrets in the dialect's own
+    request are scrubbed before the store, in the chat request and the dialect column."""
+    from nextstate.core.lora import personal_policy
+
+    secret = "mail me at alice@example.com"
+    asked = {**body, "messages": [{"role": "user", "content": secret}]} \
+        if path == "/v1/messages" else {**body, "input": secret}
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02,
+                     client_keys=(("team-a", "ka"),)) as c:
+        mine = publish_adapter(tmp_path, personal_policy("toy", "team-a:alice"), 1)
+        router = c.app_state["deps"].router
+        for _ in range(200):
+            if router.personal:
+                break
+            time.sleep(0.01)
+        answer = c.post(path, json=asked, headers={"x-api-key": "ka",
+                                                    "X-NextState-User": "alice"})
+        [turn] = records(c)
+    assert answer.status_code == 200 and answer.json()["model"] == "toy"
+    assert fake.requests[-1]["model"] == mine
+    assert (turn["tenant"], turn["user"], turn["served_model"]) == ("team-a", "team-a:alice",
+                                                                    mine)
+    stored = orjson.dumps([turn["request"], turn["dialect"]]).decode()
+    assert "alice@example.com" not in stored and "[REDACTED]" in stored
+    assert turn["untrainable"]  # a redacted turn is kept, never trained on
