@@ -48,6 +48,7 @@ class Router:
         self.path: str | None = None
         self.personal: dict[str, str] = {}  # personal policy -> its current adapter
         self.paths: dict[str, str] = {}  # every current adapter -> its directory
+        self._loading: dict[str, asyncio.Lock] = {}  # backend URL -> its loads, one by one
 
     def route(self, model: object, user: str | None = None) -> str | None:
         """The upstream model name for ``model`` asked by ``user``, or None to leave it
@@ -115,16 +116,22 @@ class Router:
         try:
             if name in await vllm.models():
                 return True
-            # What we follow may be a poll behind the learner, which unloads a version
-            # once it is retired: only a version the store still calls current is
-            # loaded again, never one just retired (vLLM would keep it for good).
-            with contextlib.suppress(Exception):  # the store is away: go by the last poll
-                await self.refresh()
-            path = self.paths.get(name)
-            if path is None:  # no longer current: nothing to load it from
-                return False
-            log.warning("vLLM at %s lost %s (restarted?): loading it again", vllm.url, name)
-            await vllm.load_adapter(name, path)
+            # One load at a time per backend: the health watcher and a request that both
+            # found it missing load it once (the second finds it there).
+            async with self._loading.setdefault(vllm.url, asyncio.Lock()):
+                if name in await vllm.models():
+                    return True
+                # What we follow may be a poll behind the learner, which unloads a version
+                # once it is retired: only a version the store still calls current is
+                # loaded again, never one just retired (vLLM would keep it for good).
+                with contextlib.suppress(Exception):  # the store is away: the last poll
+                    await self.refresh()
+                path = self.paths.get(name)
+                if path is None:  # no longer current: nothing to load it from
+                    return False
+                log.warning("vLLM at %s lost %s (restarted?): loading it again", vllm.url,
+                            name)
+                await vllm.load_adapter(name, path)
         except VLLMRefused as exc:
             log.warning("%s", exc)
             return False

@@ -121,7 +121,7 @@ def markdown_table(results: dict[str, Any]) -> str:
              "from); its last score is carried forward"
              for name, m in methods.items()
              if any(s is not None for s in m.get("stalled_after", []))]
-    if results["config"].get("api") == "messages":
+    if results.get("config", {}).get("api") == "messages":
         notes.append("the simulated users talked over the Anthropic Messages API, through "
                      "the official SDK (evaluation asks the chat route, recording off; the "
                      "SDK retries transient failures itself, uncounted)")

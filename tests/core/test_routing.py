@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -165,3 +166,25 @@ async def test_a_version_retired_since_the_last_poll_is_never_loaded_again(tmp_p
         store.close()
     assert [body["lora_name"] for path, body in fake.admin
             if path == "/v1/load_lora_adapter"] == [new]
+
+
+async def test_two_callers_that_find_an_adapter_missing_load_it_once(tmp_path):
+    """The health watcher and a request at the same moment: one load, not two."""
+    from nextstate.core.store import Store
+    from nextstate.core.vllm import VLLMClient
+
+    fake = FakeVLLM()
+    name = publish_adapter(tmp_path, "toy", 1)
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    router = Router("toy", store=store)
+    await router.refresh()
+    vllm = VLLMClient("http://vllm", http=httpx.AsyncClient(
+        base_url="http://vllm", transport=httpx.MockTransport(fake)))
+    try:
+        assert await asyncio.gather(router.check_loaded(vllm), router.check_loaded(vllm)) == [
+            True, True]
+    finally:
+        await vllm.http.aclose()
+        store.close()
+    assert [body["lora_name"] for path, body in fake.admin
+            if path == "/v1/load_lora_adapter"] == [name]
