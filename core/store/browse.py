@@ -70,6 +70,13 @@ class Browse:
             "reward_mean": float(row.reward_mean) if row.reward_mean is not None else None,
         } for row in rows]}
 
+    def users(self, tenant: str) -> list[str]:
+        """The users whose turns ``tenant`` recorded (whose personal adapters it may see)."""
+        with self.db.connect() as conn:
+            return sorted(row.user for row in conn.execute(
+                select(turns.c.user).where(turns.c.tenant == tenant, turns.c.user.is_not(None))
+                .distinct()))
+
     def session(self, session_id: str, *, tenant: str | None = None,
                 ) -> list[dict[str, Any]] | None:
         """The session's turns, oldest first, each with its ``judgment`` (None when not
