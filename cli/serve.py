@@ -75,7 +75,8 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
     free_port_or_fail(host, port)
     for url in settings.backends:
         _look_at_backend(url, backend_api_key, policy)
-    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
+    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}; "
+               f"dashboard: http://{host}:{port}/ui/", err=True)
     run_proxy(settings, host, port)
 
 

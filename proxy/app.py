@@ -36,7 +36,7 @@ from nextstate.core.routing import Router
 from nextstate.core.store import Store
 from nextstate.proxy import admin, dashboard, passthrough
 from nextstate.proxy.asgi import TENANT
-from nextstate.proxy.dashboard.static import is_static
+from nextstate.proxy.dashboard.page import is_static
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.dialects import routes as dialects
 from nextstate.proxy.errors import (

@@ -38,8 +38,8 @@ def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
              "nextstate.adapters, nextstate.core.store; "
              "assert importlib.util.find_spec('torch') is None; "
              "assert importlib.util.find_spec('proxy') is None; "
-             "from nextstate.proxy.dashboard import static; "
-             "assert set(static.load()) == set(static.FILES); print('ok')")
+             "from nextstate.proxy.dashboard import page; "
+             "assert set(page.load()) == set(page.FILES); print('ok')")
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "ok", out.stderr
     cli = subprocess.run([env_dir / "bin" / "nextstate", "--help"], capture_output=True,

@@ -20,6 +20,24 @@ from nextstate.core.store.judgments import Judgments
 from nextstate.core.store.schema import judgments, turns
 from nextstate.core.store.turns import Turns
 
+PREVIEW = 120  # characters of a session's opening shown in the list
+
+
+def _opening(request: Any) -> str:
+    """What a session's first turn asked: its last user message (or prompt), shortened."""
+    text: Any = ""
+    if isinstance(request, dict):
+        messages = request.get("messages")
+        if isinstance(messages, list):
+            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+            text = users[-1].get("content") if users else ""
+        else:
+            text = request.get("prompt", "")
+    if isinstance(text, list):  # content parts: the text ones
+        text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= PREVIEW else text[:PREVIEW - 1] + "…"
+
 
 def _matching(query: str) -> Any:
     """Turns where ``query`` appears (ids, user, model, or any text they carry)."""
@@ -38,8 +56,9 @@ class Browse:
     def sessions(self, *, tenant: str | None = None, query: str = "", limit: int = 50,
                  offset: int = 0) -> dict[str, Any]:
         """Sessions (``tenant``'s, when given) that match ``query``, most recently active
-        first: {"total", "sessions": [{id, turns, main_turns, started_at, last_at, user,
-        tenant, served_model, judged, reward_mean}]}."""
+        first: {"total", "sessions": [{id, opening (what its first turn asked), turns,
+        main_turns, started_at, last_at, user, tenant, served_model, judged,
+        reward_mean}]}."""
         where: list[Any] = []
         if tenant is not None:
             where.append(turns.c.tenant == tenant)
@@ -63,8 +82,13 @@ class Browse:
         with self.db.connect() as conn:
             total = int(conn.execute(total_query).scalar_one())
             rows = conn.execute(rows_query).all()
+            openings = {row.session_id: _opening(row.request) for row in conn.execute(
+                select(turns.c.session_id, turns.c.request).where(
+                    turns.c.session_id.in_([r.session_id for r in rows]),
+                    turns.c.turn_index == 0))} if rows else {}
         return {"total": total, "sessions": [{
-            "id": row.session_id, "turns": int(row.turns), "main_turns": int(row.main or 0),
+            "id": row.session_id, "opening": openings.get(row.session_id, ""),
+            "turns": int(row.turns), "main_turns": int(row.main or 0),
             "started_at": row.started_at, "last_at": row.last_at, "user": row.user,
             "tenant": row.tenant, "served_model": row.served_model, "judged": int(row.judged),
             "reward_mean": float(row.reward_mean) if row.reward_mean is not None else None,

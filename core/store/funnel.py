@@ -83,7 +83,7 @@ class Funnel:
              "drops": [_drop("judge errors (retried, then given up)", errors,
                              facts.judge_errors)],
              "note": f"{facts.no_next_state} ended without a next state: only feedback "
-                     "scores them"},
+                     "scores them" if facts.no_next_state else None},
             {"key": "judged", "label": "judged", "count": judged, "waiting": None,
              "drops": [_drop("no signal (0, no hint)", untrained["no_signal"]),
                        _drop("tokens not trainable", untrained["untrainable"],

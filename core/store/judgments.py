@@ -151,9 +151,10 @@ class Judgments:
 
     def for_turns(self, turn_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The judgments of these turns, by turn id (the dashboard's session page)."""
+        if not turn_ids:
+            return {}
         with self.db.connect() as conn:
-            rows = conn.execute(select(judgments).where(
-                judgments.c.turn_id.in_(list(turn_ids)))) if turn_ids else []
+            rows = conn.execute(select(judgments).where(judgments.c.turn_id.in_(list(turn_ids))))
             return {row.turn_id: {str(k): v for k, v in row._mapping.items()} for row in rows}
 
     def trained_by_version(self) -> dict[int, int]:

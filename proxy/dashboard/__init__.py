@@ -1,11 +1,11 @@
 """The dashboard: see it learn, in a browser (browser -> proxy -> store, vLLM).
 
 Served by the proxy at ``/ui/`` behind the proxy's own keys (a tenant sees its own data,
-admin everything), with no build step: static files (`static`) and JSON endpoints under
+admin everything), with no build step: static files (`page`) and JSON endpoints under
 ``/v1/dashboard/`` that read the store's concepts (funnel, curves, browse, adapters),
 never a query of their own. Charts are SVG drawn here (`charts`).
 
-    static.py     /ui/: the page, its script and style (package data)
+    page.py       /ui/: the page, its script and style (static/, package data)
     viewer.py     who is looking (admin or a tenant), what they may see
     api.py        me, funnel, curves, adapters
     sessions.py   sessions (searchable), one session, one turn's tokens
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route
 
-from nextstate.proxy.dashboard import api, sessions, static
+from nextstate.proxy.dashboard import api, page, sessions
 
 API = "/v1/dashboard"
 
@@ -24,7 +24,7 @@ API = "/v1/dashboard"
 def routes() -> list[BaseRoute]:
     """The page's files (read now, from the package) and its data endpoints."""
     return [
-        *static.routes(static.load()),
+        *page.routes(page.load()),
         Route(f"{API}/me", api.me, methods=["GET"]),
         Route(f"{API}/funnel", api.funnel, methods=["GET"]),
         Route(f"{API}/curves", api.curves, methods=["GET"]),

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nextstate.core.lora import NOT_SERVABLE, PERSONAL, AdapterStatus
+from nextstate.core.store.curves import BASE_ADAPTER
 from nextstate.core.vllm import VLLMError
 from nextstate.proxy.dashboard.charts import Point, Series, line_chart
 from nextstate.proxy.dashboard.viewer import (
@@ -96,16 +97,22 @@ def _charts(rows: list[dict[str, Any]], scores: list[dict[str, Any]],
                          reference=reference)
         charts.append({"key": key, "title": title, "svg": svg})
     benches: dict[str, dict[str, list[Point]]] = {}
+    base: dict[str, float] = {}  # a benchmark's score of the base model, before any step
     for score in scores:
-        row = by_name.get(score["adapter"])
-        if row is not None:
-            benches.setdefault(score["benchmark"], {}).setdefault(row["policy"], []).append(
-                Point(at[row["version"]], float(score["score"]), row["name"]))
+        if score["adapter"].endswith(BASE_ADAPTER):
+            base[score["benchmark"]] = float(score["score"])
+            benches.setdefault(score["benchmark"], {})
+        scored = by_name.get(score["adapter"])
+        if scored is not None:
+            benches.setdefault(score["benchmark"], {}).setdefault(scored["policy"], []).append(
+                Point(at[scored["version"]], float(score["score"]), scored["name"]))
     for bench, series in benches.items():
         key = f"score:{bench}"
+        reference = (base[bench], "base model") if bench in base else None
         charts.append({"key": key, "title": f"benchmark score: {bench}", "svg": line_chart(
             key, f"benchmark score: {bench}", labels,
-            [Series(name, tuple(points)) for name, points in series.items()])})
+            [Series(name, tuple(points)) for name, points in series.items()],
+            reference=reference)})
     return charts
 
 
@@ -117,7 +124,7 @@ async def curves(request: Request) -> Response:
             if visible(r["policy"], allowed, policy)]
     scores = [s for s in await in_store(deps.store.curves.scores, allowed)
               if visible(s["policy"], allowed, policy)]
-    served = await in_store(deps.store.curves.served, who.scope)
+    served: dict[str, dict[str, Any]] = await in_store(deps.store.curves.served, who.scope)
     report = await _report(deps)
     steps = [s for s in report.get("steps") or []
              if s.get("outcome") == AdapterStatus.REFUSED and (
@@ -127,7 +134,7 @@ async def curves(request: Request) -> Response:
         kind = "personal" if PERSONAL in row["policy"] else "shared"
         kinds.setdefault(row["policy"], {"policy": row["policy"], "kind": kind,
                                          "versions": 0})["versions"] += 1
-    base = served.get(deps.router.base_model or "") if deps.router.base_model else None
+    base = served.get(deps.router.base_model) if deps.router.base_model else None
     return json_response({
         "object": "nextstate.curves", "policies": list(kinds.values()), "versions": rows,
         "base": base, "scores": scores,

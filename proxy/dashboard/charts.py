@@ -17,7 +17,8 @@ from html import escape
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f",
            "#be185d")
 WIDTH, HEIGHT = 640, 240
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 36, 40
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 44, 40
+PAD = 12  # between the plot's frame and its first and last points
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _bounds(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.3g}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def line_chart(key: str, title: str, x_labels: Sequence[str], series: Sequence[Series], *,
@@ -71,14 +72,14 @@ def line_chart(key: str, title: str, x_labels: Sequence[str], series: Sequence[S
     values = [p.y for s in series for p in s.points]
     if not values or not x_labels:
         out.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" '
-                   'font-size="12" fill="#6b7280">no versions yet</text></svg>')
+                   'font-size="12" fill="#6b7280">nothing to plot yet</text></svg>')
         return "".join(out)
     low, high = _bounds([*values, *([reference[0]] if reference else [])])
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     n = len(x_labels)
 
     def x_at(i: int) -> float:
-        return LEFT + (plot_w / 2 if n == 1 else plot_w * i / (n - 1))
+        return LEFT + (plot_w / 2 if n == 1 else PAD + (plot_w - 2 * PAD) * i / (n - 1))
 
     def y_at(v: float) -> float:
         return TOP + plot_h * (1 - (v - low) / (high - low))
@@ -103,7 +104,7 @@ def line_chart(key: str, title: str, x_labels: Sequence[str], series: Sequence[S
                    f'stroke="#9ca3af" stroke-dasharray="4 3"/><text x="{LEFT + plot_w - 4}" '
                    f'y="{y - 4:.1f}" font-size="10" text-anchor="end" fill="#6b7280">'
                    f'{escape(reference[1])}</text>')
-    legend_x = LEFT + 8 + 7 * len(title)
+    legend_x = LEFT  # a row under the title
     for k, line in enumerate(series):
         color = PALETTE[k % len(PALETTE)]
         xy = " ".join(f"{x_at(p.x):.1f},{y_at(p.y):.1f}" for p in line.points)
@@ -113,9 +114,9 @@ def line_chart(key: str, title: str, x_labels: Sequence[str], series: Sequence[S
                        f'fill="{color}" data-series="{escape(line.name)}" '
                        f'data-label="{escape(p.label)}"><title>{escape(p.label)}: '
                        f'{_fmt(p.y)}</title></circle>')
-        out.append(f'<rect x="{legend_x}" y="8" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{legend_x + 14}" y="17" font-size="11" fill="#374151">'
+        out.append(f'<rect x="{legend_x}" y="24" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{legend_x + 14}" y="33" font-size="11" fill="#374151">'
                    f'{escape(line.name)}</text>')
-        legend_x += 24 + 7 * len(line.name)
+        legend_x += 26 + 7 * len(line.name)
     out.append("</svg>")
     return "".join(out)

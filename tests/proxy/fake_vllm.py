@@ -62,6 +62,8 @@ class FakeVLLM:
                 for name in ["toy", *sorted(self.loaded)]]})
         if request.url.path == "/health":
             return httpx.Response(200)
+        if request.url.path == "/detokenize":  # a token's text: "<id>"
+            return httpx.Response(200, json={"prompt": "".join(f"<{t}>" for t in body["tokens"])})
         if request.url.path == "/tokenize":
             return httpx.Response(200, json={"count": len(PROMPT_IDS), "tokens": PROMPT_IDS})
         self.requests.append(body)

@@ -23,11 +23,21 @@ function el(tag, attrs, ...children) {
     else if (name === "onclick" || name === "onsubmit") node.addEventListener(name.slice(2), value);
     else node.setAttribute(name, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  return append(node, children);
+}
+
+// Children are nodes, text or (nested) arrays of them; null, undefined and false are skipped.
+function append(node, children) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return node;
+}
+
+function fill(node, ...children) {
+  node.replaceChildren();
+  return append(node, children);
 }
 
 function fmt(value, digits = 3) {
@@ -80,7 +90,7 @@ function takeKeyFromUrl() {
 
 function showLogin(message) {
   const main = document.getElementById("main");
-  main.replaceChildren(document.getElementById("login").content.cloneNode(true));
+  fill(main, document.getElementById("login").content.cloneNode(true));
   document.getElementById("login-error").textContent = message || "";
   document.getElementById("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -107,7 +117,7 @@ async function funnelPage(main) {
   const learner = data.learner;
   const health = learner && learner.health;
   const progress = data.progress;
-  main.replaceChildren(
+  fill(main,
     el("h1", { text: data.tenant ? `Funnel: tenant ${data.tenant}` : "Funnel: every tenant" }),
     el("div", { class: "card", id: "learner" },
       learner
@@ -160,7 +170,7 @@ function svgNode(markup) {
 async function curvesPage(main) {
   const data = await api(`${API}/curves`);
   const gate = data.gate;
-  main.replaceChildren(
+  fill(main,
     el("h1", { text: "Learning curves" }),
     el("p", { class: "muted" },
       data.policies.length
@@ -207,17 +217,18 @@ async function sessionsPage(main, params) {
   const input = el("input", { id: "search", type: "search", value: q,
                               placeholder: "search ids, users, models and text" });
   const go = (to) => { location.hash = `#/sessions?q=${encodeURIComponent(input.value)}&offset=${to}`; };
-  main.replaceChildren(
+  fill(main,
     el("h1", { text: "Sessions" }),
     el("form", { class: "search", onsubmit: (e) => { e.preventDefault(); go(0); } },
       input, el("button", { type: "submit", text: "Search" })),
     el("p", { class: "muted" }, el("span", { id: "session-total", text: data.total }),
       q ? ` sessions match “${q}”` : " sessions"),
     el("table", { id: "sessions" },
-      el("tr", {}, ["session", "user", "turns", "judged", "mean reward", "served by", "last turn"]
+      el("tr", {}, ["session", "opened with", "user", "turns", "judged", "mean reward", "served by", "last turn"]
         .map((h) => el("th", { text: h }))),
       data.sessions.map((s) => el("tr", { "data-session": s.id },
-        el("td", {}, el("a", { href: `#/sessions/${encodeURIComponent(s.id)}`, text: s.id })),
+        el("td", {}, el("a", { href: `#/sessions/${encodeURIComponent(s.id)}`, text: s.id.length > 14 ? `${s.id.slice(0, 12)}…` : s.id, title: s.id })),
+        el("td", { class: "opening", text: s.opening }),
         el("td", { text: s.user || "–" }), el("td", { class: "num", text: s.turns }),
         el("td", { class: "num", text: s.judged }), el("td", { class: "num", text: fmt(s.reward_mean) }),
         el("td", { text: s.served_model || "–" }), el("td", { text: when(s.last_at) })))),
@@ -273,7 +284,7 @@ function judgmentBlock(j, teacherHints) {
 
 async function sessionPage(main, id) {
   const data = await api(`${API}/sessions/${encodeURIComponent(id)}`);
-  main.replaceChildren(
+  fill(main,
     el("h1", {}, el("a", { href: "#/sessions", text: "Sessions" }), " / ", el("span", { id: "session-id", text: id })),
     data.turns.map((turn) => turnCard(turn)));
 }
@@ -301,7 +312,7 @@ function turnCard(turn) {
       el("span", { class: "served", text: `served by ${turn.served_model || "–"}` }),
       el("span", { text: `latency ${fmt(turn.latency_ms, 4)} ms` }),
       turn.ttft_ms ? el("span", { text: `first token ${fmt(turn.ttft_ms, 4)} ms` }) : null,
-      el("span", { class: "token-count", text: `tokens ${usage.prompt_tokens ?? turn.prompt_tokens} + ${usage.completion_tokens ?? turn.completion_tokens}` }),
+      el("span", { class: "token-count", text: `tokens: ${usage.prompt_tokens ?? turn.prompt_tokens} prompt, ${usage.completion_tokens ?? turn.completion_tokens} completion` }),
       turn.user ? el("span", { text: `user ${turn.user}` }) : null,
       turn.untrainable ? el("span", { class: "error", text: `untrainable: ${turn.untrainable}` }) : null,
       turn.completion_tokens
@@ -315,7 +326,7 @@ async function showTokens(turnId, box) {
   const hints = data.hints.length ? data.hints : [];
   const teachers = data.tokens.length ? data.tokens[0].teacher.length : 0;
   const head = ["#", "token", "id", "logprob", ...Array.from({ length: teachers }, (_, k) => `teacher ${k + 1}`)];
-  box.replaceChildren(
+  fill(box,
     hints.length ? el("ol", { class: "muted" }, hints.map((h) => el("li", { text: `hint: ${h}` }))) : null,
     el("table", { class: "tokens" },
       el("tr", {}, head.map((h) => el("th", { text: h }))),
@@ -331,7 +342,7 @@ async function showTokens(turnId, box) {
 
 async function adaptersPage(main) {
   const data = await api(`${API}/adapters`);
-  main.replaceChildren(
+  fill(main,
     el("h1", { text: "Adapters" }),
     el("p", { class: "muted", id: "replicas" }, "replicas: ",
       data.replicas.map((r) => el("span", { class: `pill ${r.up ? "current" : "failed"}`, text: `${r.url} ${r.up ? "up" : "down"}` }))),
@@ -362,7 +373,7 @@ async function rollback(adapter) {
   } catch (error) {
     notice(`Rollback failed: ${error.message}`, true);
   }
-  render();
+  render(true);  // (keeps the notice)
 }
 
 // -- the router ---------------------------------------------------------------------------------
@@ -375,6 +386,7 @@ async function render(quiet = false) {
   const params = new URLSearchParams(query || "");
   const main = document.getElementById("main");
   delete main.dataset.page;
+  delete main.dataset.view;
   for (const link of document.querySelectorAll("nav a")) {
     link.classList.toggle("active", link.dataset.page === page);
   }
@@ -395,9 +407,10 @@ async function render(quiet = false) {
       viewer = null;
       showLogin(error.message);
     } else {
-      main.replaceChildren(el("p", { class: "error", id: "error", text: error.message }));
+      fill(main, el("p", { class: "error", id: "error", text: error.message }));
     }
   }
+  main.dataset.view = location.hash;  // this view is drawn (what tests wait for)
 }
 
 document.getElementById("sign-out").addEventListener("click", () => {

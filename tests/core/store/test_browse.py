@@ -49,6 +49,7 @@ def test_sessions_come_newest_first_in_pages(store: Store):
     sa = rest["sessions"][-1]
     assert (sa["turns"], sa["main_turns"], sa["judged"], sa["reward_mean"]) == (2, 2, 1, -1.0)
     assert (sa["user"], sa["tenant"], sa["served_model"]) == ("a:al", "a", "p@000001")
+    assert sa["opening"] == "What is the Capital of France?"
 
 
 def test_search_finds_text_ids_and_users_case_insensitively_and_literally(store: Store):
