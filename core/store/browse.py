@@ -35,8 +35,8 @@ def _opening(request: Any) -> str:
             text = request.get("prompt", "")
     if isinstance(text, list):  # content parts: the text ones
         text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
-    text = " ".join(str(text or "").split())
-    return text if len(text) <= PREVIEW else text[:PREVIEW - 1] + "…"
+    words = " ".join(str(text or "").split())
+    return words if len(words) <= PREVIEW else words[:PREVIEW - 1] + "…"
 
 
 def _matching(query: str) -> Any:
