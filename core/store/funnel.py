@@ -54,14 +54,14 @@ class Funnel:
         self.judgments = judgments
 
     def read(self, *, tenant: str | None = None, method: str = "combined",
-             batch_turns: int = 16) -> dict[str, Any]:
-        """The stages, for ``tenant``'s turns (None: everyone's), with the progress toward
-        the next step of ``method`` (``batch_turns`` ready turns make one)."""
+             batch_turns: int = 16, personal_after: int | None = None) -> dict[str, Any]:
+        """The stages, for ``tenant``'s turns (None: everyone's), and the progress toward
+        the next step of ``method`` (`progress`)."""
         self.db.ensure_schema()
         facts = loop_facts(self.db.engine, tenant=tenant)
         counts = self.judgments.counts(tenant)
         rewards = self.judgments.reward_stats(tenant)
-        ready = self.judgments.ready_count(method, tenant)
+        ready = self.judgments.ready_count(method, tenant)  # (this tenant's share)
         trained = self.judgments.trained_count(tenant)
         untrained = self.judgments.untrained(method, tenant)
         judgeable = facts.main_turns - counts["awaiting_next_state"]
@@ -97,5 +97,17 @@ class Funnel:
              "drops": []},
         ]
         return {"stages": stages,
-                "progress": {"ready": ready, "batch_turns": batch_turns, "method": method,
-                             "fraction": min(1.0, ready / batch_turns) if batch_turns else 0.0}}
+                "progress": self.progress(tenant, method, batch_turns, personal_after)}
+
+    def progress(self, tenant: str | None, method: str, batch_turns: int,
+                 personal_after: int | None) -> dict[str, Any]:
+        """How close each adapter is to its next step (``batch_turns`` ready turns make
+        one): the shared adapter, and with personal adapters (``personal_after``) each
+        user's own, a tenant's users only; the fullest decides when the next step comes."""
+        sizes = {user: n for user, n in self.judgments.lanes(method, personal_after).items()
+                 if user is None or tenant is None or user == tenant
+                 or user.startswith(f"{tenant}:")}
+        lanes = [{"user": user, "ready": n} for user, n in sizes.items()]
+        ready = max(sizes.values())
+        return {"ready": ready, "batch_turns": batch_turns, "method": method, "lanes": lanes,
+                "fraction": min(1.0, ready / batch_turns) if batch_turns else 0.0}

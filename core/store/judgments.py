@@ -199,6 +199,17 @@ class Judgments:
         with self.db.connect() as conn:
             return sorted(row.user for row in conn.execute(_personal_users(method, min_turns)))
 
+    def lanes(self, method: str, min_turns: int | None) -> dict[str | None, int]:
+        """Turns ready to train on per adapter: {None: the shared one's, user: that
+        user's own} (users past ``min_turns``, as `personal_users`; None: no personal
+        adapters). A step trains one of them once it has a batch."""
+        if min_turns is None:
+            return {None: self.ready_count(method)}
+        ready = self.ready_by_user(method)
+        own = self.personal_users(method, min_turns)
+        shared = sum(n for user, n in ready.items() if user not in own)
+        return {None: shared, **{user: ready.get(user, 0) for user in own}}
+
     def ready_by_user(self, method: str) -> dict[str | None, int]:
         """How many turns are ready to train on, per user (None: turns of nobody)."""
         query = (select(turns.c.user, func.count().label("n"))

@@ -64,8 +64,10 @@ async def funnel(request: Request) -> Response:
     report = await _report(deps)
     method = str(report.get("method") or "combined")
     batch = int(report.get("batch_turns") or 16)
+    after = report.get("personal_after")
     body = await in_store(deps.store.funnel.read, tenant=who.scope, method=method,
-                          batch_turns=batch)
+                          batch_turns=batch,
+                          personal_after=int(after) if isinstance(after, int) else None)
     learner = {key: report.get(key) for key in ("state", "updated_at", "age_seconds",
                                                 "health", "adapter", "judge")}
     return json_response({"object": "nextstate.funnel", "tenant": who.scope, **body,

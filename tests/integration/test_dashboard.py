@@ -41,8 +41,9 @@ pytestmark = pytest.mark.integration
 ROOT, ALICE, BOB = "root-key", "alice-key", "bob-key"
 ALICE_USER = "alice:al"  # her turns' user: X-NextState-User "al" within tenant alice
 # Each session's first turn is corrected (a -1 with a hint): alice's 10 turns with a
-# signal give her user an adapter of her own; bob's 8 train the shared one.
-PERSONAL_AFTER = 9
+# signal give her user an adapter of her own; bob's 8 (9 with his last) train the
+# shared one.
+PERSONAL_AFTER = 10
 CHROMIUM = Path(os.environ.get("NEXTSTATE_CHROMIUM", "/usr/bin/chromium"))
 # Headless, and quiet on a closed network (no background fetches, no updates, no QUIC).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -126,9 +127,9 @@ def screenshots(request, tmp_path_factory) -> Path:
     folder = (Path(given) if given else tmp_path_factory.getbasetemp()) / "dashboard"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"dashboard screenshots: {folder}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\ndashboard screenshots: {folder}")
     return folder
 
 
@@ -181,6 +182,23 @@ def go(page, view: str) -> None:
     settled(page)
 
 
+def test_the_adapters_page_shows_which_replica_has_each_version(stack, vllm, open_as,
+                                                               screenshots):
+    """(First: the tests after it unload every adapter from the shared vLLM.)"""
+    loaded = {m["id"] for m in httpx.get(f"{vllm.url}/v1/models", timeout=10).json()["data"]}
+    page = open_as(ROOT, "/adapters")
+    rows = stack.store.adapters.versions()
+    assert page.locator("tr[data-adapter]").count() == len(rows) == 4
+    for row in rows:
+        shown = page.locator(f"tr[data-adapter='{row['name']}']")
+        assert shown.get_attribute("data-status") == row["status"]
+        replicas = shown.locator("td.replicas").inner_text()
+        assert (vllm.url in replicas) == (row["name"] in loaded), row["name"]
+    assert {r["name"] for r in rows if r["status"] == AdapterStatus.CURRENT} <= loaded
+    page.screenshot(path=screenshots / "adapters.png", full_page=True)
+    assert page.errors == []
+
+
 def test_the_funnel_counts_are_the_stores(stack, open_as, screenshots):
     page = open_as(ROOT)
     shown = {stage: int(page.get_attribute(f"[data-stage='{stage}']", "data-count"))
@@ -195,8 +213,11 @@ def test_the_funnel_counts_are_the_stores(stack, open_as, screenshots):
     scores = {s: int(page.get_attribute(f"[data-score='{s}']", "data-count"))
               for s in ("+1", "0", "-1")}
     assert scores == stack.store.judgments.reward_stats()["scores"]
-    ready = int(page.get_attribute("#progress", "data-ready"))
-    assert ready == stack.store.judgments.ready_count("combined")
+    lanes = stack.store.judgments.lanes("combined", PERSONAL_AFTER)
+    assert lanes == {None: 1, ALICE_USER: 3}  # 4 ready, but neither adapter has a batch
+    assert int(page.get_attribute("#progress", "data-ready")) == 3
+    assert int(page.get_attribute("#lanes [data-lane='shared']", "data-ready")) == 1
+    assert int(page.get_attribute(f"#lanes [data-lane='{ALICE_USER}']", "data-ready")) == 3
     assert page.get_attribute("#progress", "data-batch") == "4"
     page.screenshot(path=screenshots / "funnel.png", full_page=True)
     assert page.errors == []
@@ -282,7 +303,6 @@ def test_rollback_works_for_admin_and_is_absent_for_a_tenant(stack, open_as, scr
     page = open_as(ROOT, "/adapters")
     assert page.get_attribute(f"tr[data-adapter='{newest['name']}']", "data-status") == \
         AdapterStatus.CURRENT
-    page.screenshot(path=screenshots / "adapters.png", full_page=True)
     button = page.locator(f"button.rollback[data-version='{first['version']}']")
     page.once("dialog", lambda dialog: dialog.dismiss())  # "no": nothing changes
     button.click()
@@ -305,7 +325,7 @@ def test_rollback_works_for_admin_and_is_absent_for_a_tenant(stack, open_as, scr
     turn_id = answer.headers["x-nextstate-turn-id"]
     [served] = [t for t in stack.proxy.turns(41) if t["turn_id"] == turn_id]
     assert served["served_model"] == first["name"]
-    page.screenshot(path=screenshots / "adapters-rolled-back.png", full_page=True)
+    page.screenshot(path=screenshots / "adapters-rollback.png", full_page=True)
     assert page.errors == []
 
 

@@ -131,7 +131,12 @@ async function funnelPage(main) {
       el("div", { class: "progress" },
         (() => { const bar = el("div", { class: "fill" }); bar.style.width = `${100 * progress.fraction}%`; return bar; })()),
       el("span", { id: "progress", "data-ready": progress.ready, "data-batch": progress.batch_turns,
-                   text: `${progress.ready} of ${progress.batch_turns} turns ready (${progress.method})` })),
+                   text: `${progress.ready} of ${progress.batch_turns} turns ready (${progress.method})` }),
+      progress.lanes.length > 1
+        ? el("ul", { id: "lanes" }, progress.lanes.map((lane) => el("li", {
+            "data-lane": lane.user || "shared", "data-ready": lane.ready,
+            text: `${lane.user ? `${lane.user}'s own adapter` : "the shared adapter"}: ${lane.ready} of ${progress.batch_turns}` })))
+        : null),
     el("div", { class: "card", id: "funnel" }, data.stages.map((stage) => stageRow(stage, top))));
 }
 

@@ -27,7 +27,7 @@ class Verdict:
 
 
 def turn(*, tenant: str | None = None, turn_type: str = "main", done: bool = True,
-         status: str = "ok", secret: bool = False) -> TurnRecord:
+         status: str = "ok", secret: bool = False, user: str | None = None) -> TurnRecord:
     n = next(_ids)
     text = "my key is sk-abcdefghijklmnopqrstuvwx1234" if secret else f"question {n}"
     choice = {"index": 0, "message": {"role": "assistant", "content": f"reply {n}"},
@@ -36,7 +36,7 @@ def turn(*, tenant: str | None = None, turn_type: str = "main", done: bool = Tru
     return TurnRecord(
         turn_id=f"u{n}", endpoint="chat", created_at=time.time(), session_id=f"s{n}",
         request={"model": "m", "messages": [{"role": "user", "content": text}]},
-        turn_type=turn_type, session_done=done, status=status, tenant=tenant,
+        turn_type=turn_type, session_done=done, status=status, tenant=tenant, user=user,
         response={"model": "m", "choices": [choice], "prompt_token_ids": [1],
                   "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
 
@@ -96,7 +96,7 @@ def test_every_turn_is_in_a_stage_or_dropped_with_its_reason(store: Store) -> No
                              "refused by the publish gate": 1}
     assert stages["trained"]["count"] == 2
     assert funnel["progress"] == {"ready": 1, "batch_turns": 4, "method": "combined",
-                                  "fraction": 0.25}
+                                  "fraction": 0.25, "lanes": [{"user": None, "ready": 1}]}
     # The stages are the learner's own counts.
     counts = store.judgments.counts()
     assert (stages["recorded"]["count"], judged["count"]) == (counts["recorded"],
@@ -122,3 +122,22 @@ def test_a_tenant_sees_the_funnel_of_its_own_turns(store: Store) -> None:
     assert a["signal"]["waiting"]["count"] == 1
     assert (everyone["recorded"]["count"], everyone["judged"]["count"]) == (9, 6)
     assert store.judgments.counts("b")["judged"] == 5
+
+
+def test_progress_is_per_adapter_with_personal_ones_and_a_tenant_sees_its_users(
+        store: Store) -> None:
+    """Three of alice's turns wait for her own adapter, two of bob's for the shared one:
+    five are ready, but no adapter has a batch of four."""
+    alices = [turn(tenant="a", user="a:alice") for _ in range(3)]
+    bobs = [turn(tenant="b", user="b") for _ in range(2)]
+    store.turns.write([*alices, *bobs])
+    for t in [*alices, *bobs]:
+        store.judgments.save(t.turn_id, Verdict(-1))
+    everyone = store.funnel.read(batch_turns=4, personal_after=3)["progress"]
+    assert everyone["lanes"] == [{"user": None, "ready": 2}, {"user": "a:alice", "ready": 3}]
+    assert (everyone["ready"], everyone["fraction"]) == (3, 0.75)
+    assert store.judgments.ready_count("combined") == 5
+    assert store.funnel.read(tenant="b", batch_turns=4, personal_after=3)["progress"][
+        "lanes"] == [{"user": None, "ready": 2}]
+    assert store.funnel.read(tenant="a", batch_turns=4, personal_after=3)["progress"][
+        "lanes"] == [{"user": None, "ready": 2}, {"user": "a:alice", "ready": 3}]
