@@ -3,24 +3,12 @@ judgments and adapter versions in its store (what the dashboard's endpoints read
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from nextstate.core.store import Store
+from tests.core.store.test_funnel import Verdict
 from tests.proxy.fake_vllm import FakeVLLM
 from tests.proxy.test_app import ALICE, BOB, KEYS, open_client, records
-
-
-@dataclass(frozen=True)
-class Verdict:
-    score: int
-    hints: tuple[str, ...] = ()
-    source: str = "judge"
-    votes: tuple[int | None, ...] = (-1, -1, 0)
-    texts: tuple[str, ...] = ()
-    judge: str = "rules"
-    prompt_version: str = "1"
 
 
 def ask(client, headers: dict, session: str, *messages: str, done: bool = False) -> None:
@@ -48,7 +36,8 @@ def dash(tmp_path):
         turns = records(client, 3)
         store = Store(f"sqlite:///{tmp_path}/s.db")
         first = next(t for t in turns if t["session_id"] == "a-1" and t["turn_index"] == 0)
-        store.judgments.save(first["turn_id"], Verdict(-1, hints=("Answer with the number.",)),
+        store.judgments.save(first["turn_id"], Verdict(-1, hints=("Answer with the number.",),
+                                                       votes=(-1, -1, 0)),
                              teacher_logprobs=[[-0.1, -0.2, -0.3]])
         for version, policy in ((1, "toy"), (2, "toy~alice:al"), (3, "toy"), (4, "toy~bob")):
             name = f"{policy}@{version:06d}"

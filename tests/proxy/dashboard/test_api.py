@@ -69,3 +69,15 @@ def test_the_adapters_page_offers_rollback_to_admin_only(dash):
     # The endpoint itself refuses a tenant's rollback, whatever the page shows.
     assert client.post("/v1/adapters/rollback", json={"version": 1},
                        headers=BOB).status_code == 403
+
+
+def test_a_benchmarks_scores_are_a_curve_beside_the_base_models(dash):
+    client, store = dash
+    for adapter, score in (("toy@base", 0.25), ("toy@000001", 0.5), ("toy@000003", 0.75)):
+        store.curves.record_score("toy", adapter, "learning", score)
+    curves = client.get(f"{API}/curves", headers=ROOT).json()
+    chart = next(c for c in curves["charts"] if c["key"] == "score:learning")
+    assert points(chart["svg"]) == [("toy", "toy@000001"), ("toy", "toy@000003")]
+    assert "base model" in chart["svg"]
+    rows = {v["name"]: v for v in curves["versions"]}
+    assert rows["toy@000001"]["stats"]["loss"] == 1.0
