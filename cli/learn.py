@@ -2,7 +2,9 @@
 
     nextstate learn --backend URL     judge, train and publish, until stopped (several
                                       GPUs: torchrun --nproc-per-node N --no-python
-                                      nextstate learn ...)
+                                      nextstate learn ...); --metrics-port serves its
+                                      Prometheus metrics, --track logs its steps to
+                                      W&B, MLflow or TensorBoard
     nextstate status                  what the learner is doing, with progress to the next step
     nextstate adapters list           every adapter version and its state
     nextstate adapters rollback V     make version V current again
@@ -69,11 +71,21 @@ TRAINER = TrainerConfig()
               help="Under torchrun with N processes: each holds 1/N of the weights (FSDP), "
               "for a base model that does not fit one GPU.")
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Serve the learner's Prometheus metrics on this port (GET /metrics).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="The address --metrics-port listens on.")
+@click.option("--track", type=click.Choice(["wandb", "mlflow", "tensorboard"]),
+              multiple=True, help="Log every step's numbers and each version's name to "
+              "this tracker (repeatable; needs pip install 'nextstate[track]').")
+@click.option("--track-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where trackers write their runs (default: <data dir>/runs).")
 def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no_train: bool,
           store: str | None, backend_api_key: str | None, judge: str, judge_model: str | None,
           judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
-          personal_after: int | None, shard: bool, once: bool) -> None:
+          personal_after: int | None, shard: bool, once: bool, metrics_port: int | None,
+          metrics_host: str, track: tuple[str, ...], track_dir: Path | None) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
     from dataclasses import replace
 
@@ -110,8 +122,11 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
         look_at_backend(url, backend_api_key, base_model,
                         then="The learner starts anyway and publishes there once it does.")
 
+    observers = _observers(config, metrics_port, metrics_host, track,
+                           track_dir or data_dir() / "runs")
+
     async def go() -> None:
-        learner = Learner(config)
+        learner = Learner(config, observers=observers)
         try:
             await (learner.step() if once else learner.run())
         finally:
@@ -126,6 +141,39 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
     finally:
         ranks.stop()
         ranks.leave()
+
+
+def _observers(config: LearnerConfig, metrics_port: int | None, metrics_host: str,
+               track: tuple[str, ...], track_dir: Path) -> list[Any]:
+    """The learner's metrics server and trackers, started before it runs (a tracker
+    whose library is missing stops the command here, in one sentence)."""
+    from nextstate.learner.metrics import LearnerMetrics
+    from nextstate.learner.tracking import TrackingUnavailable, make_tracker, run_name
+
+    observers: list[Any] = []
+    if metrics_port is not None:
+        metrics = LearnerMetrics()
+        try:
+            port = metrics.serve(metrics_port, metrics_host)
+        except OSError as exc:
+            raise click.ClickException(f"--metrics-port {metrics_port}: {exc}") from exc
+        click.echo(f"learner metrics on http://{metrics_host}:{port}/metrics", err=True)
+        observers.append(metrics)
+    trainer = config.training.trainer
+    settings = {"policy": config.policy or config.base_model, "base_model": config.base_model,
+                "method": trainer.method, "batch_turns": trainer.batch_turns,
+                "learning_rate": trainer.learning_rate, "lora_rank": trainer.lora_rank,
+                "judge": config.judge, "teacher": config.teacher,
+                "gate_max_kl": config.training.gate_max_kl,
+                "personal_after": config.training.personal_min_turns}
+    name = run_name(str(settings["policy"]))
+    for kind in dict.fromkeys(track):
+        try:
+            observers.append(make_tracker(kind, track_dir, name, settings))  # type: ignore[arg-type]
+        except TrackingUnavailable as exc:
+            raise click.ClickException(f"--track {kind}: {exc}") from exc
+        click.echo(f"tracking the steps with {kind} (run {name}, under {track_dir})", err=True)
+    return observers
 
 
 @click.command()

@@ -76,5 +76,6 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
     for url in settings.backends:
         look_at_backend(url, backend_api_key, policy,
                         then="The proxy starts anyway and answers 502 until it does.")
-    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
+    click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}; "
+               f"dashboard: http://{host}:{port}/ui/", err=True)
     run_proxy(settings, host, port)

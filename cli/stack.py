@@ -136,5 +136,6 @@ def _announce(host: str, port: int, model: str, store: str | None, api_key: str 
         f"  export OPENAI_API_KEY={api_key or 'unused'}\n\n"
         f"  model:  {model}\n"
         f"  store:  {settings.resolved_store_url()}\n"
-        f"  export: nextstate export --store {settings.resolved_store_url()}\n\n"
+        f"  export: nextstate export --store {settings.resolved_store_url()}\n"
+        f"  dashboard: http://{host}:{port}/ui/\n\n"
         "Ctrl-C stops everything.", err=True)

@@ -2,13 +2,13 @@
 
 The proxy relays client requests itself (``proxy/relay.py``). Everything else that the
 proxy, the learner or the CLI asks a vLLM server goes through `VLLMClient`: health, the
-model list, loading, unloading and checking adapters, ``/tokenize``, and scoring with
-``/v1/completions`` (teacher logprobs). It sends the backend's key on every call, gives
-every call a timeout, and retries what is safe to retry. Every call here is idempotent
-(loading an adapter that is already loaded counts as loaded, unloading one that is not
-loaded counts as done, tokenizing and scoring change nothing), so a call that got no
-answer, or a 502, 503 or 504, is tried again up to ``retries`` times. Health checks are
-never retried: their answer is about now.
+model list, loading, unloading and checking adapters, ``/tokenize`` and ``/detokenize``,
+and scoring with ``/v1/completions`` (teacher logprobs). It sends the backend's key on
+every call, gives every call a timeout, and retries what is safe to retry. Every call
+here is idempotent (loading an adapter that is already loaded counts as loaded,
+unloading one that is not loaded counts as done, tokenizing and scoring change
+nothing), so a call that got no answer, or a 502, 503 or 504, is tried again up to
+``retries`` times. Health checks are never retried: their answer is about now.
 
     VLLMError              base; ``url`` is the backend
      ├── VLLMUnreachable   no answer (refused, timed out, connection lost)
@@ -136,6 +136,15 @@ class VLLMClient:
         if not isinstance(tokens, list):
             raise VLLMRefused(self.url, "tokenize", 200, "an answer without tokens")
         return [int(t) for t in tokens]
+
+    async def detokenize(self, model: str, tokens: list[int]) -> str:
+        """``POST /detokenize``: the text of these token ids (the dashboard shows each
+        recorded token's text this way)."""
+        text = (await self._json("POST", "/detokenize", {"model": model,
+                                                           "tokens": tokens})).get("prompt")
+        if not isinstance(text, str):
+            raise VLLMRefused(self.url, "detokenize", 200, "an answer without text")
+        return text
 
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/completions``, not streamed (scoring: ``prompt_logprobs``)."""

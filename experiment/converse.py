@@ -15,13 +15,15 @@ CORRECTIONS = ["No, that's wrong. Give me just the number.",
 
 
 def converse(base_url: str, sessions: int, offset: int = 0, user: str | None = None,
-             feedback: bool = True) -> None:
+             feedback: bool = True, api_key: str | None = None) -> None:
     """The learner's material: sessions of two turns, a question, a reply and a correction
     (with ``feedback``, every third one also carries a -1 and a hint), as ``user`` when
-    given."""
+    given, with the proxy's client key ``api_key`` when given."""
     ask = {"model": TOY, "temperature": 1.0, "max_tokens": 12}
-    as_user = {"X-NextState-User": user} if user else {}
-    with httpx.Client(base_url=base_url, timeout=120, headers=as_user) as client:
+    headers = {"X-NextState-User": user} if user else {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    with httpx.Client(base_url=base_url, timeout=120, headers=headers) as client:
         for i in range(offset, offset + sessions):
             question = [{"role": "user", "content": f"What is {i} plus {i + 3}?"}]
             first = client.post("/chat/completions", json={**ask, "messages": question})

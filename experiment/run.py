@@ -8,7 +8,9 @@ through the Anthropic SDK as Claude Code would; the learner judges those turns w
 `rules` judge,
 takes one optimizer step per ``batch_turns`` judged turns and publishes the adapter; after
 every step the persona rates the first reply to each of a fixed set of held-out problems,
-sent with recording off so that evaluation is never trained on.
+sent with recording off so that evaluation is never trained on. Each score is kept in the
+run's store beside the version it rated (`Curves.record_score`): the dashboard's learning
+curves show it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from nextstate.core.lora import AdapterStatus
+from nextstate.core.store.curves import BASE_ADAPTER
 from nextstate.core.vllm_server import free_port
 from nextstate.experiment.client import RetryingTransport
 from nextstate.experiment.personas import Persona, SimulatedUser
@@ -36,6 +39,8 @@ from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
+
+BENCHMARK = "learning"  # the scores' name in the store (the dashboard's curves)
 
 Progress = Callable[[str], None]
 METHODS = ("binary", "opd", "combined")
@@ -111,6 +116,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
             speaker = speaker_for(config.api, client, proxy.url)
             try:
                 run.scores.append(await evaluate(client, policy, persona, eval_set, config))
+                _record(learner, policy, f"{policy}{BASE_ADAPTER}", run.scores[-1])
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 for step in range(1, config.steps + 1):
                     trained = await train_one_step(client, learner, policy, persona,
@@ -128,6 +134,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                     await _until_serving(client, policy, version)
                     run.scores.append(await evaluate(client, policy, persona, eval_set,
                                                      config))
+                    _record(learner, policy, version, run.scores[-1])
                     progress(f"{method:>8} seed {config.seed}: step {step} score "
                              f"{run.scores[-1]:.3f} ({version}, {recorded} turns of traffic)")
             finally:
@@ -171,6 +178,12 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         if current is not None and current != before:
             return recorded, str(current["name"])
     return None
+
+
+def _record(learner: Learner, policy: str, adapter: str, score: float) -> None:
+    """The score of the version serving now, into the run's store: the dashboard's
+    learning curves show it beside the training numbers."""
+    learner.store.curves.record_score(policy, adapter, BENCHMARK, score)
 
 
 def _gate_events(run: MethodRun, step: int, entry: dict[str, Any]) -> None:

@@ -33,15 +33,8 @@ def full_lanes(store: Judgments, policy: str, method: str, batch_turns: int,
                min_turns: int | None) -> list[Lane]:
     """The lanes with a full batch of turns ready to train on, the one with the most
     waiting first (the shared lane first on a tie). Two queries however many users."""
-    shared = Lane(policy)
-    if min_turns is None:
-        return [shared] if store.ready_count(method) >= batch_turns else []
-    ready = store.ready_by_user(method)
-    personal = store.personal_users(method, min_turns)
-    own = set(personal)
-    sizes = [(sum(n for user, n in ready.items() if user not in own), shared)]
-    sizes += [(ready.get(user, 0), Lane(personal_policy(policy, user), user))
-              for user in personal]
+    sizes = [(n, Lane(policy) if user is None else Lane(personal_policy(policy, user), user))
+             for user, n in store.lanes(method, min_turns).items()]
     full = [(n, lane) for n, lane in sizes if n >= batch_turns]
     return [lane for _, lane in sorted(full, key=lambda pair: -pair[0])]
 

@@ -4,7 +4,8 @@
 A separate process from the proxy, attached to the same store and the same vLLM. It
 loops: judge the turns that have their next state; once enough judged turns carry a
 signal, train a step and publish the adapter; report what it is doing in the store (the
-proxy's status endpoint shows it). Killing it at any moment loses nothing: all of its
+proxy's status endpoint and dashboard show it), and to its observers (Prometheus metrics,
+experiment trackers: `observers`). Killing it at any moment loses nothing: all of its
 state is in the store and the adapter directories.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,9 +30,10 @@ from nextstate.learner import ranks
 from nextstate.learner.config import LearnerConfig
 from nextstate.learner.judging import JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
+from nextstate.learner.observers import Observer, close_all, tell
 from nextstate.learner.personal import personal_adapters
 from nextstate.learner.teacher import Teacher
-from nextstate.learner.training import TrainingStage
+from nextstate.learner.training import StepResult, TrainingStage
 
 log = logging.getLogger("nextstate.learner")
 
@@ -59,6 +62,7 @@ class Totals:
     judged: int = 0
     judge_failures: int = 0
     hints: int = 0
+    steps: dict[str, int] = field(default_factory=dict)  # steps taken, by outcome
     recent_errors: list[str] = field(default_factory=list)
 
     def add(self, report: JudgingReport) -> None:
@@ -70,8 +74,10 @@ class Totals:
 
 
 class Learner:
-    def __init__(self, config: LearnerConfig, judge: Judge | None = None) -> None:
+    def __init__(self, config: LearnerConfig, judge: Judge | None = None,
+                 observers: Sequence[Observer] = ()) -> None:
         self.config = config
+        self.observers = list(observers)
         self.policy = config.policy or config.base_model
         self.store = Store(config.store_url)
         self.judge = judge or make_judge(config)
@@ -93,6 +99,7 @@ class Learner:
         self._status: dict[str, Any] | None = None  # as last computed (see _set_state)
 
     async def close(self) -> None:
+        await asyncio.to_thread(close_all, self.observers)
         await self.teacher.close()
         for vllm in self.vllms:
             await vllm.aclose()
@@ -109,6 +116,7 @@ class Learner:
                                      self.config.judging)
         self.totals.add(report)
         done = report.judged + report.failed
+        result: StepResult | None = None
         await self._erase_forgotten()  # before housekeeping looks at what vLLM has
         if self.training is not None:
             await self.training.housekeeping()
@@ -127,9 +135,13 @@ class Learner:
             self.backends = await self.training.backends()
             if result is not None:
                 done += 1
+                self.totals.steps[result.outcome] = self.totals.steps.get(result.outcome, 0) + 1
                 if result.error:
                     self._error(result.error)
         await self._set_state("idle", report=True)
+        if self.observers:
+            step = self.training.history[-1] if self.training and result else None
+            await asyncio.to_thread(tell, self.observers, self._status or {}, step)
         return done
 
     async def _erase_forgotten(self) -> None:
@@ -179,6 +191,7 @@ class Learner:
             # Training processes (torchrun), and whether each holds a shard of the model.
             "ranks": ranks.world_size(), "sharded": training.shard,
             "batch_turns": training.batch_turns,
+            "gate_max_kl": self.config.training.gate_max_kl,
             "counts": {**judgments.counts(), "ready": judgments.ready_count(training.method),
                        "trained": judgments.trained_count()},
             "rewards": judgments.reward_stats(),

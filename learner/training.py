@@ -310,8 +310,8 @@ class TrainingStage:
 
     def _remember(self, result: StepResult, lane: Lane) -> StepResult:
         self.history = [*self.history, {
-            "version": result.version, "outcome": result.outcome, "error": result.error,
-            "at": time.time(),
+            "version": result.version, "name": result.name, "policy": lane.policy,
+            "outcome": result.outcome, "error": result.error, "at": time.time(),
             "user": lane.user, **asdict(result.stats)}][-10:]
         return result
 

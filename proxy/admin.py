@@ -31,21 +31,23 @@ from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
 
-def _caller(request: Request) -> tuple[Deps, str | None, bool]:
+def caller(request: Request) -> tuple[Deps, str | None, bool]:
+    """(deps, the caller's tenant, whether it sees everything: the admin key, or a proxy
+    without client keys)."""
     deps: Deps = request.state.deps
     admin = bool(request.scope.get(ADMIN)) or not deps.settings.tenants_by_key()
     return deps, request.scope.get(TENANT), admin
 
 
-def _require_admin(request: Request) -> Deps:
-    deps, _, admin = _caller(request)
+def require_admin(request: Request) -> Deps:
+    deps, _, admin = caller(request)
     if not admin:
         raise Forbidden("This needs the proxy's admin key.")
     return deps
 
 
 async def export(request: Request) -> Response:
-    deps, tenant, admin = _caller(request)
+    deps, tenant, admin = caller(request)
     session_id = request.query_params.get("session_id")
     turns = await asyncio.to_thread(
         lambda: list(deps.store.turns.iterate(session_id=session_id,
@@ -59,7 +61,7 @@ async def export(request: Request) -> Response:
 
 
 async def delete_session(request: Request) -> Response:
-    deps, tenant, admin = _caller(request)
+    deps, tenant, admin = caller(request)
     session_id = request.path_params["session_id"]
     deleted = await asyncio.to_thread(deps.store.retention.forget, session_id=session_id,
                                       tenant=None if admin else tenant)
@@ -74,7 +76,7 @@ async def delete_tenant(request: Request) -> Response:
     proxy stops routing to them at once (others at their next look at the store), their
     directories are deleted and each backend is told to unload them (a backend that
     cannot be reached now is left to the learner)."""
-    deps = _require_admin(request)
+    deps = require_admin(request)
     tenant = request.path_params["tenant"]
     deleted, _ = await lora.forget(deps.store, [b.vllm for b in deps.backends.backends],
                                    router=deps.router, tenant=tenant)
@@ -83,13 +85,13 @@ async def delete_tenant(request: Request) -> Response:
 
 
 async def list_adapters(request: Request) -> Response:
-    deps = _require_admin(request)
+    deps = require_admin(request)
     rows = await asyncio.to_thread(deps.store.adapters.versions)
     return _json({"object": "list", "data": rows})
 
 
 async def rollback(request: Request) -> Response:
-    deps = _require_admin(request)
+    deps = require_admin(request)
     body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes,
                                         deps.settings.body_timeout_seconds))
     version = body.get("version")

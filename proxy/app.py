@@ -6,11 +6,14 @@ over chat (`dialects.routes`); the other inference endpoints (models, embeddings
 tokenize, Anthropic's count_tokens) are forwarded as they are (`passthrough`); ``POST /v1/feedback``
 and ``POST /v1/next_state`` take what clients tell about earlier turns;
 ``GET /v1/learner/status`` shows what the learner does; export, deletion and adapter
-administration are in `admin`; ``GET /health`` reports the backends and the recorder.
-Anything else, vLLM's own administration included, is a 404 from the proxy and never
-reaches vLLM. Before routing, `paths.PathGuard` settles the one path every later step
-sees, then `ApiKeyMiddleware` checks the client's key. The HTTP clients, the store, the
-recorder and the adapter router are built in the lifespan and closed there.
+administration are in `admin`; ``GET /health`` reports the backends and the recorder,
+``GET /metrics`` the same and more for Prometheus (`metrics`); the dashboard is ``/ui/``
+and its data ``/v1/dashboard/`` (`dashboard`). Anything else, vLLM's own administration
+included, is a 404 from the proxy and never reaches vLLM. Every answer is counted and
+timed (`metrics.MetricsMiddleware`, outermost); `paths.PathGuard` settles the one path
+every later step sees, then `ApiKeyMiddleware` checks the client's key. The HTTP
+clients, the store, the recorder and the adapter router are built in the lifespan and
+closed there.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from starlette.routing import Route
 from nextstate.core.redact import Redactor
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
-from nextstate.proxy import admin, passthrough
+from nextstate.proxy import admin, dashboard, passthrough
 from nextstate.proxy.asgi import TENANT
+from nextstate.proxy.dashboard.page import is_static
 from nextstate.proxy.deps import Deps
 from nextstate.proxy.dialects import routes as dialects
 from nextstate.proxy.errors import (
@@ -45,6 +49,7 @@ from nextstate.proxy.errors import (
     shape_for,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
+from nextstate.proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.paths import PathGuard
 from nextstate.proxy.recorder import Recorder
@@ -70,7 +75,8 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = self.tenants_by_key or self.admin_key
-        if not guarded or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if not guarded or scope["type"] != "http" or scope["path"] in OPEN_PATHS or is_static(
+                scope["path"]):
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -150,6 +156,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | None = None,
              ) -> Starlette:
     """Build the proxy. ``transport`` replaces the network (tests use a MockTransport)."""
+    metrics = ProxyMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Deps]]:
@@ -180,9 +187,12 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             tasks.append(asyncio.create_task(backends.watch(
                 router, min(settings.health_interval_seconds,
                             settings.adapter_poll_seconds * 4))))
+        deps = Deps(settings, backends, recorder, store, router, metrics)
+        metrics.watch(deps)
         try:
-            yield {"deps": Deps(settings, backends, recorder, store, router)}
+            yield {"deps": deps}
         finally:
+            metrics.unwatch()
             for task in tasks:
                 task.cancel()
             await recorder.stop()
@@ -197,6 +207,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
                   methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/feedback", post_feedback, methods=["POST"]),
             Route("/v1/next_state", post_next_state, methods=["POST"]),
             Route("/v1/learner/status", learner_status, methods=["GET"]),
@@ -207,6 +218,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/adapters/rollback", admin.rollback, methods=["POST"]),
             *dialects.routes(),
             *passthrough.routes(),
+            *dashboard.routes(),
         ],
         exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
         lifespan=lifespan,
@@ -214,5 +226,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
     app.router.redirect_slashes = False  # a trailing slash is a 404, not a redirect
     app.add_middleware(ApiKeyMiddleware, tenants_by_key=settings.tenants_by_key(),
                        admin_key=settings.admin_key)
-    app.add_middleware(PathGuard)  # added last: the outermost, before the key check
+    app.add_middleware(PathGuard)  # before the key check
+    # Added last: the outermost, so that refusals (a bad path, a wrong key) are counted.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
     return app

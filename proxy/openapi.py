@@ -1,6 +1,7 @@
 """OpenAPI description of the proxy's own endpoints (client -> proxy), served at
-``/openapi.json`` and fuzzed by the tests (schemathesis). The OpenAI endpoints are
-described as far as the proxy itself looks at them; everything else passes to vLLM."""
+``/openapi.json`` and fuzzed by the tests (schemathesis), the dashboard's data and
+``/metrics`` included. The OpenAI endpoints are described as far as the proxy itself
+looks at them; everything else passes to vLLM."""
 
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ def _ok(description: str, media: str = "application/json") -> dict[str, Any]:
     return {"200": {"description": description, "content": {media: {"schema": {}}}}}
 
 
+def _dashboard() -> dict[str, Any]:
+    """The dashboard's data endpoints (proxy/dashboard/)."""
+    def get(name: str, *parameters: dict[str, Any], missing: bool = False) -> dict[str, Any]:
+        return {"get": {"operationId": f"dashboard_{name}", "parameters": list(parameters),
+                        "responses": {**_ok("the dashboard's data"),
+                                      **_errors(400, 401, *([404] if missing else []), 503)}}}
+
+    def path(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True,
+                "schema": {"type": "string", "minLength": 1}}
+
+    query = [{"name": "q", "in": "query", "schema": {"type": "string"}},
+             {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+             {"name": "limit", "in": "query", "schema": {"type": "integer"}}]
+    base = "/v1/dashboard"
+    return {f"{base}/me": get("me"), f"{base}/funnel": get("funnel"),
+            f"{base}/curves": get("curves"), f"{base}/adapters": get("adapters"),
+            f"{base}/sessions": get("sessions", *query),
+            f"{base}/sessions/{{session_id}}": get("session", path("session_id"),
+                                                   missing=True),
+            f"{base}/turns/{{turn_id}}/tokens": get("tokens", path("turn_id"), missing=True)}
+
+
 def openapi_schema() -> dict[str, Any]:
     generation = {**_ok("vLLM's answer (JSON, or an SSE stream when stream is true)"),
                   **_errors(400, 401, 404, 408, 413, 502)}
@@ -93,6 +117,9 @@ def openapi_schema() -> dict[str, Any]:
                 "parameters": [{"name": "session_id", "in": "path", "required": True,
                                 "schema": {"type": "string", "minLength": 1}}],
                 "responses": {**_ok("deleted"), **_errors(401, 404)}}},
+            "/metrics": {"get": {"operationId": "metrics", "responses": {
+                **_ok("Prometheus text", "text/plain"), **_errors(401, 403)}}},
+            **_dashboard(),
             "/health": {"get": {"operationId": "health", "responses": {
                 **_ok("the backend and the recorder"),
                 "503": {"description": "the backend is down",

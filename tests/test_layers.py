@@ -35,7 +35,8 @@ LAYERS: dict[str, tuple[str, frozenset[str]]] = {
 CORE_THIRD_PARTY = frozenset({"httpx", "orjson", "sqlalchemy"})
 # What the proxy's own install never has (the base install: no torch, no model code).
 NEVER_IN_PROXY = frozenset({"torch", "transformers", "peft", "safetensors", "tokenizers",
-                            "litellm", "click", "matplotlib", "yaml"})
+                            "litellm", "click", "matplotlib", "yaml", "wandb", "mlflow",
+                            "tensorboard", "tensorboardX"})
 
 
 def _imports(path: Path, package: str, root: Path = ROOT) -> list[tuple[int, str]]:

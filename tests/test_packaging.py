@@ -13,18 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_importing_the_proxy_does_not_import_torch():
+HEAVY = ("torch", "transformers", "wandb", "mlflow", "tensorboard")
+
+
+def test_importing_the_proxy_does_not_import_torch_nor_the_trackers():
     code = ("import sys, nextstate.proxy.app, nextstate.cli, nextstate.adapters; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.packaging
 def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
     """``pip install .`` (not editable) of the base package: the three packages import
-    under ``nextstate.*``, the CLI runs, and torch is not installed."""
+    under ``nextstate.*``, the CLI runs, torch is not installed, and the dashboard's
+    files are in the package."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
@@ -33,7 +37,9 @@ def test_plain_install_into_a_fresh_venv_imports_without_torch(tmp_path):
     check = ("import importlib.util, nextstate.proxy.app, nextstate.learner, "
              "nextstate.adapters, nextstate.core.store; "
              "assert importlib.util.find_spec('torch') is None; "
-             "assert importlib.util.find_spec('proxy') is None; print('ok')")
+             "assert importlib.util.find_spec('proxy') is None; "
+             "from nextstate.proxy.dashboard import page; "
+             "assert set(page.load()) == set(page.FILES); print('ok')")
     out = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "ok", out.stderr
     cli = subprocess.run([env_dir / "bin" / "nextstate", "--help"], capture_output=True,

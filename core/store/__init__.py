@@ -8,6 +8,9 @@ object per concept, so that no module knows all of them.
     store.retention   Retention: forgetting turns (and personal adapters), idle sessions
     store.status      LearnerStatus: what the learner last reported
     store.responses   Responses: Responses objects kept for previous_response_id
+    store.funnel      Funnel: where turns are on their way to a step, and why others drop
+    store.curves      Curves: what each adapter version did (its step, its traffic, scores)
+    store.browse      Browse: the sessions, searchable, and one session turn by turn
 
 Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
 """
@@ -15,7 +18,10 @@ Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.c
 from __future__ import annotations
 
 from nextstate.core.redact import Redactor
+from nextstate.core.store.browse import Browse
+from nextstate.core.store.curves import Curves
 from nextstate.core.store.database import Database, make_engine
+from nextstate.core.store.funnel import Funnel
 from nextstate.core.store.judgments import Judgments
 from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
 from nextstate.core.store.responses import Responses
@@ -24,9 +30,9 @@ from nextstate.core.store.rows import EXPORT_COLUMNS
 from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
-__all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Database", "Forgotten", "Judgments",
-           "LearnerStatus", "Responses", "Retention", "Store", "Turns", "TurnsForgotten",
-           "make_engine"]
+__all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Browse", "Curves", "Database", "Forgotten",
+           "Funnel", "Judgments", "LearnerStatus", "Responses", "Retention", "Store", "Turns",
+           "TurnsForgotten", "make_engine"]
 
 
 class Store:
@@ -42,6 +48,9 @@ class Store:
         self.retention = Retention(self.db)
         self.status = LearnerStatus(self.db)
         self.responses = Responses(self.db)
+        self.funnel = Funnel(self.db, self.judgments)
+        self.curves = Curves(self.db)
+        self.browse = Browse(self.db, self.turns, self.judgments)
 
     @property
     def url(self) -> str:

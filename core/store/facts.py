@@ -4,7 +4,8 @@ store -> `loop_facts` -> `nextstate.core.health` (findings) -> doctor / status. 
 of GROUP BY queries over the turns, judgments and adapters tables, the same on SQLite and
 PostgreSQL; each count is one of the places a turn, a hint or a step can be lost, so
 that none is lost silently. ``since`` limits the turns to recent traffic (a fix shows at
-once, not after the old turns age out).
+once, not after the old turns age out). The dashboard's funnel reads the same facts, for
+one tenant's turns or everyone's (`nextstate.core.store.funnel`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from nextstate.core.lora import AdapterStatus
 from nextstate.core.store.schema import adapters, judgments, turns
 
 
-def loop_facts(engine: Engine, since: float | None = None) -> LoopFacts:
+def loop_facts(engine: Engine, since: float | None = None, tenant: str | None = None,
+               ) -> LoopFacts:
+    """``tenant``: that tenant's turns only (the adapters' counts are everyone's)."""
     recent: tuple[Any, ...] = (turns.c.created_at >= since,) if since is not None else ()
+    if tenant is not None:
+        recent = (*recent, turns.c.tenant == tenant)
     with engine.connect() as conn:
         def grouped(*columns: Any, where: tuple[Any, ...] = (), source: Any = turns
                     ) -> list[Any]:

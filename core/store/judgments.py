@@ -112,12 +112,14 @@ class Judgments:
             row = conn.execute(select(judgments).where(judgments.c.turn_id == turn_id)).first()
         return {str(k): v for k, v in row._mapping.items()} if row is not None else None
 
-    def counts(self) -> dict[str, int]:
-        """Where turns are in the pipeline."""
+    def counts(self, tenant: str | None = None) -> dict[str, int]:
+        """Where turns are in the pipeline (``tenant``'s turns only, when given)."""
+        mine = _of_tenant(tenant)
         with self.db.connect() as conn:
             def count(*where: Any) -> int:
                 query = select(func.count()).select_from(
-                    turns.outerjoin(judgments, judgments.c.turn_id == turns.c.id)).where(*where)
+                    turns.outerjoin(judgments, judgments.c.turn_id == turns.c.id)).where(
+                    *mine, *where)
                 return int(conn.execute(query).scalar_one())
 
             main_ok = (turns.c.turn_type == "main", turns.c.status == "ok")
@@ -130,6 +132,38 @@ class Judgments:
                 "judged": count(judgments.c.status == "ok"),
                 "judge_errors": count(judgments.c.status == "error"),
             }
+
+    def untrained(self, method: str, tenant: str | None = None) -> dict[str, int]:
+        """Judged turns that no step will take, and why: no signal for ``method`` (a 0
+        with no hint), or tokens that are not exactly what vLLM sampled (redacted, a
+        router dropped them). Together with the ready, trained and skipped turns they
+        make up every judged turn."""
+        has_tokens = and_(turns.c.redacted.is_(False), turns.c.untrainable.is_(None))
+        query = (select(has_tokens.label("tokens"), func.count())
+                 .select_from(judgments.join(turns, turns.c.id == judgments.c.turn_id))
+                 .where(*_of_tenant(tenant), judgments.c.status == "ok",
+                        judgments.c.trained_version.is_(None))
+                 .where(or_(~_signal(method), ~has_tokens))
+                 .group_by(has_tokens))
+        with self.db.connect() as conn:
+            found = {bool(row[0]): int(row[1]) for row in conn.execute(query)}
+        return {"no_signal": found.get(True, 0), "untrainable": found.get(False, 0)}
+
+    def for_turns(self, turn_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The judgments of these turns, by turn id (the dashboard's session page)."""
+        if not turn_ids:
+            return {}
+        with self.db.connect() as conn:
+            rows = conn.execute(select(judgments).where(judgments.c.turn_id.in_(list(turn_ids))))
+            return {row.turn_id: {str(k): v for k, v in row._mapping.items()} for row in rows}
+
+    def trained_by_version(self) -> dict[int, int]:
+        """How many turns each adapter version learned from."""
+        query = (select(judgments.c.trained_version, func.count())
+                 .where(judgments.c.trained_version > 0)
+                 .group_by(judgments.c.trained_version))
+        with self.db.connect() as conn:
+            return {int(row[0]): int(row[1]) for row in conn.execute(query)}
 
     # -- training ---------------------------------------------------------------------------
 
@@ -165,6 +199,17 @@ class Judgments:
         with self.db.connect() as conn:
             return sorted(row.user for row in conn.execute(_personal_users(method, min_turns)))
 
+    def lanes(self, method: str, min_turns: int | None) -> dict[str | None, int]:
+        """Turns ready to train on per adapter: {None: the shared one's, user: that
+        user's own} (users past ``min_turns``, as `personal_users`; None: no personal
+        adapters). A step trains one of them once it has a batch."""
+        if min_turns is None:
+            return {None: self.ready_count(method)}
+        ready = self.ready_by_user(method)
+        own = self.personal_users(method, min_turns)
+        shared = sum(n for user, n in ready.items() if user not in own)
+        return {None: shared, **{user: ready.get(user, 0) for user in own}}
+
     def ready_by_user(self, method: str) -> dict[str | None, int]:
         """How many turns are ready to train on, per user (None: turns of nobody)."""
         query = (select(turns.c.user, func.count().label("n"))
@@ -179,25 +224,29 @@ class Judgments:
             conn.execute(update(judgments).where(judgments.c.turn_id.in_(list(turn_ids)))
                          .values(trained_version=-1, error=reason[:2000]))
 
-    def ready_count(self, method: str) -> int:
+    def ready_count(self, method: str, tenant: str | None = None) -> int:
         with self.db.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(judgments)
-                                    .where(*_ready_for(method))).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(_judged(tenant))
+                                    .where(*_ready_for(method), *_of_tenant(tenant)))
+                       .scalar_one())
 
-    def trained_count(self) -> int:
+    def trained_count(self, tenant: str | None = None) -> int:
         with self.db.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(judgments)
-                                    .where(judgments.c.trained_version > 0)).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(_judged(tenant))
+                                    .where(judgments.c.trained_version > 0,
+                                           *_of_tenant(tenant))).scalar_one())
 
-    def reward_stats(self) -> dict[str, Any]:
+    def reward_stats(self, tenant: str | None = None) -> dict[str, Any]:
         """How judged turns scored, and how many carried hints."""
+        mine = _of_tenant(tenant)
         with self.db.connect() as conn:
             rows = conn.execute(select(judgments.c.score, judgments.c.source,
                                        func.count().label("n"))
-                                .where(judgments.c.status == "ok")
+                                .select_from(_judged(tenant))
+                                .where(judgments.c.status == "ok", *mine)
                                 .group_by(judgments.c.score, judgments.c.source)).all()
-            hinted = conn.execute(select(func.count()).select_from(judgments)
-                                  .where(_has_teacher())).scalar_one()
+            hinted = conn.execute(select(func.count()).select_from(_judged(tenant))
+                                  .where(_has_teacher(), *mine)).scalar_one()
         by_score = {"+1": 0, "0": 0, "-1": 0}
         from_feedback = 0
         for score, source, n in rows:
@@ -207,6 +256,17 @@ class Judgments:
         mean = (by_score["+1"] - by_score["-1"]) / total if total else None
         return {"scores": by_score, "mean": mean, "from_feedback": from_feedback,
                 "with_hints": int(hinted)}
+
+
+def _of_tenant(tenant: str | None) -> tuple[Any, ...]:
+    """The condition on turns for one tenant's view (none: every tenant's)."""
+    return () if tenant is None else (turns.c.tenant == tenant,)
+
+
+def _judged(tenant: str | None) -> Any:
+    """Judgments, joined to their turns when only one tenant's count."""
+    return judgments if tenant is None else judgments.join(
+        turns, turns.c.id == judgments.c.turn_id)
 
 
 def _has_teacher() -> Any:

@@ -9,7 +9,8 @@ explicit scores and hints from users (headers, the feedback endpoint, adapters).
 The learner's tables live here too, so that the proxy can route to and report on what
 it publishes: ``judgments`` (one per judged turn: score, votes, hints, teacher logprobs,
 and the adapter version that learned from it), ``adapters`` (every version the learner
-made, and which one is current) and ``learner_status``.
+made, and which one is current), ``learner_status`` and ``scores`` (a benchmark's
+score of each version, where a run records one).
 
 A store created by an older nextstate gets the columns added since (all nullable) when
 it is opened: `add_missing_columns`.
@@ -161,6 +162,21 @@ adapters = Table(
     Column("retired_at", Float),
     Column("stats", JSON),
     Column("error", Text),
+)
+
+# A benchmark's score of one adapter version (``<policy>@base``: the base model before
+# any step), recorded by the run that measured it (`nextstate bench learning`); the
+# dashboard's learning curves show them beside the training numbers.
+scores = Table(
+    "scores",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("policy", String(256), nullable=False),
+    Column("adapter", String(256), nullable=False),
+    Column("benchmark", String(128), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_scores_policy", "policy", "created_at"),
 )
 
 learner_status = Table(

@@ -4,6 +4,7 @@ and says, what ``rollback`` loads, and one sentence for each newcomer's mistake.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -390,3 +391,49 @@ def test_rollback_refuses_a_version_that_may_not_or_cannot_serve(
     assert fake.admin == []  # nothing was loaded
     assert store.adapters.current("p")["name"] == "p@000001"  # nothing changed
     store.close()
+
+
+def test_learn_serves_its_metrics_and_tracks_its_run_where_told(tmp_path, monkeypatch):
+    """``--metrics-port`` serves while it runs, ``--track`` opens a run under
+    ``--track-dir`` with the learner's settings (steps come with training: the
+    integration tests read them back)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nextstate.learner import metrics
+
+    scraped: list[str] = []
+    closing = metrics.LearnerMetrics.close
+
+    def scrape_then_close(self):  # the last moment the server is up
+        port = self._server[0].server_port
+        scraped.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        closing(self)
+
+    monkeypatch.setattr(metrics.LearnerMetrics, "close", scrape_then_close)
+    monkeypatch.setenv("NEXTSTATE_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli.main, [
+        "learn", "--backend", "http://127.0.0.1:9", "--no-train", "--once",
+        "--store", f"sqlite:///{tmp_path / 's.db'}", "--metrics-port", "0",
+        "--track", "tensorboard", "--track-dir", str(tmp_path / "runs"), "--batch-turns", "7"])
+    assert result.exit_code == 0, result.output
+    assert "learner metrics on http://127.0.0.1:" in result.output
+    assert "tracking the steps with tensorboard" in result.output
+    families = {f.name for f in text_string_to_metric_families(scraped[0])}
+    assert {"nextstate_learner_turns", "nextstate_learner_state"} <= families
+    [run] = (tmp_path / "runs" / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    [config] = events.Tensors("config/text_summary")
+    assert "batch_turns: 7" in config.tensor_proto.string_val[0].decode()
+
+
+def test_learn_with_a_tracker_that_is_not_installed_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails
+    result = CliRunner().invoke(cli.main, [
+        "learn", "--backend", "http://127.0.0.1:9", "--no-train", "--once",
+        "--store", f"sqlite:///{tmp_path / 's.db'}", "--track", "wandb",
+        "--track-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    assert "--track wandb: wandb is not installed: pip install 'nextstate[track]'" in \
+        result.output

@@ -62,6 +62,13 @@ class FakeVLLM:
                 for name in ["toy", *sorted(self.loaded)]]})
         if request.url.path == "/health":
             return httpx.Response(200)
+        if request.url.path == "/detokenize":  # a token's text: "<id>"
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list):
+                return httpx.Response(400, json={"error": {
+                    "message": "tokens: field required", "type": "BadRequestError",
+                    "param": None, "code": 400}})
+            return httpx.Response(200, json={"prompt": "".join(f"<{t}>" for t in tokens)})
         if request.url.path == "/tokenize":
             return httpx.Response(200, json={"count": len(PROMPT_IDS), "tokens": PROMPT_IDS})
         self.requests.append(body)
