@@ -92,6 +92,11 @@ async def list_adapters(request: Request) -> Response:
 
 async def rollback(request: Request) -> Response:
     deps = require_admin(request)
+    # A web page can post text or a form to any address without asking; JSON it can't
+    # (the browser asks first, and the proxy grants no other origin): so no page a
+    # person visits can roll back a proxy that has no keys.
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise InvalidRequest("send the body as JSON, with Content-Type: application/json")
     body = parse_object(await read_body(request.receive, deps.settings.max_body_bytes,
                                         deps.settings.body_timeout_seconds))
     version = body.get("version")

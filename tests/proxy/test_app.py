@@ -427,6 +427,22 @@ def test_adapter_administration_needs_the_admin_key(tmp_path, fake):
                                       "lora_path": f"/adapters/{first}"}) in fake.admin
 
 
+def test_a_rollback_posted_as_text_or_a_form_is_refused(tmp_path, fake):
+    """What a web page can send anywhere without asking first (text, a form) never rolls
+    back a proxy, even one without keys; only JSON does."""
+    with open_client(tmp_path, fake, policy="toy", adapter_poll_seconds=0.02) as c:
+        publish_adapter(tmp_path, "toy", 1)
+        current = publish_adapter(tmp_path, "toy", 2)
+        wait_for_router(c, current)
+        for kind in ("text/plain", "application/x-www-form-urlencoded"):
+            answer = c.post("/v1/adapters/rollback", content=b'{"version": 1}',
+                            headers={"content-type": kind})
+            assert answer.status_code == 400
+            assert "Content-Type: application/json" in answer.json()["error"]["message"]
+        assert c.app_state["deps"].router.current == current
+        assert c.post("/v1/adapters/rollback", json={"version": 1}).status_code == 200
+
+
 def test_deleting_a_tenant_stops_serving_its_users_personal_adapters(tmp_path, fake):
     from nextstate.core.lora import personal_policy
 
