@@ -31,21 +31,22 @@ from nextstate.proxy.errors import BackendUnavailable, Forbidden, InvalidRequest
 ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
 
-def _caller(request: Request) -> tuple[Deps, str | None, bool]:
+def caller(request: Request) -> tuple[Deps, str | None, bool]:
+    """(deps, the caller's tenant, whether it may see every tenant)."""
     deps: Deps = request.state.deps
     admin = bool(request.scope.get(ADMIN)) or not deps.settings.tenants_by_key()
     return deps, request.scope.get(TENANT), admin
 
 
 def _require_admin(request: Request) -> Deps:
-    deps, _, admin = _caller(request)
+    deps, _, admin = caller(request)
     if not admin:
         raise Forbidden("This needs the proxy's admin key.")
     return deps
 
 
 async def export(request: Request) -> Response:
-    deps, tenant, admin = _caller(request)
+    deps, tenant, admin = caller(request)
     session_id = request.query_params.get("session_id")
     turns = await asyncio.to_thread(
         lambda: list(deps.store.turns.iterate(session_id=session_id,
@@ -59,7 +60,7 @@ async def export(request: Request) -> Response:
 
 
 async def delete_session(request: Request) -> Response:
-    deps, tenant, admin = _caller(request)
+    deps, tenant, admin = caller(request)
     session_id = request.path_params["session_id"]
     deleted = await asyncio.to_thread(deps.store.retention.forget, session_id=session_id,
                                       tenant=None if admin else tenant)

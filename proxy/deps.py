@@ -1,6 +1,7 @@
 """What every endpoint of the proxy shares, built once in `make_app`'s lifespan.
 
-agent -> proxy -> vLLM (``backends``, ``router``); proxy -> store (``recorder``, ``store``).
+agent -> proxy -> vLLM (``backends``, ``router``, ``memory``); proxy -> store
+(``recorder``, ``store``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
+from nextstate.proxy.memory import Memory
 from nextstate.proxy.recorder import Recorder
 from nextstate.proxy.replicas import BackendPool
 from nextstate.proxy.settings import ProxySettings
@@ -21,3 +23,4 @@ class Deps:
     recorder: Recorder
     store: Store
     router: Router
+    memory: Memory | None = None  # lessons added to prompts (settings.memory.enabled)

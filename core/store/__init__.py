@@ -8,6 +8,7 @@ object per concept, so that no module knows all of them.
     store.retention   Retention: forgetting turns (and personal adapters), idle sessions
     store.status      LearnerStatus: what the learner last reported
     store.responses   Responses: Responses objects kept for previous_response_id
+    store.lessons     Lessons: the memory's hints, per user, tenant or shared
 
 Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 from nextstate.core.redact import Redactor
 from nextstate.core.store.database import Database, make_engine
 from nextstate.core.store.judgments import Judgments
+from nextstate.core.store.lessons import Lessons
 from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
 from nextstate.core.store.responses import Responses
 from nextstate.core.store.retention import Forgotten, Retention
@@ -25,7 +27,7 @@ from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
 __all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Database", "Forgotten", "Judgments",
-           "LearnerStatus", "Responses", "Retention", "Store", "Turns", "TurnsForgotten",
+           "LearnerStatus", "Lessons", "Responses", "Retention", "Store", "Turns", "TurnsForgotten",
            "make_engine"]
 
 
@@ -42,6 +44,7 @@ class Store:
         self.retention = Retention(self.db)
         self.status = LearnerStatus(self.db)
         self.responses = Responses(self.db)
+        self.lessons = Lessons(self.db, self.turns.redactor)
 
     @property
     def url(self) -> str:
