@@ -76,6 +76,17 @@ personal_after_option = click.option(
     "one adapter for everyone.")
 
 
+memory_option = click.option(
+    "--memory", is_flag=True,
+    help="The memory: hints from judged turns become lessons, which the proxy adds to later "
+    "requests they fit (each user's, their tenant's and shared ones) until the adapter has "
+    "learned them. Off by default.")
+memory_for_option = click.option(
+    "--memory-for", multiple=True, metavar="TENANT|USER",
+    help="With --memory: only this tenant's (or user's, as `nextstate export` names them) "
+    "requests get lessons (repeatable). Default: everyone's.")
+
+
 def require_learner_extra(what: str) -> None:
     """Training needs torch, which the proxy's own install leaves out on purpose."""
     import importlib.util

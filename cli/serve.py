@@ -12,13 +12,15 @@ from nextstate.cli.options import (
     client_key_option,
     free_port_or_fail,
     host_option,
+    memory_for_option,
+    memory_option,
     no_record_option,
     port_option,
     store_option,
 )
 from nextstate.core.vllm_server import BackendStartError, BackendUnreachable, check_backend
 from nextstate.proxy.server import run_proxy
-from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.settings import MemorySettings, ProxySettings
 
 
 def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | None,
@@ -61,28 +63,42 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
               help="Delete turns (and what was derived from them) older than this.")
 @click.option("--no-redact", is_flag=True,
               help="Store message text as sent (default: mask API keys, tokens, e-mails).")
+@memory_option
+@memory_for_option
+@click.option("--no-capture", is_flag=True,
+              help="Send requests as the client wrote them, without vLLM's token-capture "
+              "fields: for any OpenAI-compatible backend. Turns are recorded as text (no "
+              "token ids, so no LoRA training); the judge and --memory still learn.")
 def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           api_key: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
-          no_redact: bool) -> None:
-    """Run the recording proxy in front of an existing vLLM."""
-    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days}
+          no_redact: bool, memory: bool, memory_for: tuple[str, ...],
+          no_capture: bool) -> None:
+    """Run the recording proxy in front of an existing vLLM (or, with --no-capture, any
+    OpenAI-compatible server)."""
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
+                                "capture": not no_capture}
     if no_redact:
         extra["redact_patterns"] = ()
+    if memory_for and not memory:
+        raise click.UsageError("--memory-for needs --memory")
+    extra["memory"] = MemorySettings(enabled=memory, only=memory_for)
     settings = proxy_settings(backends, store, api_key, backend_api_key, no_record,
                               client_key, policy, **extra)
     free_port_or_fail(host, port)
     for url in settings.backends:
-        _look_at_backend(url, backend_api_key, policy)
+        _look_at_backend(url, backend_api_key, policy, strict=not no_capture)
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}", err=True)
     run_proxy(settings, host, port)
 
 
-def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
+def _look_at_backend(url: str, api_key: str | None, policy: str | None,
+                     strict: bool = True) -> None:
     """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
     key); one that does not answer yet only gets a warning: the proxy answers 502 until
-    it does, then serves."""
+    it does, then serves. Not ``strict`` (any provider: its clients may bring their own
+    key), a refusal is a warning too."""
     try:
         names = check_backend(url, api_key=api_key)
     except BackendUnreachable as exc:
@@ -90,7 +106,10 @@ def _look_at_backend(url: str, api_key: str | None, policy: str | None) -> None:
                    err=True)
         return
     except BackendStartError as exc:
-        raise click.ClickException(str(exc)) from exc
+        if strict:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"warning: {exc}", err=True)
+        return
     if policy is not None and policy not in names:
         click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not the policy "
                    f"{policy!r}: requests for {policy!r} will get vLLM's 404 until it does "
