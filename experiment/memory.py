@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
@@ -84,9 +83,3 @@ async def injected_tokens(store: Store, vllm_url: str, model: str, since: float,
     return {"mean": statistics.fmean(added),
             "served": sum(1 for a in added if a) / len(added),
             "requests": float(len(added))}
-
-
-def lesson_checks(store: Store) -> list[dict[str, Any]]:
-    """What the retirement checks measured, per lesson (KL, on which adapter)."""
-    return [{"id": r["id"], "status": r["status"], **(r["checked"] or {})}
-            for r in store.lessons.find(every_tenant=True) if r["checked"]]

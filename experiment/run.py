@@ -39,7 +39,6 @@ from nextstate.experiment.memory import (
     Arm,
     arm,
     injected_tokens,
-    lesson_checks,
     lesson_counts,
     until_indexed,
 )
@@ -111,7 +110,7 @@ class MethodRun:
     lessons: list[dict[str, int]] = field(default_factory=list)
     injected: list[dict[str, float]] = field(default_factory=list)
     weights_only: list[float] = field(default_factory=list)
-    checks: list[dict[str, Any]] = field(default_factory=list)  # the last retirement checks
+    checks: list[dict[str, Any]] = field(default_factory=list)  # every retirement check
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
@@ -235,7 +234,7 @@ async def _memory_step(run: MethodRun, learner: Learner, rate: Rater, vllm_url: 
             f"lessons a request")
     if kind.trains:
         run.weights_only.append(await rate(memory=False))
-        run.checks = await asyncio.to_thread(lesson_checks, store)
+        run.checks = list(learner.retirement.history) if learner.retirement else []
         note += f", the adapter alone {run.weights_only[-1]:.3f}"
     return note
 

@@ -6,8 +6,9 @@ lesson, as it answers with it. A lesson has been learned when showing it no long
 changes what the adapter says. Each round, for the served lessons not yet checked
 against the adapter now serving their owner:
 
-1. held-out prompts: the owner's latest requests no adapter has trained on (as the
-   client sent them, without lessons);
+1. held-out prompts: the owner's latest requests that were served lessons and that no
+   adapter has trained on (as the client sent them, without the lessons); the check
+   waits for ``check_prompts`` of them;
 2. the adapter answers each, untold, ``check_samples`` times (vLLM, temperature 1);
 3. the teacher's machinery scores each reply under the prompt without the lesson and with
    it (`core.hints`, the placement the proxy serves it in): the mean of
@@ -53,6 +54,7 @@ class Retirement:
         self.config = config
         self.checks = 0  # lessons checked since the learner started
         self.retired = 0
+        self.history: list[dict[str, Any]] = []  # the latest checks: lesson, adapter, KL
 
     async def check(self) -> list[dict[str, Any]]:
         """One round of checks; returns the lessons retired in it."""
@@ -85,6 +87,8 @@ class Retirement:
                            lessons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         prompts = await asyncio.to_thread(self.store.lessons.held_out, tenant, user,
                                           self.config.check_prompts)
+        if len(prompts) < self.config.check_prompts:
+            return []  # too few yet: checked on a later round, with more traffic
         replies = []  # (messages, tools, prompt ids, reply ids, reply logprobs untold)
         for turn in prompts:
             request = turn["request"] or {}
@@ -110,6 +114,7 @@ class Retirement:
             checked = {"adapter": model, "kl": round(kl, 4), "replies": len(replies),
                        "prompts": len(prompts), "at": time.time()}
             self.checks += 1
+            self.history = [*self.history, {"id": lesson["id"], **checked}][-200:]
             if kl <= self.config.retire_kl:
                 reason = (f"{model} follows it without being told: KL {kl:.3f} nats/token "
                           f"on {len(replies)} replies to {len(prompts)} held-out prompts "

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, delete, func, or_, select, update
+from sqlalchemy import Connection, String, and_, case, delete, func, or_, select, update
 
 from nextstate.core.redact import Redactor
 from nextstate.core.retrieval import Scope, similarity, terms
@@ -303,12 +303,14 @@ class Lessons:
 
     def held_out(self, tenant: str | None, user: str | None, limit: int,
                  ) -> list[dict[str, Any]]:
-        """The scope's latest requests no adapter has trained on (not judged yet, or
-        judged and not trained): prompts to check a lesson on. A user's own turns; for a
+        """The scope's latest requests that the memory served lessons to and no adapter
+        has trained on (not judged yet, or judged and not trained): prompts to check a
+        lesson on, the kind of request lessons are for. A user's own turns; for a
         tenant's lessons, the tenant's; for shared ones, any."""
+        served = and_(turns.c.lessons.is_not(None), turns.c.lessons.cast(String) != "null")
         query = (select(turns.c.id).outerjoin(judgments, judgments.c.turn_id == turns.c.id)
                  .where(turns.c.turn_type == "main", turns.c.status == "ok",
-                        turns.c.endpoint != "completions",
+                        turns.c.endpoint != "completions", served,
                         judgments.c.trained_version.is_(None))
                  .order_by(turns.c.created_at.desc()).limit(limit))
         if user is not None:

@@ -42,10 +42,14 @@ class FakeAdapter:
 @pytest.fixture
 def store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 's.db'}")
+    served = {"ids": ["any"], "hint": LESSON, "message": 0, "part": None, "offset": 2,
+              "added": 0}
     s.turns.write([TurnRecord(turn_id=f"q{i}", endpoint="chat", created_at=float(i),
-                              session_id=f"s{i}", user="alice",
+                              session_id=f"s{i}", user="alice", lessons=served,
                               request={"messages": [{"role": "user", "content": f"q{i}"}]})
-                   for i in range(3)])
+                   for i in range(3)] + [
+        TurnRecord(turn_id="plain", endpoint="chat", created_at=9.0, session_id="p",
+                   user="alice", request={"messages": [{"role": "user", "content": "p"}]})])
     yield s
     s.close()
 
@@ -64,7 +68,8 @@ def publish(store, version, policy="p"):
 def retirement(store, adapter, **config):
     client = VLLMClient("http://vllm", http=httpx.AsyncClient(
         transport=httpx.MockTransport(adapter)))
-    return Retirement(store, client, "p", "base", MemoryConfig(**config))
+    return Retirement(store, client, "p", "base", MemoryConfig(**{"check_prompts": 3,
+                                                                  **config}))
 
 
 async def test_a_lesson_the_adapter_follows_untold_is_retired_with_what_was_measured(store):
@@ -77,7 +82,18 @@ async def test_a_lesson_the_adapter_follows_untold_is_retired_with_what_was_meas
     assert row["status"] == "retired" and "p@000001 follows it" in row["status_reason"]
     assert row["checked"]["kl"] == pytest.approx(0.01) and row["checked"]["replies"] == 6
     assert adapter.sampled_with() == {"p@000001"}  # the adapter answers, untold
+    prompts = {b["messages"][0]["content"].split(HINT_MARKER)[0]
+               for p, b in adapter.calls if p == "/tokenize"}
+    assert prompts == {"q0", "q1", "q2"}  # served with lessons, untrained: not "p"
     assert lesson not in {r["id"] for r in store.lessons.servable()}
+
+
+async def test_too_few_held_out_prompts_put_the_check_off(store):
+    served_lesson(store)
+    publish(store, 1)
+    adapter = FakeAdapter(gap=0.0)
+    assert await retirement(store, adapter, check_prompts=4).check() == []
+    assert adapter.calls == []
 
 
 async def test_a_lesson_that_still_changes_the_replies_stays_until_the_next_adapter(store):
