@@ -118,7 +118,7 @@ class MemoryConfig:
     # most this much: KL(adapter || adapter shown the lesson), mean nats per token.
     retire_kl: float = 0.05
     check_prompts: int = 4  # held-out prompts (the user's latest untrained requests)
-    check_samples: int = 2  # replies sampled per prompt
+    check_samples: int = 4  # replies sampled per prompt (16 replies: measured, bench/README.md)
     check_max_tokens: int = 256
     checks_per_round: int = 8  # lessons checked per learner round at most
 

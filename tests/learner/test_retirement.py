@@ -80,7 +80,7 @@ async def test_a_lesson_the_adapter_follows_untold_is_retired_with_what_was_meas
     assert [r["id"] for r in retired] == [lesson]
     row = store.lessons.get(lesson)
     assert row["status"] == "retired" and "p@000001 follows it" in row["status_reason"]
-    assert row["checked"]["kl"] == pytest.approx(0.01) and row["checked"]["replies"] == 6
+    assert row["checked"]["kl"] == pytest.approx(0.01) and row["checked"]["replies"] == 12
     assert adapter.sampled_with() == {"p@000001"}  # the adapter answers, untold
     prompts = {b["messages"][0]["content"].split(HINT_MARKER)[0]
                for p, b in adapter.calls if p == "/tokenize"}
