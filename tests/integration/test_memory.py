@@ -121,7 +121,8 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
         corrected_session(alice, 1)
         proxy.turns(2)
         # A bound no reply can miss: the check runs for real on the adapter, and retires.
-        work = learner(proxy, vllm, tmp_path, model_dir=toy_model, retire_kl=1e6)
+        work = learner(proxy, vllm, tmp_path, model_dir=toy_model, retire_kl=1e6,
+                       check_prompts=2, check_samples=2)
         trained: list = []
         original = work.training.step
 
@@ -137,11 +138,17 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
             for i in (3, 4):  # served with the lesson; the user is pleased
                 thanked_session(alice, i)
             turns = proxy.turns(6)
-            for _ in range(4):
-                if work.store.adapters.current(MODEL_NAME) is not None and \
-                        work.store.lessons.get(lesson["id"])["status"] == "retired":
-                    break
+            for _ in range(3):  # judged, distilled: an adapter
                 await work.step()
+                if work.store.adapters.current(MODEL_NAME) is not None:
+                    break
+            assert work.store.lessons.get(lesson["id"])["status"] == "active"
+            # Held-out prompts for the check: requests served the lesson, never trained on.
+            for i in (5, 6):
+                alice.post("/chat/completions", json={**ASK, "messages": question(i)}
+                           ).raise_for_status()
+            proxy.turns(8)
+            await work.step()
             status = work.status()["memory"]
         finally:
             await work.close()
@@ -162,6 +169,6 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
         assert f"{MODEL_NAME}@" in status["retired"][0]["status_reason"]
         indexed(proxy, 0)
         alice.post("/chat/completions", json={**ASK, "messages": question(9)}).raise_for_status()
-        last = proxy.turns(7)[-1]
+        last = proxy.turns(9)[-1]
         assert last["lessons"] is None and last["request"]["messages"] == question(9)
         assert HINT_MARKER not in str(last["response"])
