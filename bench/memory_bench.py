@@ -68,12 +68,63 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def request_path(total: int, shared: int, repeats: int = 2000) -> dict[str, float]:
+    """CPU µs a request spends in the proxy's memory (`Memory.serve`: find the lessons,
+    append them), on the proxy benchmark's ~500-token conversation, with ``total``
+    lessons in the store, ``shared`` of them in the requests' scope and sharing its words
+    (the worst case: every one matches); beside it, what serialising the request for the
+    backend costs with and without them."""
+    import asyncio
+    import tempfile
+
+    import orjson
+
+    from bench.proxy_bench import conversation, seed_lessons
+    from nextstate.core.store import Store
+    from nextstate.proxy.memory import Memory
+    from nextstate.proxy.settings import MemorySettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/s.db"
+        seed_lessons(url, total, shared)
+        store = Store(url)
+        memory = Memory(MemorySettings(enabled=True), store)
+        asyncio.run(memory.refresh())
+        body = {"model": "m", "messages": conversation(), "max_tokens": 32}
+
+        def cpu(fn: Callable[[], Any]) -> float:
+            start = time.process_time()
+            for _ in range(repeats):
+                fn()
+            return (time.process_time() - start) / repeats * 1e6
+
+        served = dict(body)
+        lessons = memory.serve(served, "chat", "m", None, None)
+        out = {"serve": cpu(lambda: memory.serve(dict(body), "chat", "m", None, None)),
+               "dumps_without": cpu(lambda: orjson.dumps(body)),
+               "dumps_with": cpu(lambda: orjson.dumps(served)),
+               "lessons": float(len(lessons["ids"]) if lessons else 0),
+               "chars": float(len(lessons["hint"]) if lessons else 0)}
+        store.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lessons", default="1000,10000")
     parser.add_argument("--scope", type=int, default=50, help="lessons in the request's scope")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
+    print("| lessons in the store (in the request's scope) | Memory.serve µs CPU | lessons, "
+          "characters added | serialising the request µs without → with |")
+    print("|---|---|---|---|")
+    for total in (int(n) for n in args.lessons.split(",")):
+        for shared in (5, 20, 64, 500):
+            cost = request_path(total, shared)
+            print(f"| {total} ({shared}) | {cost['serve']:.0f} | {cost['lessons']:.0f}, "
+                  f"{cost['chars']:.0f} | {cost['dumps_without']:.1f} → "
+                  f"{cost['dumps_with']:.1f} |", flush=True)
+    print()
     rng = random.Random(0)
     mine: tuple[str | None, str | None] = ("t0", "t0:alice")
     print("| lessons (in scope) | method | µs a request (median) | top-1 of the right kind |")

@@ -244,22 +244,25 @@ def render(runs: list[Run], soaked: dict[str, Any] | None, args: argparse.Namesp
 def memory_note(runs: list[Run], args: argparse.Namespace) -> str:
     if not any(r.target == MEMORY for r in runs):
         return ""
-    return (f"With the memory: {args.memory} lessons in the store, {args.memory // 5} of "
+    return (f"With the memory: {args.memory} lessons in the store, {args.memory // 20} of "
             f"them in the requests' own scope; each request is matched against those "
             f"(BM25) and gets the best {MEMORY_LESSONS} appended to its last user message "
             "(recorded with the turn).")
 
 
-def seed_lessons(store_url: str, count: int) -> None:
-    """``count`` lessons: a fifth shared (the benchmark's requests name no tenant nor
-    user), worded from the conversation's own words so that requests match them; the
-    rest for other tenants' users (never scored for these requests)."""
+def seed_lessons(store_url: str, count: int, shared: int | None = None) -> None:
+    """``count`` lessons: ``shared`` of them (default: one in 20) shared, the scope of the
+    benchmark's requests (they name no tenant nor user), worded from the conversation's
+    own words so that every one matches; the rest for other tenants' users (never scored
+    for these requests)."""
     from nextstate.core.store import Store
 
+    shared = count // 20 if shared is None else shared
+    every = max(1, count // shared) if shared else count + 1
     store = Store(store_url)
     try:
         for i in range(count):
-            if i % 5 == 0:
+            if i % every == 0 and i // every < shared:
                 store.lessons.add(f"Lesson {i}: {_text(12, i)}", pinned=False)
             else:
                 store.lessons.add(f"Lesson {i}: {_text(12, i)}", tenant=f"t{i % 50}",

@@ -33,6 +33,7 @@ _COMMON = ("a an and are as at be but by do does for from had has have he her hi
 STOPWORDS = frozenset(_COMMON.split())
 K1 = 1.2
 B = 0.75
+MAX_QUERY_TERMS = 24
 
 
 def terms(text: str, limit: int = 4000) -> list[str]:
@@ -69,36 +70,47 @@ class Doc:
 @dataclass
 class _Scoped:
     docs: list[Doc] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    postings: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # term -> (doc, tf)
+    # term -> [(doc, its BM25 weight for the term)], weights computed once, at build
+    postings: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 class LessonIndex:
     """An immutable BM25 index of lessons, per scope. Built off the request path (a few
-    ms for thousands of lessons); `search` is what a request pays."""
+    ms for thousands of lessons); `search` is what a request pays: about a posting per
+    query word and lesson in the request's scopes, so ``per_scope`` (the newest lessons a
+    scope keeps here) and `MAX_QUERY_TERMS` bound it."""
 
-    def __init__(self, docs: Sequence[Doc], version: object = None) -> None:
+    def __init__(self, docs: Sequence[Doc], version: object = None,
+                 per_scope: int | None = None) -> None:
         self.version = version  # what the store said when this was built
+        if per_scope is not None:  # each scope's first (newest) lessons, pinned ones first
+            kept: Counter[Scope] = Counter()
+            chosen = []
+            for doc in sorted(docs, key=lambda d: not d.pinned):
+                kept[doc.scope] += 1
+                if kept[doc.scope] <= per_scope:
+                    chosen.append(doc)
+            docs = chosen
         self.size = len(docs)
         self._scopes: dict[Scope, _Scoped] = {}
+        counted = [Counter(terms(f"{doc.text} {doc.context}")) for doc in docs]
         df: Counter[str] = Counter()
-        total = 0
-        for doc in docs:
-            scoped = self._scopes.setdefault(doc.scope, _Scoped())
-            counts = Counter(terms(f"{doc.text} {doc.context}"))
-            position = len(scoped.docs)
-            scoped.docs.append(doc)
-            scoped.lengths.append(sum(counts.values()))
-            for term, tf in counts.items():
-                scoped.postings.setdefault(term, []).append((position, tf))
+        for counts in counted:
             df.update(counts.keys())
-            total += sum(counts.values())
-        self.avgdl = total / len(docs) if docs else 1.0
         n = len(docs)
+        avgdl = sum(sum(c.values()) for c in counted) / n if n else 1.0
         # Okapi's idf, floored at a small positive value so a word in most lessons still
         # counts a little rather than against them.
         self._idf = {t: max(math.log((n - f + 0.5) / (f + 0.5) + 1.0), 1e-3)
                      for t, f in df.items()}
+        for doc, counts in zip(docs, counted, strict=True):
+            scoped = self._scopes.setdefault(doc.scope, _Scoped())
+            position = len(scoped.docs)
+            scoped.docs.append(doc)
+            norm = K1 * (1 - B + B * sum(counts.values()) / avgdl)
+            for term, tf in counts.items():
+                weight = self._idf[term] * tf * (K1 + 1) / (tf + norm)
+                scoped.postings.setdefault(term, []).append((position, weight))
 
     def scopes_of(self, tenant: str | None, user: str | None) -> list[Scope]:
         """The scopes a request of ``user`` in ``tenant`` sees, own first."""
@@ -115,7 +127,12 @@ class LessonIndex:
         """The ``k`` lessons in the request's scopes that fit ``query`` best: pinned
         lessons first (always, within ``k``), then by BM25 score over ``min_score`` (ties:
         the better supported). A lesson matching no word of the query is not returned."""
-        words = Counter(terms(query))
+        # The query's rarest words, at most MAX_QUERY_TERMS of them: they decide the
+        # ranking, and they bound the work a long message costs.
+        words = Counter(t for t in terms(query) if t in self._idf)
+        if len(words) > MAX_QUERY_TERMS:
+            rare = sorted(words, key=self._idf.__getitem__, reverse=True)[:MAX_QUERY_TERMS]
+            words = Counter({t: words[t] for t in rare})
         pinned: list[Doc] = []
         scored: list[tuple[float, int, Doc]] = []
         for scope in self.scopes_of(tenant, user):
@@ -124,15 +141,10 @@ class LessonIndex:
                 continue
             pinned.extend(d for d in scoped.docs if d.pinned)
             sums: dict[int, float] = {}
+            get = sums.get
             for term, qtf in words.items():
-                postings = scoped.postings.get(term)
-                if postings is None:
-                    continue
-                idf = self._idf[term]
-                for position, tf in postings:
-                    norm = K1 * (1 - B + B * scoped.lengths[position] / self.avgdl)
-                    sums[position] = sums.get(position, 0.0) + (
-                        qtf * idf * tf * (K1 + 1) / (tf + norm))
+                for position, weight in scoped.postings.get(term, ()):
+                    sums[position] = get(position, 0.0) + qtf * weight
             scored.extend((s, scoped.docs[p].support, scoped.docs[p])
                           for p, s in sums.items()
                           if s > min_score and not scoped.docs[p].pinned)

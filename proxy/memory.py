@@ -158,7 +158,8 @@ class Memory:
         rows = self.store.lessons.servable()
         return LessonIndex([Doc(id=r["id"], scope=(r["tenant"], r["user"]), text=r["text"],
                                 pinned=bool(r["pinned"]), support=int(r["support"] or 1),
-                                context=r["context"] or "") for r in rows], version)
+                                context=r["context"] or "") for r in rows], version,
+                           per_scope=self.settings.scope_lessons)
 
     async def follow(self) -> None:
         """Keep in step with the store for the app's lifetime."""

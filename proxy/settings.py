@@ -24,6 +24,9 @@ class MemorySettings:
     # ``tenant:id``, or the id without tenants); empty: everyone.
     only: tuple[str, ...] = ()
     lessons: int = 3  # lessons a request gets at most
+    # Lessons of one scope (a user's, a tenant's, the shared ones) it is chosen from: the
+    # newest (pinned first). Bounds what retrieval costs a request.
+    scope_lessons: int = 64
     max_chars: int = 1200  # characters of lessons a request gets at most
     # Retrieval over this many milliseconds serves the request without lessons (counted);
     # so does a failed one.
@@ -33,7 +36,7 @@ class MemorySettings:
     def __post_init__(self) -> None:
         if isinstance(self.only, str):
             raise ValueError("only must be a tuple of tenants or users")
-        for name in ("lessons", "max_chars"):
+        for name in ("lessons", "max_chars", "scope_lessons"):
             if getattr(self, name) < 1:
                 raise ValueError(f"memory {name} must be at least 1, not {getattr(self, name)}")
         for name in ("budget_ms", "refresh_seconds"):

@@ -44,3 +44,10 @@ def test_pinned_lessons_come_first_whatever_the_request_and_k_bounds_all():
     assert [d.id for d in index.search("Something else entirely", None, "alice")] == ["2"]
     assert [d.id for d in index.search(APPLES, None, "alice", k=2)][0] == "2"
     assert len(index.search(APPLES, None, "alice", k=2)) == 2
+
+
+def test_a_scope_keeps_its_newest_lessons_and_its_pinned_ones():
+    docs = [doc(i, f"apples {i}") for i in range(5)] + [doc(9, "old rule", pinned=True)]
+    index = LessonIndex(docs, per_scope=3)
+    assert index.size == 3
+    assert [d.id for d in index.search(APPLES, None, "alice", k=9)] == ["9", "0", "1"]
