@@ -91,3 +91,16 @@ def test_up_with_memory_starts_a_learner_that_learns_lessons(monkeypatch):
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: served.append(settings))
     assert run("up", "--backend", "http://vllm", "--memory")[0] == 0
     assert "--memory" in started[0] and served[0].memory.enabled
+
+
+def test_status_says_what_the_memory_holds_and_why_lessons_left():
+    from nextstate.cli.learn import render_status
+
+    report = {"state": "idle", "counts": {}, "memory": {
+        "learning": True, "counts": {"active": 3, "retired": 2, "dropped": 1, "pinned": 0},
+        "retired": [{"status": "retired", "text": "Show the steps.", "status_at": 1.0,
+                     "status_reason": "p@000004 follows it without being told"}],
+        "dropped": []}}
+    text = render_status(report)
+    assert "memory    lessons: 3 served, 2 retired" in text
+    assert "'Show the steps.': p@000004 follows it without being told" in text

@@ -199,3 +199,21 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
         [row] = records(client)
     assert len(row["lessons"]["ids"]) == 2
     assert len(row["lessons"]["hint"]) <= 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/messages", {"model": "toy", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": ASK}]}),
+    ("/v1/responses", {"model": "toy", "input": ASK}),
+])
+def test_the_dialects_get_their_lessons_in_the_chat_request_the_model_sees(
+        tmp_path, fake, path, body):
+    lesson = seed(tmp_path)
+    with open_client(tmp_path, fake, memory=ON) as client:
+        refreshed(client)
+        answer = client.post(path, json=body)
+        [row] = records(client)
+    assert answer.status_code == 200, answer.text
+    assert fake.requests[0]["messages"][-1]["content"].endswith(HINT_MARKER + LESSON)
+    assert row["lessons"]["ids"] == [lesson]
+    assert HINT_MARKER not in str(row["dialect"]["request"])  # the client's own
