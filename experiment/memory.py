@@ -45,14 +45,14 @@ def arm(name: str) -> Arm:
 
 async def until_indexed(client: httpx.AsyncClient, proxy_url: str, store: Store,
                         timeout: float = 10.0) -> None:
-    """Wait until the proxy's memory holds every lesson the store would serve."""
-    want = len(await asyncio.to_thread(store.lessons.servable))
+    """Wait until the proxy's memory has read the store's lessons as they are now."""
+    want = list(await asyncio.to_thread(store.lessons.version))
     for _ in range(int(timeout / 0.05)):
         memory = (await client.get(f"{proxy_url}/health")).json().get("memory") or {}
-        if memory.get("lessons") == want:
+        if memory.get("version") == want:
             return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"the proxy's memory did not pick up {want} lessons in {timeout} s")
+    raise RuntimeError(f"the proxy's memory did not follow the store ({want}) in {timeout} s")
 
 
 def lesson_counts(store: Store) -> dict[str, int]:

@@ -174,4 +174,7 @@ class Memory:
     def snapshot(self) -> dict[str, Any]:
         index = self.index
         return {"lessons": index.size if index is not None else None,
+                # The store's lessons as last read (`Lessons.version`): a client can tell
+                # when this proxy serves what the learner just wrote.
+                "version": index.version if index is not None else None,
                 "refreshed_at": self.refreshed_at, **asdict(self.counts)}

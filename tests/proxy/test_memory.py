@@ -157,7 +157,8 @@ def test_a_retired_lesson_is_no_longer_served_once_the_index_follows(tmp_path, f
         store = client.app_state["deps"].store
         store.lessons.set_status(lesson, "retired", "the weights follow it")
         deadline = time.monotonic() + 5
-        while client.get("/health").json()["memory"]["lessons"] != 0:
+        while client.get("/health").json()["memory"]["version"] != list(
+                store.lessons.version()):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         client.post("/v1/chat/completions", json=chat())
