@@ -13,6 +13,7 @@ keeps up.
     python -m bench.proxy_bench            # the full session (about 8 minutes)
     python -m bench.proxy_bench --quick    # one short round, for development
     python -m bench.proxy_bench --vllm     # also end to end against vLLM, and a publish
+    python -m bench.proxy_bench --memory 1000   # also the proxy serving lessons from memory
 
 Results go to ``bench/results/proxy.md`` (and ``.json``).
 """
@@ -39,6 +40,7 @@ from bench.report import (
     BEFORE,
     DIRECT,
     LITELLM,
+    MEMORY,
     NEXTSTATE,
     Run,
     before_after_table,
@@ -59,6 +61,7 @@ from nextstate.core.vllm_server import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVER_CORE, LOAD_CORE = 0, 1
+MEMORY_LESSONS = 3  # lessons a request gets at most (MemorySettings.lessons)
 _WORDS = ["the", "agent", "reads", "the", "file", "then", "runs", "the", "tests", "and",
           "reports", "which", "failed", "and", "why", "it", "thinks", "so", "before",
           "proposing", "a", "patch"]
@@ -115,7 +118,7 @@ async def measure(target: Target, stream: bool, conc: int, rnd: int, args: argpa
                   ) -> Run:
     payload = body(stream)
     await run_load(target.request(payload), LoadSpec(conc, args.warmup))
-    nextstate = target.name in (NEXTSTATE, BEFORE)
+    nextstate = target.name in (NEXTSTATE, BEFORE, MEMORY)
     async with httpx.AsyncClient(timeout=10) as client:
         if nextstate:
             await _drain(client, target.server.url)
@@ -232,7 +235,40 @@ def render(runs: list[Run], soaked: dict[str, Any] | None, args: argparse.Namesp
         "## Added cost and ratios", ratio_table(runs),
         "## All runs (medians)", scenario_table(runs),
         "## Before and after (same session)" if any(r.target == BEFORE for r in runs) else "",
-        before_after_table(runs)]))
+        before_after_table(runs),
+        "## Without and with the memory (same session)"
+        if any(r.target == MEMORY for r in runs) else "",
+        before_after_table(runs, NEXTSTATE, MEMORY), memory_note(runs, args)]))
+
+
+def memory_note(runs: list[Run], args: argparse.Namespace) -> str:
+    if not any(r.target == MEMORY for r in runs):
+        return ""
+    return (f"With the memory: {args.memory} lessons in the store, {args.memory // 20} of "
+            f"them in the requests' own scope; each request is matched against those "
+            f"(BM25) and gets the best {MEMORY_LESSONS} appended to its last user message "
+            "(recorded with the turn).")
+
+
+def seed_lessons(store_url: str, count: int, shared: int | None = None) -> None:
+    """``count`` lessons: ``shared`` of them (default: one in 20) shared, the scope of the
+    benchmark's requests (they name no tenant nor user), worded from the conversation's
+    own words so that every one matches; the rest for other tenants' users (never scored
+    for these requests)."""
+    from nextstate.core.store import Store
+
+    shared = count // 20 if shared is None else shared
+    every = max(1, count // shared) if shared else count + 1
+    store = Store(store_url)
+    try:
+        for i in range(count):
+            if i % every == 0 and i // every < shared:
+                store.lessons.add(f"Lesson {i}: {_text(12, i)}", pinned=False)
+            else:
+                store.lessons.add(f"Lesson {i}: {_text(12, i)}", tenant=f"t{i % 50}",
+                                  user=f"t{i % 50}:u{i}", pinned=False)
+    finally:
+        store.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -251,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm", action="store_true",
                         help="also end to end against vLLM with the toy model, and a publish")
     parser.add_argument("--vllm-only", action="store_true", help="only the vLLM part")
+    parser.add_argument("--memory", type=int, default=0, metavar="N",
+                        help=f"also measure the proxy with its memory on, N lessons in its "
+                             f"store, as '{MEMORY}'")
     parser.add_argument("--out", type=Path, default=RESULTS / "proxy.md")
     args = parser.parse_args(argv)
     if args.quick:
@@ -269,6 +308,10 @@ def fake_session(work: Path, args: argparse.Namespace,
         wanted: list[tuple[str, dict[str, Any]]] = [(NEXTSTATE, {})]
         if args.baseline is not None:
             wanted.append((BEFORE, {"name": BEFORE, "source": args.baseline}))
+        if args.memory:
+            (work / MEMORY).mkdir(parents=True, exist_ok=True)
+            seed_lessons(f"sqlite:///{work / MEMORY / 'store.db'}", args.memory)
+            wanted.append((MEMORY, {"name": MEMORY, "extra": ("--memory",)}))
         for name, options in wanted:
             port = free_port()
             servers.append(start_nextstate(upstream.url, port, SERVER_CORE, work, **options))

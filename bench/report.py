@@ -16,6 +16,7 @@ from typing import Any
 
 DIRECT, NEXTSTATE, LITELLM = "direct", "nextstate", "litellm"
 BEFORE = "nextstate-before"  # the proxy as it was before a change (--baseline)
+MEMORY = "nextstate+memory"  # the proxy with its memory serving lessons (--memory N)
 
 
 @dataclass
@@ -91,7 +92,7 @@ def scenario_table(runs: list[Run]) -> str:
 
 
 def _order(target: str) -> int:
-    return {DIRECT: 0, BEFORE: 1, NEXTSTATE: 2, LITELLM: 3}.get(target, 4)
+    return {DIRECT: 0, BEFORE: 1, NEXTSTATE: 2, MEMORY: 3, LITELLM: 4}.get(target, 5)
 
 
 def _added(runs: list[Run], target: str, stream: bool, conc: int, metric: str) -> float:
@@ -200,18 +201,19 @@ def checks_table(items: list[Check]) -> str:
     return "\n".join(rows)
 
 
-def before_after_table(runs: list[Run]) -> str:
-    """nextstate against its own earlier version, measured in the same session."""
+def before_after_table(runs: list[Run], before: str = BEFORE, after: str = NEXTSTATE) -> str:
+    """nextstate against its own earlier version (or without its memory against with it),
+    measured in the same session."""
     table = cells(runs)
     rows = ["| mode | conc. | CPU ms/req before → after | req/s before → after | "
             "added p50 ms before → after |", "|---|---:|---|---|---|"]
     for stream, conc in sorted({(r.stream, r.concurrency) for r in runs}):
-        before, after = table.get((BEFORE, stream, conc)), table.get((NEXTSTATE, stream, conc))
-        if before is None or after is None:
+        was, now = table.get((before, stream, conc)), table.get((after, stream, conc))
+        if was is None or now is None:
             continue
         rows.append(
-            f"| {'stream' if stream else 'whole'} | {conc} | {_f(before.cpu_ms)} → "
-            f"{_f(after.cpu_ms)} | {_f(before.rps, 0)} → {_f(after.rps, 0)} | "
-            f"{_f(_added(runs, BEFORE, stream, conc, 'p50'))} → "
-            f"{_f(_added(runs, NEXTSTATE, stream, conc, 'p50'))} |")
+            f"| {'stream' if stream else 'whole'} | {conc} | {_f(was.cpu_ms)} → "
+            f"{_f(now.cpu_ms)} | {_f(was.rps, 0)} → {_f(now.rps, 0)} | "
+            f"{_f(_added(runs, before, stream, conc, 'p50'))} → "
+            f"{_f(_added(runs, after, stream, conc, 'p50'))} |")
     return "\n".join(rows) if len(rows) > 2 else ""

@@ -10,6 +10,7 @@
     nextstate bench learning / personal / following, nextstate demo   the experiments
     nextstate export      write recorded turns as JSON lines
     nextstate forget      delete a session, a user, a tenant, or turns past an age
+    nextstate memory      the memory's lessons: list, add, edit, pin, forget
 
 One module per area (stack, serve, learn, data, bench); the commands are listed here, not
 registered by importing anything. Learner-side commands import torch inside themselves,
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 import click
 
-from nextstate.cli import bench, data, doctor, learn, serve, stack
+from nextstate.cli import bench, data, doctor, learn, memory, serve, stack
 
 __all__ = ["main"]
 
 
 @click.group(commands=[serve.serve, stack.up, learn.learn, learn.status, learn.adapters,
                        doctor.doctor,
-                       data.export, data.forget, bench.toy_model, bench.bench, bench.demo])
+                       data.export, data.forget, memory.memory, bench.toy_model, bench.bench,
+                       bench.demo])
 def main() -> None:
     """nextstate: turn ordinary agent traffic into training signal.
 

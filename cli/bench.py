@@ -23,8 +23,10 @@ def bench() -> None:
 @click.option("--personas", "personas_file", type=click.Path(exists=True, path_type=Path),
               default=None, help="A persona YAML file (default: the shipped student/teacher).")
 @click.option("--persona", default="student", show_default=True)
-@click.option("--method", type=click.Choice(["binary", "opd", "combined", "all"]),
-              default="all", show_default=True)
+@click.option("--method", default="all", show_default=True, metavar="ARMS",
+              help="all, or some of binary, opd, combined, memory, memory+combined "
+              "(comma-separated): the memory arms serve lessons (the second also distils "
+              "and retires them).")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Repeat with seeds 0..N-1 and report the mean and spread.")
@@ -39,10 +41,15 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
     require_learner_extra("nextstate bench learning")
     from nextstate.experiment.bench import run_benchmark
-    from nextstate.experiment.run import METHODS, BenchConfig
+    from nextstate.experiment.run import MEMORY_ARMS, METHODS, BenchConfig
 
     chosen = _persona(personas_file, persona)
-    methods = METHODS if method == "all" else (method,)
+    arms = (*METHODS, *MEMORY_ARMS)
+    methods = arms if method == "all" else tuple(m.strip() for m in method.split(","))
+    unknown = [m for m in methods if m not in arms]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: choose from all, "
+                                 f"{', '.join(arms)}", param_hint="--method")
     config = BenchConfig(steps=steps, eval_problems=eval_problems,
                          api=api)  # type: ignore[arg-type]
     results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),

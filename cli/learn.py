@@ -29,6 +29,7 @@ from nextstate.cli.options import (
     backend_option,
     existing_store,
     look_at_backend,
+    memory_option,
     personal_after_option,
     require_learner_extra,
     store_option,
@@ -70,6 +71,7 @@ TRAINER = TrainerConfig()
 @click.option("--shard", is_flag=True,
               help="Under torchrun with N processes: each holds 1/N of the weights (FSDP), "
               "for a base model that does not fit one GPU.")
+@memory_option
 @click.option("--once", is_flag=True, help="Do one round of work and exit.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               help="Serve the learner's Prometheus metrics on this port (GET /metrics).")
@@ -84,14 +86,16 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
           store: str | None, backend_api_key: str | None, judge: str, judge_model: str | None,
           judge_api_base: str | None,
           method: str, batch_turns: int, learning_rate: float | None, teacher: str,
-          personal_after: int | None, shard: bool, once: bool, metrics_port: int | None,
-          metrics_host: str, track: tuple[str, ...], track_dir: Path | None) -> None:
+          personal_after: int | None, shard: bool, memory: bool, once: bool,
+          metrics_port: int | None, metrics_host: str, track: tuple[str, ...],
+          track_dir: Path | None) -> None:
     """Run the learner: judge recorded turns, train LoRA steps, publish adapters."""
     from dataclasses import replace
 
     require_learner_extra("nextstate learn")
 
     from nextstate.learner import ranks
+    from nextstate.learner.config import MemoryConfig
     from nextstate.learner.process import Learner, LearnerConfig
     from nextstate.learner.training import TrainingConfig
 
@@ -115,7 +119,8 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
             base_model=base_model, model_dir=None if no_train else model_dir,
             adapters_dir=data_dir() / "adapters", judge=judge, judge_model=judge_model,
             judge_api_base=judge_api_base, teacher=teacher,
-            training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after))
+            training=TrainingConfig(trainer=trainer, personal_min_turns=personal_after),
+            memory=MemoryConfig(learn=memory))
     except ValueError as exc:  # a combination the configuration refuses
         raise click.UsageError(str(exc)) from exc
     for url in config.backends:
@@ -215,6 +220,7 @@ def render_status(report: dict[str, Any]) -> str:
         + (f", published {_when(adapter['published_at'])}" if adapter else ""),
         f"next step [{bar}] {ready}/{batch} ready turns",
         *_personal_lines(report),
+        *_memory_lines(report),
         "",
         "turns     " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()),
         "rewards   " + "  ".join(f"{k}: {v}" for k, v in (rewards.get("scores") or {}).items())
@@ -252,6 +258,21 @@ def _personal_lines(report: dict[str, Any]) -> list[str]:
     more = f" and {len(personal) - 5} more" if len(personal) > 5 else ""
     return [f"personal  {len(personal)} users with their own adapter (after {after} judged "
             f"turns){': ' + names + more if personal else ''}"]
+
+
+def _memory_lines(report: dict[str, Any]) -> list[str]:
+    memory = report.get("memory") or {}
+    counts = memory.get("counts") or {}
+    if not memory.get("learning") and not any(counts.values()):
+        return []
+    lines = [f"memory    lessons: {counts.get('active', 0)} served, "
+             f"{counts.get('retired', 0)} retired (the adapter follows them), "
+             f"{counts.get('dropped', 0)} dropped (kept failing), "
+             f"{counts.get('pinned', 0)} pinned"]
+    for event in [*(memory.get("retired") or [])[:2], *(memory.get("dropped") or [])[:2]]:
+        lines.append(f"          {event['status']} {_when(event.get('status_at'))}: "
+                     f"{event['text'][:60]!r}: {event.get('status_reason') or ''}")
+    return lines
 
 
 def _when(timestamp: float | None) -> str:

@@ -76,6 +76,17 @@ personal_after_option = click.option(
     "one adapter for everyone.")
 
 
+memory_option = click.option(
+    "--memory", is_flag=True,
+    help="The memory: hints from judged turns become lessons, which the proxy adds to later "
+    "requests they fit (each user's, their tenant's and shared ones) until the adapter has "
+    "learned them. Off by default.")
+memory_for_option = click.option(
+    "--memory-for", multiple=True, metavar="TENANT|USER",
+    help="With --memory: only this tenant's (or user's, as `nextstate export` names them) "
+    "requests get lessons (repeatable). Default: everyone's.")
+
+
 def require_learner_extra(what: str) -> None:
     """Training needs torch, which the proxy's own install leaves out on purpose."""
     import importlib.util
@@ -123,10 +134,12 @@ def existing_store(store: str | None) -> str:
     return url
 
 
-def look_at_backend(url: str, api_key: str | None, model: str | None, *, then: str) -> None:
+def look_at_backend(url: str, api_key: str | None, model: str | None, *, then: str,
+                    strict: bool = True) -> None:
     """Refuse a backend that answers but is not a usable vLLM (a wrong path, a wrong
     key), in one sentence; one that does not answer yet only gets a warning ending with
-    ``then`` (what the command does meanwhile)."""
+    ``then`` (what the command does meanwhile). Not ``strict`` (any provider: its
+    clients may bring their own key), a refusal is a warning too."""
     from nextstate.core.vllm_server import BackendStartError, BackendUnreachable, check_backend
 
     try:
@@ -135,7 +148,10 @@ def look_at_backend(url: str, api_key: str | None, model: str | None, *, then: s
         click.echo(f"warning: {exc} {then}", err=True)
         return
     except BackendStartError as exc:
-        raise click.ClickException(str(exc)) from exc
+        if strict:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"warning: {exc}", err=True)
+        return
     if model is not None and model not in names:
         click.echo(f"warning: {url} serves {', '.join(names) or 'no model'}, not {model!r}: "
                    f"requests for {model!r} will get vLLM's 404 until it does (the name "

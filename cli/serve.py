@@ -13,12 +13,14 @@ from nextstate.cli.options import (
     free_port_or_fail,
     host_option,
     look_at_backend,
+    memory_for_option,
+    memory_option,
     no_record_option,
     port_option,
     store_option,
 )
 from nextstate.proxy.server import run_proxy
-from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.settings import MemorySettings, ProxySettings
 
 
 def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | None,
@@ -61,20 +63,32 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
               help="Delete turns (and what was derived from them) older than this.")
 @click.option("--no-redact", is_flag=True,
               help="Store message text as sent (default: mask API keys, tokens, e-mails).")
+@memory_option
+@memory_for_option
+@click.option("--no-capture", is_flag=True,
+              help="Send requests as the client wrote them, without vLLM's token-capture "
+              "fields: for any OpenAI-compatible backend. Turns are recorded as text (no "
+              "token ids, so no LoRA training); the judge and --memory still learn.")
 def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           api_key: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
-          no_redact: bool) -> None:
-    """Run the recording proxy in front of an existing vLLM."""
-    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days}
+          no_redact: bool, memory: bool, memory_for: tuple[str, ...],
+          no_capture: bool) -> None:
+    """Run the recording proxy in front of an existing vLLM (or, with --no-capture, any
+    OpenAI-compatible server)."""
+    extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
+                                "capture": not no_capture}
     if no_redact:
         extra["redact_patterns"] = ()
+    if memory_for and not memory:
+        raise click.UsageError("--memory-for needs --memory")
+    extra["memory"] = MemorySettings(enabled=memory, only=memory_for)
     settings = proxy_settings(backends, store, api_key, backend_api_key, no_record,
                               client_key, policy, **extra)
     free_port_or_fail(host, port)
     for url in settings.backends:
-        look_at_backend(url, backend_api_key, policy,
+        look_at_backend(url, backend_api_key, policy, strict=not no_capture,
                         then="The proxy starts anyway and answers 502 until it does.")
     click.echo(f"nextstate proxy on http://{host}:{port}/v1 -> {settings.backend_url}; "
                f"dashboard: http://{host}:{port}/ui/", err=True)

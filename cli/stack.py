@@ -19,6 +19,7 @@ from nextstate.cli.options import (
     ensure_toy_model,
     free_port_or_fail,
     host_option,
+    memory_option,
     no_record_option,
     personal_after_option,
     port_option,
@@ -36,7 +37,7 @@ from nextstate.core.vllm_server import (
     toy_model_config,
 )
 from nextstate.proxy.server import run_proxy
-from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.settings import MemorySettings, ProxySettings
 
 
 @click.command()
@@ -57,10 +58,11 @@ from nextstate.proxy.settings import ProxySettings
 @click.option("--backend-api-key", envvar="NEXTSTATE_BACKEND_API_KEY", default=None,
               help="With --backend: the key that vLLM wants. Otherwise the key the vLLM "
               "started here asks for (default: a random one).")
+@memory_option
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
        vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
        store: str | None, api_key: str | None, no_record: bool,
-       backend_api_key: str | None) -> None:
+       backend_api_key: str | None, memory: bool) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
     free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
@@ -72,10 +74,11 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
         name = model_name or (names[0] if names else TOY_MODEL_NAME)
         with _learner(backend, name, model_dir, store_url, train=bool(model_dir),
                       off=no_learner, personal_after=personal_after,
-                      backend_api_key=backend_api_key):
+                      backend_api_key=backend_api_key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((backend,), store, api_key, backend_api_key, no_record,
-                                policy=name), host, port)
+                                     policy=name, memory=MemorySettings(enabled=memory)),
+                      host, port)
         return
     # The vLLM started here is never open: only this proxy and learner know its key.
     key = backend_api_key or secrets.token_urlsafe(32)
@@ -92,10 +95,10 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
         with VLLMProcess(config) as vllm, _learner(vllm.url, name, config.model, store_url,
                                                   train=True, off=no_learner,
                                                   personal_after=personal_after,
-                                                  backend_api_key=key):
+                                                  backend_api_key=key, memory=memory):
             _announce(host, port, name, store, api_key)
-            run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name),
-                      host, port)
+            run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name,
+                                     memory=MemorySettings(enabled=memory)), host, port)
     except BackendStartError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -103,7 +106,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
 @contextlib.contextmanager
 def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, train: bool,
              off: bool = False, personal_after: int | None = None,
-             backend_api_key: str | None = None) -> Iterator[None]:
+             backend_api_key: str | None = None, memory: bool = False) -> Iterator[None]:
     """``nextstate learn`` as its own process for as long as the stack is up (the
     backend's key in its environment, where other users cannot read it)."""
     if off:
@@ -114,6 +117,8 @@ def _learner(backend: str, name: str, model_dir: Path | None, store_url: str, tr
     command += ["--model-dir", str(model_dir)] if train and model_dir else ["--no-train"]
     if personal_after is not None:
         command += ["--personal-after", str(personal_after)]
+    if memory:
+        command.append("--memory")
     log_path = data_dir() / "logs" / "learner.log"
     env = dict(os.environ)
     env.pop("NEXTSTATE_BACKEND_API_KEY", None)

@@ -50,6 +50,10 @@ class TurnRecord:
     # A dialect turn's own request and answer, beside the chat exchange the model saw
     # (``request``, ``response``): {"request", "response", "store"} (proxy/dialects/).
     dialect: dict[str, Any] | None = None
+    # The lessons the proxy's memory added to the prompt, and where (core/hints.py):
+    # {"ids", "hint", "message", "part", "offset", "added"}. ``request`` stays the
+    # client's; the prompt token ids vLLM returns are what the model saw.
+    lessons: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

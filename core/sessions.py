@@ -37,11 +37,13 @@ FEEDBACK_HEADER = "x-nextstate-feedback"
 HINT_HEADER = "x-nextstate-hint"
 FEEDBACK_FOR_HEADER = "x-nextstate-feedback-for"
 USER_HEADER = "x-nextstate-user"  # whose turn this is (for personal adapters)
+MEMORY_HEADER = "x-nextstate-memory"  # off: no lessons for this request
 MAX_USER_LENGTH = 128
 # Body fields with the same meaning as the headers; removed before forwarding.
 BODY_FIELDS = ("session_id", "turn_type", "session_done")
 
 _TRUE = {"1", "true", "yes", "on"}
+_OFF = {"off", "0", "false", "no"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class SessionMeta:
     # Opt-in feedback about the previous turn (or the turn named by Feedback-For).
     feedback: dict[str, Any] | None = None
     user: str | None = None  # X-NextState-User, as sent
+    memory: bool = True  # X-NextState-Memory: off keeps lessons out of this request
 
 
 def owner(user: str | None, tenant: str | None) -> str | None:
@@ -86,7 +89,8 @@ def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> Sessi
     turn_type = (headers.get(TURN_TYPE_HEADER) or str(from_body.get("turn_type") or "main"))
     done = headers.get(SESSION_DONE_HEADER)
     done_flag = _truthy(done) if done is not None else _truthy(from_body.get("session_done"))
-    record = headers.get(RECORD_HEADER, "on").strip().lower() not in {"off", "0", "false", "no"}
+    record = headers.get(RECORD_HEADER, "on").strip().lower() not in _OFF
+    memory = headers.get(MEMORY_HEADER, "on").strip().lower() not in _OFF
     feedback = None
     if FEEDBACK_HEADER in headers:
         feedback = {"score": parse_score(headers[FEEDBACK_HEADER]),
@@ -104,6 +108,7 @@ def read_session_meta(headers: Mapping[str, str], body: dict[str, Any]) -> Sessi
         record=record,
         feedback=feedback,
         user=user,
+        memory=memory,
     )
 
 

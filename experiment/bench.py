@@ -101,12 +101,16 @@ def save_results(out: Path, results: dict[str, Any],
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Score at each step per method, with the paper's numbers beside ours."""
+    """Score at each step per method (and after the first problems), with the paper's
+    numbers beside ours; then what the memory arms' lessons did."""
     methods = results["methods"]
     steps = len(next(iter(methods.values()))["mean"]) - 1
     marks = sorted({0, min(4, steps), min(8, steps), steps})
-    head = "| method | " + " | ".join(f"step {s}" for s in marks) + " | paper | time |"
-    lines = [head, "|" + "---|" * (len(marks) + 3)]
+    early = list(dict.fromkeys(k for m in methods.values() for k in m.get("early", {})))
+    head = ("| method | step 0 | " + " | ".join(f"{k} problems" for k in early)
+            + (" | " if early else "") + " | ".join(f"step {s}" for s in marks[1:])
+            + " | paper | time |")
+    lines = [head, "|" + "---|" * (len(marks) + len(early) + 3)]
     for name, m in methods.items():
         paper = ", ".join(f"{v:.2f} @{k}" for k, v in results["paper"].get(name, {}).items())
         cells = []
@@ -114,8 +118,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             spread = (f" ({m['min'][s]:.2f}-{m['max'][s]:.2f})"
                       if len(results["seeds"]) > 1 else "")
             cells.append(f"{m['mean'][s]:.2f}{spread}")
+        found = m.get("early", {})
+        cells[1:1] = [f"{found[k]:.2f}" if k in found else "-" for k in early]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} | "
                      f"{m['seconds'] / 60:.1f} min |")
+    lines += memory_table(methods)
     notes = [f"{name}: no step after step {min(s for s in m['stalled_after'] if s is not None)}"
              " in some seed (the persona stopped correcting, so nothing was left to learn "
              "from); its last score is carried forward"
@@ -142,3 +149,23 @@ def markdown_table(results: dict[str, Any]) -> str:
                          f"{', '.join(kls)} nats/token); their turns were skipped and the "
                          "traffic went on")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def memory_table(methods: dict[str, Any]) -> list[str]:
+    """Per step, for each memory arm: lessons served, retired and dropped, the prompt
+    tokens lessons added a request, and the adapter's score with the memory off."""
+    lines: list[str] = []
+    for name, m in methods.items():
+        memory = m.get("memory")
+        if not memory:
+            continue
+        lines += ["", f"{name}: | step | lessons served | retired | dropped | tokens of "
+                      "lessons a request | requests served with lessons | the adapter "
+                      "alone |", "|---|---|---|---|---|---|---|"]
+        alone = memory.get("weights_only") or []
+        for i, tokens in enumerate(memory["injected_tokens"]):
+            lines.append(f"| {i + 1} | {memory['active'][i]:.1f} | {memory['retired'][i]:.1f} "
+                         f"| {memory['dropped'][i]:.1f} | {tokens:.1f} | "
+                         f"{memory['served_share'][i]:.2f} | "
+                         f"{f'{alone[i]:.2f}' if i < len(alone) else '-'} |")
+    return lines

@@ -36,8 +36,9 @@ from nextstate.core.vllm_server import free_port
 from nextstate.experiment.bench import BASE_MODEL, save_results, serving_trained_toy
 from nextstate.experiment.client import RetryingTransport
 from nextstate.experiment.personas import Persona, SimulatedUser
-from nextstate.experiment.run import BenchConfig, Progress, conversation
+from nextstate.experiment.run import BenchConfig, Progress
 from nextstate.experiment.styles import Problem, detect, make_problem
+from nextstate.experiment.traffic import conversation
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig

@@ -11,6 +11,12 @@ every step the persona rates the first reply to each of a fixed set of held-out 
 sent with recording off so that evaluation is never trained on. Each score is kept in the
 run's store beside the version it rated (`Curves.record_score`): the dashboard's learning
 curves show it.
+
+The memory arms (`memory`: lessons alone; ``memory+combined``: lessons distilled into the
+adapter, which retires them) run the proxy with its memory on and the learner learning
+lessons; a step of ``memory`` alone is the same ``batch_turns`` judged turns of traffic.
+Every arm first answers four problems one at a time and is rated after the second and the
+fourth (before any training step can happen: what the first corrections did).
 """
 
 from __future__ import annotations
@@ -20,30 +26,47 @@ import random
 import shutil
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import httpx
 
 from nextstate.core.lora import AdapterStatus
+from nextstate.core.sessions import USER_HEADER
 from nextstate.core.store.curves import BASE_ADAPTER
 from nextstate.core.vllm_server import free_port
 from nextstate.experiment.client import RetryingTransport
+from nextstate.experiment.memory import (
+    Arm,
+    arm,
+    injected_tokens,
+    lesson_counts,
+    until_indexed,
+)
 from nextstate.experiment.personas import Persona, SimulatedUser
 from nextstate.experiment.styles import Problem, make_problem
+from nextstate.experiment.traffic import (
+    ChatSpeaker,
+    Speaker,
+    conversation,
+    evaluate,
+    speaker_for,
+)
+from nextstate.learner.config import MemoryConfig
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.server import BackgroundProxy
-from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.settings import MemorySettings, ProxySettings
 
 BENCHMARK = "learning"  # the scores' name in the store (the dashboard's curves)
 
 Progress = Callable[[str], None]
 METHODS = ("binary", "opd", "combined")
+MEMORY_ARMS = ("memory", "memory+combined")
+EARLY = (2, 4)  # problems answered one at a time before the first step, rated after each
 MAX_ROUNDS = 40  # rounds of `concurrency` conversations to wait for one training step
 
 
@@ -84,26 +107,38 @@ class MethodRun:
     # Steps published only at a smaller learning rate: {"step", "kl_first_try", "kl",
     # "lr_scale"}.
     slowed: list[dict[str, Any]] = field(default_factory=list)
+    # The score after the first 2 and 4 problems, answered one at a time: {"2", "4"}.
+    early: dict[str, float] = field(default_factory=dict)
+    # Memory arms, per step: the lessons' states after it, the prompt tokens the lessons
+    # added a request of its traffic, and (with training) the score with the memory off:
+    # the adapter alone.
+    lessons: list[dict[str, int]] = field(default_factory=list)
+    injected: list[dict[str, float]] = field(default_factory=list)
+    weights_only: list[float] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # every retirement check
 
 
 async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm_url: str,
                      base_model: str, model_dir: Path, workdir: Path,
                      progress: Progress = print) -> MethodRun:
-    policy = f"{persona.name}-{method}-s{config.seed}"
+    kind = arm(method)
+    policy = f"{persona.name}-{method.replace('+', '-')}-s{config.seed}"
     home = workdir / policy  # a fresh store and adapters: a re-run never sees the last one
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     store_url = f"sqlite:///{home / 'store.db'}"
     settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=home / "spool", policy=policy,
-                             base_model=base_model, adapter_poll_seconds=0.05)
-    trainer = TrainerConfig(method=method, batch_turns=config.batch_turns,  # type: ignore[arg-type]
+                             base_model=base_model, adapter_poll_seconds=0.05,
+                             memory=MemorySettings(enabled=kind.memory, refresh_seconds=0.05))
+    trainer = TrainerConfig(method=kind.method or "combined", batch_turns=config.batch_turns,
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
     learner = Learner(LearnerConfig(
         store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
-        model_dir=model_dir, adapters_dir=home / "adapters",
-        training=TrainingConfig(trainer=trainer, unload_grace=5.0)))
+        model_dir=model_dir if kind.trains else None, adapters_dir=home / "adapters",
+        training=TrainingConfig(trainer=trainer, unload_grace=5.0),
+        memory=MemoryConfig(learn=kind.memory)))
     run = MethodRun(method=method, seed=config.seed)
     started = time.monotonic()
     eval_set = [make_problem(random.Random(f"eval-{config.seed}-{i}"))
@@ -111,16 +146,23 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     traffic = random.Random(f"traffic-{config.seed}")
     users = RetryingTransport()  # as a real agent's client: transient failures retried
     with BackgroundProxy(settings, free_port()) as proxy:
-        async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600,
-                                     transport=users) as client:
-            speaker = speaker_for(config.api, client, proxy.url)
+        async with httpx.AsyncClient(base_url=proxy.base_url, timeout=600, transport=users,
+                                     headers={USER_HEADER: persona.name}) as client:
+            speaker = speaker_for(config.api, client, proxy.url, persona.name)
+            rate = Rater(client, proxy.url, learner, policy, persona, eval_set, config, kind)
             try:
-                run.scores.append(await evaluate(client, policy, persona, eval_set, config))
+                run.scores.append(await rate())
                 _record(learner, policy, f"{policy}{BASE_ADAPTER}", run.scores[-1])
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
+                early_turns = await first_problems(client, learner, policy, persona,
+                                                   traffic, config, run, speaker, rate)
+                progress(f"{method:>8} seed {config.seed}: after "
+                         + ", ".join(f"{k} problems {v:.3f}" for k, v in run.early.items()))
                 for step in range(1, config.steps + 1):
+                    since = time.time()
                     trained = await train_one_step(client, learner, policy, persona,
-                                                   traffic, config, run, step, speaker)
+                                                   traffic, config, run, step, speaker,
+                                                   trains=kind.trains)
                     if trained is None:
                         run.stalled_after = step - 1
                         progress(f"{method:>8} seed {config.seed}: no step {step}: too few "
@@ -129,14 +171,18 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                                  f"it is")
                         break
                     recorded, version = trained
-                    run.turns_recorded.append(recorded)
+                    run.turns_recorded.append(recorded + early_turns)
+                    early_turns = 0
                     run.versions.append(version)
-                    await _until_serving(client, policy, version)
-                    run.scores.append(await evaluate(client, policy, persona, eval_set,
-                                                     config))
+                    if kind.trains:
+                        await _until_serving(client, policy, version)
+                    run.scores.append(await rate())
                     _record(learner, policy, version, run.scores[-1])
+                    note = await _memory_step(run, learner, rate, vllm_url, base_model,
+                                              since, kind)
                     progress(f"{method:>8} seed {config.seed}: step {step} score "
-                             f"{run.scores[-1]:.3f} ({version}, {recorded} turns of traffic)")
+                             f"{run.scores[-1]:.3f} ({version}, {recorded} turns of "
+                             f"traffic){note}")
             finally:
                 await speaker.aclose()
                 await learner.close()
@@ -148,16 +194,71 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     return run
 
 
+class Rater:
+    """The persona's rating of the policy as users are served now: for a memory arm, once
+    the proxy's memory has every lesson the learner made."""
+
+    def __init__(self, client: httpx.AsyncClient, proxy_url: str, learner: Learner,
+                 policy: str, persona: Persona, problems: list[Problem], config: BenchConfig,
+                 kind: Arm) -> None:
+        self.client, self.proxy_url, self.learner = client, proxy_url, learner
+        self.policy, self.persona, self.problems = policy, persona, problems
+        self.config, self.kind = config, kind
+
+    async def __call__(self, memory: bool = True) -> float:
+        if self.kind.memory:
+            await until_indexed(self.client, self.proxy_url, self.learner.store)
+        return await evaluate(self.client, self.policy, self.persona, self.problems,
+                              self.config, memory=memory)
+
+
+async def first_problems(client: httpx.AsyncClient, learner: Learner, policy: str,
+                         persona: Persona, rng: random.Random, config: BenchConfig,
+                         run: MethodRun, speaker: Speaker, rate: Rater) -> int:
+    """The first problems one at a time, each judged (and remembered, for a memory arm)
+    before the next; rated after each of `EARLY`. Returns the turns they made."""
+    turns = 0
+    for number in range(1, max(EARLY) + 1):
+        user = SimulatedUser(persona, random.Random(rng.random()))
+        turns += await conversation(client, policy, user, make_problem(rng), config, speaker)
+        await asyncio.sleep(0.1)  # the proxy writes records off the request path
+        await learner.step()
+        if number in EARLY:
+            run.early[str(number)] = await rate()
+    return turns
+
+
+async def _memory_step(run: MethodRun, learner: Learner, rate: Rater, vllm_url: str,
+                       base_model: str, since: float, kind: Arm) -> str:
+    """A memory arm's measures after a step (nothing for the others)."""
+    if not kind.memory:
+        return ""
+    store = learner.store
+    run.lessons.append(await asyncio.to_thread(lesson_counts, store))
+    run.injected.append(await injected_tokens(store, vllm_url, base_model, since,
+                                              time.time()))
+    note = (f"; lessons {run.lessons[-1]}, {run.injected[-1]['mean']:.1f} tokens of "
+            f"lessons a request")
+    if kind.trains:
+        run.weights_only.append(await rate(memory=False))
+        run.checks = list(learner.retirement.history) if learner.retirement else []
+        note += f", the adapter alone {run.weights_only[-1]:.3f}"
+    return note
+
+
 async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: str,
                          persona: Persona, rng: random.Random, config: BenchConfig,
                          run: MethodRun | None = None, step: int = 0,
                          speaker: Speaker | None = None,
-                         max_rounds: int = MAX_ROUNDS) -> tuple[int, str] | None:
+                         max_rounds: int = MAX_ROUNDS,
+                         trains: bool = True) -> tuple[int, str] | None:
     """Talk until the learner publishes a new version; returns (turns of traffic, name),
     or None when ``max_rounds`` of conversations did not give it a batch: with distillation
     only corrected turns teach, and a persona that is pleased stops correcting. What the
-    publish gate did on the way (a refusal, a step taken smaller) goes into ``run``."""
+    publish gate did on the way (a refusal, a step taken smaller) goes into ``run``.
+    Not ``trains`` (the memory alone): talk until ``batch_turns`` more turns are judged."""
     before = learner.store.adapters.current(policy)
+    judged = learner.store.judgments.counts()["judged"]
     speaker = speaker or ChatSpeaker(client)
     recorded = 0
     for _ in range(max_rounds):
@@ -171,6 +272,10 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         history = learner.training.history if learner.training else []
         last = history[-1] if history else None
         await learner.step()
+        if not trains:
+            if learner.store.judgments.counts()["judged"] - judged >= config.batch_turns:
+                return recorded, "memory"
+            continue
         history = learner.training.history if learner.training else []
         if run is not None and history and history[-1] is not last:
             _gate_events(run, step, history[-1])
@@ -193,104 +298,6 @@ def _gate_events(run: MethodRun, step: int, entry: dict[str, Any]) -> None:
     elif entry["outcome"] == "published" and extra.get("lr_scale", 1.0) < 1.0:
         run.slowed.append({"step": step, "kl_first_try": extra.get("kl_first_try"),
                            "kl": entry["kl"], "lr_scale": extra["lr_scale"]})
-
-
-class Speaker(Protocol):
-    """How a simulated user sends a conversation and reads the reply's text."""
-
-    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
-                    config: BenchConfig) -> str: ...
-
-    async def aclose(self) -> None: ...
-
-
-class ChatSpeaker:
-    """Chat Completions, as any OpenAI-SDK agent."""
-
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
-
-    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
-                    config: BenchConfig) -> str:
-        answer = await self.client.post(
-            "/chat/completions", headers={"X-Session-Id": session},
-            json={"model": policy, "messages": messages, "temperature": config.temperature,
-                  "max_tokens": config.max_tokens})
-        answer.raise_for_status()
-        return str(answer.json()["choices"][0]["message"]["content"] or "")
-
-    async def aclose(self) -> None:
-        pass  # the client is the caller's
-
-
-class MessagesSpeaker:
-    """Anthropic Messages through the official SDK (``ANTHROPIC_BASE_URL`` at the proxy),
-    as Claude Code talks. The SDK retries transient failures itself, by the same policy
-    as `RetryingTransport` (it brings its own HTTP client), so its retries go uncounted."""
-
-    def __init__(self, proxy_url: str) -> None:
-        import anthropic
-
-        self.sdk = anthropic.AsyncAnthropic(base_url=proxy_url, api_key="unused",
-                                            timeout=600)
-
-    async def reply(self, policy: str, messages: list[dict[str, str]], session: str,
-                    config: BenchConfig) -> str:
-        # (The SDK has no temperature argument any more: it goes in the body, as vLLM's
-        # Messages route and the proxy read it.)
-        answer = await self.sdk.messages.create(
-            model=policy, messages=messages, max_tokens=config.max_tokens,  # type: ignore[arg-type]
-            extra_body={"temperature": config.temperature},
-            extra_headers={"X-Session-Id": session})
-        return "".join(block.text for block in answer.content if block.type == "text")
-
-    async def aclose(self) -> None:
-        await self.sdk.close()
-
-
-def speaker_for(api: str, client: httpx.AsyncClient, proxy_url: str) -> Speaker:
-    return MessagesSpeaker(proxy_url) if api == "messages" else ChatSpeaker(client)
-
-
-async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUser,
-                       problem: Problem, config: BenchConfig,
-                       speaker: Speaker | None = None) -> int:
-    """One problem: the user reads up to ``max_turns`` replies, correcting until pleased.
-    Its last answer is sent as the last turn's next state. Returns the turns it made."""
-    speaker = speaker or ChatSpeaker(client)
-    session = uuid.uuid4().hex
-    messages: list[dict[str, str]] = [{"role": "user", "content": problem.question}]
-    for turn in range(user.persona.max_turns):
-        reply = await speaker.reply(policy, messages, session, config)
-        satisfied, said = user.react(reply)
-        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": said}]
-        if satisfied or turn == user.persona.max_turns - 1:
-            done = await client.post("/next_state", json={
-                "session_id": session, "messages": [{"role": "user", "content": said}],
-                "done": True, "source": "adapter:bench"})
-            done.raise_for_status()
-            return turn + 1
-    return user.persona.max_turns
-
-
-async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
-                   problems: list[Problem], config: BenchConfig) -> float:
-    """The persona's mean rating of first replies to held-out problems (not recorded)."""
-    gate = asyncio.Semaphore(config.concurrency)
-
-    async def rate(problem: Problem) -> list[float]:
-        async with gate:
-            answer = await client.post(
-                "/chat/completions", headers={"X-NextState-Record": "off"},
-                json={"model": policy, "n": config.eval_samples,
-                      "temperature": config.temperature, "max_tokens": config.max_tokens,
-                      "messages": [{"role": "user", "content": problem.question}]})
-            answer.raise_for_status()
-            return [persona.score(c["message"]["content"] or "")
-                    for c in answer.json()["choices"]]
-
-    ratings = await asyncio.gather(*(rate(p) for p in problems))
-    return statistics.fmean(r for rs in ratings for r in rs)
 
 
 async def _until_serving(client: httpx.AsyncClient, policy: str, version: str) -> None:
@@ -320,8 +327,30 @@ def summarise(runs: list[MethodRun], steps: int | None = None) -> dict[str, Any]
             "stalled_after": [r.stalled_after for r in mine],
             "refused": [len(r.refused) for r in mine],  # steps the gate refused, per seed
             "slowed": [len(r.slowed) for r in mine],  # taken at a smaller learning rate
+            "early": {k: statistics.fmean(r.early[k] for r in mine if k in r.early)
+                      for k in dict.fromkeys(k for r in mine for k in r.early)},
         }
+        if any(r.lessons for r in mine):
+            out[method]["memory"] = _memory_summary(mine)
     return out
+
+
+def _memory_summary(runs: list[MethodRun]) -> dict[str, Any]:
+    """Per step, means over seeds: lessons retired and served, tokens of lessons a
+    request, the adapter's score alone."""
+    def per_step(values: list[list[float]]) -> list[float]:
+        length = min(len(v) for v in values)
+        return [statistics.fmean(v[i] for v in values) for i in range(length)]
+
+    return {
+        "retired": per_step([[float(c.get("retired", 0)) for c in r.lessons] for r in runs]),
+        "active": per_step([[float(c.get("active", 0)) for c in r.lessons] for r in runs]),
+        "dropped": per_step([[float(c.get("dropped", 0)) for c in r.lessons] for r in runs]),
+        "injected_tokens": per_step([[i["mean"] for i in r.injected] for r in runs]),
+        "served_share": per_step([[i["served"] for i in r.injected] for r in runs]),
+        "weights_only": (per_step([r.weights_only for r in runs])
+                         if all(r.weights_only for r in runs) else []),
+    }
 
 
 def _padded(scores: list[float], length: int) -> list[float]:

@@ -1,6 +1,6 @@
 """What the learner is told (CLI -> ``LearnerConfig`` -> learner -> judge, trainer,
-publish): one frozen dataclass per part, each validated once, when it is made, with a
-one-sentence message. torch-free, so that the CLI reads its defaults from here.
+publish, memory): one frozen dataclass per part, each validated once, when it is made,
+with a one-sentence message. torch-free, so that the CLI reads its defaults from here.
 """
 
 from __future__ import annotations
@@ -103,6 +103,35 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Lessons: hints remembered and served by the proxy's memory until the weights have
+    learned them (learner/lessons.py, learner/retirement.py)."""
+
+    learn: bool = False  # every judged turn's hint becomes (or joins) a lesson
+    lessons_per_turn: int = 1  # hints of one turn kept as lessons (feedback's first)
+    # A lesson whose last this many served turns were all corrected (-1) is dropped.
+    drop_after: int = 3
+    # After each new adapter, check the served lessons of its users: one the adapter
+    # follows without being told is retired (no longer served).
+    retire: bool = True
+    # Retired when the lesson changes the adapter's own replies to held-out prompts by at
+    # most this much: KL(adapter || adapter shown the lesson), mean nats per token.
+    retire_kl: float = 0.05
+    check_prompts: int = 4  # held-out prompts (the user's latest untrained requests)
+    check_samples: int = 4  # replies sampled per prompt (16 replies: measured, bench/README.md)
+    check_max_tokens: int = 256
+    checks_per_round: int = 8  # lessons checked per learner round at most
+
+    def __post_init__(self) -> None:
+        for name in ("lessons_per_turn", "drop_after", "check_prompts", "check_samples",
+                     "check_max_tokens", "checks_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.retire_kl <= 0:
+            raise ValueError(f"retire_kl must be over 0, not {self.retire_kl}")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     store_url: str
     # Every vLLM serving the policy; adapters go to all of them. The teacher and the
@@ -124,6 +153,7 @@ class LearnerConfig:
     poll_seconds: float = 1.0
     judging: JudgingConfig = field(default_factory=JudgingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backends, str) or not self.backends:

@@ -2,11 +2,12 @@
 (store -> learner -> judge -> trainer -> publish -> vLLM).
 
 A separate process from the proxy, attached to the same store and the same vLLM. It
-loops: judge the turns that have their next state; once enough judged turns carry a
-signal, train a step and publish the adapter; report what it is doing in the store (the
-proxy's status endpoint and dashboard show it), and to its observers (Prometheus metrics,
-experiment trackers: `observers`). Killing it at any moment loses nothing: all of its
-state is in the store and the adapter directories.
+loops: judge the turns that have their next state (with the memory on, their hints
+become lessons the proxy serves); once enough judged turns carry a signal, train a step
+and publish the adapter; retire the lessons the adapter has learned; report what it is
+doing in the store (the proxy's status endpoint and dashboard show it), and to its
+observers (Prometheus metrics, experiment trackers: `observers`). Killing it at any
+moment loses nothing: all of its state is in the store and the adapter directories.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from nextstate.learner import ranks
 from nextstate.learner.config import LearnerConfig
 from nextstate.learner.judging import JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
+from nextstate.learner.lessons import Keeper
 from nextstate.learner.observers import Observer, close_all, tell
 from nextstate.learner.personal import personal_adapters
+from nextstate.learner.retirement import Retirement
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import StepResult, TrainingStage
 
@@ -63,12 +66,17 @@ class Totals:
     judge_failures: int = 0
     hints: int = 0
     steps: dict[str, int] = field(default_factory=dict)  # steps taken, by outcome
+    lessons_learned: int = 0
+    lessons_dropped: int = 0
+    lessons_retired: int = 0
     recent_errors: list[str] = field(default_factory=list)
 
     def add(self, report: JudgingReport) -> None:
         self.judged += report.judged
         self.judge_failures += report.failed
         self.hints += report.hints
+        self.lessons_learned += report.lessons_learned
+        self.lessons_dropped += report.lessons_dropped
         if report.last_error:
             self.recent_errors = [*self.recent_errors, report.last_error][-10:]
 
@@ -91,6 +99,13 @@ class Learner:
             adapters_dir = config.adapters_dir or config.model_dir.parent / "adapters"
             self.training = TrainingStage(self.store, config.model_dir, self.policy,
                                           self.vllms, adapters_dir, config.training)
+        memory = config.memory
+        self.keeper = Keeper(self.store.lessons, memory)
+        self.retirement: Retirement | None = None
+        if self.training is not None and memory.retire:
+            self.retirement = Retirement(self.store, self.teacher.vllm, self.policy,
+                                         config.base_model, memory)
+        self.retired: list[dict[str, Any]] = []  # the latest lessons retired, for status
         self.totals = Totals()
         self.started_at = time.time()
         self.state = "idle"
@@ -113,7 +128,7 @@ class Learner:
             self.teacher.router.update(
                 await asyncio.to_thread(self.store.adapters.currents, self.policy))
         report = await judge_pending(self.store.judgments, self.judge, self.teacher,
-                                     self.config.judging)
+                                     self.config.judging, self.keeper)
         self.totals.add(report)
         done = report.judged + report.failed
         result: StepResult | None = None
@@ -138,6 +153,12 @@ class Learner:
                 self.totals.steps[result.outcome] = self.totals.steps.get(result.outcome, 0) + 1
                 if result.error:
                     self._error(result.error)
+        if self.retirement is not None:
+            await self._set_state("checking lessons")
+            retired = await self.retirement.check()
+            self.totals.lessons_retired += len(retired)
+            self.retired = [*self.retired, *retired][-10:]
+            done += len(retired)
         await self._set_state("idle", report=True)
         if self.observers:
             step = self.training.history[-1] if self.training and result else None
@@ -203,7 +224,20 @@ class Learner:
             "backends": self.backends,
             "totals": asdict(self.totals),
             "lora_rank": training.lora_rank,
+            "memory": self.memory_status(),
         }
+
+    def memory_status(self) -> dict[str, Any]:
+        """The lessons: how many in each state, and the latest retired and dropped, with
+        why (a retirement says what it measured on which adapter)."""
+        lessons = self.store.lessons
+        events = lessons.events(20)
+        return {"learning": self.config.memory.learn,
+                "retiring": self.retirement is not None,
+                "counts": lessons.counts(),
+                "retired": [e for e in events if e["status"] == "retired"][:10],
+                "dropped": [e for e in events if e["status"] == "dropped"][:10],
+                "checks": self.retirement.checks if self.retirement is not None else 0}
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:
         """learning / stalled / blocked, and why: what doctor says from the store, over

@@ -1,41 +1,40 @@
 """Teacher logprobs for on-policy distillation (learner -> vLLM).
 
 For a turn with a hindsight hint, the teacher is the same model shown the hint: the hint
-is appended to the last user message, the prompt is rebuilt by vLLM's own ``/tokenize``
-(same chat template, tools and generation prompt as the turn had), and vLLM scores the
-turn's *recorded* completion tokens under that prompt (``/v1/completions`` with a
-token-id prompt and ``prompt_logprobs``). The result is one teacher logprob per
-completion token, aligned exactly with what was sampled; nothing is re-tokenized.
+is appended to the last user message (`nextstate.core.hints`, the placement the proxy's
+memory serves lessons in), the prompt is rebuilt by vLLM's own ``/tokenize`` (same chat
+template, tools and generation prompt as the turn had), and vLLM scores the turn's
+*recorded* completion tokens under that prompt (``/v1/completions`` with a token-id
+prompt and ``prompt_logprobs``). The result is one teacher logprob per completion token,
+aligned exactly with what was sampled; nothing is re-tokenized.
+
+A turn the proxy served with lessons is distilled from its context: the teacher's prompt
+is the turn as the model saw it, lessons included (with a hint, the hint joins them), the
+student's is the client's request without them (`student_prompt_ids`).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
+from nextstate.core.hints import HINT_MARKER, joined, prompt_with_hint, with_hint
 from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient, VLLMError
 
-HINT_MARKER = "\n\n[user's hint / instruction]\n"
+__all__ = ["HINT_MARKER", "Teacher", "TeacherError", "completion_logprobs", "served_hint",
+           "with_hint"]
 
 
 class TeacherError(Exception):
     """vLLM could not score the turn (down, prompt too long, ...)."""
 
 
-def with_hint(messages: Sequence[dict[str, Any]], hint: str) -> list[dict[str, Any]]:
-    """The messages with ``hint`` appended to the last user message (or added as one)."""
-    out = copy.deepcopy(list(messages))
-    for message in reversed(out):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                message["content"] = [*content, {"type": "text", "text": HINT_MARKER + hint}]
-            else:
-                message["content"] = f"{content or ''}{HINT_MARKER}{hint}"
-            return out
-    return [*out, {"role": "user", "content": HINT_MARKER.lstrip("\n") + hint}]
+def served_hint(turn: dict[str, Any]) -> str | None:
+    """The lessons the proxy served ``turn`` with, as the one hint they were (None: none)."""
+    lessons = turn.get("lessons")
+    hint = lessons.get("hint") if isinstance(lessons, dict) else None
+    return hint if isinstance(hint, str) and hint else None
 
 
 def completion_logprobs(prompt_logprobs: Sequence[Any], completion_ids: Sequence[int],
@@ -98,19 +97,33 @@ class Teacher:
             raise TeacherError("vLLM returned no prompt logprobs for the sequence")
         return completion_logprobs(scored, completion, len(prompt))
 
+    async def student_prompt_ids(self, turn: dict[str, Any]) -> list[int] | None:
+        """For a turn served with lessons, its prompt without them (the client's own
+        request), tokenized as vLLM would have; None for any other turn (the recorded
+        prompt is the student's)."""
+        if served_hint(turn) is None:
+            return None
+        return await self._tokenize(turn, None, self.model_for(turn))
+
     async def _prompt_ids(self, turn: dict[str, Any], hint: str | None,
                           model: str) -> list[int]:
+        """The teacher's prompt: the recorded one (what the model saw, lessons included)
+        without a hint; with one, the client's request with the lessons and the hint."""
+        if hint is None:
+            return list(turn["prompt_token_ids"])
+        return await self._tokenize(turn, joined([served_hint(turn), hint]), model)
+
+    async def _tokenize(self, turn: dict[str, Any], hint: str | None,
+                        model: str) -> list[int]:
         request = turn["request"]
         if turn.get("endpoint") == "completions":
-            if hint is None:
-                return list(turn["prompt_token_ids"])
-            prompt = f"{request.get('prompt', '')}{HINT_MARKER}{hint}"
-            body: dict[str, Any] = {"model": model, "prompt": prompt}
+            prompt = str(request.get("prompt", ""))
+            body: dict[str, Any] = {"model": model, "prompt": prompt if hint is None
+                                    else prompt_with_hint(prompt, hint)}
         else:
-            if hint is None:
-                return list(turn["prompt_token_ids"])
+            messages = request["messages"]
             body = {"model": model, "add_generation_prompt": True,
-                    "messages": with_hint(request["messages"], hint)}
+                    "messages": messages if hint is None else with_hint(messages, hint)}
             if request.get("tools"):
                 body["tools"] = request["tools"]
         try:

@@ -52,6 +52,10 @@ class TrainItem:
     teacher_logprobs: list[float] | None = None  # None: no hint
     weight: float = 1.0  # < 1 for stale turns when down-weighting
     group: str | None = None  # the episode (session) a step belongs to, when it has one
+    # Served with lessons, trained without them (context distillation): the tokens were
+    # sampled under the teacher's context, not the student's, so no importance weight
+    # corrects toward the sampler (it would cancel exactly what the lessons changed).
+    context: bool = False
 
 
 @dataclass
@@ -151,8 +155,9 @@ class Trainer:
                 logp_B_T, mask_B_T = self._forward([items[i] for i in batch])
                 old_B_T = _pad([old[i] for i in batch], mask_B_T)
                 adv_B_T = _pad([advantages[i] for i in batch], mask_B_T)
-                sampler_B_T = _pad([torch.tensor(items[i].sampler_logprobs) for i in batch],
-                                   mask_B_T)
+                sampler_B_T = _pad([old[i] if items[i].context  # weight 1, see TrainItem
+                                    else torch.tensor(items[i].sampler_logprobs)
+                                    for i in batch], mask_B_T)
                 loss, s = clipped_surrogate(
                     logp_B_T, old_B_T, adv_B_T, mask_B_T, sampler_B_T,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high,

@@ -67,7 +67,8 @@ def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
     Reward: the judge's score (+1/-1); for a step of an episode with an outcome (feedback
     for the whole session, a test verdict), the outcome plus the step's mean judge vote.
     Several hints: their teacher logprobs are averaged token by token (a smoother target
-    than any single hint's)."""
+    than any single hint's). A turn served with lessons trains on its prompt without them
+    (context distillation: its teacher logprobs were taken with them)."""
     teachers = [t for t in row.get("teacher_logprobs") or [] if t]
     teacher = [sum(col) / len(col) for col in zip(*teachers, strict=True)] if teachers else None
     score = row.get("score")
@@ -75,7 +76,9 @@ def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
     if row.get("outcome") is not None:
         votes = [v for v in row.get("votes") or [] if v is not None]
         reward = float(row["outcome"]) + (sum(votes) / len(votes) if votes else 0.0)
-    return TrainItem(turn_id=row["id"], prompt_ids=list(row["prompt_token_ids"]),
+    student = row.get("student_prompt_ids")
+    prompt = student if student else row["prompt_token_ids"]
+    return TrainItem(turn_id=row["id"], prompt_ids=list(prompt), context=bool(student),
                      completion_ids=list(row["completion_token_ids"]),
                      sampler_logprobs=[float(x) for x in row["logprobs"]], reward=reward,
                      teacher_logprobs=teacher, weight=weight,

@@ -32,8 +32,8 @@ ADMIN = "nextstate.admin"  # scope key set by the API-key middleware
 
 
 def caller(request: Request) -> tuple[Deps, str | None, bool]:
-    """(deps, the caller's tenant, whether it sees everything: the admin key, or a proxy
-    without client keys)."""
+    """(deps, the caller's tenant, whether it may see every tenant: the admin key, or a
+    proxy without client keys)."""
     deps: Deps = request.state.deps
     admin = bool(request.scope.get(ADMIN)) or not deps.settings.tenants_by_key()
     return deps, request.scope.get(TENANT), admin

@@ -6,14 +6,14 @@ over chat (`dialects.routes`); the other inference endpoints (models, embeddings
 tokenize, Anthropic's count_tokens) are forwarded as they are (`passthrough`); ``POST /v1/feedback``
 and ``POST /v1/next_state`` take what clients tell about earlier turns;
 ``GET /v1/learner/status`` shows what the learner does; export, deletion and adapter
-administration are in `admin`; ``GET /health`` reports the backends and the recorder,
-``GET /metrics`` the same and more for Prometheus (`metrics`); the dashboard is ``/ui/``
-and its data ``/v1/dashboard/`` (`dashboard`). Anything else, vLLM's own administration
-included, is a 404 from the proxy and never reaches vLLM. Every answer is counted and
-timed (`metrics.MetricsMiddleware`, outermost); `paths.PathGuard` settles the one path
-every later step sees, then `ApiKeyMiddleware` checks the client's key. The HTTP
-clients, the store, the recorder and the adapter router are built in the lifespan and
-closed there.
+administration are in `admin`, the memory's lessons in `memory_admin`; ``GET /health``
+reports the backends, the recorder and the memory, ``GET /metrics`` the same and more for
+Prometheus (`metrics`); the dashboard is ``/ui/`` and its data ``/v1/dashboard/``
+(`dashboard`). Anything else, vLLM's own administration included, is a 404 from the proxy
+and never reaches vLLM. Every answer is counted and timed (`metrics.MetricsMiddleware`,
+outermost); `paths.PathGuard` settles the one path every later step sees, then
+`ApiKeyMiddleware` checks the client's key. The HTTP clients, the store, the recorder,
+the adapter router and the memory are built in the lifespan and closed there.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from starlette.routing import Route
 from nextstate.core.redact import Redactor
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
-from nextstate.proxy import admin, dashboard, passthrough
+from nextstate.proxy import admin, dashboard, memory_admin, passthrough
 from nextstate.proxy.asgi import TENANT
 from nextstate.proxy.dashboard.page import is_static
 from nextstate.proxy.deps import Deps
@@ -49,6 +49,7 @@ from nextstate.proxy.errors import (
     shape_for,
 )
 from nextstate.proxy.feedback import post_feedback, post_next_state
+from nextstate.proxy.memory import Memory
 from nextstate.proxy.metrics import MetricsMiddleware, ProxyMetrics, metrics_endpoint
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.paths import PathGuard
@@ -108,6 +109,7 @@ async def health(request: Request) -> Response:
         "status": "ok" if all(b["ok"] for b in found) else "degraded" if up else "down",
         "backend": found[0], "backends": found,
         "recorder": deps.recorder.snapshot() if deps.settings.record else None,
+        "memory": deps.memory.snapshot() if deps.memory is not None else None,
     }
     return Response(orjson.dumps(body), status_code=200 if up else 503,
                     media_type="application/json")
@@ -181,13 +183,17 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
         recorder.start()
         router = Router(settings.policy, settings.base_model, store)
         tasks = []
+        memory = None
+        if settings.memory.enabled:
+            memory = Memory(settings.memory, store, settings.policy)
+            tasks.append(asyncio.create_task(memory.follow()))
         if settings.policy:
             tasks.append(asyncio.create_task(router.follow(settings.adapter_poll_seconds)))
         if settings.policy or len(backends.backends) > 1:
             tasks.append(asyncio.create_task(backends.watch(
                 router, min(settings.health_interval_seconds,
                             settings.adapter_poll_seconds * 4))))
-        deps = Deps(settings, backends, recorder, store, router, metrics)
+        deps = Deps(settings, backends, recorder, store, router, metrics, memory)
         metrics.watch(deps)
         try:
             yield {"deps": deps}
@@ -216,6 +222,7 @@ def make_app(settings: ProxySettings, *, transport: httpx.AsyncBaseTransport | N
             Route("/v1/tenants/{tenant}", admin.delete_tenant, methods=["DELETE"]),
             Route("/v1/adapters", admin.list_adapters, methods=["GET"]),
             Route("/v1/adapters/rollback", admin.rollback, methods=["POST"]),
+            *memory_admin.routes(),
             *dialects.routes(),
             *passthrough.routes(),
             *dashboard.routes(),

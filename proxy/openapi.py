@@ -37,6 +37,12 @@ TARGET = {"turn_id": {"type": "string", "minLength": 1, "maxLength": 128},
           "session_id": {"type": "string", "minLength": 1, "maxLength": 128}}
 
 
+LESSON = {"text": {"type": "string", "minLength": 1, "maxLength": 2000},
+          "user": {"type": "string"}, "pinned": {"type": "boolean"}}
+LESSON_ID = {"name": "lesson_id", "in": "path", "required": True,
+             "schema": {"type": "string", "minLength": 1}}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): {"description": "an OpenAI-style error",
                      "content": {"application/json": {"schema": ERROR}}} for c in codes}
@@ -120,6 +126,24 @@ def openapi_schema() -> dict[str, Any]:
             "/metrics": {"get": {"operationId": "metrics", "responses": {
                 **_ok("Prometheus text", "text/plain"), **_errors(401, 403)}}},
             **_dashboard(),
+            "/v1/memory": {
+                "get": {"operationId": "list_lessons", "parameters": [
+                    {"name": n, "in": "query", "schema": {"type": "string"}}
+                    for n in ("user", "status", "tenant")],
+                    "responses": {**_ok("lessons"), **_errors(400, 401, 403)}},
+                "post": {"operationId": "add_lesson",
+                         "requestBody": _json_body(LESSON, ["text"]),
+                         "responses": {**_ok("the lesson"), **_errors(400, 401, 403, 408,
+                                                                      413)}}},
+            "/v1/memory/{lesson_id}": {
+                "patch": {"operationId": "edit_lesson", "parameters": [LESSON_ID],
+                          "requestBody": _json_body({**LESSON, "status": {
+                              "type": "string", "enum": ["active", "retired", "dropped"]}},
+                              []),
+                          "responses": {**_ok("the lesson"), **_errors(400, 401, 404, 408,
+                                                                       413)}},
+                "delete": {"operationId": "forget_lesson", "parameters": [LESSON_ID],
+                           "responses": {**_ok("forgotten"), **_errors(401, 404)}}},
             "/health": {"get": {"operationId": "health", "responses": {
                 **_ok("the backend and the recorder"),
                 "503": {"description": "the backend is down",

@@ -137,13 +137,15 @@ class Turn:
                 created_at=self.started,
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
                 session_done=meta.done, tenant=tenant, user=user, feedback=meta.feedback)
-            self.asked = add_capture(body, endpoint)
+            if deps.settings.capture:  # off: the backend gets the client's own fields
+                self.asked = add_capture(body, endpoint)
         # The policy's name goes to its current adapter version (the user's own, if they
         # have one); the reply comes back under the name the client used.
         self.rename: str | None = None
         self.adapter: str | None = None  # the adapter a backend must have for this request
-        routed = deps.router.route(body.get("model"), user)
-        if routed is not None and routed != body.get("model"):
+        asked_for = body.get("model")
+        routed = deps.router.route(asked_for, user)
+        if routed is not None and routed != asked_for:
             self.rename, body["model"] = body["model"], routed
             self.adapter = routed if routed != deps.router.base_model else None
         self.transform = self.record is not None or self.rename is not None
@@ -151,6 +153,12 @@ class Turn:
         # same replica, so vLLM's prefix cache is reused).
         self.affinity = ((meta.session_id or _opening(body))
                          if len(deps.backends.backends) > 1 else None)
+        # Lessons that fit the request go into the prompt vLLM gets (memory.py); the
+        # record keeps the client's request and says which lessons went where.
+        if deps.memory is not None and meta.memory:
+            lessons = deps.memory.serve(body, endpoint, asked_for, tenant, user)
+            if lessons is not None and self.record is not None:
+                self.record.lessons = lessons
         self.stream = bool(body.get("stream"))
         self.payload = orjson.dumps(body)
         self.headers = upstream_headers(headers, deps)

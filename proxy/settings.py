@@ -15,6 +15,42 @@ from nextstate.core.redact import DEFAULT_PATTERNS
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """The memory: lessons (hints remembered from earlier turns) added to the prompts of
+    the requests they fit (proxy/memory.py). Off by default."""
+
+    enabled: bool = False
+    # Only these tenants and users get lessons (a user as the export names it:
+    # ``tenant:id``, or the id without tenants); empty: everyone.
+    only: tuple[str, ...] = ()
+    lessons: int = 3  # lessons a request gets at most
+    # Lessons of one scope (a user's, a tenant's, the shared ones) it is chosen from: the
+    # newest (pinned first). Bounds what retrieval costs a request.
+    scope_lessons: int = 64
+    max_chars: int = 1200  # characters of lessons a request gets at most
+    # Retrieval over this many milliseconds serves the request without lessons (counted);
+    # so does a failed one.
+    budget_ms: float = 2.0
+    refresh_seconds: float = 1.0  # how often the index looks for changed lessons
+
+    def __post_init__(self) -> None:
+        if isinstance(self.only, str):
+            raise ValueError("only must be a tuple of tenants or users")
+        for name in ("lessons", "max_chars", "scope_lessons"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"memory {name} must be at least 1, not {getattr(self, name)}")
+        for name in ("budget_ms", "refresh_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"memory {name} must be over 0, not {getattr(self, name)}")
+
+    def serves(self, tenant: str | None, user: str | None) -> bool:
+        """Does this tenant's (or user's) traffic get lessons?"""
+        if not self.enabled:
+            return False
+        return not self.only or tenant in self.only or user in self.only
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """Everything `make_app` needs. Defaults suit a local vLLM on port 8000."""
 
@@ -37,6 +73,12 @@ class ProxySettings:
     # when the proxy has no key of its own.
     backend_api_key: str | None = None
     record: bool = True
+    # Ask the backend for token ids and logprobs (vLLM's extra fields) to record them.
+    # Off: requests go out as the client sent them, for any OpenAI-compatible backend;
+    # turns are recorded as text, which the judge and the memory learn from but the
+    # trainer cannot (no token ids).
+    capture: bool = True
+    memory: MemorySettings = MemorySettings()
     # The model name clients use for the trained policy; None: no routing to adapters.
     policy: str | None = None
     base_model: str | None = None  # vLLM's name for the base model (default: the policy's)

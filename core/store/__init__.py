@@ -11,6 +11,7 @@ object per concept, so that no module knows all of them.
     store.funnel      Funnel: where turns are on their way to a step, and why others drop
     store.curves      Curves: what each adapter version did (its step, its traffic, scores)
     store.browse      Browse: the sessions, searchable, and one session turn by turn
+    store.lessons     Lessons: the memory's hints, per user, tenant or shared
 
 Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
 """
@@ -23,6 +24,7 @@ from nextstate.core.store.curves import Curves
 from nextstate.core.store.database import Database, make_engine
 from nextstate.core.store.funnel import Funnel
 from nextstate.core.store.judgments import Judgments
+from nextstate.core.store.lessons import Lessons
 from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
 from nextstate.core.store.responses import Responses
 from nextstate.core.store.retention import Forgotten, Retention
@@ -31,8 +33,8 @@ from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
 __all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Browse", "Curves", "Database", "Forgotten",
-           "Funnel", "Judgments", "LearnerStatus", "Responses", "Retention", "Store", "Turns",
-           "TurnsForgotten", "make_engine"]
+           "Funnel", "Judgments", "LearnerStatus", "Lessons", "Responses", "Retention",
+           "Store", "Turns", "TurnsForgotten", "make_engine"]
 
 
 class Store:
@@ -51,6 +53,7 @@ class Store:
         self.funnel = Funnel(self.db, self.judgments)
         self.curves = Curves(self.db)
         self.browse = Browse(self.db, self.turns, self.judgments)
+        self.lessons = Lessons(self.db, self.turns.redactor)
 
     @property
     def url(self) -> str:

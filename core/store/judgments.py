@@ -75,7 +75,10 @@ class Judgments:
 
     def save(self, turn_id: str, judgment: Verdict,
              teacher_logprobs: Sequence[Sequence[float]] | None = None,
-             teacher_model: str | None = None) -> None:
+             teacher_model: str | None = None,
+             student_prompt_ids: Sequence[int] | None = None) -> None:
+        """A turn's judgment; ``student_prompt_ids``: for a turn served with lessons, its
+        prompt without them (the student's side of context distillation)."""
         now = time.time()
         values = {
             "status": "ok", "score": judgment.score, "source": judgment.source,
@@ -84,6 +87,8 @@ class Judgments:
             "prompt_version": judgment.prompt_version,
             "teacher_logprobs": [list(t) for t in teacher_logprobs or []],
             "teacher_model": teacher_model, "error": None, "updated_at": now,
+            "student_prompt_ids": (list(student_prompt_ids)
+                                   if student_prompt_ids is not None else None),
         }
         self._upsert(turn_id, values, now)
 
@@ -171,14 +176,16 @@ class Judgments:
                            personal_after: int | None = None) -> list[dict[str, Any]]:
         """Judged, not yet trained turns that carry a signal for ``method``, oldest first,
         with what the trainer needs (token ids, sampler logprobs, signals, the version
-        that served them, the episode's outcome). Only ``user``'s turns when given;
+        that served them, the episode's outcome, the prompt without the lessons it was
+        served with). Only ``user``'s turns when given;
         with ``personal_after``, only turns of users who have no personal adapter (see
         `personal_users`)."""
         query = (
             select(turns.c.id, turns.c.prompt_token_ids, turns.c.completion_token_ids,
                    turns.c.logprobs, turns.c.served_model, turns.c.session_id,
                    judgments.c.score, judgments.c.votes, judgments.c.hints,
-                   judgments.c.teacher_logprobs, sessions.c.outcome)
+                   judgments.c.teacher_logprobs, judgments.c.student_prompt_ids,
+                   sessions.c.outcome)
             .join(judgments, judgments.c.turn_id == turns.c.id)
             .outerjoin(sessions, sessions.c.id == turns.c.session_id)
             .where(*_ready_for(method))

@@ -3,10 +3,12 @@ them, and sessions ended when idle (nextstate forget, DELETE /v1/sessions|tenant
 recorder's sweep -> store).
 
 A turn forgotten takes its conversation keys, feedback and judgment with it, and a
-session left empty goes too. A user or a tenant forgotten as a whole also loses the
-personal adapters trained on their turns: their versions are marked ``forgotten`` in
-the same transaction (their directories and vLLM's copies are erased by
-`nextstate.core.lora.erase`).
+session left empty goes too; so does a lesson of the memory learned only from forgotten
+turns (one a person wrote stays until its scope is forgotten). A user or a tenant
+forgotten as a whole also loses the personal adapters trained on their turns: their
+versions are marked ``forgotten`` in the same transaction (their directories and vLLM's
+copies are erased by `nextstate.core.lora.erase`), and every lesson of their scope,
+written by hand or not.
 """
 
 from __future__ import annotations
@@ -16,11 +18,20 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, or_, select, update
 
 from nextstate.core.lora import PERSONAL, AdapterStatus, personal_key
 from nextstate.core.store.database import Database
-from nextstate.core.store.schema import adapters, feedback, judgments, sessions, turn_keys, turns
+from nextstate.core.store.schema import (
+    adapters,
+    feedback,
+    judgments,
+    lesson_turns,
+    lessons,
+    sessions,
+    turn_keys,
+    turns,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class Forgotten:
     """What `Retention.forget` deleted."""
 
     turns: int
+    lessons: int
     # The personal adapter versions of users forgotten as a whole, now marked
     # ``forgotten``: unloading them from vLLM and deleting their directories is the
     # caller's (or the learner's) job.
@@ -69,7 +81,8 @@ class Retention:
             doomed = select(turns.c.id).where(*where).scalar_subquery()
             for table, column in ((turn_keys, turn_keys.c.turn_id),
                                   (feedback, feedback.c.turn_id),
-                                  (judgments, judgments.c.turn_id)):
+                                  (judgments, judgments.c.turn_id),
+                                  (lesson_turns, lesson_turns.c.turn_id)):
                 conn.execute(table.delete().where(column.in_(doomed)))
             deleted = conn.execute(turns.delete().where(*where)).rowcount
             if session_id is not None:
@@ -82,7 +95,32 @@ class Retention:
             # AdapterRegistry.publish), and one that published already is marked here.
             marked = (self._forget_adapters(conn, people, tenant if user is None else None)
                       if whole else [])
-        return Forgotten(int(deleted or 0), marked)
+            gone = self._forget_lessons(conn, tenant if whole else None,
+                                        user if whole else None)
+        return Forgotten(int(deleted or 0), gone, marked)
+
+    @staticmethod
+    def _forget_lessons(conn: Connection, tenant: str | None, user: str | None) -> int:
+        """Lessons of a scope forgotten whole (a tenant: its users' too), then every
+        learned lesson whose source turns are all gone."""
+        gone = 0
+        scope = []
+        if user is not None:
+            scope.append(lessons.c.user == user)
+        elif tenant is not None:
+            scope.append(lessons.c.tenant == tenant)
+        if scope:
+            doomed = select(lessons.c.id).where(or_(*scope)).scalar_subquery()
+            conn.execute(lesson_turns.delete().where(lesson_turns.c.lesson_id.in_(doomed)))
+            gone += conn.execute(lessons.delete().where(or_(*scope))).rowcount or 0
+        orphans = select(lessons.c.id).where(
+            lessons.c.origin != "manual", ~lessons.c.id.in_(
+                select(lesson_turns.c.lesson_id).where(lesson_turns.c.role == "source")))
+        ids = list(conn.execute(orphans).scalars())
+        if ids:
+            conn.execute(lesson_turns.delete().where(lesson_turns.c.lesson_id.in_(ids)))
+            gone += conn.execute(lessons.delete().where(lessons.c.id.in_(ids))).rowcount or 0
+        return int(gone)
 
     def _forget_adapters(self, conn: Connection, people: Collection[str],
                          tenant: str | None) -> list[dict[str, Any]]:

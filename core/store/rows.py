@@ -20,7 +20,7 @@ EXPORT_COLUMNS = (
     "error", "model", "served_model", "created_at", "finished_at", "latency_ms", "ttft_ms",
     "request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
     "next_state", "next_state_kind", "next_state_status", "next_state_at", "next_turn_id",
-    "tenant", "user", "redacted", "untrainable", "dialect",
+    "tenant", "user", "redacted", "untrainable", "dialect", "lessons",
 )
 
 
@@ -81,6 +81,7 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "user": rec.user,
         "untrainable": untrainable(reply) if rec.status == "ok" else None,
         "dialect": rec.dialect,
+        "lessons": rec.lessons,
     }
 
 

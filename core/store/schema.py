@@ -12,6 +12,10 @@ and the adapter version that learned from it), ``adapters`` (every version the l
 made, and which one is current), ``learner_status`` and ``scores`` (a benchmark's
 score of each version, where a run records one).
 
+The memory's: ``lessons`` (hints remembered per user, per tenant or shared, which the
+proxy serves in later prompts until the weights have learned them) and ``lesson_turns``
+(the turns each lesson was learned from, and those it was served in, with their score).
+
 A store created by an older nextstate gets the columns added since (all nullable) when
 it is opened: `add_missing_columns`.
 """
@@ -93,6 +97,10 @@ turns = Table(
     # A dialect turn's own request and answer (Anthropic Messages, OpenAI Responses), the
     # chat exchange being in request/response; NULL for chat and completions turns.
     Column("dialect", JSON),
+    # The lessons the proxy's memory served this turn with, and where they went:
+    # {"ids", "hint", "message", "part", "offset", "added"} (core/hints.py); NULL: none.
+    # ``request`` is the client's own; ``prompt_token_ids`` what the model saw.
+    Column("lessons", JSON),
     Index("ix_turns_session", "session_id", "turn_index"),
     Index("ix_turns_created", "created_at"),
     Index("ix_turns_pending", "next_state_status", "created_at"),
@@ -143,6 +151,9 @@ judgments = Table(
     # The adapter version that learned from this turn, set when that version is
     # published (-1: skipped, e.g. too stale or refused by the publish gate).
     Column("trained_version", Integer),
+    # For a turn served with lessons: its prompt without them, as vLLM tokenizes it (the
+    # student's side of context distillation; the recorded prompt is the teacher's).
+    Column("student_prompt_ids", JSON),
     Index("ix_judgments_status", "status", "updated_at"),
     Index("ix_judgments_trained", "trained_version"),
 )
@@ -177,6 +188,45 @@ scores = Table(
     Column("score", Float, nullable=False),
     Column("created_at", Float, nullable=False),
     Index("ix_scores_policy", "policy", "created_at"),
+)
+
+lessons = Table(
+    "lessons",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    # Scope: a user's (tenant, user), a tenant's (tenant, NULL), shared (NULL, NULL).
+    Column("tenant", String(128)),
+    Column("user", String(300)),
+    Column("text", Text, nullable=False),
+    Column("context", Text),  # what it was learned on: the message the hint corrected
+    # active (served) | retired (the weights follow it) | dropped (it kept failing)
+    Column("status", String(12), nullable=False),
+    Column("status_reason", Text),
+    Column("pinned", Boolean, nullable=False, default=False),
+    Column("origin", String(16), nullable=False),  # judge | feedback | manual
+    Column("support", Integer, nullable=False, default=1),  # hints merged into it
+    Column("served", Integer, nullable=False, default=0),  # judged turns served with it
+    Column("helped", Integer, nullable=False, default=0),  # ... that scored +1
+    Column("failed", Integer, nullable=False, default=0),  # ... that scored -1
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("last_served_at", Float),
+    Column("last_useful_at", Float),  # a turn served with it scored +1
+    Column("status_at", Float),  # when it was retired or dropped
+    # The last retirement check: the adapter it ran on and what it measured.
+    Column("checked", JSON),
+    Index("ix_lessons_scope", "tenant", "user", "status"),
+)
+
+lesson_turns = Table(
+    "lesson_turns",
+    metadata,
+    Column("lesson_id", String(32), primary_key=True),
+    Column("turn_id", String(64), primary_key=True),
+    Column("role", String(8), primary_key=True),  # source | served
+    Column("score", Integer),  # served: the turn's judged score
+    Column("at", Float, nullable=False),
+    Index("ix_lesson_turns_turn", "turn_id"),
 )
 
 learner_status = Table(

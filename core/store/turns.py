@@ -131,7 +131,7 @@ class Turns:
     def _scrubbed(self, row: dict[str, Any]) -> dict[str, Any]:
         """The row with secrets masked; token ids dropped if anything was."""
         hits = 0
-        for field in ("request", "response", "error", "dialect"):
+        for field in ("request", "response", "error", "dialect", "lessons"):
             row[field], n = self.redactor.scrub(row[field])
             hits += n
         if hits:

@@ -67,3 +67,39 @@ def test_a_stalled_run_carries_its_last_score_and_says_so(tmp_path: Path) -> Non
     results = {"persona": "student", "seeds": [0, 1], "methods": summary, "paper": PAPER}
     assert "opd: no step after step 2 in some seed" in markdown_table(results)
     assert plot_curves(results, tmp_path / "stalled.png").exists()
+
+
+def memory_run(seed: int, retired: list[int], tokens: list[float]) -> MethodRun:
+    return MethodRun(
+        "memory+combined", seed, scores=[0.2, 0.95, 0.97], seconds=60,
+        early={"2": 0.9 + seed / 100, "4": 0.95},
+        lessons=[{"active": 3 - r, "retired": r, "dropped": 0, "pinned": 0} for r in retired],
+        injected=[{"mean": t, "served": 1.0 if t else 0.0, "requests": 20.0} for t in tokens],
+        weights_only=[0.4, 0.9])
+
+
+def test_memory_arms_report_the_first_problems_the_lessons_and_their_cost(
+        tmp_path: Path) -> None:
+    summary = summarise([memory_run(0, [0, 3], [100.0, 0.0]),
+                         memory_run(1, [1, 3], [110.0, 20.0]), *runs()[:1]])
+    memory = summary["memory+combined"]
+    assert memory["early"] == {"2": pytest.approx(0.905), "4": pytest.approx(0.95)}
+    assert memory["memory"]["retired"] == [0.5, 3.0]
+    assert memory["memory"]["injected_tokens"] == [105.0, 10.0]
+    assert memory["memory"]["weights_only"] == [0.4, 0.9]
+    assert "memory" not in summary["combined"]
+    result = {"persona": "student", "seeds": [0, 1], "methods": summary, "paper": PAPER}
+    table = markdown_table(result).splitlines()
+    assert table[0] == "| method | step 0 | 2 problems | 4 problems | step 2 | paper | time |"
+    assert table[2].startswith("| memory+combined | 0.20 (0.20-0.20) | 0.91 | 0.95 | 0.97")
+    assert table[3].startswith("| combined | 0.20 (0.20-0.20) | - | - |")
+    assert "| 2 | 0.0 | 3.0 | 0.0 | 10.0 | 0.50 | 0.90 |" in table
+    assert plot_curves(result, tmp_path / "memory.png").stat().st_size > 10_000
+
+
+def test_arms_name_their_training_method_and_memory() -> None:
+    from nextstate.experiment.memory import arm
+
+    assert (arm("memory").method, arm("memory").memory) == (None, True)
+    assert (arm("memory+combined").method, arm("memory+combined").trains) == ("combined", True)
+    assert (arm("opd").method, arm("opd").memory) == ("opd", False)

@@ -14,8 +14,9 @@ import pytest
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import free_port
 from nextstate.experiment.personas import SimulatedUser, load_personas
-from nextstate.experiment.run import BenchConfig, conversation, speaker_for
+from nextstate.experiment.run import BenchConfig
 from nextstate.experiment.styles import make_problem
+from nextstate.experiment.traffic import conversation, speaker_for
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 from tests.proxy.fake_vllm import FakeVLLM

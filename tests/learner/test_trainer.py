@@ -52,6 +52,24 @@ def test_opd_pulls_toward_the_teacher(toy_model):
     assert stats.advantage_mean == pytest.approx(0.8, abs=1e-4)
 
 
+def test_a_turn_served_with_lessons_is_not_weighted_back_toward_its_sampler(toy_model):
+    """Context distillation: the sampler saw the lessons, the student does not, so the
+    tokens the lessons made likely would get a tiny importance weight min(π_old/π_sampler,
+    C), cancelling what is to be learned; such turns are weighted 1."""
+    old = Trainer(toy_model).logprobs([item()])[0].tolist()
+    teacher = [lp + 0.8 for lp in old]
+    sampler = [lp + 5.0 for lp in old]  # far likelier with the lessons in the prompt
+    weights = []
+    for context in (False, True):
+        trainer = Trainer(toy_model, TrainerConfig(method="opd", learning_rate=1e-2))
+        served = item(teacher=teacher, sampler=sampler)
+        served.context = context
+        beside = item(teacher=teacher, sampler=old)  # sampled by this policy: weight 1
+        weights.append(trainer.step([served, beside]).importance_weight)
+    assert weights[0] == pytest.approx((2.718 ** -5 + 1) / 2, rel=0.01)
+    assert weights[1] == pytest.approx(1.0, rel=0.01)
+
+
 def test_combined_with_no_signal_changes_nothing(toy_model):
     trainer = Trainer(toy_model, TrainerConfig(method="combined"))
     before = trainer.logprobs([item()])[0]

@@ -21,7 +21,7 @@ from nextstate.core.vllm_server import free_port
 from nextstate.proxy.app import make_app
 from nextstate.proxy.openapi import openapi_schema
 from nextstate.proxy.server import BackgroundProxy
-from nextstate.proxy.settings import ProxySettings
+from nextstate.proxy.settings import MemorySettings, ProxySettings
 from tests.proxy.fake_vllm import FakeVLLM
 
 SCHEMA = schemathesis.openapi.from_dict(openapi_schema())
@@ -31,7 +31,8 @@ SCHEMA = schemathesis.openapi.from_dict(openapi_schema())
 def live_proxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     settings_ = ProxySettings(backends=("http://vllm",), store_url=f"sqlite:///{tmp}/s.db",
-                              spool_dir=tmp / "spool", max_body_bytes=64 * 1024)
+                              spool_dir=tmp / "spool", max_body_bytes=64 * 1024,
+                              memory=MemorySettings(enabled=True))
     proxy = BackgroundProxy(settings_, free_port(), transport=httpx.MockTransport(FakeVLLM()))
     with proxy:
         yield proxy

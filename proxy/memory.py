@@ -1,0 +1,180 @@
+"""The memory on the request path: lessons that fit a request, added to its prompt
+(store -> index, off the request path; agent -> proxy -> [lessons] -> vLLM).
+
+The learner turns hints into lessons in the store (core/store/lessons.py). Here an
+in-memory BM25 index of every servable lesson (core/retrieval.py) follows the store, as
+the router follows adapters: one cheap query a poll, and the index is rebuilt on a
+thread only when the lessons changed. For each request it serves, `Memory.serve` finds
+the few lessons of the asker's scopes (their own, their tenant's, shared) that fit the
+request's last user message, and appends them to that message after the teacher's hint
+marker (core/hints.py), so the model is served exactly the context the learner's teacher
+scores with. The record keeps the client's request, which lessons were added and where;
+the prompt token ids vLLM returns are what the model saw.
+
+It never blocks or fails a request: an index not loaded yet (the store was away), a
+retrieval that raised or took longer than ``budget_ms``, a request with nothing to match
+on: the request goes out without lessons, and `/health` counts why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nextstate.core.hints import Placement, joined, place_hint, prompt_with_hint
+from nextstate.core.records import Endpoint
+from nextstate.core.retrieval import Doc, LessonIndex
+from nextstate.core.sessions import text_of
+from nextstate.core.store import Store
+from nextstate.proxy.settings import MemorySettings
+
+log = logging.getLogger("nextstate.proxy.memory")
+QUERY_CHARS = 2000  # the end of the last user message is what a request is matched on
+
+
+@dataclass
+class MemoryCounts:
+    """What the memory did, for ``GET /health``."""
+
+    served: int = 0  # requests that got lessons
+    lessons_served: int = 0
+    chars_served: int = 0
+    unmatched: int = 0  # no lesson fit the request
+    slow: int = 0  # retrieval over the budget: served without lessons
+    failed: int = 0  # retrieval raised: served without lessons
+    not_ready: int = 0  # the index was not loaded yet (the store was away)
+    refreshes: int = 0  # index rebuilds
+    refresh_errors: int = 0
+
+
+def fit(docs: Sequence[Doc], max_chars: int) -> list[Doc]:
+    """The lessons, best first, that fit in ``max_chars`` together (a line each)."""
+    out: list[Doc] = []
+    used = 0
+    for doc in docs:
+        cost = len(doc.text) + (1 if out else 0)
+        if used + cost <= max_chars:
+            out.append(doc)
+            used += cost
+    return out
+
+
+def query_of(body: dict[str, Any], endpoint: Endpoint) -> str:
+    """The text a request is matched on: its last user message (a completions prompt's
+    end)."""
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        return prompt[-QUERY_CHARS:] if isinstance(prompt, str) else ""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return text_of(message.get("content"))[-QUERY_CHARS:]
+    return ""
+
+
+class Memory:
+    """The lessons index the request path reads, kept in step with the store off it."""
+
+    def __init__(self, settings: MemorySettings, store: Store,
+                 policy: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.policy = policy  # with a policy, only requests for it get lessons
+        self.index: LessonIndex | None = None
+        self.counts = MemoryCounts()
+        self.refreshed_at: float | None = None
+
+    def serve(self, body: dict[str, Any], endpoint: Endpoint, model: object,
+              tenant: str | None, user: str | None) -> dict[str, Any] | None:
+        """Add the lessons that fit this request to ``body`` (a new messages list or
+        prompt; nothing the record shares is changed); returns the record's ``lessons``
+        (ids, the hint text and where it went), or None when it got none."""
+        settings = self.settings
+        if not settings.serves(tenant, user) or (
+                self.policy is not None and model != self.policy):
+            return None
+        index = self.index
+        if index is None:
+            self.counts.not_ready += 1
+            return None
+        started = time.perf_counter()
+        try:
+            query = query_of(body, endpoint)
+            docs = fit(index.search(query, tenant, user, k=settings.lessons),
+                       settings.max_chars) if query else []
+        except Exception:  # never the request's problem
+            self.counts.failed += 1
+            log.exception("lesson retrieval failed")
+            return None
+        if (time.perf_counter() - started) * 1000 > settings.budget_ms:
+            self.counts.slow += 1
+            return None
+        hint = joined(doc.text for doc in docs)
+        if hint is None:
+            self.counts.unmatched += 1
+            return None
+        placement = self._place(body, endpoint, hint)
+        if placement is None:
+            self.counts.unmatched += 1
+            return None
+        self.counts.served += 1
+        self.counts.lessons_served += len(docs)
+        self.counts.chars_served += len(hint)
+        return {"ids": [doc.id for doc in docs], "hint": hint, **placement.as_dict()}
+
+    @staticmethod
+    def _place(body: dict[str, Any], endpoint: Endpoint, hint: str) -> Placement | None:
+        if endpoint == "completions":
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                return None  # token ids, or a batch of prompts: left as they are
+            body["prompt"] = prompt_with_hint(prompt, hint)
+            return Placement(-1, None, len(prompt))
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        body["messages"], placement = place_hint(messages, hint)
+        return placement
+
+    # -- off the request path ---------------------------------------------------------------
+
+    async def refresh(self, force: bool = False) -> None:
+        """Rebuild the index if the store's lessons changed (on a thread)."""
+        version = await asyncio.to_thread(self.store.lessons.version)
+        if not force and self.index is not None and self.index.version == version:
+            self.refreshed_at = time.time()
+            return
+        self.index = await asyncio.to_thread(self._build, version)
+        self.counts.refreshes += 1
+        self.refreshed_at = time.time()
+
+    def _build(self, version: object) -> LessonIndex:
+        rows = self.store.lessons.servable()
+        return LessonIndex([Doc(id=r["id"], scope=(r["tenant"], r["user"]), text=r["text"],
+                                pinned=bool(r["pinned"]), support=int(r["support"] or 1),
+                                context=r["context"] or "") for r in rows], version,
+                           per_scope=self.settings.scope_lessons)
+
+    async def follow(self) -> None:
+        """Keep in step with the store for the app's lifetime."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # the store is away: keep serving what we have
+                self.counts.refresh_errors += 1
+                log.debug("could not read the lessons: %s", exc)
+            await asyncio.sleep(self.settings.refresh_seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        index = self.index
+        return {"lessons": index.size if index is not None else None,
+                # The store's lessons as last read (`Lessons.version`): a client can tell
+                # when this proxy serves what the learner just wrote.
+                "version": index.version if index is not None else None,
+                "refreshed_at": self.refreshed_at, **asdict(self.counts)}
