@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from nextstate import cli
 from nextstate.cli import serve, stack
+from nextstate.core import vllm_server
 from nextstate.core.store import Store
 
 
@@ -55,7 +56,7 @@ def test_serve_turns_the_memory_and_capture_on_and_off(monkeypatch):
     seen = []
     monkeypatch.setattr(serve, "run_proxy", lambda settings, host, port: seen.append(settings))
     monkeypatch.setattr(serve, "free_port_or_fail", lambda host, port: None)
-    monkeypatch.setattr(serve, "check_backend", lambda url, api_key: ["toy"])
+    monkeypatch.setattr(vllm_server, "check_backend", lambda url, api_key: ["toy"])
     assert run("serve", "--backend", "http://vllm", "--memory", "--memory-for", "team-a",
                "--no-capture")[0] == 0
     assert run("serve", "--backend", "http://vllm")[0] == 0
@@ -76,7 +77,7 @@ def test_serve_in_front_of_any_provider_does_not_insist_on_vllm(monkeypatch):
     seen = []
     monkeypatch.setattr(serve, "run_proxy", lambda settings, host, port: seen.append(settings))
     monkeypatch.setattr(serve, "free_port_or_fail", lambda host, port: None)
-    monkeypatch.setattr(serve, "check_backend", refuses)
+    monkeypatch.setattr(vllm_server, "check_backend", refuses)
     code, out = run("serve", "--backend", "https://api.example.com/v1", "--no-capture",
                     "--memory")
     assert code == 0 and "warning" in out and seen
