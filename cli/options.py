@@ -99,15 +99,24 @@ def require_learner_extra(what: str) -> None:
 
 
 def ensure_toy_model(progress: bool = True) -> Path:
-    """The embedded toy model (built once, then cached in the data dir)."""
-    try:
-        from nextstate.learner.toy_model import ensure_toy_model as ensure
-    except ImportError as exc:  # the proxy-only install has no torch
-        raise click.ClickException(
-            f"building the toy model needs the learner extra ({exc}); "
-            "pip install 'nextstate[learner]'") from exc
-    return ensure(data_dir(), progress=(lambda m: click.echo(m, err=True))
-                  if progress else None)
+    """The embedded toy model (built once, then cached in the data dir). The build runs
+    in a child process: torch and its native libraries stay out of a long-running command
+    (`up`), which would otherwise print their teardown noise at Ctrl-C."""
+    import subprocess
+    import sys
+
+    from nextstate.learner.toy_model import ToyModelRecipe  # (no torch: the cache lookup)
+
+    target = data_dir() / "models" / f"toy-{ToyModelRecipe().digest()}"
+    if target.is_dir():
+        return target
+    require_learner_extra("building the toy model")
+    built = subprocess.run([sys.executable, "-m", "nextstate.cli", "toy-model"],
+                           stdout=subprocess.PIPE, stderr=None if progress else
+                           subprocess.DEVNULL, text=True)
+    if built.returncode != 0:
+        raise click.ClickException("building the toy model failed (see above)")
+    return Path(built.stdout.strip().splitlines()[-1])
 
 
 def free_port_or_fail(host: str, port: int) -> None:

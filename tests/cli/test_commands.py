@@ -3,6 +3,7 @@ and says, what ``rollback`` loads, and one sentence for each newcomer's mistake.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -437,3 +438,21 @@ def test_learn_with_a_tracker_that_is_not_installed_says_how_to_get_it(tmp_path,
     assert result.exit_code == 1
     assert "--track wandb: wandb is not installed: pip install 'nextstate[track]'" in \
         result.output
+
+
+def test_up_builds_the_toy_model_in_a_child_and_never_imports_torch_itself(tmp_path):
+    """`nextstate up` runs for hours: torch (and the native libraries under it, which
+    print their teardown noise at Ctrl-C) stays in the child that builds the model."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", (
+        "import sys\n"
+        "from nextstate.cli.options import ensure_toy_model\n"
+        "path = ensure_toy_model(progress=False)\n"
+        "assert (path / 'config.json').exists(), path\n"
+        "assert ensure_toy_model(progress=False) == path\n"
+        "print('torch' in sys.modules)\n")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NEXTSTATE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
