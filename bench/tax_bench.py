@@ -145,7 +145,10 @@ async def session(vllm_url: str, proxy_url: str, cpu: Cpu, args: argparse.Namesp
     samples: list[Sample] = []
     rng = random.Random(0)
     bases = {"direct": vllm_url, "ids": vllm_url, "capture": vllm_url, "proxy": proxy_url}
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as c:
+    # Idle connections expire before vLLM's own 5 s keep-alive does (a request sent on a
+    # connection the server is closing gets a ReadError: bench/README, "Lost runs").
+    limits = httpx.Limits(max_connections=64, keepalive_expiry=4.0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         for tokens in args.tokens:
             for stream in (False, True):
                 for conc in args.concurrency:

@@ -167,7 +167,10 @@ def test_a_retired_lesson_is_no_longer_served_once_the_index_follows(tmp_path, f
 
 def test_a_slow_or_failing_retrieval_serves_without_lessons_and_is_counted(tmp_path, fake):
     seed(tmp_path)
-    with open_client(tmp_path, fake, memory=ON) as client:
+    # The follower must not rebuild the index behind the test's back (it would replace
+    # the None below within a refresh period).
+    still = MemorySettings(enabled=True, refresh_seconds=3600)
+    with open_client(tmp_path, fake, memory=still) as client:
         memory = refreshed(client)
         real = memory.index
 
