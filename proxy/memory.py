@@ -89,6 +89,9 @@ class Memory:
         self.index: LessonIndex | None = None
         self.counts = MemoryCounts()
         self.refreshed_at: float | None = None
+        # One refresh at a time: a slow build that started first must not replace the
+        # index a later one made (the follower's first build and a forced refresh race).
+        self._refreshing = asyncio.Lock()
 
     def serve(self, body: dict[str, Any], endpoint: Endpoint, model: object,
               tenant: str | None, user: str | None) -> dict[str, Any] | None:
@@ -146,13 +149,14 @@ class Memory:
 
     async def refresh(self, force: bool = False) -> None:
         """Rebuild the index if the store's lessons changed (on a thread)."""
-        version = await asyncio.to_thread(self.store.lessons.version)
-        if not force and self.index is not None and self.index.version == version:
+        async with self._refreshing:
+            version = await asyncio.to_thread(self.store.lessons.version)
+            if not force and self.index is not None and self.index.version == version:
+                self.refreshed_at = time.time()
+                return
+            self.index = await asyncio.to_thread(self._build, version)
+            self.counts.refreshes += 1
             self.refreshed_at = time.time()
-            return
-        self.index = await asyncio.to_thread(self._build, version)
-        self.counts.refreshes += 1
-        self.refreshed_at = time.time()
 
     def _build(self, version: object) -> LessonIndex:
         rows = self.store.lessons.servable()
