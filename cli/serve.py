@@ -69,16 +69,23 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
               help="Send requests as the client wrote them, without vLLM's token-capture "
               "fields: for any OpenAI-compatible backend. Turns are recorded as text (no "
               "token ids, so no LoRA training); the judge and --memory still learn.")
+@click.option("--sampler-logprobs", type=click.Choice(["record", "recompute"]),
+              default="record", show_default=True,
+              help="recompute: ask vLLM for token ids only where the sampled tokens' "
+              "logprobs can be recomputed exactly later (temperature 0 or 1, nothing else "
+              "shaping the distribution); the learner recomputes them. Most of what "
+              "recording costs vLLM (bench/README, 'The tax'). Needs a running learner.")
 def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           api_key: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
           no_redact: bool, memory: bool, memory_for: tuple[str, ...],
-          no_capture: bool) -> None:
+          no_capture: bool, sampler_logprobs: str) -> None:
     """Run the recording proxy in front of an existing vLLM (or, with --no-capture, any
     OpenAI-compatible server)."""
     extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
-                                "capture": not no_capture}
+                                "capture": not no_capture,
+                                "sampler_logprobs": sampler_logprobs}
     if no_redact:
         extra["redact_patterns"] = ()
     if memory_for and not memory:

@@ -16,7 +16,9 @@ How a flag is read from outside (measured on vLLM 0.32):
   learner's rank fails with "LoRA rank R is greater than max_lora_rank M" when it is
   over, and with "doesn't contain tensors" when it is not (nothing gets loaded);
 - processed logprobs: the same token's logprob changes with the temperature; raw ones
-  don't.
+  don't;
+- sampling defaults (a generation config's top_p, top_k, penalties): a request at
+  temperature 1 is sampled with logprobs other than a prefill's ``prompt_logprobs``.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ async def check_backend(url: str, *, api_key: str | None, model: str | None, lor
                 "restart the learner (it loads the current adapter on every backend) or "
                 f"run nextstate adapters rollback VERSION --backend {url}"))
         for check in (_lora_checks(http, where, lora_rank), _logprobs_mode(http, where, model),
-                      round_trip(http, where, model)):
+                      round_trip(http, where, model), recompute_exact(http, where, model)):
             try:
                 found += await check
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -179,6 +181,40 @@ async def round_trip(http: httpx.AsyncClient, where: str, model: str) -> list[Fi
                         "or reasoning parser that rewrites the text")]
     return [Finding("vllm.token_ids", "ok", f"{where}: {len(ids)} token ids decode to the "
                     "answer, each with its logprob")]
+
+
+async def recompute_exact(http: httpx.AsyncClient, where: str, model: str) -> list[Finding]:
+    """Whether a plain request's sampler logprobs (temperature 1, nothing else set) can
+    be recomputed exactly by a prefill, as ``serve --sampler-logprobs recompute`` needs:
+    they can't when vLLM applies sampling defaults of its own (a model's generation config
+    with top_p, top_k or a repetition penalty)."""
+    answer = await http.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 8, "temperature": 1.0, "seed": 0, "logprobs": True,
+        "return_token_ids": True})
+    body = answer.json() if answer.status_code == 200 else {}
+    choice = (body.get("choices") or [{}])[0]
+    ids, prompt = choice.get("token_ids"), body.get("prompt_token_ids")
+    if not ids or not prompt:
+        return []  # round_trip names it
+    sampled = [t["logprob"] for t in choice["logprobs"]["content"]]
+    scored = await http.post("/v1/completions", json={
+        "model": model, "prompt": prompt + ids, "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": 0})
+    entries = scored.json()["choices"][0]["prompt_logprobs"][len(prompt):]
+    again = [entry[str(token)]["logprob"] for entry, token in zip(entries, ids, strict=True)]
+    gap = max(abs(a - b) for a, b in zip(sampled, again, strict=True))
+    if gap > 1e-3:
+        return [Finding("vllm.sampling_defaults", "warn",
+                        f"{where} samples a request at temperature 1 from another "
+                        f"distribution than the model's own (logprobs differ by {gap:.3g}: "
+                        "sampling defaults from a generation config?)",
+                        "with serve --sampler-logprobs recompute the learner would "
+                        "recompute other logprobs than the tokens were sampled with",
+                        "keep serve's default (--sampler-logprobs record), or start vLLM "
+                        "with --generation-config vllm")]
+    return [Finding("vllm.sampling_defaults", "ok", f"{where}: a plain request's logprobs "
+                    "are recomputed exactly (serve --sampler-logprobs recompute is exact)")]
 
 
 async def check_proxy(url: str, *, transport: httpx.AsyncBaseTransport | None = None

@@ -54,6 +54,8 @@ class TurnRecord:
     # {"ids", "hint", "message", "part", "offset", "added"}. ``request`` stays the
     # client's; the prompt token ids vLLM returns are what the model saw.
     lessons: dict[str, Any] | None = None
+    # The proxy left sampled-token logprobs out: the learner recomputes them (capture.py).
+    logprobs_to_recompute: bool = False
 
 
 @dataclass(slots=True)
@@ -124,12 +126,17 @@ class Assembled:
         return self.choices[0].get(key) if self.choices else None
 
 
-def untrainable(reply: Assembled) -> str | None:
+# A turn whose sampler logprobs the learner has yet to recompute (`untrainable` until then).
+TO_RECOMPUTE = "waiting for the learner to recompute its sampler logprobs"
+
+
+def untrainable(reply: Assembled, recompute: bool = False) -> str | None:
     """Why the first choice's tokens cannot be trained on, or None when they are exactly
     what vLLM sampled: the prompt's ids, the completion's ids and one sampler logprob a
     token, their counts matching the usage vLLM reported. Through the proxy they always
     are; a client-side recorder (the LiteLLM callback) gets whatever its library passed
-    on, which depends on the library's version."""
+    on, which depends on the library's version. ``recompute``: the logprobs were left out
+    on purpose; the turn waits for the learner (`TO_RECOMPUTE`) if the rest holds."""
     ids = reply.first("token_ids") or []
     logprobs = reply.first("logprobs") or []
     usage = reply.usage or {}
@@ -137,8 +144,16 @@ def untrainable(reply: Assembled) -> str | None:
         return "no prompt token ids"
     if not ids:
         return "no completion token ids"
+    if recompute and not logprobs:
+        problem = _counts_problem(reply, ids, usage)
+        return problem if problem is not None else TO_RECOMPUTE
     if len(logprobs) != len(ids):
         return f"{len(logprobs)} sampler logprobs for {len(ids)} tokens"
+    return _counts_problem(reply, ids, usage)
+
+
+def _counts_problem(reply: Assembled, ids: list[int], usage: dict[str, Any]) -> str | None:
+    assert reply.prompt_token_ids is not None
     if not usage:
         return "no usage to check the token counts against"
     sampled = sum(len(c.get("token_ids") or []) for c in reply.choices)

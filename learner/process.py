@@ -35,6 +35,7 @@ from nextstate.learner.lessons import Keeper
 from nextstate.learner.observers import Observer, close_all, tell
 from nextstate.learner.personal import personal_adapters
 from nextstate.learner.retirement import Retirement
+from nextstate.learner.sampler_logprobs import recompute_pending
 from nextstate.learner.teacher import Teacher
 from nextstate.learner.training import StepResult, TrainingStage
 
@@ -69,6 +70,10 @@ class Totals:
     lessons_learned: int = 0
     lessons_dropped: int = 0
     lessons_retired: int = 0
+    # Sampler logprobs the proxy left out (serve --sampler-logprobs recompute): recomputed,
+    # and lost (their version was unloaded first; the turns are not trained on).
+    logprobs_recomputed: int = 0
+    logprobs_lost: int = 0
     recent_errors: list[str] = field(default_factory=list)
 
     def add(self, report: JudgingReport) -> None:
@@ -123,6 +128,12 @@ class Learner:
     async def step(self) -> int:
         """One round of work; returns how much it did (turns judged, steps trained)."""
         ranks.keep_alive()  # every round: the other training processes (if any) wait on us
+        # First, while the versions that served them are surely still loaded.
+        recomputed = await recompute_pending(self.store, self.teacher.vllm)
+        self.totals.logprobs_recomputed += recomputed.recomputed
+        self.totals.logprobs_lost += recomputed.lost
+        if recomputed.lost and recomputed.last_error:
+            self._error(recomputed.last_error)
         await self._set_state("judging")
         if self.teacher.router is not None:  # --teacher policy: follow what serves whom
             self.teacher.router.update(
@@ -130,7 +141,7 @@ class Learner:
         report = await judge_pending(self.store.judgments, self.judge, self.teacher,
                                      self.config.judging, self.keeper)
         self.totals.add(report)
-        done = report.judged + report.failed
+        done = report.judged + report.failed + recomputed.recomputed + recomputed.lost
         result: StepResult | None = None
         await self._erase_forgotten()  # before housekeeping looks at what vLLM has
         if self.training is not None:

@@ -22,8 +22,8 @@ from nextstate.core.hints import HINT_MARKER, joined, prompt_with_hint, with_hin
 from nextstate.core.routing import Router
 from nextstate.core.vllm import VLLMClient, VLLMError
 
-__all__ = ["HINT_MARKER", "Teacher", "TeacherError", "completion_logprobs", "served_hint",
-           "with_hint"]
+__all__ = ["HINT_MARKER", "Teacher", "TeacherError", "completion_logprobs", "score",
+           "served_hint", "with_hint"]
 
 
 class TeacherError(Exception):
@@ -48,6 +48,24 @@ def completion_logprobs(prompt_logprobs: Sequence[Any], completion_ids: Sequence
             raise TeacherError(f"no logprob for token {token} at position {position}")
         out.append(float(entry[str(token)]["logprob"]))
     return out
+
+
+async def score(vllm: VLLMClient, model: str, prompt: list[int],
+                completion: list[int]) -> list[float]:
+    """The logprob ``model`` (as vLLM serves it) gives each ``completion`` token after
+    ``prompt``: one prefill of the token ids with ``prompt_logprobs`` (the model's own
+    log-softmax, no temperature). Raises VLLMError if vLLM can't, TeacherError if its
+    answer has no scores."""
+    answer = await vllm.completion({
+        "model": model, "prompt": prompt + completion, "max_tokens": 1,
+        "temperature": 0, "prompt_logprobs": 0})
+    try:
+        scored = answer["choices"][0]["prompt_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        scored = None
+    if not scored or len(scored) != len(prompt) + len(completion):
+        raise TeacherError("vLLM returned no prompt logprobs for the sequence")
+    return completion_logprobs(scored, completion, len(prompt))
 
 
 class Teacher:
@@ -84,18 +102,9 @@ class Teacher:
         model = self.model_for(turn)
         prompt = await self._prompt_ids(turn, hint, model)
         try:
-            answer = await self.vllm.completion({
-                "model": model, "prompt": prompt + list(completion), "max_tokens": 1,
-                "temperature": 0, "prompt_logprobs": 0})
+            return await score(self.vllm, model, prompt, list(completion))
         except VLLMError as exc:
             raise TeacherError(f"vLLM could not score the turn: {exc}") from exc
-        try:
-            scored = answer["choices"][0]["prompt_logprobs"]
-        except (KeyError, IndexError, TypeError):
-            scored = None
-        if not scored or len(scored) != len(prompt) + len(completion):
-            raise TeacherError("vLLM returned no prompt logprobs for the sequence")
-        return completion_logprobs(scored, completion, len(prompt))
 
     async def student_prompt_ids(self, turn: dict[str, Any]) -> list[int] | None:
         """For a turn served with lessons, its prompt without them (the client's own

@@ -138,7 +138,9 @@ class Turn:
                 request=dict(body), session_id=meta.session_id, turn_type=meta.turn_type,
                 session_done=meta.done, tenant=tenant, user=user, feedback=meta.feedback)
             if deps.settings.capture:  # off: the backend gets the client's own fields
-                self.asked = add_capture(body, endpoint)
+                self.asked = add_capture(
+                    body, endpoint, deps.settings.sampler_logprobs == "recompute")
+                self.record.logprobs_to_recompute = not self.asked.sampler_logprobs
         # The policy's name goes to its current adapter version (the user's own, if they
         # have one); the reply comes back under the name the client used.
         self.rename: str | None = None

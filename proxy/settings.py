@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from nextstate.core.paths import backend_root, data_dir, default_store_url
 from nextstate.core.redact import DEFAULT_PATTERNS
@@ -78,6 +79,11 @@ class ProxySettings:
     # turns are recorded as text, which the judge and the memory learn from but the
     # trainer cannot (no token ids).
     capture: bool = True
+    # Where sampled-token logprobs come from: "record" asks vLLM for them on every request;
+    # "recompute" leaves them out wherever the learner can recompute them exactly (a
+    # temperature of 0 or 1 and nothing else shaping the distribution, capture.py), which
+    # takes most of capture's cost off the request path (bench/README, "The tax").
+    sampler_logprobs: Literal["record", "recompute"] = "record"
     memory: MemorySettings = MemorySettings()
     # The model name clients use for the trained policy; None: no routing to adapters.
     policy: str | None = None
@@ -116,6 +122,9 @@ class ProxySettings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ValueError(f"retention_days must be over 0, not {self.retention_days}")
+        if self.sampler_logprobs not in ("record", "recompute"):
+            raise ValueError("sampler_logprobs must be record or recompute, "
+                             f"not {self.sampler_logprobs!r}")
         if self.base_model is not None and self.policy is None:
             raise ValueError("base_model names the policy's base model: give the policy too")
 

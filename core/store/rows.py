@@ -75,11 +75,14 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "response": {"choices": response_choices, "usage": reply.usage},
         "prompt_token_ids": reply.prompt_token_ids,
         "completion_token_ids": reply.first("token_ids"),
-        "logprobs": reply.first("logprobs"),
+        # Left out on purpose: NULL until the learner recomputes them.
+        "logprobs": None if rec.logprobs_to_recompute and not reply.first("logprobs")
+        else reply.first("logprobs"),
         "next_state_status": ns_status,
         "tenant": rec.tenant,
         "user": rec.user,
-        "untrainable": untrainable(reply) if rec.status == "ok" else None,
+        "untrainable": untrainable(reply, rec.logprobs_to_recompute)
+        if rec.status == "ok" else None,
         "dialect": rec.dialect,
         "lessons": rec.lessons,
     }

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from nextstate.core.records import (
+    TO_RECOMPUTE,
     Assembled,
     FeedbackRecord,
     NextStateRecord,
@@ -278,6 +279,29 @@ class Turns:
         with self.db.connect() as conn:
             row = conn.execute(select(table.c.tenant).where(table.c.id == key)).first()
         return (row is not None, row.tenant if row is not None else None)
+
+    # -- sampler logprobs the proxy left out (capture.py, "recompute") -------------------
+
+    def to_recompute(self, limit: int = 64) -> list[dict[str, Any]]:
+        """Turns waiting for their sampler logprobs, oldest first: id, the model name
+        vLLM served them under, prompt and completion token ids."""
+        query = (select(turns.c.id, turns.c.served_model, turns.c.prompt_token_ids,
+                        turns.c.completion_token_ids)
+                 .where(turns.c.untrainable == TO_RECOMPUTE)
+                 .order_by(turns.c.created_at).limit(limit))
+        with self.db.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def set_sampler_logprobs(self, turn_id: str, logprobs: list[float] | None,
+                             problem: str | None = None) -> None:
+        """A waiting turn's recomputed logprobs (trainable from now on), or why they could
+        not be had (``problem``: the turn stays out of training)."""
+        values = ({"logprobs": logprobs, "untrainable": None} if problem is None
+                  else {"untrainable": problem[:200]})
+        with self.db.begin() as conn:
+            conn.execute(update(turns).where(turns.c.id == turn_id,
+                                             turns.c.untrainable == TO_RECOMPUTE)
+                         .values(**values))
 
     def count(self) -> int:
         with self.db.connect() as conn:

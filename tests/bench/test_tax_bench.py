@@ -8,7 +8,8 @@ import argparse
 
 import pytest
 
-from bench.tax_bench import Sample, body, ratio, render
+from bench.tax_bench import Sample, body, ratio, render, render_recompute
+from nextstate.proxy.capture import recomputable
 
 
 def sample(arm: str, rnd: int, seconds: float, api: float = 0.01) -> Sample:
@@ -43,6 +44,19 @@ def test_the_report_has_a_row_per_arm_and_the_capture_fields_are_what_the_proxy_
     assert len(rows) == 6  # (ids, capture, proxy) x (whole, stream)
     assert "| 256 | stream | 1 | capture | +20.0% [+20.0, +20.0]" in report
     assert body("capture", 8, True) == {
-        "model": "nextstate-toy", "temperature": 0, "max_tokens": 8, "min_tokens": 8,
+        "model": "nextstate-toy", "temperature": 0, "max_tokens": 8, "ignore_eos": True,
         "stream": True, "messages": [{"role": "user", "content": "Tell me a long story."}],
         "return_token_ids": True, "logprobs": True, "stream_options": {"include_usage": True}}
+
+
+def test_the_recompute_arm_sends_requests_whose_logprobs_can_be_left_out() -> None:
+    # Otherwise the arm would measure the proxy asking for logprobs after all.
+    assert recomputable(body("direct", 8, True))
+
+
+def test_the_learners_cost_is_set_beside_the_vllm_cpu_it_saved() -> None:
+    samples = [Sample(arm, 256, False, 1, r, 1.0, 0.05, None,
+                      {"vllm_api": api, "vllm_engine": 0.5, "proxy": 0.001})
+               for r in range(3) for arm, api in (("ids", 0.1), ("capture", 0.25))]
+    report = render_recompute({256: (40.0, 35.0)}, samples)
+    assert "| 256 | 40.0 | 35.0 | 150.0 |" in report

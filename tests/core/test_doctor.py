@@ -30,6 +30,7 @@ class FakeVLLM:
     key: str | None = None
     served: list[str] = field(default_factory=lambda: ["toy"])
     wrong_text: bool = False
+    sampling_defaults: bool = False  # a generation config's top_p, say
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.key and request.headers.get("authorization") != f"Bearer {self.key}":
@@ -53,6 +54,10 @@ class FakeVLLM:
                                                        f"error '{why}'"}})
         if path == "/v1/chat/completions":
             return self.chat(json.loads(request.content))
+        if path == "/v1/completions":  # scoring a prefill: the model's own logprobs
+            prompt = json.loads(request.content)["prompt"]
+            return httpx.Response(200, json={"choices": [{"prompt_logprobs": [None] + [
+                {str(t): {"logprob": -0.1}} for t in prompt[1:]]}]})
         if path == "/detokenize":
             ids = json.loads(request.content)["tokens"]
             return httpx.Response(200, json={"prompt": "".join(TOKENS[i] for i in ids)
@@ -67,8 +72,9 @@ class FakeVLLM:
             content = [{"token": "One", "logprob": top[0]["logprob"], "top_logprobs": top}]
             return httpx.Response(200, json={"choices": [{"message": {"content": "One"},
                                                           "logprobs": {"content": content}}]})
+        sampled = -0.05 if self.sampling_defaults and t == 1.0 else -0.1
         choice = {"message": {"content": "One, two"},
-                  "logprobs": {"content": [{"token": TOKENS[i], "logprob": -0.1}
+                  "logprobs": {"content": [{"token": TOKENS[i], "logprob": sampled}
                                            for i in TOKENS]}}
         answer = {"choices": [choice], "usage": {"completion_tokens": 3}}
         if self.token_ids:
@@ -93,6 +99,13 @@ async def test_a_healthy_vllm_passes_every_check() -> None:
     assert blocks(found) == set()
     assert {"vllm.reachable", "vllm.lora", "vllm.logprobs_mode", "vllm.token_ids"} <= set(found)
     assert all(f.level == "ok" for f in found.values())
+
+
+async def test_sampling_defaults_that_make_recomputing_inexact_are_named() -> None:
+    assert (await check(FakeVLLM()))["vllm.sampling_defaults"].level == "ok"
+    found = await check(FakeVLLM(sampling_defaults=True))
+    assert found["vllm.sampling_defaults"].level == "warn"
+    assert "--sampler-logprobs record" in found["vllm.sampling_defaults"].fix
 
 
 async def test_no_runtime_lora_updating_is_named_with_the_environment_variable() -> None:
@@ -187,5 +200,5 @@ async def test_a_check_that_times_out_is_a_finding_not_a_traceback() -> None:
     found = await check_backend(URL, api_key=None, model=None, lora_rank=16,
                                 transport=httpx.MockTransport(slow))
     answers = [f for f in found if f.check == "vllm.answers"]
-    assert len(answers) == 2 and all("ReadTimeout" in f.what for f in answers)
+    assert len(answers) == 3 and all("ReadTimeout" in f.what for f in answers)
     assert {f.check: f.level for f in found}["vllm.lora"] == "ok"
