@@ -26,11 +26,12 @@ import pytest
 
 from nextstate.core.paths import data_dir
 from nextstate.core.store import Store
-from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+from nextstate.core.vllm_server import VLLMConfig, VLLMProcess, free_port, toy_model_config
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 
 MODEL_NAME = "nextstate-toy"
+VLM_MODEL_NAME = "nextstate-vlm-toy"
 
 
 LEARNING_TEST = "tests/integration/test_learning.py"
@@ -191,6 +192,26 @@ def vllm(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     _require_vllm()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     config = toy_model_config(toy_model, MODEL_NAME, log_path=log)
+    with VLLMProcess(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vlm_dir() -> Path:
+    from nextstate.learner.vlm_toy_model import ensure_vlm_toy_model
+
+    return ensure_vlm_toy_model(data_dir())
+
+
+@pytest.fixture(scope="session")
+def vlm(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
+    """One real vLLM serving the vision-language toy for the whole test session (the
+    serving tests and the GUI example share it); ``--enable-scale-out`` opens the routes
+    the image teacher needs."""
+    _require_vllm()
+    log = tmp_path_factory.mktemp("vllm-vlm") / "vllm.log"
+    config = VLLMConfig(model=vlm_dir, served_model_name=VLM_MODEL_NAME, dtype="float32",
+                        extra_args=("--enable-scale-out",), log_path=log)
     with VLLMProcess(config) as server:
         yield server
 
