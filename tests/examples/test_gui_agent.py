@@ -35,11 +35,17 @@ def settled(proxy: ProxyServer, session: str, count: int) -> list[dict[str, Any]
 
 
 def outcome(proxy: ProxyServer, session: str) -> int | None:
+    """The session's outcome once recorded (feedback is written apart), else None."""
+    deadline = time.monotonic() + 20
     store = proxy.store()
     try:
-        with store.db.connect() as conn:
-            return conn.execute(  # type: ignore[no-any-return]
-                select(sessions.c.outcome).where(sessions.c.id == session)).scalar()
+        while True:
+            with store.db.connect() as conn:
+                value = conn.execute(select(sessions.c.outcome)
+                                     .where(sessions.c.id == session)).scalar()
+            if value is not None or time.monotonic() > deadline:
+                return None if value is None else int(value)
+            time.sleep(0.05)
     finally:
         store.close()
 
@@ -67,7 +73,9 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
 
     app = FormApp()  # replays the model's recorded actions: the same screens must follow
     app.reset()
+    errors = []  # whether each step opened the error dialog (the agent's -1 with a hint)
     for k, turn in enumerate(turns):
+        error_before = app.state.dialog == "error"
         assert turn["status"] == "ok" and turn["untrainable"] is None
         # Every screen so far is in the prompt, as the placeholder tokens vLLM expanded.
         assert turn["prompt_token_ids"].count(image_token) == IMAGE_TOKENS * (k + 1)
@@ -75,6 +83,7 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
         [next_message] = turn["next_state"]
         assert next_message["role"] == "user" and turn["next_state_kind"] == "user"
         observation, _, _ = app.act(turn["response"]["choices"][0]["message"]["content"])
+        errors.append(app.state.dialog == "error" and not error_before)
         [text] = [p["text"] for p in next_message["content"] if p["type"] == "text"]
         if isinstance(observation, str):  # no action: the valid ones, and the same screen
             assert text == observation
@@ -85,8 +94,12 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
             assert turns[k + 1]["request"]["messages"][-1] == next_message
         else:  # the last screen came with the session's end
             assert turn["next_state_status"] == "paired" and turn["next_turn_id"] is None
-    success = "success: True" in out
-    deadline = time.monotonic() + 20
-    while outcome(proxy, session) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert outcome(proxy, session) == (1 if success else -1)
+    score = 1 if "success: True" in out else -1
+    assert outcome(proxy, session) == score
+    # The outcome is also feedback on the session's last turn; it was sent last, so by
+    # now every step's own feedback (sent earlier, written in order) is in the store too.
+    expected = [[(-1, True)] if error else [] for error in errors]
+    expected[-1].append((score, False))
+    given = [[(f["score"], bool(f["hint"])) for f in turn["feedback"]]
+             for turn in settled(proxy, session, steps)]
+    assert given == expected
