@@ -5,6 +5,7 @@
     client = session.client()                 # an openai.OpenAI pointed at the proxy
     reply = client.chat.completions.create(model="nextstate-toy", messages=[...])
     session.feedback(-1, hint="Answer in one sentence.")   # about the last turn
+    session.outcome(1)                        # the whole episode: task done
 
 Every request of ``session.client()`` / ``session.async_client()`` carries
 ``X-Session-Id`` and ``X-Turn-Type``; the proxy's ``X-NextState-Turn-Id`` answer is kept
@@ -76,6 +77,13 @@ class Session:
         target = turn_id or self.last_turn_id
         body = feedback_body(score, turn_id=target, session_id=None if target else self.id,
                              hint=hint, comment=comment, source="adapter:openai")
+        return post(self.base_url, self.api_key, "/feedback", body)
+
+    def outcome(self, score: int, *, comment: str | None = None) -> dict[str, Any]:
+        """The episode's outcome (a task done or failed): feedback for the whole session,
+        which the learner adds to every step's reward (see "The learner")."""
+        body = feedback_body(score, turn_id=None, session_id=self.id, hint=None,
+                             comment=comment, source="adapter:openai")
         return post(self.base_url, self.api_key, "/feedback", body)
 
     def next_state(self, messages: list[dict[str, Any]], *, done: bool = False,

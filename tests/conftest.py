@@ -26,20 +26,39 @@ import pytest
 
 from nextstate.core.paths import data_dir
 from nextstate.core.store import Store
-from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
+from nextstate.core.vllm_server import VLLMConfig, VLLMProcess, free_port, toy_model_config
 from nextstate.proxy.server import BackgroundProxy
 from nextstate.proxy.settings import ProxySettings
 
 MODEL_NAME = "nextstate-toy"
+VLM_MODEL_NAME = "nextstate-vlm-toy"
 
 
 LEARNING_TEST = "tests/integration/test_learning.py"
 _BUILD = pytest.StashKey[subprocess.Popen]()  # type: ignore[type-arg]
 
 
+_STOP_VLM = pytest.StashKey[Callable[[], None]]()
+
+
+def _uses_vlm(item: pytest.Item) -> bool:
+    return "vlm" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The learning test runs last, so that building its model (below) overlaps the rest."""
-    items.sort(key=lambda item: item.nodeid.startswith(LEARNING_TEST))
+    """The learning test runs last, so that building its model (below) overlaps the rest;
+    the tests on the vision toy's vLLM run first, together, so that it can stop after
+    them (`pytest_runtest_teardown`) instead of holding ~3 GiB for the whole session."""
+    items.sort(key=lambda item: (item.nodeid.startswith(LEARNING_TEST), not _uses_vlm(item)))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the vision toy's vLLM after the last test that uses it."""
+    if _uses_vlm(item) and (nextitem is None or not _uses_vlm(nextitem)):
+        stop = item.config.stash.get(_STOP_VLM, None)
+        if stop is not None:
+            del item.config.stash[_STOP_VLM]
+            stop()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -192,6 +211,29 @@ def vllm(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     config = toy_model_config(toy_model, MODEL_NAME, log_path=log)
     with VLLMProcess(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vlm_dir() -> Path:
+    from nextstate.learner.vlm_toy_model import ensure_vlm_toy_model
+
+    return ensure_vlm_toy_model(data_dir())
+
+
+@pytest.fixture(scope="session")
+def vlm(vlm_dir: Path, request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
+    """One real vLLM serving the vision-language toy, shared by the tests that use it (the
+    serving tests and the GUI example) and stopped after the last of them;
+    ``--enable-scale-out`` opens the routes the image teacher needs."""
+    _require_vllm()
+    log = tmp_path_factory.mktemp("vllm-vlm") / "vllm.log"
+    config = VLLMConfig(model=vlm_dir, served_model_name=VLM_MODEL_NAME, dtype="float32",
+                        extra_args=("--enable-scale-out",), log_path=log)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(VLLMProcess(config))
+        request.config.stash[_STOP_VLM] = stack.close
         yield server
 
 

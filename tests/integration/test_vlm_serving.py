@@ -1,22 +1,22 @@
 """The vision-language toy on the real vLLM: images answered, token ids, scoring, LoRA.
 
-One vLLM start for the module (the VLM toy, ``--enable-scale-out`` for the image teacher's
-token-in route). Screens are PNGs drawn with Pillow and sent as ``data:`` URLs.
+One vLLM start for the test session (the VLM toy, ``--enable-scale-out`` for the image
+teacher's token-in route: the ``vlm`` fixture in tests/conftest.py). Screens are PNGs
+drawn with Pillow and sent as ``data:`` URLs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from nextstate.core.paths import data_dir
-from nextstate.core.vllm_server import VLLMConfig, VLLMProcess
+from nextstate.core.vllm_server import VLLMProcess
 from nextstate.learner.image_teacher import score_with_images
 from nextstate.learner.multimodal import (
     LANGUAGE_LORA_TARGETS,
@@ -25,14 +25,13 @@ from nextstate.learner.multimodal import (
     pixel_inputs,
 )
 from nextstate.learner.teacher import with_hint
-from nextstate.learner.vlm_toy_model import ensure_vlm_toy_model
-from tests.conftest import ProxyServer, _require_vllm
+from tests.conftest import VLM_MODEL_NAME, ProxyServer
 from tests.integration.test_proxy_with_vllm import _events, _without_ids
 from tests.learner.test_multimodal import data_url
 from tests.learner.test_vlm_toy_model import screen
 
 pytestmark = pytest.mark.integration
-MODEL = "nextstate-vlm-toy"
+MODEL = VLM_MODEL_NAME
 WIDE, TALL = data_url(screen(160, 90)), data_url(screen(300, 600, (200, 40, 40)))
 # Temperature 1 and top-p 1: the sampling distribution is the model's own, so the sampled
 # (processed) logprobs and the prompt logprobs of a prefill are the same quantity.
@@ -43,21 +42,6 @@ SAMPLE = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12, "seed": 7,
 def ask(*urls: str, text: str = "Click the blue button.") -> list[dict[str, Any]]:
     parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def vlm_dir() -> Path:
-    return ensure_vlm_toy_model(data_dir())
-
-
-@pytest.fixture(scope="module")
-def vlm(vlm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMProcess]:
-    _require_vllm()
-    log = tmp_path_factory.mktemp("vllm-vlm") / "vllm.log"
-    config = VLLMConfig(model=vlm_dir, served_model_name=MODEL, dtype="float32",
-                        extra_args=("--enable-scale-out",), log_path=log)
-    with VLLMProcess(config) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
