@@ -59,7 +59,8 @@ def forget(store: str | None, session: str | None, user: str | None, tenant: str
         forgotten, erased = asyncio.run(go())
     finally:
         db.close()
-    click.echo(f"deleted {forgotten.turns} turns")
+    images = f" and {forgotten.images} images no other turn used" if forgotten.images else ""
+    click.echo(f"deleted {forgotten.turns} turns{images}")
     if forgotten.adapters:
         click.echo("\n".join(_erased(forgotten.adapters, erased, backends)))
 

@@ -180,8 +180,8 @@ class Images:
         it references (new or already stored)."""
         swapped, found = externalize(value)
         if found:
-            stored = dict(conn.execute(select(images.c.sha256, images.c.media_type).where(
-                images.c.sha256.in_(list(found)))).tuples().all())
+            stored = {row.sha256: row.media_type for row in conn.execute(select(
+                images.c.sha256, images.c.media_type).where(images.c.sha256.in_(list(found))))}
             if any(stored[h] != found[h][0] for h in found if h in stored):
                 # Bytes seen before under another media type: their reference restores
                 # as the stored type, so these stay inline (rare; exactness first).
