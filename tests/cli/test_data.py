@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from nextstate import cli
 from nextstate.core.store import Store
 from nextstate.core.store.images import PREFIX
-from tests.core.store.gui import data_url, gui_session
+from bench.gui_session import data_url, gui_session
 
 
 def test_export_gives_references_and_with_images_the_images_as_sent(tmp_path):

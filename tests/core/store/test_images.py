@@ -23,7 +23,7 @@ from nextstate.core.store.images import (
     restore,
 )
 from nextstate.core.store.schema import turn_images
-from tests.core.store.gui import data_url, gui_session, gui_turn, screen_message, screenshot
+from bench.gui_session import data_url, gui_session, gui_turn, screen_message, screenshot
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""A GUI agent's session for the store's tests: one 640x400 PNG screenshot a step, and
-each request resending every earlier one, as computer-use agents do."""
+"""A GUI agent's session, for the image store's benchmark and tests (agent -> proxy ->
+store): one 640x400 PNG screenshot a step (Pillow), each request resending every earlier
+one with the agent's action after it, as computer-use agents do."""
 
 from __future__ import annotations
 
