@@ -6,10 +6,10 @@ from __future__ import annotations
 import orjson
 from click.testing import CliRunner
 
+from bench.gui_session import data_url, gui_session
 from nextstate import cli
 from nextstate.core.store import Store
 from nextstate.core.store.images import PREFIX
-from bench.gui_session import data_url, gui_session
 
 
 def test_export_gives_references_and_with_images_the_images_as_sent(tmp_path):

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
+from bench.gui_session import data_url, gui_session, gui_turn, screen_message, screenshot
 from nextstate.core.records import NextStateRecord, TurnRecord
 from nextstate.core.store import Store
 from nextstate.core.store.images import (
@@ -23,7 +24,6 @@ from nextstate.core.store.images import (
     restore,
 )
 from nextstate.core.store.schema import turn_images
-from bench.gui_session import data_url, gui_session, gui_turn, screen_message, screenshot
 
 
 @pytest.fixture
