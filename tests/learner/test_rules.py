@@ -49,7 +49,7 @@ JUDGE = RulesJudge()
 
 async def judged(turn: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
     judgment = await JUDGE.judge(turn)
-    assert judgment.judge == "rules" and judgment.prompt_version == "rules-2"
+    assert judgment.judge == "rules" and judgment.prompt_version == "rules-3"
     assert judgment.votes == (judgment.score,) and len(judgment.texts) == 1
     return judgment.score, judgment.hints
 
