@@ -19,6 +19,10 @@ type), so that `inline` always restores exactly what the client sent. ``turn_ima
 records which turns reference which images; forgetting the last of them deletes the
 image (`collect_garbage`, called by retention).
 
+A string a client itself sent that begins with ``nextstate-image:`` is stored escaped
+(``nextstate-image:literal:`` before it) and given back as sent: only the store makes
+references, so no client can name another's image and have it inlined into its export.
+
 Readers get references (export, the dashboard, the judge's queue); `Images.inline`
 puts the images back: a reference in a URL becomes ``data:<media_type>;base64,...`` and
 one in a ``data`` field the bare base64, each exactly as the client first sent it.
@@ -40,6 +44,8 @@ from nextstate.core.store.database import Database
 from nextstate.core.store.schema import images, turn_images
 
 PREFIX = "nextstate-image:sha256:"
+_OURS = "nextstate-image:"
+_LITERAL = "nextstate-image:literal:"  # before a client's own string that looks like ours
 _REFERENCE = re.compile(r"nextstate-image:sha256:([0-9a-f]{64})\Z")
 # Only the plain form: anything between the media type and ";base64" could not be rebuilt.
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,")
@@ -93,10 +99,10 @@ class _Swap:
         self.found.setdefault(digest, (media, raw))
         return reference(digest)
 
-    def source(self, value: dict[str, Any]) -> dict[str, Any]:
+    def source(self, value: dict[str, Any]) -> dict[str, Any] | None:
         raw = _decoded(value["data"])
         if raw is None:
-            return value
+            return None
         digest = hashlib.sha256(raw).hexdigest()
         self.pinned.setdefault(digest, value["media_type"])
         self.found.setdefault(digest, (value["media_type"], raw))
@@ -105,13 +111,16 @@ class _Swap:
     def walk(self, value: Any) -> Any:
         """``value`` with its images swapped; the same object when it holds none."""
         if isinstance(value, str):
-            return self.url(value) if value.startswith("data:image/") else value
+            if value.startswith("data:image/"):
+                return self.url(value)
+            return _LITERAL + value if value.startswith(_OURS) else value
         if isinstance(value, list):
             out = [self.walk(v) for v in value]
             return value if all(a is b for a, b in zip(out, value, strict=True)) else out
         if isinstance(value, dict):
-            if _is_base64_source(value):
-                return self.source(value)
+            swapped = self.source(value) if _is_base64_source(value) else None
+            if swapped is not None:
+                return swapped
             new = {k: self.walk(v) for k, v in value.items()}
             return value if all(new[k] is value[k] for k in value) else new
         return value
@@ -150,6 +159,10 @@ def restore(value: Any, blobs: Mapping[str, tuple[str, bytes]]) -> Any:
 
     def walk(v: Any) -> Any:
         if isinstance(v, str):
+            if not v.startswith(_OURS):
+                return v
+            if v.startswith(_LITERAL):
+                return v[len(_LITERAL):]
             if _REFERENCE.match(v) is None:
                 return v
             media, raw = image(v)
@@ -243,8 +256,7 @@ class Images:
     def inline(self, value: Any, conn: Connection | None = None) -> Any:
         """``value`` (a turn as exported, a request, messages) with its images back
         inline, exactly as recorded. Raises ImageMissing if one was forgotten since."""
-        hashes = set(references(value))
-        return restore(value, self.blobs(hashes, conn)) if hashes else value
+        return restore(value, self.blobs(references(value), conn))
 
     def usage(self) -> tuple[int, int]:
         """(images stored, their bytes)."""

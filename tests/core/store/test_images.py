@@ -153,6 +153,23 @@ def test_remote_urls_and_images_that_could_not_be_rebuilt_stay_as_sent(store):
     assert store.turns.images.usage() == (0, 0)
 
 
+def test_a_clients_own_reference_string_is_kept_as_sent_and_never_inlined(store):
+    shot = screenshot(7)
+    store.turns.write([gui_turn(0, [shot], turn_id="owner", tenant="a")])
+    theirs = reference(sha(shot))  # another tenant names the stored image
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": theirs}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": theirs}}]}]}
+    store.turns.write([TurnRecord(turn_id="probe", endpoint="chat", created_at=9.0,
+                                  tenant="b", request=request, response={"choices": []})])
+    probe = store.turns.get("probe")
+    assert list(references(probe)) == []
+    assert store.turns.images.inline(probe)["request"] == request  # no image given away
+    assert [t["request"] for t in store.turns.iterate(tenant="b", with_images=True)] == [
+        request]
+
+
 def test_the_same_bytes_under_another_media_type_stay_inline(store):
     shot = screenshot(4)
     b64 = base64.b64encode(shot).decode()
