@@ -79,7 +79,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         "| file a turn | write a turn |", "|---|---|---|---|---|---|---|---|"]
     for r in (inline, once):
         lines.append(
-            f"| {r['mode']} | {r['images'] or r['copies_sent']} | "
+            # inline: every copy sent, and one more in each paired turn's next state
+            f"| {r['mode']} | {r['images'] or r['copies_sent'] + r['steps'] - 1} | "
             f"{r['json_bytes'] / 1024:,.0f} KiB | {r['image_bytes'] / 1024:,.0f} KiB | "
             f"{r['stored_per_turn'] / 1024:,.1f} KiB | {r['file_bytes'] / 2**20:.2f} MiB | "
             f"{r['file_per_turn'] / 1024:,.1f} KiB | {r['write_ms_per_turn']} ms |")
