@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import threading
 
 import orjson
 import pytest
@@ -220,6 +221,34 @@ def test_a_next_state_keeps_its_screenshot_when_the_next_turn_is_forgotten(store
         assert Images.collect_garbage(conn) == 0
     first = store.turns.get(records[0].turn_id)
     assert store.turns.images.inline(first)["next_state"] == [screen_message(shots[1])]
+
+
+def test_forgetting_waits_for_a_writer_that_reuses_a_stored_image(postgres_url):
+    # Two processes on PostgreSQL: one writes a turn that reuses an image already stored
+    # while the other forgets the only turn that referenced it.
+    forgetter, writer = Store(postgres_url), Store(postgres_url)
+    shot = screenshot(8)
+    forgetter.turns.write([gui_turn(0, [shot], session_id="a")])
+    transaction = writer.db.begin()
+    conn = transaction.__enter__()
+    _, hashes = writer.turns.images.store(conn, {"messages": [screen_message(shot)]})
+    assert hashes == {sha(shot)}
+    done = threading.Event()
+
+    def forget() -> None:
+        forgetter.retention.forget(session_id="a")
+        done.set()
+
+    thread = threading.Thread(target=forget)
+    thread.start()
+    assert not done.wait(1.0)  # the collector waits for the writer to commit
+    Images.link(conn, "b-0", hashes)
+    transaction.__exit__(None, None, None)
+    thread.join(10)
+    assert done.is_set()
+    assert set(writer.turns.images.blobs(hashes)) == hashes  # still there for b-0
+    forgetter.close()
+    writer.close()
 
 
 def test_a_reference_to_a_forgotten_image_is_a_clear_error(store):
