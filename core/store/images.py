@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, exists, func, insert, select
+from sqlalchemy import Connection, Table, exists, func, insert, select, text
 
 from nextstate.core.store.database import Database
 from nextstate.core.store.schema import images, turn_images
@@ -52,6 +52,9 @@ _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,")
 
 # sha256 -> (media type, bytes)
 Blobs = dict[str, tuple[str, bytes]]
+# PostgreSQL advisory lock between writers that reuse stored images (shared) and the
+# garbage collector (exclusive); any constant that nothing else uses.
+_GC_LOCK = 0x6E657874696D67  # "nextimg"
 
 
 class ImageMissing(LookupError):
@@ -179,6 +182,31 @@ def restore(value: Any, blobs: Mapping[str, tuple[str, bytes]]) -> Any:
     return walk(value)
 
 
+def _insert_new(conn: Connection, table: Table) -> Any:
+    """An insert that skips rows already there: another proxy's writer may store the same
+    image between our select and our insert."""
+    name = conn.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    return insert(table)
+
+
+def _lock(conn: Connection, shared: bool) -> None:
+    """On PostgreSQL, keep the garbage collector out while a writer references images
+    it found stored, until the writer commits: under READ COMMITTED the collector could
+    otherwise delete an image between the writer's look and its commit. (SQLite has one
+    writer at a time, and a writer whose snapshot went stale is refused and retried.)"""
+    if conn.dialect.name == "postgresql":
+        which = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        conn.execute(text(f"SELECT {which}(:key)"), {"key": _GC_LOCK})
+
+
 class Images:
     """The ``images`` and ``turn_images`` tables: writes in the recorder's transaction,
     reads for the learner and export."""
@@ -193,6 +221,7 @@ class Images:
         it references (new or already stored)."""
         swapped, found = externalize(value)
         if found:
+            _lock(conn, shared=True)
             stored = {row.sha256: row.media_type for row in conn.execute(select(
                 images.c.sha256, images.c.media_type).where(images.c.sha256.in_(list(found))))}
             if any(stored[h] != found[h][0] for h in found if h in stored):
@@ -203,22 +232,8 @@ class Images:
                     "created_at": time.time()}
                    for h, (media, raw) in found.items() if h not in stored]
             if new:
-                conn.execute(self._insert_new(conn), new)
+                conn.execute(_insert_new(conn, images), new)
         return swapped, set(references(swapped))
-
-    @staticmethod
-    def _insert_new(conn: Connection) -> Any:
-        # Another proxy's writer may store the same image between our select and insert.
-        name = conn.dialect.name
-        if name == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            return sqlite_insert(images).on_conflict_do_nothing()
-        if name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(images).on_conflict_do_nothing()
-        return insert(images)
 
     @staticmethod
     def link(conn: Connection, turn_id: str, hashes: Iterable[str]) -> None:
@@ -230,11 +245,12 @@ class Images:
             turn_images.c.turn_id == turn_id, turn_images.c.sha256.in_(wanted))).scalars())
         rows = [{"turn_id": turn_id, "sha256": h} for h in sorted(wanted - have)]
         if rows:
-            conn.execute(insert(turn_images), rows)
+            conn.execute(_insert_new(conn, turn_images), rows)
 
     @staticmethod
     def collect_garbage(conn: Connection) -> int:
         """Delete the images no turn references any more; returns how many."""
+        _lock(conn, shared=False)
         used = exists().where(turn_images.c.sha256 == images.c.sha256)
         return int(conn.execute(images.delete().where(~used)).rowcount or 0)
 
