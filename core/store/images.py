@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Table, exists, func, insert, select, text
 
 from nextstate.core.store.database import Database
@@ -132,8 +133,20 @@ class _Swap:
 def externalize(value: Any, pinned: Mapping[str, str] | None = None) -> tuple[Any, Blobs]:
     """``value`` (a request, messages: any JSON) with its inline images replaced by
     references, and the images found. Pure: ``value`` is never changed."""
+    if not _may_hold_images(value):
+        return value, {}
     swap = _Swap(pinned or {})
     return swap.walk(value), swap.found
+
+
+def _may_hold_images(value: Any) -> bool:
+    """A quick look before the walk: most turns hold no image, and orjson's pass over a
+    15 kB coding agent's request (~20 µs) costs a tenth of walking it in Python."""
+    try:
+        raw = orjson.dumps(value)
+    except TypeError:
+        return True
+    return b"data:image/" in raw or b'"base64"' in raw or _OURS.encode() in raw
 
 
 def references(value: Any) -> Iterator[str]:
@@ -272,6 +285,8 @@ class Images:
     def inline(self, value: Any, conn: Connection | None = None) -> Any:
         """``value`` (a turn as exported, a request, messages) with its images back
         inline, exactly as recorded. Raises ImageMissing if one was forgotten since."""
+        if not _may_hold_images(value):
+            return value
         return restore(value, self.blobs(references(value), conn))
 
     def usage(self) -> tuple[int, int]:
