@@ -59,7 +59,8 @@ def forget(store: str | None, session: str | None, user: str | None, tenant: str
         forgotten, erased = asyncio.run(go())
     finally:
         db.close()
-    click.echo(f"deleted {forgotten.turns} turns")
+    images = f" and {forgotten.images} images no other turn used" if forgotten.images else ""
+    click.echo(f"deleted {forgotten.turns} turns{images}")
     if forgotten.adapters:
         click.echo("\n".join(_erased(forgotten.adapters, erased, backends)))
 
@@ -87,17 +88,25 @@ def _erased(rows: list[dict[str, object]], erased: lora.Erased,
 @click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
               show_default=True)
 @click.option("--out", type=click.File("wb"), default="-", help="Output file (default stdout).")
-def export(store: str | None, session: str | None, fmt: str, out: IO[bytes]) -> None:
+@click.option("--with-images", is_flag=True,
+              help="Put each image back inline as the client sent it (a data: URL, or an "
+              "Anthropic block's base64). Default: the store's references, "
+              "nextstate-image:sha256:<hex>, each image once in the store.")
+def export(store: str | None, session: str | None, fmt: str, out: IO[bytes],
+           with_images: bool) -> None:
     """Write recorded turns, one JSON object a turn, oldest first."""
     from nextstate.core.store import Store
+    from nextstate.core.store.images import ImageMissing
 
     url = existing_store(store)
     db = Store(url)
     written = 0
     try:
-        for turn in db.turns.iterate(session_id=session):
+        for turn in db.turns.iterate(session_id=session, with_images=with_images):
             out.write(orjson.dumps(turn) + b"\n")
             written += 1
+    except ImageMissing as exc:  # forgotten while we read: say so, and what was written
+        raise click.ClickException(f"{exc}; {written} turns written before it") from exc
     finally:
         db.close()
     if not written:

@@ -135,6 +135,34 @@ def text_of(content: Any) -> str:
     return str(content)
 
 
+def image_urls(messages: Sequence[Any]) -> list[str]:
+    """The URLs of the chat ``image_url`` parts in ``messages``, in order: ``data:`` URLs,
+    remote ``http(s)`` ones, or the store's ``nextstate-image:`` references."""
+    urls = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if isinstance(url, str) and url:
+                    urls.append(url)
+    return urls
+
+
+def only_images(messages: Sequence[Any]) -> bool:
+    """Do ``messages`` carry images and no text at all (a bare screenshot)?"""
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"text": content}]
+        if any(isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
+               for p in parts) or message.get("tool_calls"):
+            return False
+    return bool(image_urls(messages))
+
+
 def _canonical_arguments(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:

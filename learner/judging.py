@@ -7,7 +7,9 @@ distillation) and, without a hint, the teacher's logprobs with the lessons alone
 `Keeper`, hints become lessons and the lessons served are credited with the turn's score
 (lessons.py). It runs concurrently with serving and never touches the proxy's request
 path. A judge or teacher failure leaves the turn unjudged with the reason recorded; it is
-retried later.
+retried later. Turns come from the store with their images as references; each is read
+with its images inline just before it is judged (the judge and the teacher send them
+on), so only the turns in flight hold them in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nextstate.core.store import Judgments
+from nextstate.core.store.images import ImageMissing
 from nextstate.learner.config import JudgingConfig
 from nextstate.learner.judgment import Judge, JudgeError, Judgment
 from nextstate.learner.lessons import Keeper
@@ -49,9 +52,10 @@ async def judge_pending(store: Judgments, judge: Judge, teacher: Teacher | None,
     async def one(turn: dict[str, Any]) -> None:
         async with gate:
             try:
+                turn = await asyncio.to_thread(store.turns.images.inline, turn)
                 judgment, teacher_logprobs, student = await _judge_turn(turn, judge, teacher,
                                                                         config)
-            except (JudgeError, TeacherError) as exc:
+            except (JudgeError, TeacherError, ImageMissing) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 await asyncio.to_thread(store.save_error, turn["turn_id"], reason)
                 report.failed += 1

@@ -8,6 +8,11 @@ Each prompt is sampled ``votes`` times at ``temperature``; `votes.majority` turn
 evaluative answers into the score and `votes.select_hints` picks the hints. Explicit
 feedback on the turn outranks the judge's score and its hint goes first.
 
+A GUI agent's turn is judged on its screens: the last image of the prompt (what the
+agent saw before it acted) and the next state's last image (what its action led to) go
+to the judge as image parts beside the text, so the judge model must be a vision model.
+The judging stage hands over turns with their images inline (the store keeps references).
+
 Failures: each call is retried with exponential backoff; the judgment needs one answered
 evaluative call with a valid vote, else `JudgeError` (the learner retries the turn later).
 """
@@ -19,12 +24,12 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from nextstate.core.sessions import text_of
+from nextstate.core.sessions import image_urls, text_of
 from nextstate.learner.judgment import JudgeError, Judgment
 from nextstate.learner.rules import Feedback, explicit_feedback
 from nextstate.learner.votes import HINT_END, HINT_START, majority, parse_vote, select_hints
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 # Values people leave in a key they have not filled in (compared lowercased).
 PLACEHOLDER_KEYS = frozenset({"", "sk-...", "sk-xxx", "xxx", "your-api-key", "your_api_key",
@@ -150,18 +155,47 @@ def describe_turn(turn: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def screens(turn: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(before, after): the last image of the turn's prompt and of its next state (their
+    URLs), None where there is none. Raises JudgeError for an image still referenced
+    rather than inline: a provider could not read it."""
+    before = image_urls((turn.get("request") or {}).get("messages") or [])
+    after = image_urls(turn.get("next_state") or [])
+    shown = (before[-1] if before else None, after[-1] if after else None)
+    if any(url is not None and url.startswith("nextstate-image:") for url in shown):
+        raise JudgeError("the turn's images are store references, not inline: read it "
+                         "with its images (Images.inline) before judging")
+    return shown
+
+
+def _content(turn: Mapping[str, Any], ask: str) -> str | list[dict[str, Any]]:
+    """The user message's content: the text, then the screens as image parts, if any."""
+    text = describe_turn(turn) + "\n\n" + ask
+    before, after = screens(turn)
+    if before is None and after is None:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    for label, url in (("The screen before the reply (the last image of the conversation "
+                        "so far):", before),
+                       ("The screen after the reply (the next state's image):", after)):
+        if url is not None:
+            parts += [{"type": "text", "text": label},
+                      {"type": "image_url", "image_url": {"url": url}}]
+    return parts
+
+
 def evaluative_prompt(turn: Mapping[str, Any]) -> Messages:
     """The process-reward prompt: did the reply work, judging by the next state?"""
     return [{"role": "system", "content": EVALUATIVE_SYSTEM},
-            {"role": "user", "content": describe_turn(turn)
-             + "\n\nDid the reply work? End with \\boxed{1}, \\boxed{-1} or \\boxed{0}."}]
+            {"role": "user", "content": _content(
+                turn, "Did the reply work? End with \\boxed{1}, \\boxed{-1} or \\boxed{0}.")}]
 
 
 def hint_prompt(turn: Mapping[str, Any]) -> Messages:
     """The hindsight prompt: does the next state show how the reply could be better?"""
     return [{"role": "system", "content": HINT_SYSTEM},
-            {"role": "user", "content": describe_turn(turn)
-             + "\n\nDoes the next state reveal how the reply could have been better?"}]
+            {"role": "user", "content": _content(
+                turn, "Does the next state reveal how the reply could have been better?")}]
 
 
 class _CallFailed(Exception):

@@ -14,6 +14,12 @@ order, first match wins:
 
 On -1 the user's corrective text is the hint; a hint given with explicit feedback goes
 before it. `explicit_feedback` is shared with the LLM judge.
+
+The rules read text only. A next state that is only an image (a GUI agent's screenshot,
+nothing said) gets no verdict from them: the judgment has source ``none``, no vote, and
+says why, so no step trains on a score the rules made up (explicit feedback still
+counts, and `--judge llm` with a vision model judges the screens). A next state with
+text and images is judged on its text; the judgment says its images were not read.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from nextstate.core.sessions import text_of
+from nextstate.core.sessions import image_urls, only_images, text_of
 from nextstate.learner.judgment import JudgeError, Judgment
 
 _COMPLAINTS = ("long", "short", "formal", "casual", "informal", "verbose", "wordy", "vague",
@@ -234,7 +240,9 @@ def explicit_feedback(turn: Mapping[str, Any]) -> Feedback | None:
 @dataclass(frozen=True)
 class _Verdict:
     score: int
-    signal: str  # negative | rephrase | acknowledgement | positive | moved_on | tool_* | none
+    # negative | rephrase | acknowledgement | positive | moved_on | tool_* | none |
+    # image_only (no verdict: the rules cannot read a screenshot)
+    signal: str
     why: str
     hint: str | None = None
 
@@ -244,7 +252,7 @@ class RulesJudge:
     on to a new request (+1: the reply was good enough to build on)."""
 
     name = "rules"
-    prompt_version = "rules-2"
+    prompt_version = "rules-3"
 
     def __init__(self, cues: RuleCues | None = None, *, moved_on: int = 1,
                  min_hint_chars: int = 10) -> None:
@@ -262,6 +270,11 @@ class RulesJudge:
                 and feedback is None:
             raise JudgeError("the next state is still pending")
         verdict = self.verdict(turn)
+        blind = verdict.signal == "image_only"
+        if blind and feedback is None:
+            return Judgment(score=0, votes=(None,), texts=(f"no verdict: {verdict.why}",),
+                            judge=self.name, prompt_version=self.prompt_version,
+                            source="none", extra={"signal": verdict.signal})
         hints = [verdict.hint] if verdict.hint and verdict.score == -1 else []
         score, source, why = verdict.score, "judge", verdict.why
         if feedback is not None:
@@ -270,14 +283,22 @@ class RulesJudge:
             hints = [h for h in hints if feedback.score == -1 and h != feedback.hint]
             if feedback.hint:
                 hints.insert(0, feedback.hint)
-        return Judgment(score=score, votes=(verdict.score,), texts=(why,), hints=tuple(hints),
+        images = len(image_urls(turn.get("next_state") or []))
+        if images and not blind:
+            why += f" ({images} image(s) in the next state not read: the rules read text only)"
+        return Judgment(score=score, votes=(None if blind else verdict.score,), texts=(why,),
+                        hints=tuple(hints),
                         judge=self.name, prompt_version=self.prompt_version, source=source,
                         extra={"signal": verdict.signal})
 
     def verdict(self, turn: Mapping[str, Any]) -> _Verdict:
         """What the rules make of the next state alone (feedback not considered)."""
         state = [m for m in turn.get("next_state") or [] if isinstance(m, Mapping)]
-        users = [text_of(m.get("content")) for m in state if m.get("role") == "user"]
+        if only_images(state):
+            return _Verdict(0, "image_only", f"the next state is only {len(image_urls(state))} "
+                            "image(s) and the rules judge reads text only (use --judge llm "
+                            "with a vision model)")
+        users = [_said(m.get("content")) for m in state if m.get("role") == "user"]
         tools = [m for m in state if m.get("role") == "tool"]
         user = self._user_verdict("\n".join(users), _previous_request(turn)) if users else None
         if user is not None and user.signal in ("negative", "rephrase", "positive"):
@@ -316,7 +337,7 @@ class RulesJudge:
         for message in tools:
             if message.get("status") == "error":
                 return _Verdict(-1, "tool_error", "a tool result has status 'error'")
-            text = text_of(message.get("content"))
+            text = _said(message.get("content"))
             code = _EXIT_CODE.search(text)
             if code is not None:
                 # The harness's exit code is authoritative: a successful run may well
@@ -335,11 +356,19 @@ class RulesJudge:
         return text if len(text) > self.min_hint_chars else None
 
 
+def _said(content: Any) -> str:
+    """A message's text parts only: an image part says nothing the rules can read."""
+    if isinstance(content, list):
+        return "".join(str(p["text"]) for p in content
+                         if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return text_of(content)
+
+
 def _previous_request(turn: Mapping[str, Any]) -> str:
     """The user message the reply answered (or the completions prompt)."""
     request = turn.get("request") or {}
     for message in reversed(request.get("messages") or []):
         if isinstance(message, Mapping) and message.get("role") == "user":
-            return text_of(message.get("content"))
+            return _said(message.get("content"))
     prompt = request.get("prompt")
     return prompt if isinstance(prompt, str) else ""

@@ -1,6 +1,8 @@
 """The proxy's own data and administration endpoints (client -> proxy -> store, vLLM).
 
-    GET    /v1/export?session_id=          the caller's turns as JSON lines (admin: all)
+    GET    /v1/export?session_id=          the caller's turns as JSON lines (admin: all);
+           &with_images=true               images inline as sent, not the store's
+                                           nextstate-image: references
     DELETE /v1/sessions/{session_id}       forget a session and what was derived from it
     DELETE /v1/tenants/{tenant}            forget everything of a tenant, its users'
                                            personal adapters included (admin)
@@ -49,9 +51,11 @@ def require_admin(request: Request) -> Deps:
 async def export(request: Request) -> Response:
     deps, tenant, admin = caller(request)
     session_id = request.query_params.get("session_id")
+    with_images = request.query_params.get("with_images", "").lower() in ("1", "true", "yes")
     turns = await asyncio.to_thread(
         lambda: list(deps.store.turns.iterate(session_id=session_id,
-                                              tenant=None if admin else tenant)))
+                                              tenant=None if admin else tenant,
+                                              with_images=with_images)))
 
     async def lines() -> AsyncIterator[bytes]:
         for turn in turns:

@@ -3,6 +3,8 @@ object per concept, so that no module knows all of them.
 
     store.turns       Turns: the recorder's writes (turns, sessions, pairing, feedback,
                       next states) and the reads of export and the learner
+    store.turns.images Images: each distinct image once, referenced from the turns,
+                      inlined back for the learner and export
     store.adapters    AdapterRegistry: every adapter version and which one serves
     store.judgments   Judgments: the learner's bookkeeping on the turns it reads
     store.retention   Retention: forgetting turns (and personal adapters), idle sessions

@@ -6,7 +6,8 @@ A turn recorded from ``/v1/responses`` with ``store`` not false carries, in its
 recorder's writer with the turn itself). Another proxy process, or this one after a
 restart, finds the response there (`Responses.find`); the proxy's memory of recent
 ones is in `nextstate.proxy.dialects.kept`. Lookups are scoped to the tenant. Forgetting
-the turn forgets its response (its key row goes with it).
+the turn forgets its response (its key row goes with it). A kept request's images come
+back inline (the store keeps references, images.py): the proxy forwards them again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import Connection, and_, select
 
 from nextstate.core.records import TurnRecord
 from nextstate.core.store.database import Database
+from nextstate.core.store.images import Images
 from nextstate.core.store.rows import same_tenant
 from nextstate.core.store.schema import turn_keys, turns
 
@@ -35,6 +37,7 @@ def index_response(conn: Connection, rec: TurnRecord) -> None:
 class Responses:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.images = Images(db)
 
     def find(self, tenant: str | None, response_id: str) -> dict[str, Any] | None:
         """The kept turn's dialect ({"request", "response", "store"}), or None."""
@@ -42,8 +45,8 @@ class Responses:
             row = conn.execute(select(turns.c.dialect).join(
                 turn_keys, turn_keys.c.turn_id == turns.c.id).where(
                 turn_keys.c.key == response_id, same_tenant(tenant)).limit(1)).first()
-        dialect = row.dialect if row is not None else None
-        return dialect if isinstance(dialect, dict) else None
+            dialect = row.dialect if row is not None else None
+            return self.images.inline(dialect, conn) if isinstance(dialect, dict) else None
 
     def unindex(self, tenant: str | None, response_id: str) -> None:
         """Forget the id (the turn stays recorded: its turn is the operator's record)."""

@@ -8,7 +8,7 @@ turns (one a person wrote stays until its scope is forgotten). A user or a tenan
 forgotten as a whole also loses the personal adapters trained on their turns: their
 versions are marked ``forgotten`` in the same transaction (their directories and vLLM's
 copies are erased by `nextstate.core.lora.erase`), and every lesson of their scope,
-written by hand or not.
+written by hand or not. An image (images.py) goes with the last turn that referenced it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy import Connection, or_, select, update
 
 from nextstate.core.lora import PERSONAL, AdapterStatus, personal_key
 from nextstate.core.store.database import Database
+from nextstate.core.store.images import Images
 from nextstate.core.store.schema import (
     adapters,
     feedback,
@@ -29,6 +30,7 @@ from nextstate.core.store.schema import (
     lesson_turns,
     lessons,
     sessions,
+    turn_images,
     turn_keys,
     turns,
 )
@@ -44,6 +46,7 @@ class Forgotten:
     # ``forgotten``: unloading them from vLLM and deleting their directories is the
     # caller's (or the learner's) job.
     adapters: list[dict[str, Any]]
+    images: int = 0  # images no remaining turn referenced, deleted
 
 
 class Retention:
@@ -84,7 +87,11 @@ class Retention:
                                   (judgments, judgments.c.turn_id),
                                   (lesson_turns, lesson_turns.c.turn_id)):
                 conn.execute(table.delete().where(column.in_(doomed)))
+            unlinked = conn.execute(turn_images.delete().where(
+                turn_images.c.turn_id.in_(doomed))).rowcount
             deleted = conn.execute(turns.delete().where(*where)).rowcount
+            # (Only after unlinking: the age sweep runs often and mostly finds nothing.)
+            images_gone = Images.collect_garbage(conn) if unlinked else 0
             if session_id is not None:
                 conn.execute(feedback.delete().where(feedback.c.session_id == session_id))
             if tenant is not None and whole and user is None:
@@ -97,7 +104,7 @@ class Retention:
                       if whole else [])
             gone = self._forget_lessons(conn, tenant if whole else None,
                                         user if whole else None)
-        return Forgotten(int(deleted or 0), gone, marked)
+        return Forgotten(int(deleted or 0), gone, marked, images_gone)
 
     @staticmethod
     def _forget_lessons(conn: Connection, tenant: str | None, user: str | None) -> int:

@@ -12,6 +12,11 @@ and the adapter version that learned from it), ``adapters`` (every version the l
 made, and which one is current), ``learner_status`` and ``scores`` (a benchmark's
 score of each version, where a run records one).
 
+Images (images.py): ``images`` holds each distinct image a request carried once, by the
+sha256 of its bytes; the turns' JSON holds ``nextstate-image:sha256:<hex>`` references in
+their place, and ``turn_images`` says which turns reference which image (an image no turn
+references any more is deleted with the last of them).
+
 The memory's: ``lessons`` (hints remembered per user, per tenant or shared, which the
 proxy serves in later prompts until the weights have learned them) and ``lesson_turns``
 (the turns each lesson was learned from, and those it was served in, with their score).
@@ -30,6 +35,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -113,6 +119,26 @@ turn_keys = Table(
     Column("turn_id", String(64), primary_key=True),
     Column("choice", Integer, primary_key=True),
     Column("created_at", Float, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("sha256", String(64), primary_key=True),  # of the decoded bytes, hex
+    # As the first request that carried it named it (``data:<media_type>;base64,...``).
+    Column("media_type", String(128), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# Which turns reference which images (in their request, dialect or next state).
+turn_images = Table(
+    "turn_images",
+    metadata,
+    Column("turn_id", String(64), primary_key=True),
+    Column("sha256", String(64), primary_key=True),
+    Index("ix_turn_images_sha256", "sha256"),
 )
 
 feedback = Table(

@@ -7,7 +7,9 @@ session whose turns reach different proxy processes is still paired correctly: a
 finds its session by id or by the conversation it continues, and gives the session's
 previous turn its next state. Writes are idempotent by record id: a batch replayed from
 the journal is never duplicated. The statements are compiled once and run on the
-driver's cursor (prepared.py); stored text is scrubbed (redact.py).
+driver's cursor (prepared.py); stored text is scrubbed (redact.py). Inline images are
+stored once and referenced from the turn's JSON (images.py); a next state that carries a
+screenshot holds its reference like any other content part.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, update
@@ -36,6 +39,7 @@ from nextstate.core.sessions import (
 )
 from nextstate.core.store import feedback as feedback_rows
 from nextstate.core.store.database import Database
+from nextstate.core.store.images import Images, references
 from nextstate.core.store.responses import index_response
 from nextstate.core.store.rows import (
     export_query,
@@ -61,6 +65,7 @@ class Turns:
     def __init__(self, db: Database, redactor: Redactor | None = None) -> None:
         self.db = db
         self.redactor = redactor if redactor is not None else Redactor()
+        self.images = Images(db)
 
     # -- writing (the recorder's worker thread) ---------------------------------------
 
@@ -111,6 +116,9 @@ class Turns:
                 turns.c.id == bindparam("id"))).first(conn, {"id": rec.turn_id}):
             return 0  # replayed from the spool: already stored
         reply = assemble(rec)
+        # Images stored once, referenced from here on (before the next state is taken
+        # from the request, and before the redactor reads it: it never scans base64).
+        rec, hashes = self._with_references(conn, rec)
         session_id, prev_id, session = self._resolve_session(conn, rec, key)
         if rec.feedback is not None:
             last = session.last_main_turn_id if session is not None else None
@@ -124,10 +132,24 @@ class Turns:
         row = self._scrubbed(turn_row(rec, reply, session_id, session))
         keys = tuple(row)
         self.db.sql(("insert_turn", keys), turns.insert, keys).run(conn, row)
+        self.images.link(conn, rec.turn_id, hashes)
         self._index_replies(conn, rec, reply)
         index_response(conn, rec)
         self._touch_session(conn, rec, session_id, session)
         return 1
+
+    def _with_references(self, conn: Connection, rec: TurnRecord
+                         ) -> tuple[TurnRecord, set[str]]:
+        """The record with its images stored and referenced, and their hashes. A copy:
+        the recorder retries the same record if this transaction fails."""
+        request, hashes = self.images.store(conn, rec.request)
+        dialect = rec.dialect
+        if dialect is not None:
+            dialect, more = self.images.store(conn, dialect)
+            hashes |= more
+        if request is rec.request and dialect is rec.dialect:
+            return rec, hashes
+        return replace(rec, request=request, dialect=dialect), hashes
 
     def _scrubbed(self, row: dict[str, Any]) -> dict[str, Any]:
         """The row with secrets masked; token ids dropped if anything was."""
@@ -183,6 +205,9 @@ class Turns:
         if not state:
             return
         state, _ = self.redactor.scrub(state)
+        # Its screenshots are the next turn's too, but this turn keeps them alive alone
+        # should that turn be forgotten first.
+        self.images.link(conn, prev_id, references(state))
         self.db.sql("pair", lambda: update(turns).where(
             turns.c.id == bindparam("prev_id"), turns.c.next_state_status == "pending"
         ).values(next_state_status="paired"), ("next_state", "next_state_kind",
@@ -206,7 +231,8 @@ class Turns:
         target = self._target_turn(conn, rec.turn_id, rec.session_id)
         if target is None:
             return 0
-        self._pair(conn, target, rec.created_at, None, rec.messages)
+        messages, _ = self.images.store(conn, rec.messages)
+        self._pair(conn, target, rec.created_at, None, messages)
         if rec.done:
             conn.execute(update(turns).where(turns.c.id == target,
                                              turns.c.next_state_status == "pending")
@@ -247,9 +273,10 @@ class Turns:
     # -- reading (export, learner, tests) -----------------------------------------------
 
     def iterate(self, session_id: str | None = None, ids: Sequence[str] | None = None,
-                tenant: str | None = None) -> Iterator[dict[str, Any]]:
+                tenant: str | None = None, with_images: bool = False,
+                ) -> Iterator[dict[str, Any]]:
         """Every turn (of one session, with these ids, of one tenant), oldest first, in
-        the export format."""
+        the export format: images as references, or back inline ``with_images``."""
         query = export_query().order_by(turns.c.created_at, turns.c.turn_index)
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
@@ -262,7 +289,8 @@ class Turns:
             for batch in rows.partitions():
                 given = feedback_rows.for_turns(conn, [row.id for row in batch])
                 for row in batch:
-                    yield export_row(row, given.get(row.id, []))
+                    turn = export_row(row, given.get(row.id, []))
+                    yield self.images.inline(turn, conn) if with_images else turn
 
     def get(self, turn_id: str) -> dict[str, Any] | None:
         """One turn in the export format, or None."""

@@ -1,10 +1,13 @@
 """Session headers, conversation keys and next states."""
 
+import pytest
 
 from nextstate.core.sessions import (
     conversation_key,
+    image_urls,
     next_state_kind,
     next_state_of,
+    only_images,
     read_session_meta,
 )
 
@@ -87,3 +90,31 @@ def test_a_coding_agents_own_session_header_is_left_to_conversation_matching():
     as the session, those calls would become the conversation's next states."""
     for header in ("x-claude-code-session-id", "session-id", "x-session-affinity"):
         assert read_session_meta({header: "s-1"}, {}).session_id is None
+
+
+def test_image_urls_are_read_in_order_from_image_parts_only():
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "data:image/png;base64,AA=="},
+                                     {"type": "image_url", "image_url": {"url": "data:a"}}]},
+        {"role": "assistant", "content": "click"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": "https://x/b.png"},
+                                     {"type": "image_url", "image_url": {}}]},
+        "garbage",
+    ]
+    assert image_urls(messages) == ["data:a", "https://x/b.png"]
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "nextstate-image:sha256:" + "0" * 64}}
+
+
+@pytest.mark.parametrize(("messages", "bare"), [
+    ([{"role": "user", "content": [IMAGE]}], True),
+    ([{"role": "tool", "content": " "}, {"role": "user", "content": [IMAGE, IMAGE]}], True),
+    ([{"role": "user", "content": [{"type": "text", "text": "done"}, IMAGE]}], False),
+    ([{"role": "tool", "content": "exit code 1"}, {"role": "user", "content": [IMAGE]}], False),
+    ([{"role": "user", "content": "no image"}], False),
+    ([], False),
+])
+def test_only_images_is_a_screenshot_with_nothing_said(messages, bare):
+    assert only_images(messages) is bare
+

@@ -4,10 +4,13 @@ import itertools
 
 import pytest
 
+from bench.gui_session import data_url, gui_session
 from nextstate.core.records import FeedbackRecord, TurnRecord
+from nextstate.core.sessions import image_urls
 from nextstate.core.store import Store
 from nextstate.learner.judging import JudgingConfig, judge_pending
 from nextstate.learner.judgment import JudgeError, Judgment
+from nextstate.learner.rules import RulesJudge
 
 _ids = itertools.count()
 
@@ -92,3 +95,65 @@ async def test_feedback_after_judging_brings_the_turn_back(store):
                                       turn_id=target)])
     await judge_pending(store.judgments, judge, None)
     assert judge.calls == [target, target]
+
+
+@pytest.fixture
+def empty_store(store_url):
+    s = Store(store_url)
+    yield s
+    s.close()
+
+
+class SeeingJudge(FakeJudge):
+    """Remembers the image URLs of each turn it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls = {}
+
+    async def judge(self, t):
+        self.urls[t["turn_id"]] = image_urls(t["request"]["messages"] + t["next_state"])
+        return await super().judge(t)
+
+
+async def test_a_gui_turn_reaches_the_judge_with_its_images_inline(empty_store):
+    shots, records = gui_session(3, session_id="gui")
+    s = empty_store
+    s.turns.write(records)
+    judge = SeeingJudge()
+    assert (await judge_pending(s.judgments, judge, None)).judged == 2  # the last: pending
+    assert judge.urls[records[1].turn_id] == [data_url(shot) for shot in shots]
+    stored = s.turns.get(records[1].turn_id)
+    assert image_urls(stored["request"]["messages"])[0].startswith("nextstate-image:")
+
+
+async def test_the_rules_record_no_verdict_on_a_screenshot_with_the_reason(empty_store):
+    shots, records = gui_session(2, session_id="gui")
+    s = empty_store
+    s.turns.write(records)
+    report = await judge_pending(s.judgments, RulesJudge(), None)
+    assert (report.judged, report.failed) == (1, 0)
+    row = s.judgments.get(records[0].turn_id)
+    assert (row["status"], row["source"], row["score"], row["votes"]) == (
+        "ok", "none", 0, [None])
+    assert "reads text only" in row["texts"][0]
+    assert s.judgments.ready_for_training("combined", 10) == []
+
+
+async def test_a_turn_whose_images_were_forgotten_meanwhile_is_not_judged(empty_store):
+    shots, records = gui_session(2, session_id="gui")
+    s = empty_store
+    s.turns.write(records)
+    waiting = s.judgments.to_judge(10)
+    s.retention.forget(session_id="gui")
+
+    class Stale:
+        turns = s.judgments.turns
+        save_error = s.judgments.save_error
+
+        def to_judge(self, *args, **kwargs):
+            return waiting
+
+    report = await judge_pending(Stale(), FakeJudge(), None)
+    assert report.failed == 1 and "ImageMissing" in report.last_error
+    assert s.judgments.get(records[0].turn_id) is None  # forgotten: nothing kept

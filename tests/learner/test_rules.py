@@ -49,7 +49,7 @@ JUDGE = RulesJudge()
 
 async def judged(turn: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
     judgment = await JUDGE.judge(turn)
-    assert judgment.judge == "rules" and judgment.prompt_version == "rules-2"
+    assert judgment.judge == "rules" and judgment.prompt_version == "rules-3"
     assert judgment.votes == (judgment.score,) and len(judgment.texts) == 1
     return judgment.score, judgment.hints
 
@@ -289,3 +289,49 @@ async def test_a_new_request_worded_like_a_change_is_still_moving_on(new_request
 ])
 async def test_more_ways_of_saying_thanks_are_positive(approval: str) -> None:
     assert await judged(chat_turn(*SUMMARY, approval)) == (1, ())
+
+
+SCREEN = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+def screenshot_turn(*state: dict[str, Any], feedback: list[dict[str, Any]] | None = None,
+                    ) -> dict[str, Any]:
+    turn = chat_turn("Turn on dark mode.", "click(120, 64)", feedback=feedback)
+    turn.update(next_state=list(state), next_state_kind="user", next_state_status="paired")
+    return turn
+
+
+async def test_a_screenshot_alone_gets_no_verdict_and_the_reason_says_so():
+    judgment = await JUDGE.judge(screenshot_turn({"role": "user", "content": [SCREEN]}))
+    assert (judgment.score, judgment.votes, judgment.source, judgment.hints) == (
+        0, (None,), "none", ())
+    assert judgment.extra["signal"] == "image_only"
+    assert "no verdict" in judgment.texts[0] and "reads text only" in judgment.texts[0]
+
+
+async def test_a_screenshot_after_a_bare_tool_result_gets_no_verdict_either():
+    judgment = await JUDGE.judge(screenshot_turn(
+        {"role": "tool", "tool_call_id": "c1", "content": ""},
+        {"role": "user", "content": [SCREEN, SCREEN]}))
+    assert judgment.source == "none" and "2 image(s)" in judgment.texts[0]
+
+
+async def test_explicit_feedback_on_a_screenshot_counts_but_the_rules_cast_no_vote():
+    judgment = await JUDGE.judge(screenshot_turn(
+        {"role": "user", "content": [SCREEN]},
+        feedback=[{"score": -1, "hint": "Use the toggle.", "created_at": 1.0}]))
+    assert (judgment.score, judgment.source, judgment.votes) == (-1, "feedback", (None,))
+    assert judgment.hints == ("Use the toggle.",)
+    assert "reads text only" in judgment.texts[0]
+
+
+async def test_text_beside_a_screenshot_is_judged_and_the_image_is_said_unread():
+    judgment = await JUDGE.judge(screenshot_turn({"role": "user", "content": [
+        {"type": "text", "text": "No, that's the wrong button."}, SCREEN]}))
+    assert (judgment.score, judgment.source) == (-1, "judge")
+    assert judgment.hints == ("No, that's the wrong button.",)  # no image placeholder
+    assert "1 image(s) in the next state not read" in judgment.texts[0]
+    tool = await JUDGE.judge(screenshot_turn(
+        {"role": "tool", "tool_call_id": "c1", "content": "exit code 0"},
+        {"role": "user", "content": [SCREEN]}))
+    assert (tool.score, tool.extra["signal"]) == (1, "tool_ok")

@@ -395,6 +395,22 @@ def test_export_shows_each_client_only_its_own_turns(tmp_path, fake):
     assert theirs == []
 
 
+def test_export_gives_image_references_or_with_images_the_images_as_sent(tmp_path, fake):
+    screen = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" \
+             "nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
+    chat = {"model": "toy", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is on screen?"},
+        {"type": "image_url", "image_url": {"url": screen}}]}]}
+    with open_client(tmp_path, fake, **KEYS) as c:
+        c.post("/v1/chat/completions", json=chat, headers={**ALICE, "X-Session-Id": "a1"})
+        records(c)
+        plain = _lines(c.get("/v1/export", headers=ALICE))
+        inline = _lines(c.get("/v1/export?with_images=true", headers=ALICE))
+    url = plain[0]["request"]["messages"][0]["content"][1]["image_url"]["url"]
+    assert url.startswith("nextstate-image:sha256:")
+    assert inline[0]["request"]["messages"] == chat["messages"]
+
+
 def test_a_client_deletes_its_own_session_but_not_anothers(tmp_path, fake):
     with open_client(tmp_path, fake, **KEYS) as c:
         c.post("/v1/chat/completions", json=CHAT, headers={**ALICE, "X-Session-Id": "a1"})
