@@ -4,6 +4,7 @@ serving the vision-language toy (the session's ``vlm`` fixture), the real OpenAI
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from examples.gui_env import FormApp, png_bytes
+from nextstate.core.store.images import reference
+from nextstate.core.store.rows import IMAGES_NOT_TRAINED
 from nextstate.core.store.schema import sessions
 from nextstate.core.vllm_server import VLLMProcess
 from tests.conftest import VLM_MODEL_NAME, ProxyServer
@@ -50,10 +53,14 @@ def outcome(proxy: ProxyServer, session: str) -> int | None:
         store.close()
 
 
-def screen_of(message: dict[str, Any]) -> bytes:
-    """The PNG bytes of a user message's screenshot."""
+def screen_of(message: dict[str, Any]) -> str:
+    """The URL of a user message's screenshot."""
     [part] = [p for p in message["content"] if p["type"] == "image_url"]
-    prefix, _, data = part["image_url"]["url"].partition(",")
+    return str(part["image_url"]["url"])
+
+
+def png_of(url: str) -> bytes:
+    prefix, _, data = url.partition(",")
     assert prefix == "data:image/png;base64"
     return base64.b64decode(data)
 
@@ -76,7 +83,8 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
     errors = []  # whether each step opened the error dialog (the agent's -1 with a hint)
     for k, turn in enumerate(turns):
         error_before = app.state.dialog == "error"
-        assert turn["status"] == "ok" and turn["untrainable"] is None
+        # Judged (the LLM judge sees the screens), not trained on yet: said, not silent.
+        assert turn["status"] == "ok" and turn["untrainable"] == IMAGES_NOT_TRAINED
         # Every screen so far is in the prompt, as the placeholder tokens vLLM expanded.
         assert turn["prompt_token_ids"].count(image_token) == IMAGE_TOKENS * (k + 1)
         assert turn["completion_token_ids"]
@@ -88,12 +96,29 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
         if isinstance(observation, str):  # no action: the valid ones, and the same screen
             assert text == observation
             observation = app.screenshot()
-        assert screen_of(next_message) == png_bytes(observation)
+        # The store keeps the screen once, by its hash; the turn holds a reference.
+        assert screen_of(next_message) == reference(hashlib.sha256(
+            png_bytes(observation)).hexdigest())
         if k + 1 < steps:  # ... and it is the next request's last message
             assert turn["next_turn_id"] == turns[k + 1]["turn_id"]
             assert turns[k + 1]["request"]["messages"][-1] == next_message
         else:  # the last screen came with the session's end
             assert turn["next_state_status"] == "paired" and turn["next_turn_id"] is None
+    store = proxy.store()
+    try:  # restored exactly as sent, and each distinct screen stored once
+        restored = list(store.turns.iterate(session_id=session, with_images=True))
+        screens = {screen_of(m) for t in turns for m in t["request"]["messages"]
+                   + t["next_state"] if m["role"] == "user"}
+        assert store.turns.images.usage()[0] == len(screens)
+    finally:
+        store.close()
+    replay = FormApp()
+    replay.reset()
+    for turn in sorted(restored, key=lambda t: t["turn_index"]):
+        observation, _, _ = replay.act(turn["response"]["choices"][0]["message"]["content"])
+        if isinstance(observation, str):
+            observation = replay.screenshot()
+        assert png_of(screen_of(turn["next_state"][0])) == png_bytes(observation)
     score = 1 if "success: True" in out else -1
     assert outcome(proxy, session) == score
     # The outcome is also feedback on the session's last turn; it was sent last, so by
