@@ -3,6 +3,7 @@ as its own process, the recording proxy in front), stopped together by Ctrl-C.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import httpx
 
 from nextstate.cli.options import (
     TOY_MODEL_NAME,
@@ -26,7 +28,10 @@ from nextstate.cli.options import (
     store_option,
 )
 from nextstate.cli.serve import proxy_settings
+from nextstate.core.doctor import recompute_exact
+from nextstate.core.health import Finding
 from nextstate.core.paths import data_dir
+from nextstate.core.vllm import auth_headers
 from nextstate.core.vllm_server import (
     BackendStartError,
     VLLMConfig,
@@ -77,7 +82,9 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                       backend_api_key=backend_api_key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((backend,), store, api_key, backend_api_key, no_record,
-                                     policy=name, memory=MemorySettings(enabled=memory)),
+                                     policy=name, memory=MemorySettings(enabled=memory),
+                                     sampler_logprobs=sampler_logprobs(
+                                         backend, backend_api_key, name, no_learner)),
                       host, port)
         return
     # The vLLM started here is never open: only this proxy and learner know its key.
@@ -98,9 +105,38 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                                                   backend_api_key=key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name,
-                                     memory=MemorySettings(enabled=memory)), host, port)
+                                     memory=MemorySettings(enabled=memory),
+                                     sampler_logprobs=sampler_logprobs(
+                                         vllm.url, key, name, no_learner)), host, port)
     except BackendStartError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def sampler_logprobs(url: str, key: str | None, model: str, no_learner: bool,
+                     transport: httpx.AsyncBaseTransport | None = None) -> str:
+    """Where the proxy ``up`` starts gets sampler logprobs: from the learner that ``up``
+    runs beside it (`learner.sampler_logprobs`: most of recording's cost off the request
+    path) when vLLM's sampling defaults let them be recomputed exactly (checked once, as
+    doctor does); otherwise, and without a learner, recorded on the request path."""
+    if no_learner:
+        return "record"
+
+    async def check() -> list[Finding]:
+        async with httpx.AsyncClient(base_url=url, headers=auth_headers(key),
+                                     timeout=30.0, transport=transport) as http:
+            return await recompute_exact(http, f"vLLM at {url}", model)
+
+    try:
+        found = asyncio.run(check())
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        found = [Finding("vllm.sampling_defaults", "warn", f"not checked ({exc})"[:200])]
+    if found and all(f.level == "ok" for f in found):
+        click.echo("sampler logprobs: recomputed by the learner where a request allows it "
+                   "(off the request path)", err=True)
+        return "recompute"
+    click.echo("sampler logprobs: recorded on the request path"
+               + (f" ({found[0].what})" if found else ""), err=True)
+    return "record"
 
 
 @contextlib.contextmanager

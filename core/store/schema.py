@@ -110,6 +110,8 @@ turns = Table(
     Index("ix_turns_session", "session_id", "turn_index"),
     Index("ix_turns_created", "created_at"),
     Index("ix_turns_pending", "next_state_status", "created_at"),
+    # The learner looks up, each round, the turns waiting for their sampler logprobs.
+    Index("ix_turns_untrainable", "untrainable"),
 )
 
 turn_keys = Table(
@@ -265,9 +267,10 @@ learner_status = Table(
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
-    """Add the columns a database created by an older nextstate lacks (ALTER TABLE ...
-    ADD COLUMN, the same on SQLite and PostgreSQL). Every column added after the first
-    release is nullable, so old rows simply read as NULL. Returns what was added."""
+    """Add the columns (and indexes) a database created by an older nextstate lacks
+    (ALTER TABLE ... ADD COLUMN, the same on SQLite and PostgreSQL). Every column added
+    after the first release is nullable, so old rows simply read as NULL. Returns what
+    was added."""
     tables = inspect(engine)
     preparer = engine.dialect.identifier_preparer
     added = []
@@ -281,4 +284,9 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 ddl = CreateColumn(column).compile(dialect=engine.dialect)
                 conn.execute(text(f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {ddl}"))
                 added.append(f"{table.name}.{column.name}")
+            indexed = {i["name"] for i in tables.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in indexed:
+                    index.create(conn)
+                    added.append(str(index.name))
     return added

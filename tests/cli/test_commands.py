@@ -33,6 +33,7 @@ def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
     monkeypatch.setattr(stack, "check_backend", lambda url, key: ["toy"])
     monkeypatch.setattr(stack, "spawn", lambda command, log, env: started.append(command))
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "recompute")
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: None)
     runner = CliRunner()
     assert runner.invoke(cli.main, ["up", "--backend", "http://vllm",
@@ -62,6 +63,7 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
     monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen[-1].update(
         command=command, env=env))
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "recompute")
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen[-1].update(
         settings=settings))
     monkeypatch.setenv("NEXTSTATE_BACKEND_API_KEY", "")
@@ -83,6 +85,7 @@ def test_up_with_a_backend_sends_the_key_it_is_given(monkeypatch):
     monkeypatch.setattr(stack, "check_backend", lambda url, key: seen.update(checked=key) or [])
     monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen.update(env=env))
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "recompute")
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: seen.update(
         settings=settings))
     result = CliRunner().invoke(cli.main, ["up", "--backend", "http://vllm",
@@ -90,6 +93,24 @@ def test_up_with_a_backend_sends_the_key_it_is_given(monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["checked"] == "k" and seen["settings"].backend_api_key == "k"
     assert seen["env"]["NEXTSTATE_BACKEND_API_KEY"] == "k"
+    assert seen["settings"].sampler_logprobs == "recompute"  # what the check said
+
+
+def test_up_leaves_sampler_logprobs_to_its_learner_only_where_vllm_allows_it():
+    from tests.core.test_doctor import FakeVLLM as Doctored
+
+    def where(vllm, no_learner=False):
+        return stack.sampler_logprobs("http://vllm", None, "toy", no_learner,
+                                      transport=httpx.MockTransport(vllm))
+
+    assert where(Doctored()) == "recompute"
+    assert where(Doctored(sampling_defaults=True)) == "record"  # a generation config's
+    assert where(Doctored(), no_learner=True) == "record"  # nobody would recompute them
+
+    def down(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    assert where(down) == "record"
 
 
 @pytest.fixture

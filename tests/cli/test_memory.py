@@ -90,6 +90,7 @@ def test_up_with_memory_starts_a_learner_that_learns_lessons(monkeypatch):
     monkeypatch.setattr(stack, "spawn", lambda command, log, env: started.append(command))
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: served.append(settings))
+    monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "record")
     assert run("up", "--backend", "http://vllm", "--memory")[0] == 0
     assert "--memory" in started[0] and served[0].memory.enabled
 

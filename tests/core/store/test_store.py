@@ -168,21 +168,24 @@ def test_forget_by_age_and_by_tenant(store):
 
 
 def test_a_store_made_before_the_user_column_gets_it_when_opened(store_url):
-    from sqlalchemy import text
+    from sqlalchemy import inspect, text
 
     old = Store(store_url)
     before = chat_turn([{"role": "user", "content": "old"}], "r")
     old.turns.write([before])
     with old.db.engine.begin() as conn:  # as an older nextstate created it
         conn.execute(text('ALTER TABLE turns DROP COLUMN "user"'))
+        conn.execute(text("DROP INDEX ix_turns_untrainable"))
     old.close()
     reopened = Store(store_url)
     after = chat_turn([{"role": "user", "content": "new"}], "r")
     after.user = "alice"
     reopened.turns.write([after])
     rows = {t["turn_id"]: t["user"] for t in reopened.turns.iterate()}
+    indexes = {i["name"] for i in inspect(reopened.db.engine).get_indexes("turns")}
     reopened.close()
     assert rows == {before.turn_id: None, after.turn_id: "alice"}
+    assert "ix_turns_untrainable" in indexes  # and the indexes it lacked
 
 
 def test_current_adapters_of_a_policy_and_its_users_in_one_query(store):
