@@ -127,6 +127,22 @@ async def test_a_gui_turn_reaches_the_judge_with_its_images_inline(empty_store):
     assert image_urls(stored["request"]["messages"])[0].startswith("nextstate-image:")
 
 
+async def test_a_gui_turn_with_a_hint_is_judged_without_teacher_logprobs(empty_store):
+    # Its token-id prompt could not carry the images, and it is not trained on (yet).
+    shots, records = gui_session(3, session_id="gui")
+    s = empty_store
+    s.turns.write(records)
+
+    class NoTeacher(FakeTeacher):
+        async def logprobs(self, t, hint):
+            raise AssertionError("the teacher was asked about an image turn")
+
+    report = await judge_pending(s.judgments, FakeJudge(), NoTeacher())
+    assert (report.judged, report.failed, report.hints) == (2, 0, 2)
+    row = s.judgments.get(records[0].turn_id)
+    assert row["hints"] == ["Say it in French."] and not row["teacher_logprobs"]
+
+
 async def test_the_rules_record_no_verdict_on_a_screenshot_with_the_reason(empty_store):
     shots, records = gui_session(2, session_id="gui")
     s = empty_store
