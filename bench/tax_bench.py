@@ -1,6 +1,6 @@
 """What recording costs end to end, on the real vLLM: the tax (agent -> [proxy ->] vLLM).
 
-    python -m bench.tax_bench                  # ~15-25 minutes here
+    python -m bench.tax_bench                  # ~30 minutes here
     python -m bench.tax_bench --quick          # a few short rounds (the suite runs it)
 
 Arms, each round in a new random order, every request at temperature 0 with

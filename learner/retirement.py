@@ -40,7 +40,7 @@ from nextstate.core.store import Store
 from nextstate.core.store.lessons import RETIRED
 from nextstate.core.vllm import VLLMClient, VLLMError
 from nextstate.learner.config import MemoryConfig
-from nextstate.learner.teacher import TeacherError, completion_logprobs
+from nextstate.learner.teacher import TeacherError, score
 
 log = logging.getLogger("nextstate.learner.retirement")
 
@@ -98,7 +98,7 @@ class Retirement:
             ids = await self._tokenize(model, messages, tools)
             for sample in await self._sample(model, ids):
                 replies.append((messages, tools, ids, sample,
-                                await self._score(model, ids, sample)))
+                                await score(self.vllm, model, ids, sample)))
         if not replies:
             return []
         retired = []
@@ -107,7 +107,7 @@ class Retirement:
             for messages, tools, _, sample, untold in replies:
                 told_ids = await self._tokenize(model, with_hint(messages, lesson["text"]),
                                                 tools)
-                told = await self._score(model, told_ids, sample)
+                told = await score(self.vllm, model, told_ids, sample)
                 gaps.append(statistics.fmean(u - t for u, t in zip(untold, told,
                                                                    strict=True)))
             kl = statistics.fmean(gaps)
@@ -144,12 +144,3 @@ class Retirement:
             "return_token_ids": True})
         return [list(c["token_ids"]) for c in answer.get("choices") or []
                 if c.get("token_ids")]
-
-    async def _score(self, model: str, prompt: list[int], reply: list[int]) -> list[float]:
-        answer = await self.vllm.completion({
-            "model": model, "prompt": prompt + reply, "max_tokens": 1, "temperature": 0,
-            "prompt_logprobs": 0})
-        scored = (answer.get("choices") or [{}])[0].get("prompt_logprobs")
-        if not scored or len(scored) != len(prompt) + len(reply):
-            raise TeacherError("vLLM returned no prompt logprobs for the sequence")
-        return completion_logprobs(scored, reply, len(prompt))

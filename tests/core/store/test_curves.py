@@ -3,8 +3,6 @@ step's numbers, the traffic it served and a benchmark's scores."""
 
 from __future__ import annotations
 
-import pytest
-
 from nextstate.core.lora import AdapterStatus
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
@@ -20,13 +18,6 @@ def served(turn_id: str, model: str, tenant: str | None = None) -> TurnRecord:
         session_done=True, tenant=tenant,
         response={"model": model, "choices": [choice], "prompt_token_ids": [1],
                   "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-
-
-@pytest.fixture
-def store(store_url: str):
-    s = Store(store_url)
-    yield s
-    s.close()
 
 
 def test_each_published_version_is_a_point_with_its_step_and_its_traffic(store: Store):

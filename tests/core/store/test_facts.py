@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-
-import pytest
 
 from nextstate.core.lora import AdapterStatus
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
 from nextstate.core.store.facts import loop_facts
+from tests.core.store.verdicts import Verdict
 
 _ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class Verdict:
-    score: int
-    hints: tuple[str, ...] = ()
-    source: str = "judge"
-    votes: tuple[int | None, ...] = ()
-    texts: tuple[str, ...] = ()
-    judge: str = "rules"
-    prompt_version: str = "1"
 
 
 def turn(*, session: str | None = None, turn_type: str = "main", token_ids: bool = True,
@@ -43,13 +30,6 @@ def turn(*, session: str | None = None, turn_type: str = "main", token_ids: bool
         request={"model": "m", "messages": [{"role": "user", "content": f"question {n}"}]},
         session_id=session, turn_type=turn_type, session_done=True, status="ok",
         response=response)
-
-
-@pytest.fixture
-def store(store_url: str):
-    s = Store(store_url)
-    yield s
-    s.close()
 
 
 def test_turns_sessions_and_lost_tokens_are_counted(store: Store) -> None:

@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-
-import pytest
 
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
+from tests.core.store.verdicts import Verdict
 
 _ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class Verdict:
-    score: int
-    hints: tuple[str, ...] = ()
-    source: str = "judge"
-    votes: tuple[int | None, ...] = ()
-    texts: tuple[str, ...] = ()
-    judge: str = "rules"
-    prompt_version: str = "1"
 
 
 def turn(*, tenant: str | None = None, turn_type: str = "main", done: bool = True,
@@ -39,13 +26,6 @@ def turn(*, tenant: str | None = None, turn_type: str = "main", done: bool = Tru
         turn_type=turn_type, session_done=done, status=status, tenant=tenant, user=user,
         response={"model": "m", "choices": [choice], "prompt_token_ids": [1],
                   "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
-
-
-@pytest.fixture
-def store(store_url: str):
-    s = Store(store_url)
-    yield s
-    s.close()
 
 
 def by_key(funnel: dict) -> dict:

@@ -27,13 +27,6 @@ from nextstate.core.store.images import (
 from nextstate.core.store.schema import turn_images
 
 
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    yield s
-    s.close()
-
-
 def sha(png: bytes) -> str:
     return hashlib.sha256(png).hexdigest()
 

@@ -4,14 +4,6 @@ forgotten (core/store/lessons.py, retention.py), on SQLite and PostgreSQL."""
 import pytest
 
 from nextstate.core.records import TurnRecord
-from nextstate.core.store import Store
-
-
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    yield s
-    s.close()
 
 
 def learn(store, text, user="t:alice", tenant="t", turn_id="s1"):

@@ -10,13 +10,6 @@ from nextstate.core.store import Store
 _ids = itertools.count()
 
 
-@pytest.fixture
-def store(store_url):
-    s = Store(store_url)
-    yield s
-    s.close()
-
-
 def chat_turn(messages, reply, *, session_id=None, turn_type="main", done=False, status="ok",
               at=None):
     n = next(_ids)
