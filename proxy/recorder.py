@@ -213,20 +213,21 @@ class Recorder:
     def _pass(self) -> int:
         """Write one batch; returns how many of its records were settled (0: none, the
         store failed, or nothing was waiting)."""
-        retry = bool(self._held)
-        if retry:
-            if time.monotonic() < self._retry_at:
-                return 0
-            batch, self._held = self._held, []
-        else:
+        if self._held and time.monotonic() < self._retry_at:
+            return 0
+        # A batch the store failed on goes first, topped up with what arrived since: all
+        # of it waits on the store together (and is counted so), in order.
+        batch, self._held = self._held, []
+        held = len(batch)
+        if not held:
             batch, self._deferred = self._deferred, []
-            while self._memory and len(batch) < self.batch_size:
-                batch.append((None, self._memory.popleft(), None))
-            for segment, line, seq in self.journal.read(self.batch_size - len(batch)):
-                entry = self._entry(segment, line, seq)
-                if entry is not None:
-                    batch.append(entry)
-        done = self._write(batch, retry) if batch else 0
+        while self._memory and len(batch) < self.batch_size:
+            batch.append((None, self._memory.popleft(), None))
+        for segment, line, seq in self.journal.read(self.batch_size - len(batch)):
+            entry = self._entry(segment, line, seq)
+            if entry is not None:
+                batch.append(entry)
+        done = self._write(batch, held) if batch else 0
         self.journal.maintain()
         return done
 
@@ -247,15 +248,16 @@ class Recorder:
             self._reject(segment, None, line, exc)
             return None
 
-    def _write(self, batch: list[Entry], retry: bool) -> int:
+    def _write(self, batch: list[Entry], held: int) -> int:
+        """Write ``batch``, whose first ``held`` entries the store already failed on."""
         try:
             written, deferred = self.store.turns.write_or_defer([r for _, r, _ in batch],
                                                           self.pairing_wait)
         except (DBAPIError, OSError) as exc:  # the store is away: they wait in the journal
-            self._store_failed(exc, batch, retry)
+            self._store_failed(exc, batch, held)
             return 0
         except Exception:  # a record the store cannot take: find it, set it aside
-            return self._isolate(batch)
+            return self._isolate(batch, held)
         self._backoff = 0.5
         self.stats.written += written
         waiting = {id(r) for r in deferred}
@@ -263,7 +265,7 @@ class Recorder:
         self._settle([e for e in batch if id(e[1]) not in waiting])
         return len(batch) - len(self._deferred)
 
-    def _isolate(self, batch: list[Entry]) -> int:
+    def _isolate(self, batch: list[Entry], held: int) -> int:
         """Write a failed batch one record at a time, so that one bad record (a bug, or
         data no store can take) never holds up the rest: it goes to a rejected-*.jsonl
         file beside the journal, counted, instead of being retried forever."""
@@ -271,7 +273,7 @@ class Recorder:
             try:
                 self.stats.written += self.store.turns.write([entry[1]])
             except (DBAPIError, OSError) as exc:
-                self._store_failed(exc, batch[i:], retry=True)
+                self._store_failed(exc, batch[i:], max(held - i, 0))
                 return i
             except Exception as exc:
                 self._reject(*entry, exc)
@@ -305,13 +307,14 @@ class Recorder:
             self.journal.settle(segment)
 
     def _store_failed(self, exc: Exception, batch: list[Entry] | None = None,
-                      retry: bool = False) -> None:
+                      held: int = 0) -> None:
+        """The store failed on ``batch`` (its first ``held`` entries, again): it is held
+        and retried after a growing backoff, each record counted once as spooled."""
         self.stats.store_errors += 1
         self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
         if batch:
             self._held = list(batch)
-            if not retry:
-                self.stats.spooled += len(batch)
+            self.stats.spooled += len(batch) - held
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
         log.warning("store unavailable, records wait in the journal: %s",

@@ -62,6 +62,25 @@ async def test_records_wait_on_disk_while_the_store_is_down(tmp_path):
     assert list(tmp_path.glob("*.jsonl")) == []
 
 
+async def test_records_arriving_while_the_store_fails_wait_with_those_it_failed_on(tmp_path):
+    store = FlakyStore()
+    recorder = Recorder(store, tmp_path)
+    recorder._backoff = 0.01
+    store.down = True
+    recorder.start()
+    for i in range(5):
+        recorder.submit(rec(i))
+    await until(lambda: recorder.stats.store_errors >= 1)
+    for i in range(5, 10):  # the store has failed on the first five: these join them
+        recorder.submit(rec(i))
+    await until(lambda: recorder.stats.spooled == 10)
+    assert recorder.stats.spooled == 10 and recorder.stats.written == 0
+    store.down = False
+    await recorder.flush(timeout=10)
+    await recorder.stop()
+    assert [t["turn_id"] for t in store.inner.turns.iterate()] == [f"r{i}" for i in range(10)]
+
+
 async def test_spool_left_by_a_dead_process_is_replayed_on_start(tmp_path):
     store = FlakyStore()
     store.down = True
