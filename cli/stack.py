@@ -41,8 +41,11 @@ from nextstate.core.vllm_server import (
     stop_group,
     toy_model_config,
 )
+from nextstate.learner.multimodal import image_token_id
 from nextstate.proxy.server import run_proxy
 from nextstate.proxy.settings import MemorySettings, ProxySettings
+
+SCALE_OUT = "--enable-scale-out"  # vLLM's render and token-in routes (the image teacher)
 
 
 @click.command()
@@ -94,6 +97,10 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
         config = toy_model_config(ensure_toy_model(), model_name or TOY_MODEL_NAME,
                                   log_path=log_path, extra_args=vllm_arg, api_key=key)
     else:
+        if image_token_id(model_dir) is not None and SCALE_OUT not in vllm_arg:
+            # The learner's image teacher scores GUI turns through vLLM's render and
+            # token-in routes; the proxy never exposes them (only the inference surface).
+            vllm_arg = (*vllm_arg, SCALE_OUT)
         config = VLLMConfig(model=model_dir, served_model_name=model_name or model_dir.name,
                             log_path=log_path, extra_args=vllm_arg, api_key=key)
     name = config.served_model_name

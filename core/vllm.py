@@ -150,6 +150,11 @@ class VLLMClient:
         """``POST /v1/completions``, not streamed (scoring: ``prompt_logprobs``)."""
         return await self._json("POST", "/v1/completions", body)
 
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST path`` for a route with no call of its own here (the image teacher's
+        render and token-in scoring, which change nothing either)."""
+        return await self._json("POST", path, body)
+
     # -- one request ------------------------------------------------------------------------
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None,

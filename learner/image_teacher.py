@@ -32,29 +32,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import httpx
-
+from nextstate.core.sessions import image_urls
+from nextstate.core.vllm import VLLMClient, VLLMError, VLLMRefused
 from nextstate.learner.teacher import TeacherError, completion_logprobs
 
 RENDER = "/v1/chat/completions/render"
 GENERATE = "/inference/v1/generate"
-
-
-def image_urls(messages: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The URLs (``data:`` or http) of the ``image_url`` parts, in prompt order."""
-    urls = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if isinstance(part, Mapping) and part.get("type") == "image_url":
-                image = part.get("image_url")
-                url = image.get("url") if isinstance(image, Mapping) else image
-                if not isinstance(url, str):
-                    raise TeacherError("an image_url part without a URL")
-                urls.append(url)
-    return urls
 
 
 def collapse_placeholders(token_ids: Sequence[int], ranges: Sequence[Mapping[str, int]],
@@ -72,27 +55,38 @@ def collapse_placeholders(token_ids: Sequence[int], ranges: Sequence[Mapping[str
     return [*out, *token_ids[position:]]
 
 
-async def score_with_images(
-    http: httpx.AsyncClient, model: str, messages: Sequence[Mapping[str, Any]],
-    completion_ids: Sequence[int], placeholder_id: int, *,
-    headers: Mapping[str, str] | None = None,
-) -> list[float]:
-    """One logprob per token of ``completion_ids`` under ``messages`` (with their images
-    and a generation prompt), scored by ``model`` (the base model or an adapter) on the
-    vLLM that ``http`` points at."""
-    urls = image_urls(messages)
-    rendered = await _post(http, RENDER, headers, {
-        "model": model, "messages": list(messages), "add_generation_prompt": True,
-        "mm_payload": "none"})
+async def render(vllm: VLLMClient, model: str, messages: Sequence[Mapping[str, Any]],
+                 tools: Sequence[Any] | None = None,
+                 ) -> tuple[list[int], list[Mapping[str, int]]]:
+    """The prompt ids vLLM builds for ``messages`` (and ``tools``, with a generation
+    prompt), each image expanded into its placeholders, as it records them; and where
+    each image lies."""
+    body: dict[str, Any] = {"model": model, "messages": list(messages),
+                            "add_generation_prompt": True, "mm_payload": "none"}
+    if tools:
+        body["tools"] = list(tools)
+    rendered = await _post(vllm, RENDER, body)
     prompt_ids = rendered.get("token_ids")
     ranges = ((rendered.get("features") or {}).get("mm_placeholders") or {}).get("image", [])
-    if not isinstance(prompt_ids, list) or len(ranges) != len(urls):
-        raise TeacherError(f"vLLM rendered {len(ranges)} images for {len(urls)} image parts")
-    scored = await _post(http, GENERATE, headers, {
+    n = len(image_urls(messages))
+    if not isinstance(prompt_ids, list) or not isinstance(ranges, list) or len(ranges) != n:
+        raise TeacherError(f"vLLM rendered {len(ranges)} images for {n} image parts")
+    return [int(t) for t in prompt_ids], ranges
+
+
+async def score_with_images(vllm: VLLMClient, model: str,
+                            messages: Sequence[Mapping[str, Any]],
+                            completion_ids: Sequence[int], placeholder_id: int,
+                            tools: Sequence[Any] | None = None) -> list[float]:
+    """One logprob per token of ``completion_ids`` under ``messages`` (with their images,
+    ``tools`` and a generation prompt), scored by ``model`` (the base model or an adapter)
+    on the vLLM that ``vllm`` calls."""
+    prompt_ids, ranges = await render(vllm, model, messages, tools)
+    scored = await _post(vllm, GENERATE, {
         "model": model,
         "token_ids": collapse_placeholders(prompt_ids, ranges, placeholder_id)
         + list(completion_ids),
-        "content_parts": [{"type": "image_url", "url": url} for url in urls],
+        "content_parts": [{"type": "image_url", "url": url} for url in image_urls(messages)],
         "return_token_ids": True,
         "sampling_params": {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
     })
@@ -103,18 +97,12 @@ async def score_with_images(
                                len(prompt_ids))
 
 
-async def _post(http: httpx.AsyncClient, path: str, headers: Mapping[str, str] | None,
-                body: dict[str, Any]) -> dict[str, Any]:
+async def _post(vllm: VLLMClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
-        answer = await http.post(path, json=body, headers=dict(headers or {}))
-    except httpx.HTTPError as exc:
-        raise TeacherError(f"vLLM did not answer {path}: {exc}") from exc
-    if answer.status_code != 200:
-        hint = " (is vLLM started with --enable-scale-out?)" if answer.status_code in (
+        return await vllm.post(path, body)
+    except VLLMRefused as exc:
+        hint = " (is vLLM started with --enable-scale-out?)" if exc.status in (
             403, 404) else ""
-        raise TeacherError(f"vLLM refused {path}: {answer.status_code} "
-                           f"{answer.text[:300]}{hint}")
-    found = answer.json()
-    if not isinstance(found, dict):
-        raise TeacherError(f"vLLM answered {path} with something that is not an object")
-    return found
+        raise TeacherError(f"{exc}{hint}") from exc
+    except VLLMError as exc:
+        raise TeacherError(str(exc)) from exc

@@ -21,7 +21,6 @@ from typing import Any
 
 from nextstate.core.store import Judgments
 from nextstate.core.store.images import ImageMissing
-from nextstate.core.store.rows import IMAGES_NOT_TRAINED
 from nextstate.learner.config import JudgingConfig
 from nextstate.learner.judgment import Judge, JudgeError, Judgment
 from nextstate.learner.lessons import Keeper
@@ -87,7 +86,7 @@ async def _judge_turn(turn: dict[str, Any], judge: Judge, teacher: Teacher | Non
     judgment = await judge.judge(turn)
     teacher_logprobs = []
     student = None
-    if teacher is not None and turn.get("completion_token_ids") and _trainable(turn):
+    if teacher is not None and turn.get("completion_token_ids") and teacher.scores(turn):
         for hint in judgment.hints[: config.max_hints]:
             teacher_logprobs.append(await teacher.logprobs(turn, hint))
         if served_hint(turn) is not None:
@@ -98,8 +97,3 @@ async def _judge_turn(turn: dict[str, Any], judge: Judge, teacher: Teacher | Non
                 teacher_logprobs.append(await teacher.logprobs(turn, None))
     return judgment, teacher_logprobs, student
 
-
-def _trainable(turn: dict[str, Any]) -> bool:
-    """No teacher logprobs for an image turn: its token-id prompt could not carry the
-    images (the exact route is learner/image_teacher.py), and it is not trained on yet."""
-    return turn.get("untrainable") != IMAGES_NOT_TRAINED

@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,6 +31,20 @@ if TYPE_CHECKING:
 # ``model.language_model``. A peft regex: the attention and MLP projections of either.
 LANGUAGE_LORA_TARGETS = (r".*\.(text_model|language_model)\.layers\.\d+\."
                          r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+
+
+def image_token_id(model_dir: Path | str) -> int | None:
+    """The token a vision-language model's chat template writes for each image (vLLM
+    expands it into the image's placeholder range); None for a text-only model. From the
+    model's ``config.json`` (``image_token_id``, or LLaVA's ``image_token_index``)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "vision_config" not in config:
+        return None
+    token = config.get("image_token_id", config.get("image_token_index"))
+    return int(token) if isinstance(token, int) else None
 
 
 class ImageError(ValueError):

@@ -32,6 +32,7 @@ from nextstate.learner.config import LearnerConfig
 from nextstate.learner.judging import JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
 from nextstate.learner.lessons import Keeper
+from nextstate.learner.multimodal import image_token_id
 from nextstate.learner.observers import Observer, close_all, tell
 from nextstate.learner.personal import personal_adapters
 from nextstate.learner.retirement import Retirement
@@ -96,8 +97,10 @@ class Learner:
         self.judge = judge or make_judge(config)
         router = Router(self.policy, config.base_model) if config.teacher == "policy" else None
         key = config.backend_api_key
+        # A vision-language model's turns with images are scored with its image token.
+        image_token = image_token_id(config.model_dir) if config.model_dir else None
         self.teacher = Teacher(VLLMClient(config.backend_url, key, timeout=120.0),
-                               config.base_model, router=router)
+                               config.base_model, router=router, image_token=image_token)
         self.vllms = [VLLMClient(url, key) for url in config.backends]
         self.training: TrainingStage | None = None
         if config.model_dir is not None:

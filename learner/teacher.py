@@ -11,6 +11,10 @@ aligned exactly with what was sampled; nothing is re-tokenized.
 A turn the proxy served with lessons is distilled from its context: the teacher's prompt
 is the turn as the model saw it, lessons included (with a hint, the hint joins them), the
 student's is the client's request without them (`student_prompt_ids`).
+
+A turn with images (a GUI agent's screenshots) cannot go as a token-id prompt: it is
+scored through vLLM's render and token-in routes with its images (`image_teacher`), which
+needs the model's image token (``image_token``, from a vision-language model's config).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from nextstate.core.hints import HINT_MARKER, joined, prompt_with_hint, with_hint
 from nextstate.core.routing import Router
+from nextstate.core.sessions import image_urls
 from nextstate.core.vllm import VLLMClient, VLLMError
 
 __all__ = ["HINT_MARKER", "Teacher", "TeacherError", "completion_logprobs", "score",
@@ -79,10 +84,15 @@ class Teacher:
     """
 
     def __init__(self, vllm: VLLMClient, model: str, *, router: Router | None = None,
-                 ) -> None:
+                 image_token: int | None = None) -> None:
         self.vllm = vllm  # nextstate.core.vllm: with the backend's key, retried
         self.model = model
         self.router = router
+        self.image_token = image_token  # None: a text-only model, or not known
+
+    def scores(self, turn: dict[str, Any]) -> bool:
+        """Can it score ``turn``? One with images only when it knows the image token."""
+        return self.image_token is not None or not image_urls(_messages(turn))
 
     async def close(self) -> None:
         await self.vllm.aclose()
@@ -100,6 +110,8 @@ class Teacher:
         if not completion:
             raise TeacherError("the turn has no completion tokens")
         model = self.model_for(turn)
+        if image_urls(_messages(turn)):
+            return await self._with_images(turn, hint, model, list(completion))
         prompt = await self._prompt_ids(turn, hint, model)
         try:
             return await score(self.vllm, model, prompt, list(completion))
@@ -112,7 +124,29 @@ class Teacher:
         prompt is the student's)."""
         if served_hint(turn) is None:
             return None
+        if image_urls(_messages(turn)):
+            from nextstate.learner.image_teacher import render  # (it builds on this module)
+
+            request = turn["request"]
+            return (await render(self.vllm, self.model_for(turn), request["messages"],
+                                 request.get("tools")))[0]
         return await self._tokenize(turn, None, self.model_for(turn))
+
+    async def _with_images(self, turn: dict[str, Any], hint: str | None, model: str,
+                           completion: list[int]) -> list[float]:
+        """The teacher's logprobs for a turn with images: its messages (with the lessons
+        it was served with, and the hint) rendered and scored with the images."""
+        from nextstate.learner.image_teacher import score_with_images  # (see above)
+
+        if self.image_token is None:
+            raise TeacherError("a turn with images is scored with the model's image token: "
+                               "give the learner the vision-language model (--model-dir)")
+        request = turn["request"]
+        extra = joined([served_hint(turn), hint])
+        messages = request["messages"] if extra is None else with_hint(request["messages"],
+                                                                       extra)
+        return await score_with_images(self.vllm, model, messages, completion,
+                                       self.image_token, request.get("tools"))
 
     async def _prompt_ids(self, turn: dict[str, Any], hint: str | None,
                           model: str) -> list[int]:
@@ -139,3 +173,9 @@ class Teacher:
             return await self.vllm.tokenize(body)
         except VLLMError as exc:
             raise TeacherError(f"vLLM could not tokenize the hinted prompt: {exc}") from exc
+
+
+def _messages(turn: dict[str, Any]) -> list[Any]:
+    request = turn.get("request")
+    messages = request.get("messages") if isinstance(request, dict) else None
+    return messages if isinstance(messages, list) else []

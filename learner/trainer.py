@@ -2,7 +2,11 @@
 
 Each `TrainItem` is a recorded turn exactly as vLLM produced it (prompt ids, completion
 ids, the sampler's logprobs) with its signals: the judge's reward and/or the teacher's
-logprobs under a hindsight hint. Nothing is re-tokenized. A step:
+logprobs under a hindsight hint. Nothing is re-tokenized. A turn with images (a GUI
+agent's screenshots) trains a vision-language base model: its recorded prompt ids (each
+image already expanded into its placeholder tokens) go in unchanged beside the image
+processor's pixel inputs for the same images (`multimodal`), LoRA on the language model
+only. A step:
 
 1. recompute π_old, the current weights' logprobs of every completion token;
 2. turn the signals into per-token advantages (binary, opd or combined);
@@ -40,6 +44,12 @@ from nextstate.learner.losses import (
     kl_to_reference,
     opd_advantages,
 )
+from nextstate.learner.multimodal import (
+    LANGUAGE_LORA_TARGETS,
+    decode_image,
+    image_token_id,
+    pixel_inputs,
+)
 
 
 @dataclass
@@ -56,6 +66,8 @@ class TrainItem:
     # sampled under the teacher's context, not the student's, so no importance weight
     # corrects toward the sampler (it would cancel exactly what the lessons changed).
     context: bool = False
+    # The prompt's images in prompt order, as ``data:`` URLs (a vision-language model).
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,7 +93,7 @@ class Trainer:
     def __init__(self, base_model: Path, config: TrainerConfig = TrainerConfig(),
                  resume_from: Path | None = None, device: torch.device | None = None) -> None:
         from peft import LoraConfig, PeftModel, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
         torch.manual_seed(config.seed)
         self.config = config
@@ -89,13 +101,22 @@ class Trainer:
         self.sharded = config.shard and _rank_and_world()[1] > 1
         self._marks: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+        # A vision-language model reads its images through its processor; LoRA goes on its
+        # language model only (the vision tower and connector stay frozen, as vLLM serves).
+        self.vision = image_token_id(base_model) is not None
+        self.processor = AutoProcessor.from_pretrained(base_model) if self.vision else None
+        model = (AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
+                 ).from_pretrained(base_model, dtype=dtype)
         n_params = sum(p.numel() for p in model.parameters())
         if self.device.type == "cuda" and n_params > 1e9:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         if resume_from is not None:
             self.model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        elif self.vision:
+            self.model = get_peft_model(model, LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                target_modules=LANGUAGE_LORA_TARGETS))
         else:
             targets = [t for t in config.target_modules
                        if any(name.endswith(t) for name, _ in model.named_modules())]
@@ -222,7 +243,8 @@ class Trainer:
             ids[row, : len(seq)] = torch.tensor(seq)
             attention[row, : len(seq)] = 1
         logits = self.model(input_ids=ids.to(self.device),
-                            attention_mask=attention.to(self.device)).logits.float()
+                            attention_mask=attention.to(self.device),
+                            **self._pixels(items)).logits.float()
         t_max = max(len(item.completion_ids) for item in items)
         logp_B_T = torch.zeros(len(items), t_max, device=self.device)
         mask_B_T = torch.zeros(len(items), t_max, device=self.device)
@@ -234,6 +256,22 @@ class Trainer:
             logp_B_T[row, :t] = row_logp.gather(-1, target[:, None])[:, 0]
             mask_B_T[row, :t] = 1.0
         return logp_B_T, mask_B_T
+
+    def _pixels(self, items: Sequence[TrainItem]) -> dict[str, torch.Tensor]:
+        """The image processor's inputs for a micro-batch's images: one item with images
+        goes alone (see `microbatches`). Computed at each pass rather than kept for the
+        step: a 30-screen turn's pixels are 36 MiB on the VLM toy's 112-pixel tiles (ten
+        times that with 364-pixel ones), a batch of 16 such turns 16 times that, while
+        the processor takes 0.3 s for them (docs/vlm-on-cpu.md)."""
+        with_images = [item for item in items if item.images]
+        if not with_images:
+            return {}
+        if self.processor is None:
+            raise ValueError(f"turn {with_images[0].turn_id} has images, and the base model "
+                             "reads text only: train a vision-language model on image turns")
+        assert len(items) == 1, "an item with images goes alone in its micro-batch"
+        images = [decode_image(url) for url in items[0].images]
+        return {k: v.to(self.device) for k, v in pixel_inputs(self.processor, images).items()}
 
     def _summary(self, items: Sequence[TrainItem], old: list[torch.Tensor],
                  new: list[torch.Tensor], advantages: list[torch.Tensor],
@@ -352,12 +390,14 @@ def rank_microbatches(items: Sequence[TrainItem], rank: int, world: int, budget:
 
 def microbatches(items: Sequence[TrainItem], budget: int) -> Iterator[list[int]]:
     """Indices of items grouped so that each padded group fits the token ``budget``
-    (an item longer than the budget goes alone)."""
+    (an item longer than the budget goes alone, as does one with images: its pixel
+    inputs are shaped by its own screens)."""
     batch: list[int] = []
     longest = 0
     for i, item in enumerate(items):
         n = len(item.prompt_ids) + len(item.completion_ids)
-        if batch and max(longest, n) * (len(batch) + 1) > budget:
+        if batch and (item.images or items[batch[-1]].images
+                      or max(longest, n) * (len(batch) + 1) > budget):
             yield batch
             batch, longest = [], 0
         batch.append(i)

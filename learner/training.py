@@ -18,6 +18,11 @@ With personal adapters (`personal`), each user past ``personal_min_turns`` is a 
 its own; a step trains the lane with the most turns waiting. One trainer serves every
 lane: before a step it loads that lane's current adapter (weights and optimizer state)
 from its directory, so memory stays one base model and one adapter however many users.
+
+A turn with images (a GUI agent's screenshots) trains with them: the store gives them
+back inline (they are kept once, by hash) and the trainer feeds them to a vision-language
+base model. One the trainer cannot read (an image the client gave by http URL, which
+the learner never fetches; one forgotten since) is skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -39,9 +44,12 @@ from nextstate.core.lora import (
     version_name,
     version_of,
 )
+from nextstate.core.sessions import image_urls
 from nextstate.core.store import Store
+from nextstate.core.store.images import ImageMissing
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.config import TrainingConfig
+from nextstate.learner.multimodal import image_token_id
 from nextstate.learner.personal import Lane, full_lanes
 from nextstate.learner.publish import install, prune
 from nextstate.learner.ranks import Leader, make_trainer
@@ -61,7 +69,8 @@ class StepResult:
     error: str | None = None
 
 
-def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
+def to_item(row: dict[str, Any], weight: float = 1.0, images: list[str] | None = None,
+            ) -> TrainItem:
     """A store row as the trainer's input.
 
     Reward: the judge's score (+1/-1); for a step of an episode with an outcome (feedback
@@ -82,7 +91,8 @@ def to_item(row: dict[str, Any], weight: float = 1.0) -> TrainItem:
                      completion_ids=list(row["completion_token_ids"]),
                      sampler_logprobs=[float(x) for x in row["logprobs"]], reward=reward,
                      teacher_logprobs=teacher, weight=weight,
-                     group=row["session_id"] if row.get("outcome") is not None else None)
+                     group=row["session_id"] if row.get("outcome") is not None else None,
+                     images=images or [])
 
 
 def informative(items: list[TrainItem], config: TrainerConfig) -> list[TrainItem]:
@@ -159,6 +169,7 @@ class TrainingStage:
         self.loaded: tuple[str, int] | None = None
         self.started = False  # versions a killed learner staged are marked abandoned
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
+        self.image_token = image_token_id(model_dir)  # None: a text-only model
 
     def _trainer(self, lane: Lane) -> Trainer | Leader:
         """The trainer, holding ``lane``'s current adapter and its optimizer state (read
@@ -194,20 +205,42 @@ class TrainingStage:
         # served it (version numbers are global and may skip, see `_fresh_name`).
         published = sorted(a["version"] for a in self.store.adapters.versions(lane.policy)
                            if a["status"] in PUBLISHED)
-        items, stale = [], []
+        items, stale, unreadable = [], [], {}
         for row in rows:
             served = version_of(row["served_model"])
             behind = sum(1 for v in published if v > served)
-            if behind <= cfg.max_staleness:
-                items.append(to_item(row))
-            elif cfg.stale == "downweight":
-                items.append(to_item(row, weight=1.0 / (1 + behind - cfg.max_staleness)))
-            else:
+            if behind > cfg.max_staleness and cfg.stale != "downweight":
                 stale.append(row["id"])
+                continue
+            weight = 1.0 if behind <= cfg.max_staleness else \
+                1.0 / (1 + behind - cfg.max_staleness)
+            try:
+                items.append(to_item(row, weight, self._images(row)))
+            except ImageMissing as exc:
+                unreadable.setdefault(f"images: {exc}", []).append(row["id"])
         if stale:
             self.store.judgments.skip(
                 stale, f"stale: served more than {cfg.max_staleness} versions ago")
+        for reason, ids in unreadable.items():
+            self.store.judgments.skip(ids, reason)
         return items
+
+    def _images(self, row: dict[str, Any]) -> list[str]:
+        """The turn's images as ``data:`` URLs, in prompt order (none for most turns).
+        Raises ImageMissing for one the trainer cannot read."""
+        request = row.get("request")
+        messages = request.get("messages") if isinstance(request, dict) else None
+        urls = image_urls(messages) if isinstance(messages, list) else []
+        if not urls:
+            if self.image_token is not None and self.image_token in row["prompt_token_ids"]:
+                raise ImageMissing("its prompt holds image placeholders, and its request "
+                                   "no image the learner can read")
+            return []
+        urls = self.store.turns.images.inline(urls)
+        if any(not url.startswith("data:") for url in urls):
+            raise ImageMissing("an image given by URL, which the learner does not fetch "
+                               "(send screenshots as data: URLs to train on them)")
+        return list(urls)
 
     async def maybe_step(self) -> StepResult | None:
         """One step for the lane with the most turns waiting, once it has a batch."""

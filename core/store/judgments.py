@@ -177,7 +177,8 @@ class Judgments:
         """Judged, not yet trained turns that carry a signal for ``method``, oldest first,
         with what the trainer needs (token ids, sampler logprobs, signals, the version
         that served them, the episode's outcome, the prompt without the lessons it was
-        served with). Only ``user``'s turns when given;
+        served with, the request: its images, by reference). Only ``user``'s turns when
+        given;
         with ``personal_after``, only turns of users who have no personal adapter (see
         `personal_users`)."""
         query = (
@@ -185,7 +186,7 @@ class Judgments:
                    turns.c.logprobs, turns.c.served_model, turns.c.session_id,
                    judgments.c.score, judgments.c.votes, judgments.c.hints,
                    judgments.c.teacher_logprobs, judgments.c.student_prompt_ids,
-                   sessions.c.outcome)
+                   sessions.c.outcome, turns.c.request)
             .join(judgments, judgments.c.turn_id == turns.c.id)
             .outerjoin(sessions, sessions.c.id == turns.c.session_id)
             .where(*_ready_for(method))

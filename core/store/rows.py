@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, Select, select
 
 from nextstate.core.records import Assembled, TurnRecord, untrainable
-from nextstate.core.sessions import image_urls, next_state_of
+from nextstate.core.sessions import next_state_of
 from nextstate.core.store.schema import turns
 from nextstate.core.tool_errors import tool_errors
 
@@ -81,23 +81,11 @@ def turn_row(rec: TurnRecord, reply: Assembled, session_id: str, session: Any) -
         "next_state_status": ns_status,
         "tenant": rec.tenant,
         "user": rec.user,
-        "untrainable": _untrainable(rec, reply) if rec.status == "ok" else None,
+        "untrainable": untrainable(reply, rec.logprobs_to_recompute)
+        if rec.status == "ok" else None,
         "dialect": rec.dialect,
         "lessons": rec.lessons,
     }
-
-
-# A turn with images is judged (the LLM judge sees the screens) but not trained on yet:
-# the trainer's step takes token ids only, and the pixel path (learner/multimodal.py) is
-# not wired into `nextstate learn`.
-IMAGES_NOT_TRAINED = "images: nextstate learn trains on text turns only for now"
-
-
-def _untrainable(rec: TurnRecord, reply: Assembled) -> str | None:
-    messages = rec.request.get("messages")
-    if isinstance(messages, list) and image_urls(messages):
-        return IMAGES_NOT_TRAINED
-    return untrainable(reply, rec.logprobs_to_recompute)
 
 
 def next_state(conn: Connection, prev_id: str, rec: TurnRecord) -> list[dict[str, Any]]:

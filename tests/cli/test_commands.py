@@ -3,13 +3,15 @@ and says, what ``rollback`` loads, and one sentence for each newcomer's mistake.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -44,12 +46,12 @@ def test_up_passes_personal_after_to_the_learner_it_starts(monkeypatch):
     assert "--personal-after" not in without
 
 
-def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypatch):
-    seen: list[dict] = []
+def started_with(seen: Callable[[Any], None]) -> type:
+    """A stand-in for `VLLMProcess` that tells ``seen`` each config it is started with."""
 
     class Started:
         def __init__(self, config):
-            seen.append({"config": config})
+            seen(config)
             self.url = "http://127.0.0.1:1"
 
         def __enter__(self):
@@ -58,7 +60,13 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(stack, "VLLMProcess", Started)
+    return Started
+
+
+def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypatch):
+    seen: list[dict] = []
+    monkeypatch.setattr(stack, "VLLMProcess", started_with(
+        lambda config: seen.append({"config": config})))
     monkeypatch.setattr(stack, "ensure_toy_model", lambda: Path("/models/toy"))
     monkeypatch.setattr(stack, "spawn", lambda command, log, env: seen[-1].update(
         command=command, env=env))
@@ -78,6 +86,29 @@ def test_up_starts_vllm_with_a_key_that_only_its_proxy_and_learner_know(monkeypa
     assert key not in " ".join(first["command"])  # ...where `ps` does not show it
     command = VLLMProcess(first["config"]).command()
     assert command[command.index("--middleware") + 1] == GUARD and key not in command
+
+
+def test_up_opens_the_image_teachers_routes_on_vllm_for_a_vision_language_model(
+        monkeypatch, tmp_path):
+    """A VLM's GUI turns are scored through vLLM's render and token-in routes, which
+    ``--enable-scale-out`` opens (never through the proxy); a text model's vLLM stays as
+    it was asked for."""
+    configs: list = []
+    monkeypatch.setattr(stack, "VLLMProcess", started_with(configs.append))
+    monkeypatch.setattr(stack, "spawn", lambda command, log, env: None)
+    monkeypatch.setattr(stack, "stop_group", lambda process: None)
+    monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "record")
+    monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: None)
+    for name, config in [("vlm", {"vision_config": {}, "image_token_id": 7}), ("text", {})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    for name in ("vlm", "text"):
+        assert runner.invoke(cli.main, ["up", "--model", str(tmp_path / name),
+                                        "--vllm-arg=--dtype=float32"]).exit_code == 0
+    vision, text = configs
+    assert vision.extra_args == ("--dtype=float32", "--enable-scale-out")
+    assert text.extra_args == ("--dtype=float32",)
 
 
 def test_up_with_a_backend_sends_the_key_it_is_given(monkeypatch):

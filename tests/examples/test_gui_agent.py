@@ -16,7 +16,6 @@ from sqlalchemy import select
 
 from examples.gui_env import FormApp, png_bytes
 from nextstate.core.store.images import reference
-from nextstate.core.store.rows import IMAGES_NOT_TRAINED
 from nextstate.core.store.schema import sessions
 from nextstate.core.vllm_server import VLLMProcess
 from tests.conftest import VLM_MODEL_NAME, ProxyServer
@@ -83,8 +82,8 @@ def test_a_gui_episode_records_image_turns_with_each_next_screen_as_next_state(
     errors = []  # whether each step opened the error dialog (the agent's -1 with a hint)
     for k, turn in enumerate(turns):
         error_before = app.state.dialog == "error"
-        # Judged (the LLM judge sees the screens), not trained on yet: said, not silent.
-        assert turn["status"] == "ok" and turn["untrainable"] == IMAGES_NOT_TRAINED
+        # Trainable: the learner trains on the ids and the screens (test_vlm_learning.py).
+        assert turn["status"] == "ok" and turn["untrainable"] is None
         # Every screen so far is in the prompt, as the placeholder tokens vLLM expanded.
         assert turn["prompt_token_ids"].count(image_token) == IMAGE_TOKENS * (k + 1)
         assert turn["completion_token_ids"]

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from nextstate.core.vllm import VLLMClient
 from nextstate.core.vllm_server import VLLMProcess
 from nextstate.learner.image_teacher import score_with_images
 from nextstate.learner.multimodal import (
@@ -142,11 +143,14 @@ async def test_the_image_teacher_reproduces_the_sampled_logprobs_and_moves_under
     answer = chat(vlm, ask(WIDE), **SAMPLE)
     completion = answer["choices"][0]["token_ids"]
     sampled = [t["logprob"] for t in answer["choices"][0]["logprobs"]["content"]]
-    async with httpx.AsyncClient(base_url=vlm.url, timeout=120) as http:
+    http = VLLMClient(vlm.url, timeout=120)
+    try:
         same = await score_with_images(http, MODEL, ask(WIDE), completion, image_token)
         hinted = await score_with_images(http, MODEL, with_hint(ask(WIDE), "Press OK."),
                                          completion, image_token)
         other_screen = await score_with_images(http, MODEL, ask(TALL), completion, image_token)
+    finally:
+        await http.aclose()
     assert same == pytest.approx(sampled, abs=2e-3)
     assert max(abs(a - b) for a, b in zip(same, hinted, strict=True)) > 1e-3
     assert max(abs(a - b) for a, b in zip(same, other_screen, strict=True)) > 1e-3
@@ -189,9 +193,12 @@ async def test_a_lora_adapter_on_the_language_part_serves_images(
         choice = answer["choices"][0]
         sampled = [t["logprob"] for t in choice["logprobs"]["content"]]
         assert sampled != [t["logprob"] for t in base["logprobs"]["content"]]
-        async with httpx.AsyncClient(base_url=vlm.url, timeout=120) as http:
+        http = VLLMClient(vlm.url, timeout=120)
+        try:
             scored = await score_with_images(http, "gui@1", ask(WIDE), choice["token_ids"],
                                              image_token)
+        finally:
+            await http.aclose()
         assert scored == pytest.approx(sampled, abs=2e-3)
         with torch.no_grad():
             mine = completion_logprobs(model.eval(), answer["prompt_token_ids"],

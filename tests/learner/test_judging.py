@@ -46,6 +46,9 @@ class FakeTeacher:
     def model_for(self, t):
         return self.model
 
+    def scores(self, t):
+        return True
+
     async def logprobs(self, t, hint):
         return [-0.5] * len(t["completion_token_ids"])
 
@@ -127,20 +130,44 @@ async def test_a_gui_turn_reaches_the_judge_with_its_images_inline(empty_store):
     assert image_urls(stored["request"]["messages"])[0].startswith("nextstate-image:")
 
 
-async def test_a_gui_turn_with_a_hint_is_judged_without_teacher_logprobs(empty_store):
-    # Its token-id prompt could not carry the images, and it is not trained on (yet).
+class SeeingTeacher(FakeTeacher):
+    """Scores image turns or not (``can``: whether it knows the model's image token),
+    and remembers the image URLs of each turn it is asked about."""
+
+    def __init__(self, can):
+        self.can, self.asked = can, {}
+
+    def scores(self, t):
+        return self.can
+
+    async def logprobs(self, t, hint):
+        assert self.can, "a teacher that cannot score images was asked"
+        self.asked[t["turn_id"]] = image_urls(t["request"]["messages"])
+        return await super().logprobs(t, hint)
+
+
+@pytest.mark.parametrize("can", [True, False])
+async def test_a_gui_turn_with_a_hint_is_scored_with_its_screens_when_the_teacher_can(
+        empty_store, can):
+    """The teacher gets the turn with its images inline (it scores them with vLLM's
+    render and token-in routes); one that does not know the model's image token (a
+    learner without the model's directory) is not asked, and the turn is still judged."""
     shots, records = gui_session(3, session_id="gui")
     s = empty_store
     s.turns.write(records)
-
-    class NoTeacher(FakeTeacher):
-        async def logprobs(self, t, hint):
-            raise AssertionError("the teacher was asked about an image turn")
-
-    report = await judge_pending(s.judgments, FakeJudge(), NoTeacher())
+    teacher = SeeingTeacher(can)
+    report = await judge_pending(s.judgments, FakeJudge(), teacher)
     assert (report.judged, report.failed, report.hints) == (2, 0, 2)
     row = s.judgments.get(records[0].turn_id)
-    assert row["hints"] == ["Say it in French."] and not row["teacher_logprobs"]
+    assert row["hints"] == ["Say it in French."]
+    if can:
+        # Inline, as the client sent them.
+        assert teacher.asked[records[0].turn_id] == image_urls(records[0].request["messages"])
+        assert teacher.asked[records[0].turn_id][0] == data_url(shots[0])
+        completion = records[0].response["choices"][0]["token_ids"]
+        assert row["teacher_logprobs"] == [[-0.5] * len(completion)]
+    else:
+        assert not row["teacher_logprobs"] and teacher.asked == {}
 
 
 async def test_the_rules_record_no_verdict_on_a_screenshot_with_the_reason(empty_store):

@@ -127,3 +127,35 @@ def test_a_lora_step_on_an_image_turn_trains_only_the_language_model(
     with torch.no_grad():
         after = completion_logprobs(model, prompt, completion, pixels)
     assert after.mean() > before.mean().detach()  # the step raised the completion's likelihood
+
+
+def test_the_trainer_steps_on_a_turn_with_screens_beside_a_text_turn(
+    model_dir: Path, processor: Any,
+) -> None:
+    """`Trainer` on the VLM toy: LoRA on the language model only, the recorded ids and
+    the images' pixels in, so it scores the turn as the model does before a step; a +1
+    raises the turn's likelihood, a text-only turn trains in the same step."""
+    from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+
+    trainer = Trainer(model_dir, TrainerConfig(method="binary", lora_rank=8, lora_alpha=16,
+                                               learning_rate=1e-2))
+    assert trainer.processor is not None
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".text_model.layers." in n and "lora_" in n for n in trainable)
+    images = [screen(160, 90), screen(300, 600, (200, 40, 40))]
+    prompt, completion = turn(processor, images)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        want = completion_logprobs(trainer.model, prompt, completion,
+                                   pixel_inputs(processor, images))
+    gui = TrainItem(turn_id="gui", prompt_ids=prompt, completion_ids=completion,
+                    sampler_logprobs=want.tolist(), reward=1.0,
+                    images=[data_url(image) for image in images])
+    text_prompt, text_completion = turn(processor, [])
+    chat = TrainItem(turn_id="chat", prompt_ids=text_prompt, completion_ids=text_completion,
+                     sampler_logprobs=[-5.0] * len(text_completion), reward=-1.0)
+    [before, text_before] = trainer.logprobs([gui, chat])
+    assert torch.allclose(before, want, atol=1e-5)  # the pixels went in with the ids
+    stats = trainer.step([gui, chat])
+    [after, text_after] = trainer.logprobs([gui, chat])
+    assert after.mean() > before.mean() + 0.01 and text_after.mean() < text_before.mean()
+    assert stats.turns == 2 and stats.tokens == len(completion) + len(text_completion)

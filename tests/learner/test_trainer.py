@@ -134,3 +134,20 @@ def test_loading_an_adapter_of_another_rank_is_refused_clearly(toy_model, tmp_pa
     Trainer(toy_model, TrainerConfig(lora_rank=8)).save(tmp_path / "r8")
     with pytest.raises(ValueError, match="rank 8"):
         Trainer(toy_model, TrainerConfig()).load(tmp_path / "r8")
+
+
+def test_an_item_with_images_goes_alone_in_its_microbatch():
+    def with_images(n: int) -> TrainItem:
+        return TrainItem(turn_id="i", prompt_ids=PROMPT, completion_ids=COMPLETION,
+                         sampler_logprobs=[-7.0] * 4, images=["data:image/png;base64,"] * n)
+
+    batch = [item(), with_images(1), item(), item(), with_images(2), with_images(1)]
+    assert list(microbatches(batch, 10_000)) == [[0], [1], [2, 3], [4], [5]]
+
+
+def test_a_text_model_refuses_a_turn_with_images_in_a_sentence(toy_model):
+    image_turn = TrainItem(turn_id="gui-1", prompt_ids=PROMPT, completion_ids=COMPLETION,
+                           sampler_logprobs=[-7.0] * 4, reward=1.0,
+                           images=["data:image/png;base64,"])
+    with pytest.raises(ValueError, match="gui-1 has images, and the base model reads text"):
+        Trainer(toy_model).step([image_turn])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,49 @@ def test_turns_served_too_many_versions_ago_are_dropped_or_down_weighted(
         assert weights == {"now": 1.0, "one behind": 1.0, "three behind": 1 / 3,
                            "base": 1 / 4}
         assert store.judgments.ready_count("binary") == 4
+
+
+PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4"
+       "z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+
+def test_a_turn_with_screens_trains_with_them_and_one_given_by_url_is_skipped(
+        tmp_path: Path) -> None:
+    """The store keeps a screenshot once, by reference; the trainer gets it back as the
+    client sent it. An image given by http URL is never fetched: that turn is skipped,
+    with the reason, rather than trained without its image."""
+    def with_image(i: int, url: str) -> Any:
+        record = turn(i)
+        return replace(record, request={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Click OK."}]}]})
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.turns.write([turn(0), with_image(1, PNG), with_image(2, "https://example.com/s.png")])
+    for i in range(3):
+        store.judgments.save(f"t{i}", Judgment(score=-1))
+    assert store.turns.images.usage()[0] == 1  # kept by reference, once
+    stage = TrainingStage(store, tmp_path / "no-model-needed", "p", vllms=[],
+                          adapters_dir=tmp_path / "adapters",
+                          config=TrainingConfig(trainer=TrainerConfig(method="binary")))
+    assert {item.turn_id: item.images for item in stage.ready()} == {"t0": [], "t1": [PNG]}
+    skipped = store.judgments.get("t2")
+    assert skipped is not None and skipped["trained_version"] == -1
+    assert "an image given by URL" in skipped["error"]
+
+
+def test_a_turn_whose_prompt_holds_image_placeholders_but_no_images_is_skipped(
+        tmp_path: Path) -> None:
+    """For a vision-language model, a prompt with the image token and no image the
+    trainer can read would train on placeholders without pixels: skipped, with why."""
+    model_dir = tmp_path / "vlm"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"vision_config": {}, "image_token_id": 5}')
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.turns.write([turn(0)])  # its prompt is [5]: the image token, here
+    store.judgments.save("t0", Judgment(score=-1))
+    stage = TrainingStage(store, model_dir, "p", vllms=[], adapters_dir=tmp_path / "adapters",
+                          config=TrainingConfig(trainer=TrainerConfig(method="binary")))
+    assert stage.ready() == []
+    skipped = store.judgments.get("t0")
+    assert skipped is not None and "image placeholders" in skipped["error"]
