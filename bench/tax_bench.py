@@ -2,6 +2,8 @@
 
     python -m bench.tax_bench                  # ~30 minutes here
     python -m bench.tax_bench --quick          # a few short rounds (the suite runs it)
+    python -m bench.tax_bench --arms direct,recompute --tokens 256,1024 --concurrency 1 \
+        --rounds 60                            # one comparison, narrower intervals (~25 min)
 
 Arms, each round in a new random order, every request at temperature 0 with
 ``ignore_eos`` so that every arm decodes the same ``max_tokens`` tokens (``min_tokens``
@@ -159,10 +161,10 @@ async def session(bases: dict[str, str], cpu: Cpu, args: argparse.Namespace,
         for tokens in args.tokens:
             for stream in (False, True):
                 for conc in args.concurrency:
-                    for arm in ARMS:  # warm every path once (caches, connections)
+                    for arm in args.arms:  # warm every path once (caches, connections)
                         await measure(arm, bases[arm], tokens, stream, conc, -1, cpu, c)
                     for rnd in range(args.rounds):
-                        order = list(ARMS)
+                        order = list(args.arms)
                         rng.shuffle(order)
                         for arm in order:
                             samples.append(await measure(arm, bases[arm], tokens, stream,
@@ -265,8 +267,9 @@ def render_recompute(cost: dict[int, tuple[float, float]], samples: list[Sample]
             found = [s.cpu["vllm_api"] + s.cpu["vllm_engine"] for s in samples
                      if (s.arm, s.tokens, s.stream, s.concurrency) == (arm, n, False, 1)]
             return statistics.median(found) * 1000 if found else math.nan
+        saved = vllm_ms("capture") - vllm_ms("ids")  # (nan: those arms were not run)
         lines.append(f"| {length} | {wall:.1f} | {spent:.1f} | "
-                     f"{vllm_ms('capture') - vllm_ms('ids'):.1f} |")
+                     f"{'–' if math.isnan(saved) else f'{saved:.1f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +289,16 @@ def stack(work: Path) -> Iterator[tuple[VLLMProcess, Server, Server]]:
             proxy.stop()
 
 
+def arms(text: str) -> tuple[str, ...]:
+    """``--arms``: known arms, in ARMS order, ``direct`` always among them."""
+    asked = {a.strip() for a in text.split(",") if a.strip()}
+    unknown = asked - set(ARMS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {sorted(unknown)}; the arms are "
+                                         f"{', '.join(ARMS)}")
+    return tuple(a for a in ARMS if a in asked | {"direct"})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")],
@@ -293,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 8])
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--arms", type=arms, default=ARMS,
+                        help="which arms, comma-separated (direct is always run: the "
+                             "others are its ratios)")
     parser.add_argument("--quick", action="store_true", help="16 tokens, 3 rounds, c=1")
     parser.add_argument("--out", type=Path, default=RESULTS / "tax.md")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 
-from bench.tax_bench import Sample, body, ratio, render, render_recompute
+from bench.tax_bench import ARMS, Sample, arms, body, ratio, render, render_recompute
 from nextstate.proxy.capture import recomputable
 
 
@@ -60,3 +60,10 @@ def test_the_learners_cost_is_set_beside_the_vllm_cpu_it_saved() -> None:
                for r in range(3) for arm, api in (("ids", 0.1), ("capture", 0.25))]
     report = render_recompute({256: (40.0, 35.0)}, samples)
     assert "| 256 | 40.0 | 35.0 | 150.0 |" in report
+
+
+def test_arms_keep_their_order_and_always_run_direct() -> None:
+    assert arms("recompute, proxy") == ("direct", "proxy", "recompute")
+    assert arms(",".join(ARMS)) == ARMS
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown arm"):
+        arms("direct,fast")
