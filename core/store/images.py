@@ -42,7 +42,7 @@ import orjson
 from sqlalchemy import Connection, Table, exists, func, insert, select, text
 
 from nextstate.core.store.database import Database
-from nextstate.core.store.schema import images, turn_images
+from nextstate.core.store.schema import images, turn_images, turns
 
 PREFIX = "nextstate-image:sha256:"
 _OURS = "nextstate-image:"
@@ -288,6 +288,18 @@ class Images:
         if not _may_hold_images(value):
             return value
         return restore(value, self.blobs(references(value), conn))
+
+    def image(self, sha256: str, *, tenant: str | None = None) -> tuple[str, bytes] | None:
+        """One image (media type, bytes) by its hash; None when there is none, or when
+        no turn of ``tenant`` (when given) references it: a tenant sees only its own."""
+        query = select(images.c.media_type, images.c.data).where(images.c.sha256 == sha256)
+        if tenant is not None:
+            query = query.where(exists().where(
+                turn_images.c.sha256 == images.c.sha256, turn_images.c.turn_id == turns.c.id,
+                turns.c.tenant == tenant))
+        with self.db.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else (row.media_type, bytes(row.data))
 
     def usage(self) -> tuple[int, int]:
         """(images stored, their bytes)."""

@@ -8,7 +8,7 @@ never a query of their own. Charts are SVG drawn here (`charts`).
     page.py       /ui/: the page, its script and style (static/, package data)
     viewer.py     who is looking (admin or a tenant), what they may see
     api.py        me, funnel, curves, adapters
-    sessions.py   sessions (searchable), one session, one turn's tokens
+    sessions.py   sessions (searchable), one session, one turn's tokens, its images
     charts.py     line charts as SVG
 """
 
@@ -32,4 +32,5 @@ def routes() -> list[BaseRoute]:
         Route(f"{API}/sessions", sessions.list_sessions, methods=["GET"]),
         Route(API + "/sessions/{session_id}", sessions.get_session, methods=["GET"]),
         Route(API + "/turns/{turn_id}/tokens", sessions.turn_tokens, methods=["GET"]),
+        Route(API + "/images/{sha256}", sessions.image, methods=["GET"]),
     ]

@@ -4,7 +4,8 @@
 ``/ui/`` is one HTML page, its script and its style; the script asks the data endpoints
 (`api`, `sessions`) with the key the user typed, so the files themselves carry no data
 and need no key. They are read once, when the app is built, and served with a strict
-Content-Security-Policy: scripts and styles only from the proxy, no inline ones, no
+Content-Security-Policy: scripts and styles only from the proxy, no inline ones (images
+also from the blob: URLs the script makes of screenshots it fetched with the key), no
 framing (the rollback button can't be clicked through another site's page).
 """
 
@@ -25,7 +26,7 @@ FILES = {"index.html": "text/html; charset=utf-8",
          "favicon.svg": "image/svg+xml"}
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                               "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; "
                                "form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",

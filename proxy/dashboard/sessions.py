@@ -9,16 +9,21 @@
                                                    the sampler's logprob, the teacher's
                                                    under each hint where distillation
                                                    scored them
+    GET /v1/dashboard/images/{sha256}              an image a turn references (a GUI
+                                                   agent's screenshot), its bytes as sent
 
-A tenant's key finds only its own sessions and turns; another tenant's are a 404, as if
-they did not exist. A session's page leaves the token ids out (a long session carries
-thousands); the tokens of one turn are asked for on their own, and their text comes
-from vLLM's ``/detokenize`` (the store keeps ids, never text re-tokenized).
+A tenant's key finds only its own sessions and turns, and the images they reference;
+another tenant's are a 404, as if they did not exist. A session's page leaves the token
+ids out (a long session carries thousands); the tokens of one turn are asked for on
+their own, and their text comes from vLLM's ``/detokenize`` (the store keeps ids, never
+text re-tokenized). Images come as the references the store keeps in their place; the
+page asks for each one's bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -34,6 +39,7 @@ MAX_PAGE = 200
 MAX_QUERY = 200
 MAX_TOKENS = 512  # shown per turn (the rest are counted)
 DETOKENIZE_AT_ONCE = 16
+SHA256 = re.compile(r"[0-9a-f]{64}")  # an image's name in the store
 
 
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -118,3 +124,19 @@ async def turn_tokens(request: Request) -> Response:
                           "served_model": found["served_model"], "hints": found["hints"],
                           "total": len(found["token_ids"]), "tokens": tokens,
                           "untrainable": found["untrainable"]})
+
+
+async def image(request: Request) -> Response:
+    deps, who = viewer(request)
+    digest = request.path_params["sha256"]
+    found = await in_store(deps.store.turns.images.image, digest, tenant=who.scope) \
+        if SHA256.fullmatch(digest) else None
+    if found is None:
+        raise NotFound(f"No image {digest[:64]}.")
+    media_type, data = found
+    # Bytes a client sent: never run as a page of this origin (an SVG can hold script);
+    # the dashboard shows them in an <img>. The hash names the content: it never changes.
+    return Response(data, media_type=media_type, headers={
+        "Cache-Control": "private, max-age=86400, immutable",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+        "X-Content-Type-Options": "nosniff"})

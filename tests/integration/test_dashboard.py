@@ -16,6 +16,7 @@ One module-scoped stack (~2 minutes: traffic, four training steps on the CPU).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.gui_session import gui_session
 from nextstate.core.lora import AdapterStatus
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import free_port, spawn, stop_group
@@ -364,3 +366,36 @@ def test_the_learner_metrics_and_every_tracked_run_saw_each_step(stack, monkeypa
     assert len(events.Scalars("step/kl")) == len(stack.steps)
     assert [e.tensor_proto.string_val[0].decode()
             for e in events.Tensors("version/text_summary")] == names
+
+
+def test_a_gui_session_shows_its_screenshots_to_its_tenant(browser, vllm, start_proxy,
+                                                           screenshots):
+    """Screens kept once by hash are shown as pictures, fetched with the viewer's key;
+    the next state's screen too."""
+    proxy = start_proxy(vllm.url, client_keys=(("alice", ALICE), ("bob", BOB)),
+                        admin_key=ROOT)
+    shots, records = gui_session(3, session_id="gui", tenant="bob")
+    store = proxy.store()
+    try:
+        store.turns.write(records)
+    finally:
+        store.close()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{proxy.url}/ui/#/sessions/gui?key={BOB}")
+        settled(page)
+        card = page.locator(f"article.turn[data-turn='{records[0].turn_id}']")
+        asked, after = card.locator(".msg img.screen"), card.locator(".next-state img.screen")
+        after.wait_for()
+        page.wait_for_function("() => [...document.querySelectorAll('img.screen')].every("
+                               "i => i.complete && i.naturalWidth > 0)")
+        assert asked.first.get_attribute("data-image") == hashlib.sha256(shots[0]).hexdigest()
+        assert after.get_attribute("data-image") == hashlib.sha256(shots[1]).hexdigest()
+        assert after.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [640, 400]
+        page.screenshot(path=screenshots / "session-gui.png", full_page=True)
+        assert errors == []
+    finally:
+        context.close()

@@ -247,15 +247,43 @@ function contentText(content) {
   if (content === null || content === undefined) return "";
   if (typeof content === "string") return content;
   if (Array.isArray(content)) {
-    return content.map((part) => (part && part.type === "text" ? part.text : `[${part && part.type}]`)).join("\n");
+    return content.filter((part) => !(part && part.type === "image_url"))  // (shown as images)
+      .map((part) => (part && part.type === "text" ? part.text : `[${part && part.type}]`)).join("\n");
   }
   return JSON.stringify(content);
 }
 
+// A screenshot the store keeps once, by hash, is fetched with the key (an <img> cannot
+// send one) and shown from memory; a remote URL is only named, never fetched from here.
+const IMAGE_REF = /^nextstate-image:sha256:([0-9a-f]{64})$/;
+
+function imagePart(part) {
+  const source = part.image_url;
+  const url = String((source && typeof source === "object" ? source.url : source) || "");
+  const match = url.match(IMAGE_REF);
+  if (!match) return el("span", { class: "muted", text: `[image: ${url.slice(0, 100)}]` });
+  const img = el("img", { class: "screen", alt: "screenshot", "data-image": match[1] });
+  loadImage(img, match[1]);
+  return img;
+}
+
+async function loadImage(img, digest) {
+  const key = sessionStorage.getItem(KEY);
+  try {
+    const answer = await fetch(`${API}/images/${digest}`, { headers: key ? { Authorization: "Bearer " + key } : {} });
+    if (!answer.ok) throw new Error(`${answer.status} ${answer.statusText}`);
+    img.src = URL.createObjectURL(await answer.blob());
+  } catch (error) {
+    img.replaceWith(el("span", { class: "muted error", text: `[image not shown: ${error.message}]` }));
+  }
+}
+
 function message(m) {
   const calls = (m.tool_calls || []).map((c) => `→ ${c.function ? c.function.name : "tool"}(${c.function ? c.function.arguments : ""})`);
+  const images = Array.isArray(m.content) ? m.content.filter((p) => p && p.type === "image_url").map(imagePart) : [];
   return el("div", { class: `msg ${m.role}` }, el("span", { class: "role", text: m.role }),
-    [contentText(m.content), ...calls].filter(Boolean).join("\n"));
+    [contentText(m.content), ...calls].filter(Boolean).join("\n"),
+    images.length ? el("div", { class: "screens" }, images) : null);
 }
 
 function asked(turn) {

@@ -262,3 +262,16 @@ def test_externalize_leaves_text_alone_and_never_changes_its_input():
     assert found == {sha(shot): ("image/png", shot)}
     assert restore(swapped, found) == with_image
     assert PREFIX in orjson.dumps(swapped).decode()
+
+
+def test_one_image_is_read_by_its_hash_and_only_by_a_tenant_whose_turn_has_it(store):
+    shots, records = gui_session(2, session_id="a", tenant="alice")
+    store.turns.write(records)
+    _, theirs = gui_session(1, session_id="b", tenant="bob")
+    store.turns.write(theirs)  # the same first screen: bob's turn references it too
+    first, second = sha(shots[0]), sha(shots[1])
+    assert store.turns.images.image(second) == ("image/png", shots[1])
+    assert store.turns.images.image(second, tenant="alice") == ("image/png", shots[1])
+    assert store.turns.images.image(second, tenant="bob") is None  # not in bob's turns
+    assert store.turns.images.image(first, tenant="bob") == ("image/png", shots[0])
+    assert store.turns.images.image("0" * 64) is None

@@ -3,8 +3,12 @@ next states and judgments, one turn's tokens with logprobs and the teacher's."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
+from bench.gui_session import gui_session
+from nextstate.core.sessions import image_urls
 from tests.proxy.fake_vllm import LOGPROBS, TOKEN_IDS
 from tests.proxy.test_app import ALICE, BOB, ROOT
 
@@ -66,3 +70,25 @@ def test_bad_list_parameters_are_a_400(dash, params):
     client, _ = dash
     answer = client.get(f"{API}/sessions", headers=ROOT, params=params)
     assert answer.status_code == 400 and answer.json()["error"]["param"] in params
+
+
+def test_a_turns_screenshot_is_served_to_its_tenant_and_admin_only(dash):
+    """The store keeps each screenshot once, by hash; the session page names it by
+    reference and the page fetches it with the key: another tenant gets a 404."""
+    client, store = dash
+    shots, records = gui_session(2, session_id="gui", tenant="bob")
+    store.turns.write(records)
+    page = client.get(f"{API}/sessions/gui", headers=BOB).json()
+    [ref] = image_urls([page["turns"][0]["request"]["messages"][1]])
+    digest = ref.rsplit(":", 1)[1]
+    assert digest == hashlib.sha256(shots[0]).hexdigest()
+    for headers in (BOB, ROOT):
+        answer = client.get(f"{API}/images/{digest}", headers=headers)
+        assert answer.status_code == 200 and answer.content == shots[0]
+        assert answer.headers["content-type"] == "image/png"
+        assert "sandbox" in answer.headers["content-security-policy"]
+    for headers, name in ((ALICE, digest), (ROOT, "0" * 64), (ROOT, "../../etc"),
+                          (ROOT, digest.upper())):
+        missing = client.get(f"{API}/images/{name}", headers=headers)
+        assert missing.status_code == 404 and missing.json()["error"]["type"]
+    assert client.get(f"{API}/images/{digest}").status_code == 401  # no key, no image
