@@ -300,7 +300,10 @@ class RulesJudge:
                             "with a vision model)")
         users = [_said(m.get("content")) for m in state if m.get("role") == "user"]
         tools = [m for m in state if m.get("role") == "tool"]
-        user = self._user_verdict("\n".join(users), _previous_request(turn)) if users else None
+        # A message with a new screen is the environment's observation: its words repeat
+        # from step to step ("the screen after your action") without asking again.
+        previous = "" if image_urls(state) else _previous_request(turn)
+        user = self._user_verdict("\n".join(users), previous) if users else None
         if user is not None and user.signal in ("negative", "rephrase", "positive"):
             return user  # the user's own verdict outranks what the tools said
         if tools:

@@ -89,7 +89,8 @@ async def test_a_corrected_gui_turn_is_scored_with_its_screens_trained_and_serve
         current = learner.store.adapters.current(VLM_MODEL_NAME)
         assert judged is not None and learner.training is not None
         assert learner.training.trainer is not None
-        teacher = judged["teacher_logprobs"][judged["hints"].index(HINT)]
+        assert judged["hints"] == [HINT]  # the agent's; its observation is no correction
+        [teacher] = judged["teacher_logprobs"]
         image_token = image_token_id(vlm_dir)
         assert image_token is not None
         request = learner.store.turns.images.inline(corrected["request"])

@@ -335,3 +335,17 @@ async def test_text_beside_a_screenshot_is_judged_and_the_image_is_said_unread()
         {"role": "tool", "tool_call_id": "c1", "content": "exit code 0"},
         {"role": "user", "content": [SCREEN]}))
     assert (tool.score, tool.extra["signal"]) == (1, "tool_ok")
+
+
+async def test_an_observation_worded_as_the_last_one_with_a_new_screen_is_no_rephrase():
+    """A GUI harness words each step's observation alike ("The screen after your
+    action."): with a new screen it is what the action did, not the request asked again."""
+    turn = chat_turn("The screen after your action.", "click(120, 64)")
+    turn.update(next_state=[{"role": "user", "content": [
+        {"type": "text", "text": "The screen after your action."}, SCREEN]}],
+        next_state_kind="user", next_state_status="paired")
+    judgment = await JUDGE.judge(turn)
+    assert judgment.extra["signal"] != "rephrase" and judgment.hints == ()
+    assert (await JUDGE.judge(chat_turn("The screen after your action.", "click(120, 64)",
+                                        "The screen after your action."))).extra[
+        "signal"] == "rephrase"  # the same words without a screen: asked again
