@@ -58,6 +58,10 @@ from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainIt
 log = logging.getLogger("nextstate.learner.training")
 
 
+class Unreadable(Exception):
+    """A turn's images the trainer cannot have (given by URL, or forgotten since)."""
+
+
 @dataclass
 class StepResult:
     version: int | None
@@ -216,7 +220,7 @@ class TrainingStage:
                 1.0 / (1 + behind - cfg.max_staleness)
             try:
                 items.append(to_item(row, weight, self._images(row)))
-            except ImageMissing as exc:
+            except Unreadable as exc:
                 unreadable.setdefault(f"images: {exc}", []).append(row["id"])
         if stale:
             self.store.judgments.skip(
@@ -227,19 +231,22 @@ class TrainingStage:
 
     def _images(self, row: dict[str, Any]) -> list[str]:
         """The turn's images as ``data:`` URLs, in prompt order (none for most turns).
-        Raises ImageMissing for one the trainer cannot read."""
+        Raises Unreadable for one the trainer cannot have."""
         request = row.get("request")
         messages = request.get("messages") if isinstance(request, dict) else None
         urls = image_urls(messages) if isinstance(messages, list) else []
         if not urls:
             if self.image_token is not None and self.image_token in row["prompt_token_ids"]:
-                raise ImageMissing("its prompt holds image placeholders, and its request "
-                                   "no image the learner can read")
+                raise Unreadable("its prompt holds image placeholders, and its request "
+                                 "no image the learner can read")
             return []
-        urls = self.store.turns.images.inline(urls)
+        try:
+            urls = self.store.turns.images.inline(urls)
+        except ImageMissing as exc:
+            raise Unreadable(str(exc)) from exc
         if any(not url.startswith("data:") for url in urls):
-            raise ImageMissing("an image given by URL, which the learner does not fetch "
-                               "(send screenshots as data: URLs to train on them)")
+            raise Unreadable("an image given by URL, which the learner does not fetch "
+                             "(send screenshots as data: URLs to train on them)")
         return list(urls)
 
     async def maybe_step(self) -> StepResult | None:
