@@ -34,13 +34,46 @@ def _without_ids(obj):
 
 
 def _events(raw: bytes) -> list:
-    out = []
+    """A chat stream's events, ids aside, consecutive chunks of one choice merged: where
+    vLLM cuts the text into chunks depends on timing, not on the request (a starved API
+    server sends two tokens' deltas in one chunk, or the last with the finish reason)."""
+    out: list = []
     for event in raw.split(b"\n\n"):
-        if event.startswith(b"data: ") and event != b"data: [DONE]":
-            out.append(_without_ids(orjson.loads(event[6:])))
-        elif event:
+        if not event:
+            continue
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
             out.append(event)
+            continue
+        chunk = _without_ids(orjson.loads(event[6:]))
+        if out and _continues(out[-1], chunk):
+            out[-1] = _merged(out[-1], chunk)
+        else:
+            out.append(chunk)
     return out
+
+
+def _continues(last, chunk) -> bool:
+    """Is ``chunk`` more of the one choice ``last`` was streaming (not yet finished)?"""
+    if not isinstance(last, dict) or len(last.get("choices") or []) != 1 \
+            or len(chunk.get("choices") or []) != 1:
+        return False
+    before, after = last["choices"][0], chunk["choices"][0]
+    return before.get("index") == after.get("index") and before.get("finish_reason") is None
+
+
+def _merged(last: dict, chunk: dict) -> dict:
+    before, after = last["choices"][0], chunk["choices"][0]
+    choice = {**before, **after}
+    choice["delta"] = {**before.get("delta", {}), **after.get("delta", {}),
+                       "content": (before.get("delta", {}).get("content") or "")
+                       + (after.get("delta", {}).get("content") or "")}
+    for key, part in (("token_ids", None), ("logprobs", "content")):
+        a, b = before.get(key), after.get(key)
+        if part is None and (a is not None or b is not None):
+            choice[key] = (a or []) + (b or [])
+        elif part is not None and (a or b):
+            choice[key] = {part: ((a or {}).get(part) or []) + ((b or {}).get(part) or [])}
+    return {**last, **chunk, "choices": [choice]}
 
 
 def test_proxied_response_is_identical_to_direct(vllm, proxy):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -71,11 +72,26 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def wandb_history(directory: Path) -> tuple[list[dict], dict]:
-    """(each logged row, the run's config) of the one offline run under ``directory``."""
+def wandb_history(directory: Path, timeout: float = 30.0) -> tuple[list[dict], dict]:
+    """(each logged row, the run's config) of the one offline run under ``directory``.
+    wandb-core writes the file in a process of its own, and ``finish()`` can return
+    before the last records are on disk (seen once: no history yet): read it once the
+    run's exit record is there."""
     [path] = directory.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = wandb_records(path)
+        except Exception:  # a record half written: read again
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     rows, config = [], {}
-    for record in wandb_records(path):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
