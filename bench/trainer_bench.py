@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from nextstate.learner import ranks
-from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+from nextstate.learner.items import TrainItem
+from nextstate.learner.trainer import Trainer, TrainerConfig
 
 # Llama-shaped models of common sizes: (hidden, layers, heads, kv heads, MLP, vocabulary).
 SIZES = {

@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
+from nextstate.learner.items import TrainItem
+from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig
 
 log = logging.getLogger("nextstate.learner.ranks")
 T = TypeVar("T")

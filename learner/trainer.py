@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 
 from nextstate.learner import sharding
 from nextstate.learner.config import TrainerConfig
+from nextstate.learner.items import TrainItem, microbatches, rank_microbatches
 from nextstate.learner.losses import (
     binary_advantages,
     clipped_surrogate,
@@ -50,24 +51,6 @@ from nextstate.learner.multimodal import (
     image_token_id,
     pixel_inputs,
 )
-
-
-@dataclass
-class TrainItem:
-    turn_id: str
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    sampler_logprobs: list[float]
-    reward: float | None = None  # judge score (+ episode outcome); None: no evaluative signal
-    teacher_logprobs: list[float] | None = None  # None: no hint
-    weight: float = 1.0  # < 1 for stale turns when down-weighting
-    group: str | None = None  # the episode (session) a step belongs to, when it has one
-    # Served with lessons, trained without them (context distillation): the tokens were
-    # sampled under the teacher's context, not the student's, so no importance weight
-    # corrects toward the sampler (it would cancel exactly what the lessons changed).
-    context: bool = False
-    # The prompt's images in prompt order, as ``data:`` URLs (a vision-language model).
-    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -369,41 +352,6 @@ class Trainer:
 
     def rewind(self, name: str) -> None:
         self.restore(self._marks[name])
-
-
-def rank_microbatches(items: Sequence[TrainItem], rank: int, world: int, budget: int,
-                      sharded: bool) -> list[list[int]]:
-    """One rank's micro-batches (indices into ``items``): every ``world``-th item from
-    ``rank`` on. Sharded, every rank gets as many (padded with empty ones), since each
-    forward and backward pass is a collective operation."""
-    def of(r: int) -> list[list[int]]:
-        mine = list(range(r, len(items), world))
-        return [[mine[i] for i in local]
-                for local in microbatches([items[i] for i in mine], budget)]
-
-    groups = of(rank)
-    if sharded:
-        most = max(len(of(r)) for r in range(world))
-        groups += [[] for _ in range(most - len(groups))]
-    return groups
-
-
-def microbatches(items: Sequence[TrainItem], budget: int) -> Iterator[list[int]]:
-    """Indices of items grouped so that each padded group fits the token ``budget``
-    (an item longer than the budget goes alone, as does one with images: its pixel
-    inputs are shaped by its own screens)."""
-    batch: list[int] = []
-    longest = 0
-    for i, item in enumerate(items):
-        n = len(item.prompt_ids) + len(item.completion_ids)
-        if batch and (item.images or items[batch[-1]].images
-                      or max(longest, n) * (len(batch) + 1) > budget):
-            yield batch
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, n)
-    if batch:
-        yield batch
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -9,20 +9,17 @@ turns trained. If anything fails before that, the trainer is put back as it was 
 turns stay untrained: nothing is trained twice, nothing is lost. A step refused by the
 gate (over the bound at every rate tried) marks its turns skipped, with the reason.
 
-Each step records what the hints did (`weak_hints`): how many turns had one, how often
-the hinted teacher was no more confident about the sampled tokens than the student, and
-how far the hint moved it; a hint that barely moved it can be dropped (a vague hint, or
-one the model does not understand).
+Each step records what the hints did (`items.weak_hints`); judged turns become the
+trainer's input in items.py.
 
 With personal adapters (`personal`), each user past ``personal_min_turns`` is a lane of
 its own; a step trains the lane with the most turns waiting. One trainer serves every
 lane: before a step it loads that lane's current adapter (weights and optimizer state)
 from its directory, so memory stays one base model and one adapter however many users.
 
-A turn with images (a GUI agent's screenshots) trains with them: the store gives them
-back inline (they are kept once, by hash) and the trainer feeds them to a vision-language
-base model. One the trainer cannot read (an image the client gave by http URL, which
-the learner never fetches; one forgotten since) is skipped, with the reason.
+A turn with images (a GUI agent's screenshots) trains with them (`items.images_of`,
+and the trainer feeds them to a vision-language base model); one whose images the
+trainer cannot have is skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -44,22 +41,25 @@ from nextstate.core.lora import (
     version_name,
     version_of,
 )
-from nextstate.core.sessions import image_urls
 from nextstate.core.store import Store
-from nextstate.core.store.images import ImageMissing
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.config import TrainingConfig
+from nextstate.learner.items import (
+    TrainItem,
+    Unreadable,
+    images_of,
+    informative,
+    normalise_steps,
+    to_item,
+    weak_hints,
+)
 from nextstate.learner.multimodal import image_token_id
 from nextstate.learner.personal import Lane, full_lanes
 from nextstate.learner.publish import install, prune
 from nextstate.learner.ranks import Leader, make_trainer
-from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig, TrainItem
+from nextstate.learner.trainer import StepStats, Trainer
 
 log = logging.getLogger("nextstate.learner.training")
-
-
-class Unreadable(Exception):
-    """A turn's images the trainer cannot have (given by URL, or forgotten since)."""
 
 
 @dataclass
@@ -71,90 +71,6 @@ class StepResult:
     # published or skipped.
     outcome: Literal["published", "skipped", AdapterStatus.REFUSED, AdapterStatus.FAILED]
     error: str | None = None
-
-
-def to_item(row: dict[str, Any], weight: float = 1.0, images: list[str] | None = None,
-            ) -> TrainItem:
-    """A store row as the trainer's input.
-
-    Reward: the judge's score (+1/-1); for a step of an episode with an outcome (feedback
-    for the whole session, a test verdict), the outcome plus the step's mean judge vote.
-    Several hints: their teacher logprobs are averaged token by token (a smoother target
-    than any single hint's). A turn served with lessons trains on its prompt without them
-    (context distillation: its teacher logprobs were taken with them)."""
-    teachers = [t for t in row.get("teacher_logprobs") or [] if t]
-    teacher = [sum(col) / len(col) for col in zip(*teachers, strict=True)] if teachers else None
-    score = row.get("score")
-    reward = float(score) if score in (1, -1) else None
-    if row.get("outcome") is not None:
-        votes = [v for v in row.get("votes") or [] if v is not None]
-        reward = float(row["outcome"]) + (sum(votes) / len(votes) if votes else 0.0)
-    student = row.get("student_prompt_ids")
-    prompt = student if student else row["prompt_token_ids"]
-    return TrainItem(turn_id=row["id"], prompt_ids=list(prompt), context=bool(student),
-                     completion_ids=list(row["completion_token_ids"]),
-                     sampler_logprobs=[float(x) for x in row["logprobs"]], reward=reward,
-                     teacher_logprobs=teacher, weight=weight,
-                     group=row["session_id"] if row.get("outcome") is not None else None,
-                     images=images or [])
-
-
-def informative(items: list[TrainItem], config: TrainerConfig) -> list[TrainItem]:
-    """The batch's items that can move the policy under ``config.method``: a hint for
-    distillation, a reward for RL, either for both. (An update from zero advantages is
-    not a no-op: Adam's momentum would still move the weights.)"""
-    rewarded = {id(i) for i in items if i.reward is not None}
-    hinted = {id(i) for i in items if i.teacher_logprobs}
-    keep = {"binary": rewarded, "opd": hinted}.get(config.method, rewarded | hinted)
-    return [i for i in items if id(i) in keep]
-
-
-def normalise_steps(items: list[TrainItem]) -> None:
-    """Rewards of the steps of one episode, made relative to each other (mean 0, std 1)
-    where the batch holds several steps of it: which step helped the outcome most."""
-    groups: dict[str, list[TrainItem]] = {}
-    for item in items:
-        if item.group is not None and item.reward is not None:
-            groups.setdefault(item.group, []).append(item)
-    for steps in groups.values():
-        if len(steps) < 2:
-            continue
-        rewards = [s.reward for s in steps if s.reward is not None]
-        mean = sum(rewards) / len(rewards)
-        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
-        for step in steps:
-            assert step.reward is not None
-            step.reward = (step.reward - mean) / (std + 1e-6) if std > 1e-6 else 0.0
-
-
-def teacher_change(item: TrainItem) -> tuple[float, float] | None:
-    """How the hint changed the model's view of the reply, per token on average:
-    (mean logπ_teacher − logπ_sampler, mean |logπ_teacher − logπ_sampler|); None without
-    a hint. The first ≤ 0 is a teacher no more confident about the sampled tokens than
-    the student, the second near 0 a hint that changed nothing."""
-    if not item.teacher_logprobs or not item.sampler_logprobs:
-        return None
-    diffs = [t - s for t, s in zip(item.teacher_logprobs, item.sampler_logprobs, strict=False)]
-    return sum(diffs) / len(diffs), sum(abs(d) for d in diffs) / len(diffs)
-
-
-def weak_hints(items: list[TrainItem], min_change: float) -> dict[str, float]:
-    """Drops the signals (hint and reward) of turns whose hint moved the teacher less than
-    ``min_change`` (mean nats/token; 0: none are dropped), in place; returns what the
-    hints did, for the step's stats: hinted turns, the share whose teacher was no more
-    confident than the sampler, the mean change, and the hints dropped."""
-    changes = [(item, c) for item in items if (c := teacher_change(item)) is not None]
-    dropped = 0
-    for item, (_, change) in changes:
-        if change < min_change:
-            item.teacher_logprobs, item.reward = None, None
-            dropped += 1
-    if not changes:
-        return {"hinted": 0.0}
-    return {"hinted": float(len(changes)),
-            "teacher_no_gain": sum(gain <= 0 for _, (gain, _) in changes) / len(changes),
-            "teacher_change": sum(c for _, (_, c) in changes) / len(changes),
-            "hints_dropped": float(dropped)}
 
 
 class TrainingStage:
@@ -219,7 +135,7 @@ class TrainingStage:
             weight = 1.0 if behind <= cfg.max_staleness else \
                 1.0 / (1 + behind - cfg.max_staleness)
             try:
-                items.append(to_item(row, weight, self._images(row)))
+                items.append(to_item(row, weight, images_of(self.store, row, self.image_token)))
             except Unreadable as exc:
                 unreadable.setdefault(f"images: {exc}", []).append(row["id"])
         if stale:
@@ -228,26 +144,6 @@ class TrainingStage:
         for reason, ids in unreadable.items():
             self.store.judgments.skip(ids, reason)
         return items
-
-    def _images(self, row: dict[str, Any]) -> list[str]:
-        """The turn's images as ``data:`` URLs, in prompt order (none for most turns).
-        Raises Unreadable for one the trainer cannot have."""
-        request = row.get("request")
-        messages = request.get("messages") if isinstance(request, dict) else None
-        urls = image_urls(messages) if isinstance(messages, list) else []
-        if not urls:
-            if self.image_token is not None and self.image_token in row["prompt_token_ids"]:
-                raise Unreadable("its prompt holds image placeholders, and its request "
-                                 "no image the learner can read")
-            return []
-        try:
-            urls = self.store.turns.images.inline(urls)
-        except ImageMissing as exc:
-            raise Unreadable(str(exc)) from exc
-        if any(not url.startswith("data:") for url in urls):
-            raise Unreadable("an image given by URL, which the learner does not fetch "
-                             "(send screenshots as data: URLs to train on them)")
-        return list(urls)
 
     async def maybe_step(self) -> StepResult | None:
         """One step for the lane with the most turns waiting, once it has a batch."""

@@ -14,7 +14,8 @@ from nextstate.core.lora import load_verified, version_name
 from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.core.vllm_server import VLLMProcess, free_port, toy_model_config
-from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+from nextstate.learner.items import TrainItem
+from nextstate.learner.trainer import Trainer, TrainerConfig
 from tests.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.integration

@@ -26,11 +26,12 @@ from nextstate.core.sessions import image_urls
 from nextstate.core.vllm import VLLMClient
 from nextstate.core.vllm_server import VLLMProcess
 from nextstate.learner.image_teacher import score_with_images
+from nextstate.learner.items import to_item
 from nextstate.learner.multimodal import image_token_id
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.teacher import with_hint
 from nextstate.learner.trainer import TrainerConfig
-from nextstate.learner.training import TrainingConfig, to_item
+from nextstate.learner.training import TrainingConfig
 from tests.conftest import VLM_MODEL_NAME, ProxyServer
 
 pytestmark = pytest.mark.integration

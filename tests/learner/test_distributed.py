@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+from nextstate.learner.items import TrainItem
+from nextstate.learner.trainer import Trainer, TrainerConfig
 
 CONFIG = TrainerConfig(method="combined", learning_rate=1e-2, passes=2, seed=3)
 

@@ -11,11 +11,11 @@ from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.config import MemoryConfig
+from nextstate.learner.items import to_item
 from nextstate.learner.judging import judge_pending
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.lessons import Keeper, situation
 from nextstate.learner.teacher import Teacher
-from nextstate.learner.training import to_item
 
 ASK = "Ben has 3 apples and buys 2 more. How many apples?"
 LESSON = "Show the steps."

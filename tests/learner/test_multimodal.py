@@ -135,7 +135,8 @@ def test_the_trainer_steps_on_a_turn_with_screens_beside_a_text_turn(
     """`Trainer` on the VLM toy: LoRA on the language model only, the recorded ids and
     the images' pixels in, so it scores the turn as the model does before a step; a +1
     raises the turn's likelihood, a text-only turn trains in the same step."""
-    from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem
+    from nextstate.learner.items import TrainItem
+    from nextstate.learner.trainer import Trainer, TrainerConfig
 
     trainer = Trainer(model_dir, TrainerConfig(method="binary", lora_rank=8, lora_alpha=16,
                                                learning_rate=1e-2))

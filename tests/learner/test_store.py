@@ -71,7 +71,7 @@ def test_turns_whose_tokens_are_not_exact_are_kept_but_never_ready(store_url):
 
 def test_steps_of_an_episode_take_its_outcome_and_are_normalised(store_url):
     from nextstate.core.records import FeedbackRecord
-    from nextstate.learner.training import normalise_steps, to_item
+    from nextstate.learner.items import normalise_steps, to_item
 
     store = Store(store_url)
     steps = [turn(i) for i in range(3)]

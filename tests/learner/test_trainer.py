@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextstate.learner.trainer import Trainer, TrainerConfig, TrainItem, microbatches
+from nextstate.learner.items import TrainItem, microbatches
+from nextstate.learner.trainer import Trainer, TrainerConfig
 
 PROMPT = [1, 40, 41, 42, 2, 1, 43]
 COMPLETION = [50, 51, 52, 53]

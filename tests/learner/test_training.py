@@ -10,15 +10,11 @@ from typing import Any
 import pytest
 
 from nextstate.core.store import Store
+from nextstate.learner.items import TrainItem, informative, weak_hints
 from nextstate.learner.judgment import Judgment
 from nextstate.learner.personal import Lane
-from nextstate.learner.trainer import TrainerConfig, TrainItem
-from nextstate.learner.training import (
-    TrainingConfig,
-    TrainingStage,
-    informative,
-    weak_hints,
-)
+from nextstate.learner.trainer import TrainerConfig
+from nextstate.learner.training import TrainingConfig, TrainingStage
 from tests.learner.test_store import turn
 
 
