@@ -267,7 +267,7 @@ def _memory_lines(report: dict[str, Any]) -> list[str]:
         return []
     lines = [f"memory    lessons: {counts.get('active', 0)} served, "
              f"{counts.get('retired', 0)} retired (the adapter follows them), "
-             f"{counts.get('dropped', 0)} dropped (kept failing), "
+             f"{counts.get('dropped', 0)} dropped (kept failing, or ignored), "
              f"{counts.get('pinned', 0)} pinned"]
     for event in [*(memory.get("retired") or [])[:2], *(memory.get("dropped") or [])[:2]]:
         lines.append(f"          {event['status']} {_when(event.get('status_at'))}: "

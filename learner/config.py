@@ -117,6 +117,9 @@ class MemoryConfig:
     # Retired when the lesson changes the adapter's own replies to held-out prompts by at
     # most this much: KL(adapter || adapter shown the lesson), mean nats per token.
     retire_kl: float = 0.05
+    # ... unless the base model, told, changes its own replies by at most this much too:
+    # then the lesson never changed anything and is dropped as ignored (0: never).
+    ignore_kl: float = 0.05
     check_prompts: int = 4  # held-out prompts (the user's latest untrained requests)
     check_samples: int = 4  # replies sampled per prompt (16 replies: measured, bench/README.md)
     check_max_tokens: int = 256
@@ -129,6 +132,8 @@ class MemoryConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.retire_kl <= 0:
             raise ValueError(f"retire_kl must be over 0, not {self.retire_kl}")
+        if self.ignore_kl < 0:
+            raise ValueError(f"ignore_kl must be at least 0 (0: never), not {self.ignore_kl}")
 
 
 @dataclass(frozen=True)

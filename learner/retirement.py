@@ -16,11 +16,17 @@ against the adapter now serving their owner:
    KL(adapter ‖ adapter shown the lesson), in nats per token. It is what on-policy
    distillation from that lesson would still have to teach (its advantages are the same
    differences, on the same kind of samples);
-4. at most ``retire_kl``: retired, the proxy no longer serves it and the context it cost
-   is saved; above: kept, with what was measured, until the next adapter.
+4. above ``retire_kl``: kept, with what was measured, until the next adapter;
+5. at most ``retire_kl``: the same measure on the base model (its own replies, untold and
+   told) tells a lesson the weights learned from one the model ignores. A small KL on
+   the adapter means only that showing the lesson no longer changes its replies; if
+   showing it never changed the base model's either (at most ``ignore_kl``),
+   nothing was learned: the lesson is dropped as ignored (worded in a way the model does
+   not follow, or asking for what it does anyway). Otherwise it is retired: the proxy no
+   longer serves it and the context it cost is saved. The base model is checked once
+   per lesson, only when the adapter passes.
 
-A lesson taught again after it was retired serves again (the store reactivates it). The
-base model is never checked: a lesson is retired into weights the learner trained. (The
+A lesson taught again after it was retired serves again (the store reactivates it). (The
 learning benchmark also reads the retired lessons' preferences with the persona's own
 detectors: bench/README.md.)
 """
@@ -32,17 +38,27 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from nextstate.core.hints import with_hint
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
-from nextstate.core.store.lessons import RETIRED
+from nextstate.core.store.lessons import DROPPED, RETIRED
 from nextstate.core.vllm import VLLMClient, VLLMError
 from nextstate.learner.config import MemoryConfig
 from nextstate.learner.teacher import TeacherError, score
 
 log = logging.getLogger("nextstate.learner.retirement")
+
+
+class Reply(NamedTuple):
+    """A model's own reply to a held-out prompt: the prompt, the reply's token ids and
+    their logprobs untold."""
+
+    messages: list[dict[str, Any]]
+    tools: Any
+    sample: list[int]
+    untold: list[float]
 
 
 class Retirement:
@@ -54,6 +70,7 @@ class Retirement:
         self.config = config
         self.checks = 0  # lessons checked since the learner started
         self.retired = 0
+        self.ignored = 0  # dropped: the base model, told, did not change its replies either
         self.history: list[dict[str, Any]] = []  # the latest checks: lesson, adapter, KL
 
     async def check(self) -> list[dict[str, Any]]:
@@ -89,7 +106,53 @@ class Retirement:
                                           self.config.check_prompts)
         if len(prompts) < self.config.check_prompts:
             return []  # too few yet: checked on a later round, with more traffic
-        replies = []  # (messages, tools, prompt ids, reply ids, reply logprobs untold)
+        replies = await self._replies(model, prompts)
+        if not replies:
+            return []
+        base_replies: list[Reply] = []  # sampled once, if a lesson needs them
+        retired = []
+        for lesson in lessons:
+            kl = await self._kl(model, replies, lesson["text"])
+            checked: dict[str, Any] = {"adapter": model, "kl": round(kl, 4),
+                                       "replies": len(replies), "prompts": len(prompts),
+                                       "at": time.time()}
+            self.checks += 1
+            if kl <= self.config.retire_kl and self.config.ignore_kl > 0:
+                base_replies = base_replies or await self._replies(self.router.base_model,
+                                                                   prompts)
+                checked["base_kl"] = round(await self._kl(
+                    self.router.base_model, base_replies, lesson["text"]), 4)
+            self.history = [*self.history, {"id": lesson["id"], **checked}][-200:]
+            if kl > self.config.retire_kl:
+                await asyncio.to_thread(self.store.lessons.note_check, lesson["id"], checked)
+                continue
+            status, reason = self._verdict(checked)
+            if not await asyncio.to_thread(self.store.lessons.set_status, lesson["id"],
+                                           status, reason, checked=checked):
+                continue  # pinned meanwhile
+            log.info("lesson %s %s: %s", lesson["id"], status, reason)
+            if status == DROPPED:
+                self.ignored += 1
+                continue
+            self.retired += 1
+            retired.append({"id": lesson["id"], "text": lesson["text"][:200], **checked})
+        return retired
+
+    def _verdict(self, checked: dict[str, Any]) -> tuple[str, str]:
+        """(status, why) of a lesson the adapter follows untold (see the module's step 5)."""
+        model, kl, base_kl = checked["adapter"], checked["kl"], checked.get("base_kl")
+        if base_kl is not None and base_kl <= self.config.ignore_kl:
+            return DROPPED, (f"ignored: told, the base model changes its replies by KL "
+                             f"{base_kl:.3f} nats/token (bound {self.config.ignore_kl}) and "
+                             f"{model} by {kl:.3f}; it never changed what the model says")
+        base = "" if base_kl is None else f"; the base model, told, {base_kl:.3f}"
+        return RETIRED, (f"{model} follows it without being told: KL {kl:.3f} nats/token "
+                         f"on {checked['replies']} replies to {checked['prompts']} held-out "
+                         f"prompts (bound {self.config.retire_kl}{base})")
+
+    async def _replies(self, model: str, prompts: Sequence[dict[str, Any]]) -> list[Reply]:
+        """``model``'s own replies to the prompts, untold, with their logprobs."""
+        replies = []
         for turn in prompts:
             request = turn["request"] or {}
             messages, tools = request.get("messages"), request.get("tools")
@@ -97,37 +160,22 @@ class Retirement:
                 continue
             ids = await self._tokenize(model, messages, tools)
             for sample in await self._sample(model, ids):
-                replies.append((messages, tools, ids, sample,
-                                await score(self.vllm, model, ids, sample)))
-        if not replies:
-            return []
-        retired = []
-        for lesson in lessons:
-            gaps = []
-            for messages, tools, _, sample, untold in replies:
-                told_ids = await self._tokenize(model, with_hint(messages, lesson["text"]),
-                                                tools)
-                told = await score(self.vllm, model, told_ids, sample)
-                gaps.append(statistics.fmean(u - t for u, t in zip(untold, told,
-                                                                   strict=True)))
-            kl = statistics.fmean(gaps)
-            checked = {"adapter": model, "kl": round(kl, 4), "replies": len(replies),
-                       "prompts": len(prompts), "at": time.time()}
-            self.checks += 1
-            self.history = [*self.history, {"id": lesson["id"], **checked}][-200:]
-            if kl <= self.config.retire_kl:
-                reason = (f"{model} follows it without being told: KL {kl:.3f} nats/token "
-                          f"on {len(replies)} replies to {len(prompts)} held-out prompts "
-                          f"(bound {self.config.retire_kl})")
-                if await asyncio.to_thread(self.store.lessons.set_status, lesson["id"],
-                                           RETIRED, reason, checked=checked):
-                    self.retired += 1
-                    log.info("lesson %s retired: %s", lesson["id"], reason)
-                    retired.append({"id": lesson["id"], "text": lesson["text"][:200],
-                                    **checked})
-            else:
-                await asyncio.to_thread(self.store.lessons.note_check, lesson["id"], checked)
-        return retired
+                replies.append(Reply(messages, tools, sample,
+                                     await score(self.vllm, model, ids, sample)))
+        return replies
+
+    async def _kl(self, model: str, replies: Sequence[Reply], lesson: str) -> float:
+        """KL(model ‖ model shown the lesson), nats per token, estimated on the model's
+        own replies: the mean over replies of the mean over their tokens of
+        logπ(token | prompt) − logπ(token | prompt + lesson)."""
+        gaps = []
+        for reply in replies:
+            told_ids = await self._tokenize(model, with_hint(reply.messages, lesson),
+                                            reply.tools)
+            told = await score(self.vllm, model, told_ids, reply.sample)
+            gaps.append(statistics.fmean(u - t for u, t in zip(reply.untold, told,
+                                                               strict=True)))
+        return statistics.fmean(gaps)
 
     async def _tokenize(self, model: str, messages: list[dict[str, Any]],
                         tools: Any) -> list[int]:

@@ -120,9 +120,11 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
     with client(proxy, "ka", "alice") as alice:
         corrected_session(alice, 1)
         proxy.turns(2)
-        # A bound no reply can miss: the check runs for real on the adapter, and retires.
+        # A bound no reply can miss: the check runs for real on the adapter, and retires
+        # (the base model's check, which tells learned from ignored, is off: the test's
+        # toy follows no lesson; tests/learner/test_retirement.py has that check).
         work = learner(proxy, vllm, tmp_path, model_dir=toy_model, retire_kl=1e6,
-                       check_prompts=2, check_samples=2)
+                       ignore_kl=0, check_prompts=2, check_samples=2)
         trained: list = []
         original = work.training.step
 

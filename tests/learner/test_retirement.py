@@ -17,8 +17,12 @@ LESSON = "Show the steps."
 
 
 class FakeAdapter:
-    def __init__(self, gap: float) -> None:
+    """``gap``: how much less sure of its own replies the adapters are when told;
+    ``base_gap``: the base model."""
+
+    def __init__(self, gap: float, base_gap: float = 0.5) -> None:
         self.gap = gap
+        self.base_gap = base_gap
         self.calls: list[tuple[str, dict]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -31,8 +35,9 @@ class FakeAdapter:
             return httpx.Response(200, json={"choices": [
                 {"index": i, "text": "x", "token_ids": [8, 9]} for i in range(body["n"])]})
         told = 99 in body["prompt"]
+        gap = self.base_gap if body["model"] == "base" else self.gap
         return httpx.Response(200, json={"choices": [{"prompt_logprobs": [None] + [
-            {str(t): {"logprob": -1.0 - (self.gap if told else 0.0)}}
+            {str(t): {"logprob": -1.0 - (gap if told else 0.0)}}
             for t in body["prompt"][1:]]}]})
 
     def sampled_with(self) -> set[str]:
@@ -81,11 +86,35 @@ async def test_a_lesson_the_adapter_follows_untold_is_retired_with_what_was_meas
     row = store.lessons.get(lesson)
     assert row["status"] == "retired" and "p@000001 follows it" in row["status_reason"]
     assert row["checked"]["kl"] == pytest.approx(0.01) and row["checked"]["replies"] == 12
-    assert adapter.sampled_with() == {"p@000001"}  # the adapter answers, untold
+    assert row["checked"]["base_kl"] == pytest.approx(0.5)  # told, the base model changes
+    assert adapter.sampled_with() == {"p@000001", "base"}  # each answers, untold
     prompts = {b["messages"][0]["content"].split(HINT_MARKER)[0]
                for p, b in adapter.calls if p == "/tokenize"}
     assert prompts == {"q0", "q1", "q2"}  # served with lessons, untrained: not "p"
     assert lesson not in {r["id"] for r in store.lessons.servable()}
+
+
+async def test_a_lesson_the_base_model_ignores_too_is_dropped_not_retired(store):
+    # Told or not, neither the adapter nor the base model answers differently: the
+    # lesson never changed anything, so the weights cannot have learned it.
+    lesson = served_lesson(store)
+    publish(store, 1)
+    adapter = FakeAdapter(gap=0.01, base_gap=0.02)
+    check = retirement(store, adapter, retire_kl=0.05)
+    assert await check.check() == []
+    row = store.lessons.get(lesson)
+    assert row["status"] == "dropped" and row["status_reason"].startswith("ignored")
+    assert row["checked"]["base_kl"] == pytest.approx(0.02)
+    assert (check.retired, check.ignored) == (0, 1)
+    assert lesson not in {r["id"] for r in store.lessons.servable()}
+
+
+async def test_the_base_model_is_asked_only_when_the_adapter_passes(store):
+    served_lesson(store)
+    publish(store, 1)
+    adapter = FakeAdapter(gap=0.4)
+    await retirement(store, adapter, retire_kl=0.05).check()
+    assert adapter.sampled_with() == {"p@000001"}
 
 
 async def test_too_few_held_out_prompts_put_the_check_off(store):
@@ -144,3 +173,4 @@ async def test_the_learner_reports_retired_and_dropped_lessons_in_its_status(tmp
     assert [e["id"] for e in memory["retired"]] == [retired]
     assert [e["id"] for e in memory["dropped"]] == [dropped]
     assert "corrected" in memory["dropped"][0]["status_reason"]
+    assert memory["ignored"] == 0  # none dropped for being ignored since it started
