@@ -34,10 +34,16 @@ def bench() -> None:
 @click.option("--api", type=click.Choice(["chat", "messages"]), default="chat",
               show_default=True, help="How the simulated users talk: Chat Completions, or "
               "Anthropic Messages through the official SDK (as Claude Code does).")
+@click.option("--teacher", type=click.Choice(["base", "policy"]), default="base",
+              show_default=True, help="Distillation's teacher: the frozen base model shown "
+              "the hint, or the adapter being trained shown the hint.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The trainer's learning rate [default: the trainer's, 1e-3].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
               show_default=True)
 def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
-                   seeds: int, eval_problems: int, api: str, out: Path) -> None:
+                   seeds: int, eval_problems: int, api: str, teacher: str,
+                   learning_rate: float | None, out: Path) -> None:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
     require_learner_extra("nextstate bench learning")
     from nextstate.experiment.bench import run_benchmark
@@ -50,8 +56,8 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: choose from all, "
                                  f"{', '.join(arms)}", param_hint="--method")
-    config = BenchConfig(steps=steps, eval_problems=eval_problems,
-                         api=api)  # type: ignore[arg-type]
+    config = BenchConfig(steps=steps, eval_problems=eval_problems, api=api,  # type: ignore[arg-type]
+                         teacher=teacher, learning_rate=learning_rate)  # type: ignore[arg-type]
     results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
                             progress=lambda m: click.echo(m, err=True))
     click.echo((out / "results.md").read_text())

@@ -54,7 +54,7 @@ from nextstate.experiment.traffic import (
     evaluate,
     speaker_for,
 )
-from nextstate.learner.config import MemoryConfig
+from nextstate.learner.config import MemoryConfig, TeacherKind
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -86,6 +86,9 @@ class BenchConfig:
     # through the official SDK. (Evaluation always asks the chat route, recording off: it
     # measures the policy, whichever API trained it.)
     api: Literal["chat", "messages"] = "chat"
+    # The teacher of distillation: the frozen base model shown the hint (the paper's
+    # choice), or the adapter serving the user shown the hint (`nextstate learn --teacher`).
+    teacher: TeacherKind = "base"
 
 
 @dataclass
@@ -138,7 +141,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
         store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
         model_dir=model_dir if kind.trains else None, adapters_dir=home / "adapters",
         training=TrainingConfig(trainer=trainer, unload_grace=5.0),
-        memory=MemoryConfig(learn=kind.memory)))
+        memory=MemoryConfig(learn=kind.memory), teacher=config.teacher))
     run = MethodRun(method=method, seed=config.seed)
     started = time.monotonic()
     eval_set = [make_problem(random.Random(f"eval-{config.seed}-{i}"))

@@ -508,3 +508,30 @@ def test_up_builds_the_toy_model_in_a_child_and_never_imports_torch_itself(tmp_p
         env={**os.environ, "NEXTSTATE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_bench_learning_passes_the_teacher_and_learning_rate_to_the_benchmark(monkeypatch,
+                                                                               tmp_path):
+    from nextstate.experiment import bench as experiment_bench
+
+    configs = []
+
+    def run_benchmark(personas, methods, config, out, seeds, progress):
+        configs.append((methods, config))
+        (out / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("table\n")
+        return {"wall_seconds": 1.0}
+
+    monkeypatch.setattr(experiment_bench, "run_benchmark", run_benchmark)
+    runner = CliRunner()
+    args = ["bench", "learning", "--persona", "student-own-words", "--method", "combined",
+            "--out", str(tmp_path)]
+    assert runner.invoke(cli.main, args).exit_code == 0
+    assert runner.invoke(cli.main, [*args, "--teacher", "policy", "--learning-rate",
+                                    "2e-3"]).exit_code == 0
+    (_, default), (methods, chosen) = configs
+    assert (default.teacher, default.learning_rate) == ("base", None)
+    assert methods == ("combined",) and chosen.teacher == "policy"
+    assert chosen.learning_rate == 2e-3
+    wrong = runner.invoke(cli.main, [*args, "--teacher", "judge"])
+    assert wrong.exit_code == 2 and "'judge' is not one of" in wrong.output
