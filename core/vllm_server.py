@@ -75,6 +75,9 @@ def free_port() -> int:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # A shell starts background jobs (`nohup ... &`) with SIGINT ignored, and children
+    # inherit that: the child answers SIGINT as Ctrl-C however its parent was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None,

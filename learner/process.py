@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,9 +121,13 @@ class Learner:
         self.backends: dict[str, list[str]] = {}  # adapter versions loaded, per backend
         self.erased: set[int] = set()  # forgotten versions gone from disk and every backend
         self._status: dict[str, Any] | None = None  # as last computed (see _set_state)
+        # Observers are told and closed one call at a time: a round cancelled by Ctrl-C
+        # leaves its update running in its thread, and closing a tracker (wandb's finish)
+        # while it still logs must wait for it.
+        self._observing = threading.Lock()
 
     async def close(self) -> None:
-        await asyncio.to_thread(close_all, self.observers)
+        await asyncio.to_thread(self._observe, close_all, self.observers)
         await self.teacher.close()
         for vllm in self.vllms:
             await vllm.aclose()
@@ -176,8 +181,13 @@ class Learner:
         await self._set_state("idle", report=True)
         if self.observers:
             step = self.training.history[-1] if self.training and result else None
-            await asyncio.to_thread(tell, self.observers, self._status or {}, step)
+            await asyncio.to_thread(self._observe, tell, self.observers, self._status or {},
+                                    step)
         return done
+
+    def _observe(self, call: Callable[..., None], *args: Any) -> None:
+        with self._observing:
+            call(*args)
 
     async def _erase_forgotten(self) -> None:
         """Unload and delete the versions of forgotten users (see `forget`) not yet gone

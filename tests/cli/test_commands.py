@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +25,7 @@ from nextstate.cli import serve, stack
 from nextstate.core import vllm
 from nextstate.core.records import TurnRecord
 from nextstate.core.store import Store
-from nextstate.core.vllm_server import GUARD, VLLMProcess, free_port
+from nextstate.core.vllm_server import GUARD, VLLMProcess, free_port, stop_group
 from nextstate.proxy.app import make_app
 from nextstate.proxy.settings import ProxySettings
 from tests.proxy.fake_vllm import FakeVLLM
@@ -535,3 +536,28 @@ def test_bench_learning_passes_the_teacher_and_learning_rate_to_the_benchmark(mo
     assert chosen.learning_rate == 2e-3
     wrong = runner.invoke(cli.main, [*args, "--teacher", "judge"])
     assert wrong.exit_code == 2 and "'judge' is not one of" in wrong.output
+
+
+def test_a_spawned_child_answers_sigint_even_when_its_parent_ignores_it(tmp_path):
+    # A shell's background job (`nohup make test &`) starts with SIGINT ignored; a child
+    # that inherited that would never stop on the learner's Ctrl-C.
+    import signal
+
+    from nextstate.core.vllm_server import spawn
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = spawn([sys.executable, "-c", "import signal, time; print(signal.getsignal("
+                       "signal.SIGINT), flush=True); time.sleep(60)"], tmp_path / "child.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        deadline = time.monotonic() + 30
+        while "handler" not in (tmp_path / "child.log").read_text():
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=30) != 0
+    finally:
+        stop_group(child)
+    assert "KeyboardInterrupt" in (tmp_path / "child.log").read_text()

@@ -18,6 +18,13 @@ from nextstate.learner.trainer import Trainer
 from tests.learner.test_distributed import CONFIG, batch, train
 
 
+def _together() -> None:
+    """Both ranks done before either leaves: a rank that tore its process group down while
+    the other was still finishing once aborted the other ("terminate called without an
+    active exception", SIGABRT, about one full run in ten on a loaded machine)."""
+    dist.barrier()
+
+
 def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -35,6 +42,7 @@ def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: s
             # What this rank holds: its whole copy, or its shard gathered.
             torch.save({k.replace(".default", ""): v
                         for k, v in follower.full_lora().items()}, Path(out) / "rank1.pt")
+        _together()
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +87,7 @@ def _mismatch(rank: int, world: int, model: str, init_file: str, wrong: str,
             follower = ranks.follow()
             assert follower is not None
             torch.save(follower.full_lora(), Path(out) / "rank1.pt")
+        _together()
     finally:
         dist.destroy_process_group()
 
