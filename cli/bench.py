@@ -56,8 +56,9 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: choose from all, "
                                  f"{', '.join(arms)}", param_hint="--method")
-    config = BenchConfig(steps=steps, eval_problems=eval_problems, api=api,  # type: ignore[arg-type]
-                         teacher=teacher, learning_rate=learning_rate)  # type: ignore[arg-type]
+    config = BenchConfig(  # click's choices arrive as str, not the config's Literals
+        steps=steps, eval_problems=eval_problems, api=api, teacher=teacher,  # type: ignore[arg-type]
+        learning_rate=learning_rate)
     results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
                             progress=lambda m: click.echo(m, err=True))
     click.echo((out / "results.md").read_text())

@@ -15,14 +15,7 @@ from safetensors.torch import load_file
 
 from nextstate.learner import ranks
 from nextstate.learner.trainer import Trainer
-from tests.learner.test_distributed import CONFIG, batch, train
-
-
-def _together() -> None:
-    """Both ranks done before either leaves: a rank that tore its process group down while
-    the other was still finishing once aborted the other ("terminate called without an
-    active exception", SIGABRT, about one full run in ten on a loaded machine)."""
-    dist.barrier()
+from tests.learner.test_distributed import CONFIG, batch, leave_together, train
 
 
 def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
@@ -42,7 +35,7 @@ def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: s
             # What this rank holds: its whole copy, or its shard gathered.
             torch.save({k.replace(".default", ""): v
                         for k, v in follower.full_lora().items()}, Path(out) / "rank1.pt")
-        _together()
+        leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -87,7 +80,7 @@ def _mismatch(rank: int, world: int, model: str, init_file: str, wrong: str,
             follower = ranks.follow()
             assert follower is not None
             torch.save(follower.full_lora(), Path(out) / "rank1.pt")
-        _together()
+        leave_together()
     finally:
         dist.destroy_process_group()
 
