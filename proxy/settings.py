@@ -29,8 +29,8 @@ class MemorySettings:
     # newest (pinned first). Bounds what retrieval costs a request.
     scope_lessons: int = 64
     max_chars: int = 1200  # characters of lessons a request gets at most
-    # Retrieval over this many milliseconds serves the request without lessons (counted);
-    # so does a failed one.
+    # Retrieval costing over this many milliseconds of CPU serves the request without
+    # lessons (counted); so does a failed one.
     budget_ms: float = 2.0
     refresh_seconds: float = 1.0  # how often the index looks for changed lessons
 

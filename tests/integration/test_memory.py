@@ -139,19 +139,24 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
             indexed(proxy, 1)
             for i in (3, 4):  # served with the lesson; the user is pleased
                 thanked_session(alice, i)
-            turns = proxy.turns(6)
+            turns = proxy.turns(6, timeout=60)
+            assert len(turns) == 6
             for _ in range(3):  # judged, distilled: an adapter
                 await work.step()
                 if work.store.adapters.current(MODEL_NAME) is not None:
                     break
+            assert work.store.adapters.current(MODEL_NAME) is not None, work.status()
             assert work.store.lessons.get(lesson["id"])["status"] == "active"
             # Held-out prompts for the check: requests served the lesson, never trained on.
             for i in (5, 6):
                 alice.post("/chat/completions", json={**ASK, "messages": question(i)}
                            ).raise_for_status()
-            proxy.turns(8)
+            held_out = proxy.turns(8, timeout=60)[6:]
+            assert [bool(t["lessons"]) for t in held_out] == [True, True], \
+                httpx.get(f"{proxy.url}/health").json()["memory"]
             await work.step()
             status = work.status()["memory"]
+            checks = work.retirement.history if work.retirement else None
         finally:
             await work.close()
         served = [t for t in turns if t["lessons"]]
@@ -167,7 +172,8 @@ async def test_a_step_distils_the_lessons_and_a_retired_lesson_is_no_longer_serv
             assert item.prompt_ids != turn["prompt_token_ids"]
             assert item.teacher_logprobs is not None
             assert len(item.teacher_logprobs) == len(turn["completion_token_ids"])
-        assert status["counts"]["retired"] == 1 and status["retired"][0]["id"] == lesson["id"]
+        assert status["counts"]["retired"] == 1, (status, checks)
+        assert status["retired"][0]["id"] == lesson["id"]
         assert f"{MODEL_NAME}@" in status["retired"][0]["status_reason"]
         indexed(proxy, 0)
         alice.post("/chat/completions", json={**ASK, "messages": question(9)}).raise_for_status()
