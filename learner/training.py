@@ -67,9 +67,9 @@ class StepResult:
     version: int | None
     name: str | None
     stats: StepStats
-    # Refused by the publish gate, or not loaded (the adapter's status then): otherwise
-    # published or skipped.
-    outcome: Literal["published", "skipped", AdapterStatus.REFUSED, AdapterStatus.FAILED]
+    # Refused by the publish gate, or not loaded: otherwise published or skipped. Plain
+    # strings: the status keys its counts by outcome, and JSON keys must be str.
+    outcome: Literal["published", "skipped", "refused", "failed"]
     error: str | None = None
 
 
@@ -186,7 +186,7 @@ class TrainingStage:
             log.error(reason)
             last = StepStats(turns=len(useful), kl=moved[-1][1],
                              extra={"lr_scale": moved[-1][0], **hints})
-            return self._remember(StepResult(None, None, last, AdapterStatus.REFUSED, reason), lane)
+            return self._remember(StepResult(None, None, last, "refused", reason), lane)
         stats.extra.update(hints)
         log.info("trained %s in %.1f s (kl %.4f)", lane.policy, stats.seconds, stats.kl)
         version, name = await self._fresh_name(lane.policy)
@@ -206,7 +206,7 @@ class TrainingStage:
                                     AdapterStatus.FAILED, str(exc))
             log.error("adapter %s not published: %s", name, exc)
             return self._remember(
-                StepResult(version, name, stats, AdapterStatus.FAILED, str(exc)), lane)
+                StepResult(version, name, stats, "failed", str(exc)), lane)
         await asyncio.to_thread(self.store.adapters.publish, version, ids, lane.policy)
         self.loaded = (lane.policy, version)
         log.info("published %s (%d turns, loss %.4f, kl %.4f)", name, len(items), stats.loss,
