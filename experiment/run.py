@@ -89,7 +89,6 @@ class BenchConfig:
     # The teacher of distillation: the frozen base model shown the hint (the paper's
     # choice), or the adapter serving the user shown the hint (`nextstate learn --teacher`).
     teacher: TeacherKind = "base"
-    max_rate_scale: float = 1.0  # `nextstate learn --max-rate-scale` (TrainingConfig)
 
 
 @dataclass
@@ -141,8 +140,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     learner = Learner(LearnerConfig(
         store_url=store_url, backends=(vllm_url,), base_model=base_model, policy=policy,
         model_dir=model_dir if kind.trains else None, adapters_dir=home / "adapters",
-        training=TrainingConfig(trainer=trainer, unload_grace=5.0,
-                                max_rate_scale=config.max_rate_scale),
+        training=TrainingConfig(trainer=trainer, unload_grace=5.0),
         memory=MemoryConfig(learn=kind.memory), teacher=config.teacher))
     run = MethodRun(method=method, seed=config.seed)
     started = time.monotonic()

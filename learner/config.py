@@ -75,12 +75,6 @@ class TrainingConfig:
     # A step over the bound is taken again from where it started, at half the learning
     # rate, up to this many times; then it is refused and its turns are skipped.
     gate_retries: int = 2
-    # A step that moved the policy by under a tenth of the bound at its first try lets the
-    # lane's next step start at twice the rate, up to this multiple of the trainer's
-    # (1: always the trainer's). Self-distillation moves the policy less each step as
-    # the adapter catches up with itself shown the hint; the gate still catches a step
-    # that goes too far, and the lane starts again at 1x after one it had to slow.
-    max_rate_scale: float = 1.0
     # A hinted turn whose teacher scores the reply within this many nats per token of the
     # sampler (mean |logπ_teacher − logπ_sampler|) is taken as a hint the model did not
     # understand: under distillation (opd, combined) the turn teaches nothing (its −1 is
@@ -101,8 +95,6 @@ class TrainingConfig:
         for name in ("max_staleness", "gate_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
-        if self.max_rate_scale < 1:
-            raise ValueError(f"max_rate_scale must be at least 1, not {self.max_rate_scale}")
         if self.keep < 1:
             raise ValueError(f"keep must be at least 1, not {self.keep}")
         if self.personal_min_turns is not None and self.personal_min_turns < 1:

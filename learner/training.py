@@ -89,7 +89,6 @@ class TrainingStage:
         self.loaded: tuple[str, int] | None = None
         self.started = False  # versions a killed learner staged are marked abandoned
         self.history: list[dict[str, Any]] = []  # recent steps, for the status endpoint
-        self.rate: dict[Lane, float] = {}  # each lane's next rate scale (max_rate_scale)
         self.image_token = image_token_id(model_dir)  # None: a text-only model
 
     def _trainer(self, lane: Lane) -> Trainer | Leader:
@@ -177,8 +176,7 @@ class TrainingStage:
         trainer = await asyncio.to_thread(self._trainer, lane)
         await asyncio.to_thread(trainer.mark, "before")
         log.info("training %s on %d turns", lane.policy, len(useful))
-        stats, moved = await self._gated_step(trainer, useful, self.rate.get(lane, 1.0))
-        self.rate[lane] = self._next_rate(moved, passed=stats is not None)
+        stats, moved = await self._gated_step(trainer, useful)
         if stats is None:
             cfg = self.config
             tries = ", ".join(f"{kl:.3f} at {scale:g}x" for scale, kl in moved)
@@ -215,17 +213,15 @@ class TrainingStage:
                  stats.kl)
         return self._remember(StepResult(version, name, stats, "published"), lane)
 
-    async def _gated_step(self, trainer: Trainer | Leader, items: list[TrainItem],
-                          start: float = 1.0,
+    async def _gated_step(self, trainer: Trainer | Leader, items: list[TrainItem]
                           ) -> tuple[StepStats | None, list[tuple[float, float]]]:
-        """The step at ``start`` times the learning rate, within the publish gate: one over
-        the bound is undone and taken again from the same weights at half the rate,
-        ``gate_retries`` times at most. Returns its stats (None: every try was over) and
-        each try's (scale, KL)."""
+        """The step, within the publish gate: one over the bound is undone and taken again
+        from the same start at half the learning rate, ``gate_retries`` times at most.
+        Returns its stats (None: every try was over) and each try's (scale, KL)."""
         cfg = self.config
         moved: list[tuple[float, float]] = []
         for attempt in range(cfg.gate_retries + 1 if cfg.gate else 1):
-            scale = start * 0.5 ** attempt
+            scale = 0.5 ** attempt
             stats = await asyncio.to_thread(trainer.step, items, scale)
             moved.append((scale, stats.kl))
             if not cfg.gate or stats.kl <= cfg.gate_max_kl:
@@ -236,16 +232,6 @@ class TrainingStage:
                 return stats, moved
             await asyncio.to_thread(trainer.rewind, "before")
         return None, moved
-
-    def _next_rate(self, moved: list[tuple[float, float]], passed: bool) -> float:
-        """The lane's next rate scale after a step's tries (scale, KL): twice the first
-        try's when it passed at under a tenth of the bound, capped at ``max_rate_scale``;
-        1 after a step the gate slowed or refused."""
-        cfg = self.config
-        scale, kl = moved[0]
-        if passed and len(moved) == 1 and cfg.gate and kl < cfg.gate_max_kl / 10:
-            return min(2 * scale, cfg.max_rate_scale)
-        return 1.0
 
     async def _fresh_name(self, policy: str) -> tuple[int, str]:
         """The next version, skipping names a backend already has loaded: a store that

@@ -38,7 +38,6 @@ def test_a_configuration_that_cannot_work_is_refused_in_one_sentence(
 @pytest.mark.parametrize(("make", "says"), [
     (lambda: TrainingConfig(personal_min_turns=0), "personal_min_turns must be at least 1"),
     (lambda: TrainingConfig(gate_max_kl=0), "gate_max_kl must be over 0"),
-    (lambda: TrainingConfig(max_rate_scale=0.5), "max_rate_scale must be at least 1"),
     (lambda: TrainingConfig(stale="keep"), "stale must be drop or downweight"),  # type: ignore[arg-type]
     (lambda: TrainingConfig(keep=0), "keep must be at least 1"),
     (lambda: TrainerConfig(batch_turns=0), "batch_turns must be at least 1"),

@@ -167,37 +167,6 @@ async def test_a_step_over_the_gate_at_every_rate_is_refused_and_its_turns_skipp
     assert store.adapters.versions() == []
 
 
-async def test_steps_far_inside_the_gate_let_the_next_start_faster_up_to_the_cap(
-        toy_model: Path, tmp_path: Path) -> None:
-    store = judged_store(tmp_path, 16)
-    gentle = TrainerConfig(method="binary", learning_rate=1e-4, batch_turns=4)
-    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
-                          config=TrainingConfig(trainer=gentle, gate_max_kl=1e3,
-                                                max_rate_scale=4.0))
-    items = corrected(16)
-    scales = []
-    for i in range(4):
-        result = await stage.step(items[4 * i:4 * i + 4])
-        assert result.outcome == "published" and result.stats.kl < 1e2
-        scales.append(result.stats.extra["lr_scale"])
-    assert scales == [1.0, 2.0, 4.0, 4.0]
-
-
-def test_after_a_step_the_gate_slowed_or_refused_the_lane_starts_again_at_the_trainers_rate(
-        toy_model: Path, tmp_path: Path) -> None:
-    store = judged_store(tmp_path, 0)
-    stage = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
-                          config=TrainingConfig(gate_max_kl=1.0, max_rate_scale=8.0))
-    assert stage._next_rate([(2.0, 0.05)], passed=True) == 4.0
-    assert stage._next_rate([(8.0, 0.05)], passed=True) == 8.0  # the cap
-    assert stage._next_rate([(2.0, 0.5)], passed=True) == 1.0  # not far inside: as set
-    assert stage._next_rate([(4.0, 3.0), (2.0, 0.05)], passed=True) == 1.0  # slowed
-    assert stage._next_rate([(4.0, 3.0), (2.0, 2.0), (1.0, 1.5)], passed=False) == 1.0
-    off = TrainingStage(store, toy_model, "p", vllms=[], adapters_dir=tmp_path / "adapters",
-                        config=TrainingConfig())
-    assert off._next_rate([(1.0, 0.0)], passed=True) == 1.0  # max_rate_scale 1: as ever
-
-
 def stage_lane(stage: TrainingStage) -> Lane:
     return Lane(stage.policy)
 
