@@ -272,6 +272,7 @@ def _memory_lines(report: dict[str, Any]) -> list[str]:
     for event in [*(memory.get("retired") or [])[:2], *(memory.get("dropped") or [])[:2]]:
         lines.append(f"          {event['status']} {_when(event.get('status_at'))}: "
                      f"{event['text'][:60]!r}: {event.get('status_reason') or ''}")
+    lines += [f"          not checked yet: {why}" for why in (memory.get("waiting") or [])[:2]]
     return lines
 
 

@@ -263,7 +263,8 @@ class Learner:
                 "dropped": [e for e in events if e["status"] == "dropped"][:10],
                 "checks": self.retirement.checks if self.retirement is not None else 0,
                 # dropped since the learner started because the base model ignores them
-                "ignored": self.retirement.ignored if self.retirement is not None else 0}
+                "ignored": self.retirement.ignored if self.retirement is not None else 0,
+                "waiting": self.retirement.waiting if self.retirement is not None else []}
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:
         """learning / stalled / blocked, and why: what doctor says from the store, over

@@ -72,6 +72,8 @@ class Retirement:
         self.retired = 0
         self.ignored = 0  # dropped: the base model, told, did not change its replies either
         self.history: list[dict[str, Any]] = []  # the latest checks: lesson, adapter, KL
+        # The scopes the last round put off, and why (status: why nothing retires yet).
+        self.waiting: list[str] = []
 
     async def check(self) -> list[dict[str, Any]]:
         """One round of checks; returns the lessons retired in it."""
@@ -93,6 +95,7 @@ class Retirement:
             if taken >= self.config.checks_per_round:
                 break
         retired = []
+        self.waiting = []
         for (tenant, user, model), lessons in due.items():
             try:
                 retired += await self._check_scope(tenant, user, model, lessons)
@@ -104,10 +107,14 @@ class Retirement:
                            lessons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         prompts = await asyncio.to_thread(self.store.lessons.held_out, tenant, user,
                                           self.config.check_prompts)
-        if len(prompts) < self.config.check_prompts:
-            return []  # too few yet: checked on a later round, with more traffic
+        scope = user or tenant or "shared"
+        if len(prompts) < self.config.check_prompts:  # checked on a later round
+            self.waiting.append(f"{scope}: {len(prompts)} of {self.config.check_prompts} "
+                                "held-out prompts (requests served lessons, not trained on)")
+            return []
         replies = await self._replies(model, prompts)
         if not replies:
+            self.waiting.append(f"{scope}: {model} gave no reply to sample")
             return []
         base_replies: list[Reply] = []  # sampled once, if a lesson needs them
         retired = []

@@ -102,7 +102,8 @@ def test_status_says_what_the_memory_holds_and_why_lessons_left():
         "learning": True, "counts": {"active": 3, "retired": 2, "dropped": 1, "pinned": 0},
         "retired": [{"status": "retired", "text": "Show the steps.", "status_at": 1.0,
                      "status_reason": "p@000004 follows it without being told"}],
-        "dropped": []}}
+        "dropped": [], "waiting": ["alice: 1 of 4 held-out prompts"]}}
     text = render_status(report)
     assert "memory    lessons: 3 served, 2 retired" in text
     assert "'Show the steps.': p@000004 follows it without being told" in text
+    assert "not checked yet: alice: 1 of 4 held-out prompts" in text

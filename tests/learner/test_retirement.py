@@ -121,8 +121,11 @@ async def test_too_few_held_out_prompts_put_the_check_off(store):
     served_lesson(store)
     publish(store, 1)
     adapter = FakeAdapter(gap=0.0)
-    assert await retirement(store, adapter, check_prompts=4).check() == []
+    check = retirement(store, adapter, check_prompts=4)
+    assert await check.check() == []
     assert adapter.calls == []
+    assert check.waiting == ["alice: 3 of 4 held-out prompts (requests served lessons, "
+                             "not trained on)"]
 
 
 async def test_a_lesson_that_still_changes_the_replies_stays_until_the_next_adapter(store):
@@ -174,3 +177,4 @@ async def test_the_learner_reports_retired_and_dropped_lessons_in_its_status(tmp
     assert [e["id"] for e in memory["dropped"]] == [dropped]
     assert "corrected" in memory["dropped"][0]["status_reason"]
     assert memory["ignored"] == 0  # none dropped for being ignored since it started
+    assert memory["waiting"] == []  # no retirement without a model to train
