@@ -12,8 +12,8 @@ scores with. The record keeps the client's request, which lessons were added and
 the prompt token ids vLLM returns are what the model saw.
 
 It never blocks or fails a request: an index not loaded yet (the store was away), a
-retrieval that raised or cost more than ``budget_ms`` of CPU, a request with nothing to match
-on: the request goes out without lessons, and `/health` counts why.
+retrieval that raised or cost more than ``budget_ms`` of CPU, a request with nothing to
+match on: the request goes out without lessons, and `/health` counts why.
 """
 
 from __future__ import annotations

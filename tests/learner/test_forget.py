@@ -5,23 +5,15 @@ while the learner trains their adapter (toy model on CPU, a fake vLLM)."""
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from nextstate.core.lora import erase
 from nextstate.core.store import Store
 from nextstate.core.vllm import VLLMClient
-from nextstate.learner import process
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import Trainer, TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from tests.learner.test_personal import judged
 from tests.proxy.fake_vllm import FakeVLLM
-
-
-def client_of(fake: FakeVLLM, url: str = "http://vllm", key: str | None = None,
-              ) -> VLLMClient:
-    return VLLMClient(url, key, retries=0, http=httpx.AsyncClient(
-        transport=httpx.MockTransport(fake)))
 
 
 def down(request: httpx.Request) -> httpx.Response:
@@ -36,7 +28,7 @@ async def test_erase_deletes_directories_and_unloads_from_every_backend_it_reach
             {"name": "p~alice@000003", "path": str(odd)}]  # not its own directory: kept
     fake, other = FakeVLLM(), FakeVLLM()
     fake.loaded = {"p~alice@000002", "p~alice@000003", "p@000001"}
-    vllms = [client_of(fake), client_of(other, "http://other"),
+    vllms = [fake.client(), other.client("http://other"),
              VLLMClient("http://down", retries=0, http=httpx.AsyncClient(
                  transport=httpx.MockTransport(down)))]
     erased = await erase(rows, vllms)
@@ -47,16 +39,6 @@ async def test_erase_deletes_directories_and_unloads_from_every_backend_it_reach
     assert erased.unloaded == {"http://vllm": ["p~alice@000002", "p~alice@000003"]}
     assert fake.loaded == {"p@000001"} and other.admin == []
     assert list(erased.unreachable) == ["http://down"] and not erased.complete
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    """Every client to vLLM the learner makes talks to one fake vLLM, which wants the
-    backend's key ("k") on every call."""
-    fake = FakeVLLM(api_key="k")
-    monkeypatch.setattr(process, "VLLMClient", lambda url, key, **_: client_of(fake, url, key))
-    yield fake
-    assert fake.unauthorized == []
 
 
 async def test_a_forgotten_users_adapters_go_and_they_start_again_from_the_shared_one(

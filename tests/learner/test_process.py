@@ -6,12 +6,11 @@ from __future__ import annotations
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
-from tests.learner.test_forget import fake  # noqa: F401  (the fixture)
 from tests.learner.test_personal import judged
 
 
 async def test_a_step_the_gate_refused_is_counted_in_the_status_the_store_holds(
-        tmp_path, toy_model, fake):  # noqa: F811
+        tmp_path, toy_model, fake):
     # A bound no step can meet, and no second try: the step is refused.
     training = TrainingConfig(trainer=TrainerConfig(method="binary", batch_turns=2),
                               gate_max_kl=1e-12, gate_retries=0)

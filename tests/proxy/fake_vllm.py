@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import orjson
 
+from nextstate.core.vllm import VLLMClient
+
 REPLY = ["Hel", "lo", "!"]
 TOKEN_IDS = [11, 12, 13]
 LOGPROBS = [-0.5, -0.25, -0.125]
@@ -33,6 +35,11 @@ class FakeVLLM:
         self.fail_with: int | None = None
         self.api_key = api_key
         self.unauthorized: list[str] = []  # "METHOD path" of requests without the key
+
+    def client(self, url: str = "http://vllm", key: str | None = None) -> VLLMClient:
+        """nextstate's own vLLM client, talking to this fake (no retries)."""
+        return VLLMClient(url, key, retries=0, http=httpx.AsyncClient(
+            transport=httpx.MockTransport(self)))
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.api_key is not None and request.url.path != "/health" and request.headers.get(
