@@ -170,11 +170,13 @@ async def test_a_full_disk_keeps_records_in_memory_then_drops_counted_and_never_
     recorder = Recorder(store, tmp_path, queue_size=1)
     recorder._backoff = 0.01
     recorder.journal.append = disk_full
-    recorder.start()
     recorder.submit(rec(1))  # the request path never sees the failure
     recorder.submit(rec(2))  # and memory holds one
     assert (recorder.stats.unlogged, recorder.stats.dropped) == (1, 1)
     assert "No space left" in recorder.stats.last_error
+    # Started only now: a writer already running could take r1 out of memory (to try the
+    # store) between the two submits, and r2 would fit.
+    recorder.start()
     store.down = False
     await recorder.flush()
     await recorder.stop()
