@@ -218,8 +218,10 @@ def learner_step(store: Path, out: Path, *, shard: bool) -> None:
 
     rank = ranks.start()
     if rank:
-        ranks.follow()
-        ranks.leave()
+        try:
+            ranks.follow()
+        finally:
+            ranks.leave()
         return
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     shutil.copy(store, work / "store.db")

@@ -103,8 +103,10 @@ def learn(backends: tuple[str, ...], base_model: str, model_dir: Path | None, no
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     rank = ranks.start()
     if rank:  # launched as one of several: rank 0 is the learner, this one trains
-        ranks.follow()
-        ranks.leave()
+        try:
+            ranks.follow()
+        finally:  # (a Ctrl-C met while waiting is raised once rank 0's stop has come)
+            ranks.leave()
         return
     if model_dir is None and not no_train:
         from nextstate.learner.toy_model import ensure_toy_model

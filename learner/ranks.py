@@ -42,6 +42,8 @@ T = TypeVar("T")
 # How long a rank waits in a collective before giving up: longer than a learner round
 # (judging a backlog) can take, while the followers wait for rank 0's next call.
 TIMEOUT = datetime.timedelta(hours=1)
+# How long leaving waits for the other ranks to come to leave too.
+LEAVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def start() -> int | None:
@@ -135,10 +137,25 @@ def stop() -> None:
 
 
 def leave() -> None:
-    """Every rank, last: leave the process group (a process that exits still in it can
-    abort as its communication threads are torn down)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Every rank, last: leave the process group together.
+
+    A process that exits still in the group can abort as its communication threads are
+    torn down, and so can one whose peer closes the connections under a message still in
+    flight (gloo's loop thread meets the closed socket and terminates the process:
+    SIGABRT, seen about once in ten two-rank runs here). So the ranks first meet at a
+    barrier, which every message sent before it has passed, and only then close. A rank
+    that never comes costs `LEAVE_TIMEOUT`, not a hang."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+        else:
+            dist.barrier()
+    except Exception as error:  # a rank gone already: leave anyway
+        log.warning("rank %d: the other ranks did not all come to leave (%s); leaving",
+                    dist.get_rank(), error)
+    dist.destroy_process_group()
 
 
 def _guarded(call: str, make: Callable[..., T], *args: Any) -> T:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from nextstate.learner import ranks
 from nextstate.learner.items import TrainItem
 from nextstate.learner.trainer import Trainer, TrainerConfig
 
@@ -41,13 +42,6 @@ def train(trainer: Trainer, out: Path) -> None:
     trainer.save(out / "two")
 
 
-def leave_together() -> None:
-    """Every rank done before any leaves: a rank that tore its process group down while
-    another was still finishing once aborted that one ("terminate called without an
-    active exception", SIGABRT, about one full run in ten on a loaded machine)."""
-    dist.barrier()
-
-
 def _worker(rank: int, world: int, model: str, config: TrainerConfig, init_file: str,
             out: str) -> None:
     torch.set_num_threads(1)
@@ -55,9 +49,8 @@ def _worker(rank: int, world: int, model: str, config: TrainerConfig, init_file:
                             world_size=world)
     try:
         train(Trainer(model, config), Path(out))
-        leave_together()
     finally:
-        dist.destroy_process_group()
+        ranks.leave()
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])

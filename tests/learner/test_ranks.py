@@ -4,6 +4,7 @@ the same calls on one process."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from nextstate.learner import ranks
 from nextstate.learner.trainer import Trainer
-from tests.learner.test_distributed import CONFIG, batch, leave_together, train
+from tests.learner.test_distributed import CONFIG, batch, train
 
 
 def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
@@ -35,9 +36,8 @@ def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: s
             # What this rank holds: its whole copy, or its shard gathered.
             torch.save({k.replace(".default", ""): v
                         for k, v in follower.full_lora().items()}, Path(out) / "rank1.pt")
-        leave_together()
     finally:
-        dist.destroy_process_group()
+        ranks.leave()
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])
@@ -80,9 +80,8 @@ def _mismatch(rank: int, world: int, model: str, init_file: str, wrong: str,
             follower = ranks.follow()
             assert follower is not None
             torch.save(follower.full_lora(), Path(out) / "rank1.pt")
-        leave_together()
     finally:
-        dist.destroy_process_group()
+        ranks.leave()
 
 
 def test_an_error_every_rank_meets_alike_is_raised_and_the_ranks_go_on(toy_model, tmp_path):
@@ -146,3 +145,42 @@ def test_the_launched_learner_runs_a_round_and_every_rank_exits_cleanly(tmp_path
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rank 0 of 2" in done.stderr and "rank 1 of 2" in done.stderr
+
+
+def _leave(rank: int, world: int, init_file: str, out: str, stays: bool) -> None:
+    import json
+    import os
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    dist.broadcast_object_list(["a call"], src=0)  # a message in flight as rank 0 leaves
+    if rank == 1:
+        if stays:  # a rank that never comes to leave: exits only once rank 0 has left
+            while not (Path(out) / "left.json").exists():
+                time.sleep(0.05)
+            os._exit(0)
+        time.sleep(1.5)
+        ranks.leave()
+        return
+    ranks.LEAVE_TIMEOUT = datetime.timedelta(seconds=2)
+    start = time.monotonic()
+    ranks.leave()
+    (Path(out) / "left.json").write_text(json.dumps(
+        {"seconds": time.monotonic() - start, "initialized": dist.is_initialized()}))
+
+
+@pytest.mark.parametrize("stays", [False, True], ids=["together", "one-never-comes"])
+def test_the_ranks_leave_together_and_a_missing_one_costs_the_timeout(tmp_path, stays):
+    """Leaving waits for every rank (so none closes a connection under another's last
+    message), and for a rank that never comes only `LEAVE_TIMEOUT`, not forever."""
+    import json
+
+    mp.spawn(_leave, args=(2, str(tmp_path / "init"), str(tmp_path), stays), nprocs=2,
+             join=True)
+    left = json.loads((tmp_path / "left.json").read_text())
+    assert not left["initialized"]
+    if stays:
+        assert 1.5 < left["seconds"] < 20, left  # the timeout (2 s), not a hang
+    else:
+        assert left["seconds"] > 1.0, left  # waited for rank 1's 1.5 s
