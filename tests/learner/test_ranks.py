@@ -147,40 +147,40 @@ def test_the_launched_learner_runs_a_round_and_every_rank_exits_cleanly(tmp_path
     assert "rank 0 of 2" in done.stderr and "rank 1 of 2" in done.stderr
 
 
-def _leave(rank: int, world: int, init_file: str, out: str, stays: bool) -> None:
+
+def _leave(rank: int, world: int, tmp: str) -> None:
+    """Twice: both ranks leave (rank 1 1.5 s late), then rank 1 never comes."""
     import json
     import os
     import time
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    dist.broadcast_object_list(["a call"], src=0)  # a message in flight as rank 0 leaves
-    if rank == 1:
-        if stays:  # a rank that never comes to leave: exits only once rank 0 has left
-            while not (Path(out) / "left.json").exists():
+    ranks.LEAVE_TIMEOUT = datetime.timedelta(seconds=2)
+    for case in ("together", "one-never-comes"):
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init-{case}", rank=rank,
+                                world_size=world)
+        dist.broadcast_object_list(["a call"], src=0)  # in flight as rank 0 leaves
+        left = Path(tmp) / f"{case}.json"
+        if rank == 1 and case == "together":
+            time.sleep(1.5)
+            ranks.leave()
+        elif rank == 1:  # exits (without leaving) only once rank 0 has left
+            while not left.exists():
                 time.sleep(0.05)
             os._exit(0)
-        time.sleep(1.5)
-        ranks.leave()
-        return
-    ranks.LEAVE_TIMEOUT = datetime.timedelta(seconds=2)
-    start = time.monotonic()
-    ranks.leave()
-    (Path(out) / "left.json").write_text(json.dumps(
-        {"seconds": time.monotonic() - start, "initialized": dist.is_initialized()}))
+        else:
+            start = time.monotonic()
+            ranks.leave()
+            left.write_text(json.dumps({"seconds": time.monotonic() - start,
+                                        "initialized": dist.is_initialized()}))
 
 
-@pytest.mark.parametrize("stays", [False, True], ids=["together", "one-never-comes"])
-def test_the_ranks_leave_together_and_a_missing_one_costs_the_timeout(tmp_path, stays):
+def test_the_ranks_leave_together_and_a_missing_one_costs_the_timeout(tmp_path):
     """Leaving waits for every rank (so none closes a connection under another's last
     message), and for a rank that never comes only `LEAVE_TIMEOUT`, not forever."""
     import json
 
-    mp.spawn(_leave, args=(2, str(tmp_path / "init"), str(tmp_path), stays), nprocs=2,
-             join=True)
-    left = json.loads((tmp_path / "left.json").read_text())
-    assert not left["initialized"]
-    if stays:
-        assert 1.5 < left["seconds"] < 20, left  # the timeout (2 s), not a hang
-    else:
-        assert left["seconds"] > 1.0, left  # waited for rank 1's 1.5 s
+    mp.spawn(_leave, args=(2, str(tmp_path)), nprocs=2, join=True)
+    together = json.loads((tmp_path / "together.json").read_text())
+    assert together["seconds"] > 1.0 and not together["initialized"]  # waited for rank 1
+    alone = json.loads((tmp_path / "one-never-comes.json").read_text())
+    assert 1.5 < alone["seconds"] < 20 and not alone["initialized"]  # the timeout (2 s)
