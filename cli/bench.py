@@ -39,11 +39,15 @@ def bench() -> None:
               "the hint, or the adapter being trained shown the hint.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="The trainer's learning rate [default: the trainer's, 1e-3].")
+@click.option("--memory-lessons", type=click.IntRange(min=1), default=None, metavar="N",
+              help="The memory arms: lessons a request gets at most [default: the proxy's, "
+              "1].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/learning"),
               show_default=True)
 def bench_learning(personas_file: Path | None, persona: str, method: str, steps: int,
                    seeds: int, eval_problems: int, api: str, teacher: str,
-                   learning_rate: float | None, out: Path) -> None:
+                   learning_rate: float | None, memory_lessons: int | None,
+                   out: Path) -> None:
     """Simulated users -> proxy -> vLLM -> learner: the learning curve of each method."""
     require_learner_extra("nextstate bench learning")
     from nextstate.experiment.bench import run_benchmark
@@ -58,7 +62,7 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
                                  f"{', '.join(arms)}", param_hint="--method")
     config = BenchConfig(  # click's choices arrive as str, not the config's Literals
         steps=steps, eval_problems=eval_problems, api=api, teacher=teacher,  # type: ignore[arg-type]
-        learning_rate=learning_rate)
+        learning_rate=learning_rate, memory_lessons=memory_lessons)
     results = run_benchmark(chosen, methods, config, out, seeds=range(seeds),
                             progress=lambda m: click.echo(m, err=True))
     click.echo((out / "results.md").read_text())

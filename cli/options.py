@@ -81,6 +81,10 @@ memory_option = click.option(
     help="The memory: hints from judged turns become lessons, which the proxy adds to later "
     "requests they fit (each user's, their tenant's and shared ones) until the adapter has "
     "learned them. Off by default.")
+memory_lessons_option = click.option(
+    "--memory-lessons", type=click.IntRange(min=1), default=None, metavar="N",
+    help="With --memory: the lessons a request gets at most, best first [default: 1; "
+    "raise it where one user's lessons are about different things].")
 memory_for_option = click.option(
     "--memory-for", multiple=True, metavar="TENANT|USER",
     help="With --memory: only this tenant's (or user's, as `nextstate export` names them) "

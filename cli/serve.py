@@ -14,6 +14,7 @@ from nextstate.cli.options import (
     host_option,
     look_at_backend,
     memory_for_option,
+    memory_lessons_option,
     memory_option,
     no_record_option,
     port_option,
@@ -43,6 +44,16 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
         raise click.UsageError(str(exc)) from exc
 
 
+def memory_settings(memory: bool, lessons: int | None,
+                    only: tuple[str, ...] = ()) -> MemorySettings:
+    """The proxy's memory as the command line asks for it."""
+    if (only or lessons is not None) and not memory:
+        raise click.UsageError(
+            f"{'--memory-for' if only else '--memory-lessons'} needs --memory")
+    return MemorySettings(enabled=memory, only=only,
+                          **({} if lessons is None else {"lessons": lessons}))
+
+
 @click.command()
 @backend_option(multiple=True, required=True,
                 help="URL of a running vLLM server (http://HOST:PORT, with or without /v1); "
@@ -65,6 +76,7 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
               help="Store message text as sent (default: mask API keys, tokens, e-mails).")
 @memory_option
 @memory_for_option
+@memory_lessons_option
 @click.option("--no-capture", is_flag=True,
               help="Send requests as the client wrote them, without vLLM's token-capture "
               "fields: for any OpenAI-compatible backend. Turns are recorded as text (no "
@@ -80,7 +92,7 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
           no_redact: bool, memory: bool, memory_for: tuple[str, ...],
-          no_capture: bool, sampler_logprobs: str) -> None:
+          memory_lessons: int | None, no_capture: bool, sampler_logprobs: str) -> None:
     """Run the recording proxy in front of an existing vLLM (or, with --no-capture, any
     OpenAI-compatible server)."""
     extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
@@ -88,9 +100,7 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
                                 "sampler_logprobs": sampler_logprobs}
     if no_redact:
         extra["redact_patterns"] = ()
-    if memory_for and not memory:
-        raise click.UsageError("--memory-for needs --memory")
-    extra["memory"] = MemorySettings(enabled=memory, only=memory_for)
+    extra["memory"] = memory_settings(memory, memory_lessons, memory_for)
     settings = proxy_settings(backends, store, api_key, backend_api_key, no_record,
                               client_key, policy, **extra)
     free_port_or_fail(host, port)

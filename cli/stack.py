@@ -21,13 +21,14 @@ from nextstate.cli.options import (
     ensure_toy_model,
     free_port_or_fail,
     host_option,
+    memory_lessons_option,
     memory_option,
     no_record_option,
     personal_after_option,
     port_option,
     store_option,
 )
-from nextstate.cli.serve import proxy_settings
+from nextstate.cli.serve import memory_settings, proxy_settings
 from nextstate.core.doctor import recompute_exact
 from nextstate.core.health import Finding
 from nextstate.core.paths import data_dir
@@ -43,7 +44,7 @@ from nextstate.core.vllm_server import (
 )
 from nextstate.learner.multimodal import image_token_id
 from nextstate.proxy.server import run_proxy
-from nextstate.proxy.settings import MemorySettings, ProxySettings
+from nextstate.proxy.settings import ProxySettings
 
 SCALE_OUT = "--enable-scale-out"  # vLLM's render and token-in routes (the image teacher)
 
@@ -67,11 +68,13 @@ SCALE_OUT = "--enable-scale-out"  # vLLM's render and token-in routes (the image
               help="With --backend: the key that vLLM wants. Otherwise the key the vLLM "
               "started here asks for (default: a random one).")
 @memory_option
+@memory_lessons_option
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
        vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
        store: str | None, api_key: str | None, no_record: bool,
-       backend_api_key: str | None, memory: bool) -> None:
+       backend_api_key: str | None, memory: bool, memory_lessons: int | None) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
+    lessons = memory_settings(memory, memory_lessons)
     free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
     if backend:
@@ -85,7 +88,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                       backend_api_key=backend_api_key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((backend,), store, api_key, backend_api_key, no_record,
-                                     policy=name, memory=MemorySettings(enabled=memory),
+                                     policy=name, memory=lessons,
                                      sampler_logprobs=sampler_logprobs(
                                          backend, backend_api_key, name, no_learner)),
                       host, port)
@@ -112,7 +115,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                                                   backend_api_key=key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name,
-                                     memory=MemorySettings(enabled=memory),
+                                     memory=lessons,
                                      sampler_logprobs=sampler_logprobs(
                                          vllm.url, key, name, no_learner)), host, port)
     except BackendStartError as exc:

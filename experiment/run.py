@@ -89,6 +89,8 @@ class BenchConfig:
     # The teacher of distillation: the frozen base model shown the hint (the paper's
     # choice), or the adapter serving the user shown the hint (`nextstate learn --teacher`).
     teacher: TeacherKind = "base"
+    # The memory arms: lessons a request gets at most (None: the proxy's default).
+    memory_lessons: int | None = None
 
 
 @dataclass
@@ -133,7 +135,10 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=home / "spool", policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05,
-                             memory=MemorySettings(enabled=kind.memory, refresh_seconds=0.05))
+                             memory=MemorySettings(
+                                 enabled=kind.memory, refresh_seconds=0.05,
+                                 **({} if config.memory_lessons is None
+                                    else {"lessons": config.memory_lessons})))
     trainer = TrainerConfig(method=kind.method or "combined", batch_turns=config.batch_turns,
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)

@@ -24,7 +24,12 @@ class MemorySettings:
     # Only these tenants and users get lessons (a user as the export names it:
     # ``tenant:id``, or the id without tenants); empty: everyone.
     only: tuple[str, ...] = ()
-    lessons: int = 3  # lessons a request gets at most
+    # Lessons a request gets at most, best first. One: on the learning benchmark a second
+    # and third lesson (the same user's preferences in other words) added no score where
+    # the model understands them and cost a third of it where it does not, at three times
+    # the tokens (bench/README.md, Memory). Raise it where a user's lessons are about
+    # different things.
+    lessons: int = 1
     # Lessons of one scope (a user's, a tenant's, the shared ones) it is chosen from: the
     # newest (pinned first). Bounds what retrieval costs a request.
     scope_lessons: int = 64

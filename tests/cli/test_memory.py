@@ -9,6 +9,7 @@ from nextstate import cli
 from nextstate.cli import serve, stack
 from nextstate.core import vllm_server
 from nextstate.core.store import Store
+from nextstate.proxy.settings import MemorySettings
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -64,6 +65,11 @@ def test_serve_turns_the_memory_and_capture_on_and_off(monkeypatch):
     assert on.memory.enabled and on.memory.only == ("team-a",) and not on.capture
     assert not off.memory.enabled and off.capture
     assert run("serve", "--backend", "http://vllm", "--memory-for", "x")[0] == 2
+    code, out = run("serve", "--backend", "http://vllm", "--memory-lessons", "2")
+    assert code == 2 and "--memory-lessons needs --memory" in out
+    assert run("serve", "--backend", "http://vllm", "--memory", "--memory-lessons", "0")[0] == 2
+    assert run("serve", "--backend", "http://vllm", "--memory", "--memory-lessons", "2")[0] == 0
+    assert seen[-1].memory.lessons == 2 and on.memory.lessons == MemorySettings().lessons
 
 
 def test_serve_in_front_of_any_provider_does_not_insist_on_vllm(monkeypatch):
@@ -91,8 +97,9 @@ def test_up_with_memory_starts_a_learner_that_learns_lessons(monkeypatch):
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: served.append(settings))
     monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "record")
-    assert run("up", "--backend", "http://vllm", "--memory")[0] == 0
+    assert run("up", "--backend", "http://vllm", "--memory", "--memory-lessons", "3")[0] == 0
     assert "--memory" in started[0] and served[0].memory.enabled
+    assert served[0].memory.lessons == 3
 
 
 def test_status_says_what_the_memory_holds_and_why_lessons_left():

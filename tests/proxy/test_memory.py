@@ -12,7 +12,7 @@ from nextstate.proxy.settings import MemorySettings
 from tests.proxy.fake_vllm import FakeVLLM
 from tests.proxy.test_app import direct, open_client, records
 
-ON = MemorySettings(enabled=True, refresh_seconds=0.05)
+ON = MemorySettings(enabled=True, refresh_seconds=0.05, lessons=3)  # (default: 1)
 ASK = "Ben has 3 apples and buys 2 more. How many apples does Ben have now?"
 LESSON = "Show the steps and talk to me like a friend."
 KEYS = (("team-a", "ka"), ("team-b", "kb"))
@@ -212,6 +212,18 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
         [row] = records(client)
     assert len(row["lessons"]["ids"]) == 2
     assert len(row["lessons"]["hint"]) <= 200
+
+
+def test_by_default_a_request_gets_its_best_lesson_only(tmp_path, fake):
+    seed(tmp_path, "Use short words.", context="How many apples are left?")  # fits less
+    best = seed(tmp_path, LESSON)  # learned on this very question
+    with open_client(tmp_path, fake, memory=MemorySettings(enabled=True)) as client:
+        refreshed(client)
+        client.post("/v1/chat/completions", json=chat())
+        [row] = records(client)
+    assert row["lessons"]["ids"] == [best]
+    content = fake.requests[0]["messages"][1]["content"]
+    assert LESSON in content and "short words" not in content
 
 
 @pytest.mark.parametrize("path, body", [
