@@ -74,7 +74,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
        store: str | None, api_key: str | None, no_record: bool,
        backend_api_key: str | None, memory: bool, memory_lessons: int | None) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
-    lessons = memory_settings(memory, memory_lessons)
+    remembering = memory_settings(memory, memory_lessons)
     free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
     if backend:
@@ -88,7 +88,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                       backend_api_key=backend_api_key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((backend,), store, api_key, backend_api_key, no_record,
-                                     policy=name, memory=lessons,
+                                     policy=name, memory=remembering,
                                      sampler_logprobs=sampler_logprobs(
                                          backend, backend_api_key, name, no_learner)),
                       host, port)
@@ -115,7 +115,7 @@ def up(port: int, model_dir: Path | None, model_name: str | None, backend: str |
                                                   backend_api_key=key, memory=memory):
             _announce(host, port, name, store, api_key)
             run_proxy(proxy_settings((vllm.url,), store, api_key, key, no_record, policy=name,
-                                     memory=lessons,
+                                     memory=remembering,
                                      sampler_logprobs=sampler_logprobs(
                                          vllm.url, key, name, no_learner)), host, port)
     except BackendStartError as exc:

@@ -142,9 +142,11 @@ def leave() -> None:
     A process that exits still in the group can abort as its communication threads are
     torn down, and so can one whose peer closes the connections under a message still in
     flight (gloo's loop thread meets the closed socket and terminates the process:
-    SIGABRT, seen about once in ten two-rank runs here). So the ranks first meet at a
-    barrier, which every message sent before it has passed, and only then close. A rank
-    that never comes costs `LEAVE_TIMEOUT`, not a hang."""
+    SIGABRT, in about one full test run in ten here). So the ranks first meet at a
+    barrier, which every message sent before it has passed, and only then close. With
+    gloo a rank that never comes costs `LEAVE_TIMEOUT`, not a hang (NCCL has no such
+    barrier: it waits up to `TIMEOUT`, unless torchrun, seeing a rank fail, stops the
+    others first, as it does)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
