@@ -135,10 +135,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
     settings = ProxySettings(backends=(vllm_url,), store_url=store_url,
                              spool_dir=home / "spool", policy=policy,
                              base_model=base_model, adapter_poll_seconds=0.05,
-                             memory=MemorySettings(
-                                 enabled=kind.memory, refresh_seconds=0.05,
-                                 **({} if config.memory_lessons is None
-                                    else {"lessons": config.memory_lessons})))
+                             memory=memory_settings(kind, config))
     trainer = TrainerConfig(method=kind.method or "combined", batch_turns=config.batch_turns,
                             learning_rate=config.learning_rate, passes=config.passes,
                             seed=config.seed)
@@ -291,6 +288,13 @@ async def train_one_step(client: httpx.AsyncClient, learner: Learner, policy: st
         if current is not None and current != before:
             return recorded, str(current["name"])
     return None
+
+
+def memory_settings(kind: Arm, config: BenchConfig) -> MemorySettings:
+    """The proxy's memory for an arm: on for the memory arms, the index following the
+    store at once (each step waits for it)."""
+    lessons = {} if config.memory_lessons is None else {"lessons": config.memory_lessons}
+    return MemorySettings(enabled=kind.memory, refresh_seconds=0.05, **lessons)
 
 
 def _record(learner: Learner, policy: str, adapter: str, score: float) -> None:

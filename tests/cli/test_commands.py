@@ -511,8 +511,7 @@ def test_up_builds_the_toy_model_in_a_child_and_never_imports_torch_itself(tmp_p
     assert done.stdout.strip() == "False"
 
 
-def test_bench_learning_passes_the_teacher_and_learning_rate_to_the_benchmark(monkeypatch,
-                                                                               tmp_path):
+def test_bench_learning_passes_its_recipe_to_the_benchmark(monkeypatch, tmp_path):
     from nextstate.experiment import bench as experiment_bench
 
     configs = []
@@ -529,11 +528,12 @@ def test_bench_learning_passes_the_teacher_and_learning_rate_to_the_benchmark(mo
             "--out", str(tmp_path)]
     assert runner.invoke(cli.main, args).exit_code == 0
     assert runner.invoke(cli.main, [*args, "--teacher", "policy", "--learning-rate",
-                                    "2e-3"]).exit_code == 0
+                                    "2e-3", "--memory-lessons", "3"]).exit_code == 0
     (_, default), (methods, chosen) = configs
-    assert (default.teacher, default.learning_rate) == ("base", None)
+    assert (default.teacher, default.learning_rate, default.memory_lessons) == (
+        "base", None, None)
     assert methods == ("combined",) and chosen.teacher == "policy"
-    assert chosen.learning_rate == 2e-3
+    assert chosen.learning_rate == 2e-3 and chosen.memory_lessons == 3
     wrong = runner.invoke(cli.main, [*args, "--teacher", "judge"])
     assert wrong.exit_code == 2 and "'judge' is not one of" in wrong.output
 

@@ -57,3 +57,14 @@ def _recorded(store_url: str, count: int, timeout: float = 15.0) -> list[dict]:
         return rows
     finally:
         store.close()
+
+
+def test_the_memory_arms_serve_lessons_as_many_as_asked():
+    from nextstate.experiment.memory import arm
+    from nextstate.experiment.run import memory_settings
+    from nextstate.proxy.settings import MemorySettings
+
+    assert not memory_settings(arm("combined"), BenchConfig()).enabled
+    default = memory_settings(arm("memory+combined"), BenchConfig())
+    assert default.enabled and default.lessons == MemorySettings().lessons
+    assert memory_settings(arm("memory"), BenchConfig(memory_lessons=3)).lessons == 3
