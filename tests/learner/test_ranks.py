@@ -147,7 +147,6 @@ def test_the_launched_learner_runs_a_round_and_every_rank_exits_cleanly(tmp_path
     assert "rank 0 of 2" in done.stderr and "rank 1 of 2" in done.stderr
 
 
-
 def _leave(rank: int, world: int, tmp: str) -> None:
     """Twice: both ranks leave (rank 1 1.5 s late), then rank 1 never comes."""
     import json
