@@ -19,7 +19,7 @@ import orjson
 
 from nextstate.cli.options import existing_store, store_option
 from nextstate.core.store import Store
-from nextstate.core.store.lessons import STATUSES
+from nextstate.core.store.lessons import STATUSES, scope_label
 
 
 @click.group()
@@ -56,7 +56,7 @@ def list_lessons(store: str | None, user: str | None, tenant: str | None,
     click.echo(f"{'id':<32} {'for':<24} {'status':<8} {'pin':<3} {'served':>6} "
                f"{'+1':>4} {'-1':>4}  text")
     for row in rows:
-        scope = row["user"] or (f"tenant {row['tenant']}" if row["tenant"] else "everyone")
+        scope = scope_label(row["tenant"], row["user"])
         click.echo(f"{row['id']:<32} {scope[:24]:<24} {row['status']:<8} "
                    f"{'yes' if row['pinned'] else '':<3} {row['served']:>6} "
                    f"{row['helped']:>4} {row['failed']:>4}  {row['text'][:60]}")

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 from nextstate.core.hints import with_hint
 from nextstate.core.routing import Router
 from nextstate.core.store import Store
-from nextstate.core.store.lessons import DROPPED, RETIRED
+from nextstate.core.store.lessons import DROPPED, RETIRED, scope_label
 from nextstate.core.vllm import VLLMClient, VLLMError
 from nextstate.learner.config import MemoryConfig
 from nextstate.learner.teacher import TeacherError, score
@@ -107,7 +107,7 @@ class Retirement:
                            lessons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         prompts = await asyncio.to_thread(self.store.lessons.held_out, tenant, user,
                                           self.config.check_prompts)
-        scope = user or tenant or "shared"
+        scope = scope_label(tenant, user)
         if len(prompts) < self.config.check_prompts:  # checked on a later round
             self.waiting.append(f"{scope}: {len(prompts)} of {self.config.check_prompts} "
                                 "held-out prompts (requests served lessons, not trained on)")

@@ -42,6 +42,11 @@ def scope_of(tenant: str | None, user: str | None) -> Scope:
     return (tenant, None if user == tenant else user)
 
 
+def scope_label(tenant: str | None, user: str | None) -> str:
+    """A scope as people read it: the user, else "tenant T", else "everyone" (shared)."""
+    return user or (f"tenant {tenant}" if tenant else "everyone")
+
+
 def _row(row: Any) -> dict[str, Any]:
     return {str(k): v for k, v in row._mapping.items()}
 
