@@ -35,6 +35,7 @@ from nextstate.cli.options import (
     store_option,
 )
 from nextstate.core.paths import data_dir, default_store_url
+from nextstate.core.store.lessons import scope_label
 from nextstate.learner.config import JudgeKind, LearnerConfig, Method, TeacherKind, TrainerConfig
 
 # The options' defaults are the configuration's (learner/config.py: torch-free).
@@ -275,6 +276,12 @@ def _memory_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"          {event['status']} {_when(event.get('status_at'))}: "
                      f"{event['text'][:60]!r}: {event.get('status_reason') or ''}")
     lines += [f"          not checked yet: {why}" for why in (memory.get("waiting") or [])[:2]]
+    handed = memory.get("handed_over") or []
+    for row in handed[:3]:
+        lines.append(f"          handed over to the weights {_when(row.get('since'))}: "
+                     f"{scope_label(row.get('tenant'), row.get('user'))}: {row.get('reason')}")
+    if len(handed) > 3:
+        lines.append(f"          and {len(handed) - 3} more handed over")
     return lines
 
 

@@ -44,6 +44,8 @@ def list_lessons(store: str | None, user: str | None, tenant: str | None,
     try:
         rows = db.lessons.find(tenant=tenant, user=user, status=status,
                                every_tenant=tenant is None)
+        handed = [r for r in db.handover.handed_over() if (tenant is None or r["tenant"]
+                  == tenant) and (user is None or r["user"] == user)]
     finally:
         db.close()
     if as_json:
@@ -52,14 +54,17 @@ def list_lessons(store: str | None, user: str | None, tenant: str | None,
         return
     if not rows:
         click.echo("no lessons")
-        return
-    click.echo(f"{'id':<32} {'for':<24} {'status':<8} {'pin':<3} {'served':>6} "
-               f"{'+1':>4} {'-1':>4}  text")
+    else:
+        click.echo(f"{'id':<32} {'for':<24} {'status':<8} {'pin':<3} {'served':>6} "
+                   f"{'+1':>4} {'-1':>4}  text")
     for row in rows:
         scope = scope_label(row["tenant"], row["user"])
         click.echo(f"{row['id']:<32} {scope[:24]:<24} {row['status']:<8} "
                    f"{'yes' if row['pinned'] else '':<3} {row['served']:>6} "
                    f"{row['helped']:>4} {row['failed']:>4}  {row['text'][:60]}")
+    for row in handed:  # whose active lessons are held back (but for a control share)
+        click.echo(f"handed over to the weights: {scope_label(row['tenant'], row['user'])}: "
+                   f"{row['reason']}")
 
 
 @memory.command()

@@ -85,6 +85,13 @@ memory_lessons_option = click.option(
     "--memory-lessons", type=click.IntRange(min=1), default=None, metavar="N",
     help="With --memory: the lessons a request gets at most, best first [default: 1; "
     "raise it where one user's lessons are about different things].")
+memory_control_option = click.option(
+    "--memory-control", type=click.FloatRange(min=0.0, max=0.5, max_open=True), default=None,
+    metavar="SHARE",
+    help="With --memory: the share of recorded requests served the other way (without "
+    "their lessons while they are served, with them once handed over to the weights), so "
+    "the learner can tell whether lessons still help [default: 0.2; 0: never measured, "
+    "never handed over].")
 memory_for_option = click.option(
     "--memory-for", multiple=True, metavar="TENANT|USER",
     help="With --memory: only this tenant's (or user's, as `nextstate export` names them) "

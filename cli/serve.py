@@ -13,6 +13,7 @@ from nextstate.cli.options import (
     free_port_or_fail,
     host_option,
     look_at_backend,
+    memory_control_option,
     memory_for_option,
     memory_lessons_option,
     memory_option,
@@ -44,14 +45,17 @@ def proxy_settings(backends: tuple[str, ...], store: str | None, api_key: str | 
         raise click.UsageError(str(exc)) from exc
 
 
-def memory_settings(memory: bool, lessons: int | None,
-                    only: tuple[str, ...] = ()) -> MemorySettings:
+def memory_settings(memory: bool, lessons: int | None, only: tuple[str, ...] = (),
+                    control: float | None = None) -> MemorySettings:
     """The proxy's memory as the command line asks for it."""
-    if (only or lessons is not None) and not memory:
-        raise click.UsageError(
-            f"{'--memory-for' if only else '--memory-lessons'} needs --memory")
+    given = {"--memory-for": bool(only), "--memory-lessons": lessons is not None,
+             "--memory-control": control is not None}
+    for flag, set_ in given.items():
+        if set_ and not memory:
+            raise click.UsageError(f"{flag} needs --memory")
+    chosen = {"lessons": lessons, "control": control}
     return MemorySettings(enabled=memory, only=only,
-                          **({} if lessons is None else {"lessons": lessons}))
+                          **{k: v for k, v in chosen.items() if v is not None})
 
 
 @click.command()
@@ -77,6 +81,7 @@ def memory_settings(memory: bool, lessons: int | None,
 @memory_option
 @memory_for_option
 @memory_lessons_option
+@memory_control_option
 @click.option("--no-capture", is_flag=True,
               help="Send requests as the client wrote them, without vLLM's token-capture "
               "fields: for any OpenAI-compatible backend. Turns are recorded as text (no "
@@ -92,7 +97,8 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
           backend_api_key: str | None, no_record: bool, client_key: tuple[str, ...],
           policy: str | None, admin_key: str | None, retention_days: float | None,
           no_redact: bool, memory: bool, memory_for: tuple[str, ...],
-          memory_lessons: int | None, no_capture: bool, sampler_logprobs: str) -> None:
+          memory_lessons: int | None, memory_control: float | None, no_capture: bool,
+          sampler_logprobs: str) -> None:
     """Run the recording proxy in front of an existing vLLM (or, with --no-capture, any
     OpenAI-compatible server)."""
     extra: dict[str, object] = {"admin_key": admin_key, "retention_days": retention_days,
@@ -100,7 +106,7 @@ def serve(backends: tuple[str, ...], port: int, host: str, store: str | None,
                                 "sampler_logprobs": sampler_logprobs}
     if no_redact:
         extra["redact_patterns"] = ()
-    extra["memory"] = memory_settings(memory, memory_lessons, memory_for)
+    extra["memory"] = memory_settings(memory, memory_lessons, memory_for, memory_control)
     settings = proxy_settings(backends, store, api_key, backend_api_key, no_record,
                               client_key, policy, **extra)
     free_port_or_fail(host, port)

@@ -21,6 +21,7 @@ from nextstate.cli.options import (
     ensure_toy_model,
     free_port_or_fail,
     host_option,
+    memory_control_option,
     memory_lessons_option,
     memory_option,
     no_record_option,
@@ -69,12 +70,14 @@ SCALE_OUT = "--enable-scale-out"  # vLLM's render and token-in routes (the image
               "started here asks for (default: a random one).")
 @memory_option
 @memory_lessons_option
+@memory_control_option
 def up(port: int, model_dir: Path | None, model_name: str | None, backend: str | None,
        vllm_arg: tuple[str, ...], no_learner: bool, personal_after: int | None, host: str,
        store: str | None, api_key: str | None, no_record: bool,
-       backend_api_key: str | None, memory: bool, memory_lessons: int | None) -> None:
+       backend_api_key: str | None, memory: bool, memory_lessons: int | None,
+       memory_control: float | None) -> None:
     """Bring the whole stack up: vLLM with the model, the learner, the recording proxy."""
-    remembering = memory_settings(memory, memory_lessons)
+    remembering = memory_settings(memory, memory_lessons, control=memory_control)
     free_port_or_fail(host, port)
     store_url = store or ProxySettings().resolved_store_url()
     if backend:

@@ -160,12 +160,13 @@ def memory_table(methods: dict[str, Any]) -> list[str]:
         if not memory:
             continue
         lines += ["", f"{name}: | step | lessons served | retired | dropped | tokens of "
-                      "lessons a request | requests served with lessons | the adapter "
-                      "alone |", "|---|---|---|---|---|---|---|"]
+                      "lessons a request | requests served with lessons | handed over "
+                      "| the adapter alone |", "|---|---|---|---|---|---|---|---|"]
         alone = memory.get("weights_only") or []
+        handed = memory.get("handed_over") or [0.0] * len(memory["injected_tokens"])
         for i, tokens in enumerate(memory["injected_tokens"]):
             lines.append(f"| {i + 1} | {memory['active'][i]:.1f} | {memory['retired'][i]:.1f} "
                          f"| {memory['dropped'][i]:.1f} | {tokens:.1f} | "
-                         f"{memory['served_share'][i]:.2f} | "
+                         f"{memory['served_share'][i]:.2f} | {handed[i]:.1f} | "
                          f"{f'{alone[i]:.2f}' if i < len(alone) else '-'} |")
     return lines

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from nextstate.core.store import Store
+from nextstate.core.store.handover import memory_version
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner.config import Method
 
@@ -46,7 +47,7 @@ def arm(name: str) -> Arm:
 async def until_indexed(client: httpx.AsyncClient, proxy_url: str, store: Store,
                         timeout: float = 10.0) -> None:
     """Wait until the proxy's memory has read the store's lessons as they are now."""
-    want = list(await asyncio.to_thread(store.lessons.version))
+    want = await asyncio.to_thread(memory_version, store.lessons, store.handover)
     for _ in range(int(timeout / 0.05)):
         memory = (await client.get(f"{proxy_url}/health")).json().get("memory") or {}
         if memory.get("version") == want:
@@ -56,7 +57,8 @@ async def until_indexed(client: httpx.AsyncClient, proxy_url: str, store: Store,
 
 
 def lesson_counts(store: Store) -> dict[str, int]:
-    return store.lessons.counts()
+    """Lessons by status, and the askers whose lessons were handed over to the weights."""
+    return {**store.lessons.counts(), "handed_over": len(store.handover.handed_over())}
 
 
 async def injected_tokens(store: Store, vllm_url: str, model: str, since: float,

@@ -360,6 +360,9 @@ def _memory_summary(runs: list[MethodRun]) -> dict[str, Any]:
         "dropped": per_step([[float(c.get("dropped", 0)) for c in r.lessons] for r in runs]),
         "injected_tokens": per_step([[i["mean"] for i in r.injected] for r in runs]),
         "served_share": per_step([[i["served"] for i in r.injected] for r in runs]),
+        # the share of seeds whose persona was handed over to the weights after the step
+        "handed_over": per_step([[float(c.get("handed_over", 0)) for c in r.lessons]
+                                 for r in runs]),
         "weights_only": (per_step([r.weights_only for r in runs])
                          if all(r.weights_only for r in runs) else []),
     }

@@ -124,6 +124,11 @@ class MemoryConfig:
     check_samples: int = 4  # replies sampled per prompt (16 replies: measured, bench/README.md)
     check_max_tokens: int = 256
     checks_per_round: int = 8  # lessons checked per learner round at most
+    # Hand an asker's lessons over to the weights once the turns the proxy served without
+    # them (its control share) score as well as those served with them, and back when
+    # they no longer do; decided on at least this many judged turns in each arm since the
+    # asker's mode began (learner/handover.py). 0: never.
+    hand_over_after: int = 8
 
     def __post_init__(self) -> None:
         for name in ("lessons_per_turn", "drop_after", "check_prompts", "check_samples",
@@ -134,6 +139,9 @@ class MemoryConfig:
             raise ValueError(f"retire_kl must be over 0, not {self.retire_kl}")
         if self.ignore_kl < 0:
             raise ValueError(f"ignore_kl must be at least 0 (0: never), not {self.ignore_kl}")
+        if self.hand_over_after < 0:
+            raise ValueError("hand_over_after must be at least 0 (0: never), not "
+                             f"{self.hand_over_after}")
 
 
 @dataclass(frozen=True)

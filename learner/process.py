@@ -30,6 +30,7 @@ from nextstate.core.store.facts import loop_facts
 from nextstate.core.vllm import VLLMClient
 from nextstate.learner import ranks
 from nextstate.learner.config import LearnerConfig
+from nextstate.learner.handover import HandOvers
 from nextstate.learner.judging import JudgingReport, judge_pending
 from nextstate.learner.judgment import Judge
 from nextstate.learner.lessons import Keeper
@@ -72,6 +73,7 @@ class Totals:
     lessons_learned: int = 0
     lessons_dropped: int = 0
     lessons_retired: int = 0
+    memory_switches: int = 0  # askers handed over to the weights, or back to lessons
     # Sampler logprobs the proxy left out (serve --sampler-logprobs recompute): recomputed,
     # and lost (their version was unloaded first; the turns are not trained on).
     logprobs_recomputed: int = 0
@@ -114,6 +116,8 @@ class Learner:
         if self.training is not None and memory.retire:
             self.retirement = Retirement(self.store, self.teacher.vllm, self.policy,
                                          config.base_model, memory)
+        self.handovers = (HandOvers(self.store.handover, memory.hand_over_after)
+                          if memory.hand_over_after else None)
         self.retired: list[dict[str, Any]] = []  # the latest lessons retired, for status
         self.totals = Totals()
         self.started_at = time.time()
@@ -149,6 +153,8 @@ class Learner:
         report = await judge_pending(self.store.judgments, self.judge, self.teacher,
                                      self.config.judging, self.keeper)
         self.totals.add(report)
+        if self.handovers is not None and report.judged:
+            self.totals.memory_switches += len(await asyncio.to_thread(self.handovers.check))
         done = report.judged + report.failed + recomputed.recomputed + recomputed.lost
         result: StepResult | None = None
         await self._erase_forgotten()  # before housekeeping looks at what vLLM has
@@ -264,7 +270,10 @@ class Learner:
                 "checks": self.retirement.checks if self.retirement is not None else 0,
                 # dropped since the learner started because the base model ignores them
                 "ignored": self.retirement.ignored if self.retirement is not None else 0,
-                "waiting": self.retirement.waiting if self.retirement is not None else []}
+                "waiting": self.retirement.waiting if self.retirement is not None else [],
+                # askers whose lessons the weights took over (and why), the latest changes
+                "handed_over": self.store.handover.handed_over(),
+                "switches": self.handovers.switches if self.handovers is not None else []}
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:
         """learning / stalled / blocked, and why: what doctor says from the store, over

@@ -11,6 +11,12 @@ marker (core/hints.py), so the model is served exactly the context the learner's
 scores with. The record keeps the client's request, which lessons were added and where;
 the prompt token ids vLLM returns are what the model saw.
 
+Whether lessons still help is measured on the people they are served to: a control share
+of the recorded requests they fit (``MemorySettings.control``) is served the other way
+than the asker's mode (core/store/handover.py: lessons, or handed over to the weights),
+and the record says which arm it was in. Requests not recorded always get the mode: a
+turn nobody measures is not worth serving worse. Pinned lessons are served in both.
+
 It never blocks or fails a request: an index not loaded yet (the store was away), a
 retrieval that raised or cost more than ``budget_ms`` of CPU, a request with nothing to
 match on: the request goes out without lessons, and `/health` counts why.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +37,8 @@ from nextstate.core.records import Endpoint
 from nextstate.core.retrieval import Doc, LessonIndex
 from nextstate.core.sessions import text_of
 from nextstate.core.store import Store
+from nextstate.core.store.handover import LESSONS, WEIGHTS, memory_version
+from nextstate.core.store.lessons import scope_of
 from nextstate.proxy.settings import MemorySettings
 
 log = logging.getLogger("nextstate.proxy.memory")
@@ -44,6 +53,8 @@ class MemoryCounts:
     lessons_served: int = 0
     chars_served: int = 0
     unmatched: int = 0  # no lesson fit the request
+    withheld: int = 0  # lessons fit, served without them (the control share, or handed over)
+    control: int = 0  # recorded requests served the other way than their asker's mode
     slow: int = 0  # retrieval over the budget: served without lessons
     failed: int = 0  # retrieval raised: served without lessons
     not_ready: int = 0  # the index was not loaded yet (the store was away)
@@ -81,12 +92,14 @@ def query_of(body: dict[str, Any], endpoint: Endpoint) -> str:
 class Memory:
     """The lessons index the request path reads, kept in step with the store off it."""
 
-    def __init__(self, settings: MemorySettings, store: Store,
-                 policy: str | None = None) -> None:
+    def __init__(self, settings: MemorySettings, store: Store, policy: str | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
         self.store = store
         self.policy = policy  # with a policy, only requests for it get lessons
+        self.rng = rng if rng is not None else random.Random()  # draws the control share
         self.index: LessonIndex | None = None
+        self.modes: dict[tuple[str | None, str | None], str] = {}  # askers handed over
         self.counts = MemoryCounts()
         self.refreshed_at: float | None = None
         # One refresh at a time: a slow build that started first must not replace the
@@ -94,10 +107,12 @@ class Memory:
         self._refreshing = asyncio.Lock()
 
     def serve(self, body: dict[str, Any], endpoint: Endpoint, model: object,
-              tenant: str | None, user: str | None) -> dict[str, Any] | None:
+              tenant: str | None, user: str | None,
+              recorded: bool = True) -> dict[str, Any] | None:
         """Add the lessons that fit this request to ``body`` (a new messages list or
         prompt; nothing the record shares is changed); returns the record's ``lessons``
-        (ids, the hint text and where it went), or None when it got none."""
+        (ids, the hint text and where it went; the arm and the ids held back, where
+        unpinned lessons fit), or None when none fit."""
         settings = self.settings
         if not settings.serves(tenant, user) or (
                 self.policy is not None and model != self.policy):
@@ -122,18 +137,37 @@ class Memory:
         if (time.thread_time() - started) * 1000 > settings.budget_ms:
             self.counts.slow += 1
             return None
+        if not docs:  # (a prompt that is not text has no query: nothing fits it)
+            self.counts.unmatched += 1
+            return None
+        arm = self._arm(docs, tenant, user, recorded)
+        choice: dict[str, Any] = {} if arm is None else {"arm": arm}
+        if arm == WEIGHTS:
+            choice["withheld"] = [doc.id for doc in docs if not doc.pinned]
+            docs = [doc for doc in docs if doc.pinned]
+            self.counts.withheld += 1
         hint = joined(doc.text for doc in docs)
-        if hint is None:
-            self.counts.unmatched += 1
-            return None
-        placement = self._place(body, endpoint, hint)
-        if placement is None:
-            self.counts.unmatched += 1
-            return None
+        placement = self._place(body, endpoint, hint) if hint is not None else None
+        if hint is None or placement is None:
+            # Held back, with no pinned lesson to serve: the record still says so.
+            return {"ids": [], **choice} if choice else None
         self.counts.served += 1
         self.counts.lessons_served += len(docs)
         self.counts.chars_served += len(hint)
-        return {"ids": [doc.id for doc in docs], "hint": hint, **placement.as_dict()}
+        return {"ids": [doc.id for doc in docs], "hint": hint, **placement.as_dict(),
+                **choice}
+
+    def _arm(self, docs: Sequence[Doc], tenant: str | None, user: str | None,
+             recorded: bool) -> str | None:
+        """LESSONS or WEIGHTS: whether this request gets its unpinned lessons (None: it
+        has none, so there is nothing to choose)."""
+        if all(doc.pinned for doc in docs):
+            return None
+        mode = self.modes.get(scope_of(tenant, user), LESSONS)
+        if recorded and self.rng.random() < self.settings.control:
+            self.counts.control += 1
+            return WEIGHTS if mode == LESSONS else LESSONS
+        return mode
 
     @staticmethod
     def _place(body: dict[str, Any], endpoint: Endpoint, hint: str) -> Placement | None:
@@ -154,20 +188,23 @@ class Memory:
     async def refresh(self, force: bool = False) -> None:
         """Rebuild the index if the store's lessons changed (on a thread)."""
         async with self._refreshing:
-            version = await asyncio.to_thread(self.store.lessons.version)
+            version = await asyncio.to_thread(memory_version, self.store.lessons,
+                                              self.store.handover)
             if not force and self.index is not None and self.index.version == version:
                 self.refreshed_at = time.time()
                 return
-            self.index = await asyncio.to_thread(self._build, version)
+            self.index, self.modes = await asyncio.to_thread(self._build, version)
             self.counts.refreshes += 1
             self.refreshed_at = time.time()
 
-    def _build(self, version: object) -> LessonIndex:
+    def _build(self, version: object) -> tuple[LessonIndex, dict[Any, str]]:
         rows = self.store.lessons.servable()
-        return LessonIndex([Doc(id=r["id"], scope=(r["tenant"], r["user"]), text=r["text"],
-                                pinned=bool(r["pinned"]), support=int(r["support"] or 1),
-                                context=r["context"] or "") for r in rows], version,
-                           per_scope=self.settings.scope_lessons)
+        modes = self.store.handover.modes()
+        index = LessonIndex([Doc(id=r["id"], scope=(r["tenant"], r["user"]), text=r["text"],
+                                 pinned=bool(r["pinned"]), support=int(r["support"] or 1),
+                                 context=r["context"] or "") for r in rows], version,
+                            per_scope=self.settings.scope_lessons)
+        return index, modes
 
     async def follow(self) -> None:
         """Keep in step with the store for the app's lifetime."""
@@ -182,7 +219,8 @@ class Memory:
     def snapshot(self) -> dict[str, Any]:
         index = self.index
         return {"lessons": index.size if index is not None else None,
-                # The store's lessons as last read (`Lessons.version`): a client can tell
-                # when this proxy serves what the learner just wrote.
+                "handed_over": sum(mode == WEIGHTS for mode in self.modes.values()),
+                # The store's lessons and modes as last read (`memory_version`): a client
+                # can tell when this proxy serves what the learner just wrote.
                 "version": index.version if index is not None else None,
                 "refreshed_at": self.refreshed_at, **asdict(self.counts)}

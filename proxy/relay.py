@@ -156,9 +156,11 @@ class Turn:
         self.affinity = ((meta.session_id or _opening(body))
                          if len(deps.backends.backends) > 1 else None)
         # Lessons that fit the request go into the prompt vLLM gets (memory.py); the
-        # record keeps the client's request and says which lessons went where.
+        # record keeps the client's request and says which lessons went where (and, in
+        # the control share, which were held back).
         if deps.memory is not None and meta.memory:
-            lessons = deps.memory.serve(body, endpoint, asked_for, tenant, user)
+            lessons = deps.memory.serve(body, endpoint, asked_for, tenant, user,
+                                        recorded=self.record is not None)
             if lessons is not None and self.record is not None:
                 self.record.lessons = lessons
         self.stream = bool(body.get("stream"))

@@ -38,6 +38,12 @@ class MemorySettings:
     # lessons (counted); so does a failed one.
     budget_ms: float = 2.0
     refresh_seconds: float = 1.0  # how often the index looks for changed lessons
+    # The share of recorded requests that lessons fit served the other way: without them
+    # while the asker's lessons are served, with them once the learner has handed them
+    # over to the weights (core/store/handover.py). The judged turns of the two arms are
+    # how the learner tells whether lessons still help. 0: never (nothing is measured, and
+    # nothing is ever handed over).
+    control: float = 0.2
 
     def __post_init__(self) -> None:
         if isinstance(self.only, str):
@@ -48,6 +54,9 @@ class MemorySettings:
         for name in ("budget_ms", "refresh_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"memory {name} must be over 0, not {getattr(self, name)}")
+        if not 0 <= self.control < 0.5:
+            raise ValueError(f"memory control must be at least 0 and under 0.5 (a share of "
+                             f"requests served the other way), not {self.control}")
 
     def serves(self, tenant: str | None, user: str | None) -> bool:
         """Does this tenant's (or user's) traffic get lessons?"""

@@ -14,6 +14,7 @@ object per concept, so that no module knows all of them.
     store.curves      Curves: what each adapter version did (its step, its traffic, scores)
     store.browse      Browse: the sessions, searchable, and one session turn by turn
     store.lessons     Lessons: the memory's hints, per user, tenant or shared
+    store.handover    HandOver: per asker, whether lessons are served or the weights took over
 
 Callers name the concept they use (``store.turns.iterate()``, ``store.adapters.current(p)``).
 """
@@ -25,6 +26,7 @@ from nextstate.core.store.browse import Browse
 from nextstate.core.store.curves import Curves
 from nextstate.core.store.database import Database, make_engine
 from nextstate.core.store.funnel import Funnel
+from nextstate.core.store.handover import HandOver
 from nextstate.core.store.judgments import Judgments
 from nextstate.core.store.lessons import Lessons
 from nextstate.core.store.registry import AdapterRegistry, TurnsForgotten
@@ -35,7 +37,7 @@ from nextstate.core.store.status import LearnerStatus
 from nextstate.core.store.turns import Turns
 
 __all__ = ["EXPORT_COLUMNS", "AdapterRegistry", "Browse", "Curves", "Database", "Forgotten",
-           "Funnel", "Judgments", "LearnerStatus", "Lessons", "Responses", "Retention",
+           "Funnel", "HandOver", "Judgments", "LearnerStatus", "Lessons", "Responses", "Retention",
            "Store", "Turns", "TurnsForgotten", "make_engine"]
 
 
@@ -56,6 +58,7 @@ class Store:
         self.curves = Curves(self.db)
         self.browse = Browse(self.db, self.turns, self.judgments)
         self.lessons = Lessons(self.db, self.turns.redactor)
+        self.handover = HandOver(self.db)
 
     @property
     def url(self) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, or_, select, update
 
 from nextstate.core.lora import PERSONAL, AdapterStatus, personal_key
 from nextstate.core.store.database import Database
+from nextstate.core.store.handover import forget_modes
 from nextstate.core.store.images import Images
 from nextstate.core.store.schema import (
     adapters,
@@ -117,6 +118,7 @@ class Retention:
         elif tenant is not None:
             scope.append(lessons.c.tenant == tenant)
         if scope:
+            forget_modes(conn, tenant, user)
             doomed = select(lessons.c.id).where(or_(*scope)).scalar_subquery()
             conn.execute(lesson_turns.delete().where(lesson_turns.c.lesson_id.in_(doomed)))
             gone += conn.execute(lessons.delete().where(or_(*scope))).rowcount or 0

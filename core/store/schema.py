@@ -19,7 +19,9 @@ references any more is deleted with the last of them).
 
 The memory's: ``lessons`` (hints remembered per user, per tenant or shared, which the
 proxy serves in later prompts until the weights have learned them) and ``lesson_turns``
-(the turns each lesson was learned from, and those it was served in, with their score).
+(the turns each lesson was learned from, and those it was served in, with their score);
+``memory_scopes``: per asker, whether the memory serves lessons or has handed over to
+the weights.
 
 A store created by an older nextstate gets the columns added since (all nullable) when
 it is opened: `add_missing_columns`.
@@ -255,6 +257,22 @@ lesson_turns = Table(
     Column("score", Integer),  # served: the turn's judged score
     Column("at", Float, nullable=False),
     Index("ix_lesson_turns_turn", "turn_id"),
+)
+
+# Per asker's scope, whether the memory still serves its lessons or has handed them over
+# to the weights, decided by the learner from the judged turns served with and without
+# them (learner/handover.py); the proxy reads it with the lessons.
+memory_scopes = Table(
+    "memory_scopes",
+    metadata,
+    Column("key", String(460), primary_key=True),  # the scope as JSON: [tenant, user]
+    Column("tenant", String(128)),
+    Column("user", String(300)),
+    Column("mode", String(8), nullable=False),  # lessons | weights
+    Column("reason", Text),
+    Column("figures", JSON),  # the two arms' judged turns and mean scores
+    Column("since", Float, nullable=False),  # when the current mode began
+    Column("decided_at", Float, nullable=False),
 )
 
 learner_status = Table(

@@ -33,8 +33,12 @@ def test_lessons_are_listed_added_edited_pinned_and_forgotten(tmp_path):
     assert rows[written]["pinned"] and not rows[learned]["pinned"]
     assert run("memory", "edit", learned, "Show every step.", "--store", url)[0] == 0
     assert run("memory", "pin", learned, "--store", url)[0] == 0
+    store = Store(url)
+    store.handover.decide("t", "t:alice", "weights", "no better with lessons", {})
+    store.close()
     code, out = run("memory", "list", "--store", url)
     assert "Show every step." in out and "t:alice" in out and "tenant t" in out
+    assert "handed over to the weights: t:alice: no better with lessons" in out
     assert run("memory", "pin", learned, "--off", "--store", url)[0] == 0
     assert run("memory", "forget", "--user", "t:alice", "--store", url) == (
         0, "forgot 1 lesson(s)\n")
@@ -70,6 +74,13 @@ def test_serve_turns_the_memory_and_capture_on_and_off(monkeypatch):
     assert run("serve", "--backend", "http://vllm", "--memory", "--memory-lessons", "0")[0] == 2
     assert run("serve", "--backend", "http://vllm", "--memory", "--memory-lessons", "2")[0] == 0
     assert seen[-1].memory.lessons == 2 and on.memory.lessons == MemorySettings().lessons
+    assert on.memory.control == MemorySettings().control
+    assert run("serve", "--backend", "http://vllm", "--memory", "--memory-control", "0")[0] == 0
+    assert seen[-1].memory.control == 0
+    code, out = run("serve", "--backend", "http://vllm", "--memory", "--memory-control", "0.5")
+    assert code == 2 and "0.5" in out
+    code, out = run("serve", "--backend", "http://vllm", "--memory-control", "0.1")
+    assert code == 2 and "--memory-control needs --memory" in out
 
 
 def test_serve_in_front_of_any_provider_does_not_insist_on_vllm(monkeypatch):
@@ -97,9 +108,10 @@ def test_up_with_memory_starts_a_learner_that_learns_lessons(monkeypatch):
     monkeypatch.setattr(stack, "stop_group", lambda process: None)
     monkeypatch.setattr(stack, "run_proxy", lambda settings, host, port: served.append(settings))
     monkeypatch.setattr(stack, "sampler_logprobs", lambda url, key, model, off: "record")
-    assert run("up", "--backend", "http://vllm", "--memory", "--memory-lessons", "3")[0] == 0
+    assert run("up", "--backend", "http://vllm", "--memory", "--memory-lessons", "3",
+               "--memory-control", "0.1")[0] == 0
     assert "--memory" in started[0] and served[0].memory.enabled
-    assert served[0].memory.lessons == 3
+    assert served[0].memory.lessons == 3 and served[0].memory.control == 0.1
 
 
 def test_status_says_what_the_memory_holds_and_why_lessons_left():
@@ -109,8 +121,12 @@ def test_status_says_what_the_memory_holds_and_why_lessons_left():
         "learning": True, "counts": {"active": 3, "retired": 2, "dropped": 1, "pinned": 0},
         "retired": [{"status": "retired", "text": "Show the steps.", "status_at": 1.0,
                      "status_reason": "p@000004 follows it without being told"}],
-        "dropped": [], "waiting": ["alice: 1 of 4 held-out prompts"]}}
+        "dropped": [], "waiting": ["alice: 1 of 4 held-out prompts"],
+        "handed_over": [{"tenant": None, "user": "bob", "since": 2.0,
+                         "reason": "judged turns served without lessons scored +0.50"}]}}
     text = render_status(report)
     assert "memory    lessons: 3 served, 2 retired" in text
     assert "'Show the steps.': p@000004 follows it without being told" in text
     assert "not checked yet: alice: 1 of 4 held-out prompts" in text
+    assert "handed over to the weights" in text
+    assert ": bob: judged turns served without lessons scored +0.50" in text

@@ -73,7 +73,8 @@ def memory_run(seed: int, retired: list[int], tokens: list[float]) -> MethodRun:
     return MethodRun(
         "memory+combined", seed, scores=[0.2, 0.95, 0.97], seconds=60,
         early={"2": 0.9 + seed / 100, "4": 0.95},
-        lessons=[{"active": 3 - r, "retired": r, "dropped": 0, "pinned": 0} for r in retired],
+        lessons=[{"active": 3 - r, "retired": r, "dropped": 0, "pinned": 0,
+                  "handed_over": int(r == 3 and seed == 0)} for r in retired],
         injected=[{"mean": t, "served": 1.0 if t else 0.0, "requests": 20.0} for t in tokens],
         weights_only=[0.4, 0.9])
 
@@ -87,13 +88,14 @@ def test_memory_arms_report_the_first_problems_the_lessons_and_their_cost(
     assert memory["memory"]["retired"] == [0.5, 3.0]
     assert memory["memory"]["injected_tokens"] == [105.0, 10.0]
     assert memory["memory"]["weights_only"] == [0.4, 0.9]
+    assert memory["memory"]["handed_over"] == [0.0, 0.5]  # one seed of two, after step 2
     assert "memory" not in summary["combined"]
     result = {"persona": "student", "seeds": [0, 1], "methods": summary, "paper": PAPER}
     table = markdown_table(result).splitlines()
     assert table[0] == "| method | step 0 | 2 problems | 4 problems | step 2 | paper | time |"
     assert table[2].startswith("| memory+combined | 0.20 (0.20-0.20) | 0.91 | 0.95 | 0.97")
     assert table[3].startswith("| combined | 0.20 (0.20-0.20) | - | - |")
-    assert "| 2 | 0.0 | 3.0 | 0.0 | 10.0 | 0.50 | 0.90 |" in table
+    assert "| 2 | 0.0 | 3.0 | 0.0 | 10.0 | 0.50 | 0.5 | 0.90 |" in table
     assert plot_curves(result, tmp_path / "memory.png").stat().st_size > 10_000
 
 

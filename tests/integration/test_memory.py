@@ -74,7 +74,9 @@ def indexed(proxy, count: int) -> None:
 def memory_proxy(vllm, start_proxy):
     return start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1,
                        client_keys=KEYS,
-                       memory=MemorySettings(enabled=True, refresh_seconds=0.05))
+                       # Every request its lessons (the control share: test_handover.py).
+                       memory=MemorySettings(enabled=True, refresh_seconds=0.05,
+                                             control=0.0))
 
 
 async def test_a_correction_is_served_as_a_lesson_to_that_user_only_and_recorded(

@@ -8,11 +8,13 @@ import pytest
 
 from nextstate.core.hints import HINT_MARKER
 from nextstate.core.store import Store
+from nextstate.core.store.handover import memory_version
 from nextstate.proxy.settings import MemorySettings
 from tests.proxy.fake_vllm import FakeVLLM
 from tests.proxy.test_app import direct, open_client, records
 
-ON = MemorySettings(enabled=True, refresh_seconds=0.05, lessons=3)  # (default: 1)
+# Every matched request gets its lessons here (the control share: its own tests below).
+ON = MemorySettings(enabled=True, refresh_seconds=0.05, lessons=3, control=0.0)
 ASK = "Ben has 3 apples and buys 2 more. How many apples does Ben have now?"
 LESSON = "Show the steps and talk to me like a friend."
 KEYS = (("team-a", "ka"), ("team-b", "kb"))
@@ -54,7 +56,7 @@ def test_a_fitting_lesson_is_appended_to_the_last_user_message_after_the_hint_ma
     assert sent[1]["content"] == ASK + HINT_MARKER + LESSON
     assert row["request"] == chat()  # the client's own request
     assert row["lessons"] == {"ids": [lesson], "hint": LESSON, "message": 1, "part": None,
-                              "offset": len(ASK), "added": 0}
+                              "offset": len(ASK), "added": 0, "arm": "lessons"}
 
 
 def test_the_client_gets_the_same_answer_with_lessons_in_the_prompt(tmp_path, fake):
@@ -120,7 +122,7 @@ def test_memory_off_for_a_request_or_a_proxy_leaves_the_prompt_alone(tmp_path, f
 def test_only_the_named_users_get_lessons(tmp_path, fake):
     seed(tmp_path, user="alice")
     seed(tmp_path, user="bob")
-    only = MemorySettings(enabled=True, only=("alice",))
+    only = MemorySettings(enabled=True, only=("alice",), control=0.0)
     with open_client(tmp_path, fake, memory=only) as client:
         refreshed(client)
         for user in ("alice", "bob"):
@@ -157,8 +159,8 @@ def test_a_retired_lesson_is_no_longer_served_once_the_index_follows(tmp_path, f
         store = client.app_state["deps"].store
         store.lessons.set_status(lesson, "retired", "the weights follow it")
         deadline = time.monotonic() + 5
-        while client.get("/health").json()["memory"]["version"] != list(
-                store.lessons.version()):
+        while client.get("/health").json()["memory"]["version"] != memory_version(
+                store.lessons, store.handover):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         client.post("/v1/chat/completions", json=chat())
@@ -169,7 +171,7 @@ def test_a_costly_or_failing_retrieval_serves_without_lessons_and_is_counted(tmp
     seed(tmp_path)
     # The follower must not rebuild the index behind the test's back (it would replace
     # the None below within a refresh period).
-    still = MemorySettings(enabled=True, refresh_seconds=3600)
+    still = MemorySettings(enabled=True, refresh_seconds=3600, control=0.0)
     with open_client(tmp_path, fake, memory=still) as client:
         memory = refreshed(client)
         real = memory.index
@@ -206,7 +208,7 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
     for i in range(5):
         seed(tmp_path, f"Lesson {i}: mention the apples {'and more ' * i}in the answer.")
     with open_client(tmp_path, fake, memory=MemorySettings(
-            enabled=True, lessons=2, max_chars=200)) as client:
+            enabled=True, lessons=2, max_chars=200, control=0.0)) as client:
         refreshed(client)
         client.post("/v1/chat/completions", json=chat())
         [row] = records(client)
@@ -217,7 +219,8 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
 def test_by_default_a_request_gets_its_best_lesson_only(tmp_path, fake):
     seed(tmp_path, "Use short words.", context="How many apples are left?")  # fits less
     best = seed(tmp_path, LESSON)  # learned on this very question
-    with open_client(tmp_path, fake, memory=MemorySettings(enabled=True)) as client:
+    one = MemorySettings(enabled=True, control=0.0)  # the default count of lessons
+    with open_client(tmp_path, fake, memory=one) as client:
         refreshed(client)
         client.post("/v1/chat/completions", json=chat())
         [row] = records(client)
@@ -242,3 +245,60 @@ def test_the_dialects_get_their_lessons_in_the_chat_request_the_model_sees(
     assert fake.requests[0]["messages"][-1]["content"].endswith(HINT_MARKER + LESSON)
     assert row["lessons"]["ids"] == [lesson]
     assert HINT_MARKER not in str(row["dialect"]["request"])  # the client's own
+
+
+class Draws:
+    """The memory's random draws, in order (the control share: under ``control``)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+
+def test_a_control_share_of_recorded_requests_goes_without_its_lessons_and_says_so(
+        tmp_path, fake):
+    lesson = seed(tmp_path, user="alice")
+    control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2)
+    with open_client(tmp_path, fake, memory=control) as client:
+        memory = refreshed(client)
+        memory.rng = Draws(0.1, 0.9)  # the first request in the control share
+        for _ in range(2):
+            client.post("/v1/chat/completions", json=chat(),
+                        headers={"X-NextState-User": "alice"})
+        # Not recorded, not measured: the asker's mode, and no draw (Draws would raise).
+        client.post("/v1/chat/completions", json=chat(),
+                    headers={"X-NextState-User": "alice", "X-NextState-Record": "off"})
+        first, second = records(client)
+        counts = client.get("/health").json()["memory"]
+    assert [HINT_MARKER in r["messages"][1]["content"] for r in fake.requests] == [
+        False, True, True]
+    assert first["lessons"] == {"ids": [], "withheld": [lesson], "arm": "weights"}
+    assert second["lessons"]["ids"] == [lesson] and second["lessons"]["arm"] == "lessons"
+    assert (counts["control"], counts["withheld"], counts["served"]) == (1, 1, 2)
+
+
+def test_once_handed_over_only_the_control_share_and_pinned_lessons_are_served(
+        tmp_path, fake):
+    lesson = seed(tmp_path, user="alice")
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    pinned = store.lessons.add("Always say which units.", user="alice")
+    store.handover.decide(None, "alice", "weights", "the lessons no longer help", {})
+    store.close()
+    control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2, lessons=3)
+    with open_client(tmp_path, fake, memory=control) as client:
+        memory = refreshed(client)
+        assert client.get("/health").json()["memory"]["handed_over"] == 1
+        memory.rng = Draws(0.9, 0.1)  # the second request in the control share
+        for user in ("alice", "alice", "bob"):  # bob has no lessons: no draw
+            client.post("/v1/chat/completions", json=chat(),
+                        headers={"X-NextState-User": user})
+        first, second, _ = records(client)
+    sent = [r["messages"][1]["content"] for r in fake.requests]
+    assert "which units" in sent[0] and LESSON not in sent[0]
+    assert "which units" in sent[1] and LESSON in sent[1]
+    assert HINT_MARKER not in sent[2]
+    assert (first["lessons"]["ids"], first["lessons"]["withheld"]) == ([pinned], [lesson])
+    assert first["lessons"]["arm"] == "weights" and second["lessons"]["arm"] == "lessons"
+    assert set(second["lessons"]["ids"]) == {pinned, lesson}

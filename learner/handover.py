@@ -1,0 +1,80 @@
+"""Handing an asker's lessons over to the weights once they no longer help, and back
+(store -> learner -> **hand-over** -> store -> the proxy's memory).
+
+The proxy serves a control share of the recorded requests that lessons fit the other way
+than their asker's mode, and the record says which arm each turn was in (proxy/memory.py,
+core/store/handover.py). After each round of judging, for every asker with such turns
+judged since the last round, this compares the two arms on the asker's latest judged
+turns since their mode began, back to where each arm has ``hand_over_after`` (the same
+span of time for both):
+
+    mode = weights   if mean score without lessons ≥ mean score with them
+           lessons   otherwise
+
+once each arm has at least ``hand_over_after`` turns. A tie goes to the weights: lessons
+that do not raise the score cost context on every request. A decision that changes the
+mode counts afresh from then on, so one lucky run of turns cannot flip it back at once.
+
+Retirement (retirement.py) asks of each lesson whether showing it still changes what the
+adapter says; this asks of the lessons together whether they still make the replies
+better, by the same verdicts the learner trains on. The two disagree on a lesson in words
+the model half-understands: showing it keeps changing the replies (it is never retired),
+in ways that do not help (it is handed over). With nothing training, "the weights" are
+the model as it is: lessons that never helped are handed over too.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+from nextstate.core.store.handover import LESSONS, WEIGHTS, HandOver
+from nextstate.core.store.lessons import scope_label
+
+log = logging.getLogger("nextstate.learner.handover")
+
+
+class HandOvers:
+    """Decides each asker's mode from their judged turns, one round at a time."""
+
+    def __init__(self, handover: HandOver, after: int) -> None:
+        self.handover = handover
+        self.after = after
+        self.checked_at = 0.0  # judged turns from here on are the next round's news
+        self.switches: list[dict[str, Any]] = []  # the latest changes of mode, for status
+
+    def check(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One round: the askers whose mode changed, with why. Runs on a thread."""
+        now = time.time() if now is None else now
+        askers = self.handover.askers(self.checked_at)
+        self.checked_at = now
+        changed = []
+        for tenant, user in askers:
+            decision = self.decide(tenant, user, now)
+            if decision is not None:
+                changed.append(decision)
+        self.switches = [*self.switches, *changed][-20:]
+        return changed
+
+    def decide(self, tenant: str | None, user: str | None,
+               now: float) -> dict[str, Any] | None:
+        since = self.handover.since(tenant, user)
+        arms = self.handover.arms(tenant, user, since, self.after)
+        served, held = arms[LESSONS], arms[WEIGHTS]
+        if min(len(served), len(held)) < self.after:
+            return None
+        with_, without = statistics.fmean(served), statistics.fmean(held)
+        mode = WEIGHTS if without >= with_ else LESSONS
+        figures = {"with": {"turns": len(served), "mean": round(with_, 3)},
+                   "without": {"turns": len(held), "mean": round(without, 3)}}
+        reason = (f"judged turns served without lessons scored {without:+.2f} on average "
+                  f"({len(held)} turns), with them {with_:+.2f} ({len(served)})")
+        if not self.handover.decide(tenant, user, mode, reason, figures, now):
+            return None
+        who = scope_label(tenant, user)
+        log.info("memory of %s: %s (%s)", who, "handed over to the weights"
+                 if mode == WEIGHTS else "lessons served again", reason)
+        return {"tenant": tenant, "user": user, "mode": mode, "reason": reason,
+                **figures, "at": now}
