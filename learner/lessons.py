@@ -11,7 +11,8 @@ After a turn is judged (judging.py calls `Keeper.after`, on a thread):
   +1 marks them useful now; a lesson whose last ``drop_after`` served turns were all
   corrected (-1) is dropped: it keeps failing, and costs context on every request.
 
-Retiring lessons the weights have learned is `retirement.py`'s.
+Retiring lessons the weights have learned is `retirement.py`'s; handing a user's lessons
+over to the weights once they no longer help is `handover.py`'s.
 """
 
 from __future__ import annotations

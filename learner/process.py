@@ -4,7 +4,8 @@
 A separate process from the proxy, attached to the same store and the same vLLM. It
 loops: judge the turns that have their next state (with the memory on, their hints
 become lessons the proxy serves); once enough judged turns carry a signal, train a step
-and publish the adapter; retire the lessons the adapter has learned; report what it is
+and publish the adapter; retire the lessons the adapter has learned, and hand a user over
+to the weights once their lessons no longer help (handover.py); report what it is
 doing in the store (the proxy's status endpoint and dashboard show it), and to its
 observers (Prometheus metrics, experiment trackers: `observers`). Killing it at any
 moment loses nothing: all of its state is in the store and the adapter directories.

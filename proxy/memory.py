@@ -99,7 +99,7 @@ class Memory:
         self.policy = policy  # with a policy, only requests for it get lessons
         self.rng = rng if rng is not None else random.Random()  # draws the control share
         self.index: LessonIndex | None = None
-        self.modes: dict[tuple[str | None, str | None], str] = {}  # askers handed over
+        self.modes: dict[tuple[str | None, str | None], str] = {}  # decided askers: mode
         self.counts = MemoryCounts()
         self.refreshed_at: float | None = None
         # One refresh at a time: a slow build that started first must not replace the

@@ -60,3 +60,15 @@ def test_lessons_that_help_stay_served(store):
     assert handovers.check(now=100.0) == []
     assert store.handover.get("t", "t:alice")["mode"] == LESSONS
     assert store.handover.get("t", "t:alice")["figures"]["without"]["mean"] == -0.5
+
+
+def test_once_handed_over_lessons_come_back_only_by_a_clear_margin(store):
+    store.handover.decide("t", "t:alice", WEIGHTS, "earlier", {}, now=100.0)
+    turns(store, WEIGHTS, [-1] * 8, 120)
+    turns(store, LESSONS, [1, 1] + [-1] * 6, 140)  # -0.5 against -1.0: not by over 0.5
+    handovers = HandOvers(store.handover, after=8)
+    assert handovers.check(now=200.0) == []
+    assert store.handover.get("t", "t:alice")["mode"] == WEIGHTS
+    turns(store, LESSONS, [1] * 4, 160)  # 12 turns with lessons since: 0.0 against -1.0
+    [back] = handovers.check(now=300.0)
+    assert back["mode"] == LESSONS and back["with"] == {"turns": 12, "mean": 0.0}
