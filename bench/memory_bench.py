@@ -88,7 +88,7 @@ def request_path(total: int, shared: int, repeats: int = 2000) -> dict[str, floa
         url = f"sqlite:///{tmp}/s.db"
         seed_lessons(url, total, shared)
         store = Store(url)
-        memory = Memory(MemorySettings(enabled=True), store)
+        memory = Memory(MemorySettings(enabled=True, control=0.0), store)  # always served
         asyncio.run(memory.refresh())
         body = {"model": "m", "messages": conversation(), "max_tokens": 32}
 

@@ -311,7 +311,9 @@ def fake_session(work: Path, args: argparse.Namespace,
         if args.memory:
             (work / MEMORY).mkdir(parents=True, exist_ok=True)
             seed_lessons(f"sqlite:///{work / MEMORY / 'store.db'}", args.memory)
-            wanted.append((MEMORY, {"name": MEMORY, "extra": ("--memory",)}))
+            # Every matched request served its lessons (no control share): the full cost.
+            wanted.append((MEMORY, {"name": MEMORY,
+                                    "extra": ("--memory", "--memory-control", "0")}))
         for name, options in wanted:
             port = free_port()
             servers.append(start_nextstate(upstream.url, port, SERVER_CORE, work, **options))

@@ -129,8 +129,9 @@ def pin(store: str | None, lesson_id: str, off: bool) -> None:
 @click.option("--tenant", default=None, help="Forget every lesson of this tenant.")
 def forget(store: str | None, lesson_id: str | None, user: str | None,
            tenant: str | None) -> None:
-    """Forget one lesson, or all of a user's or a tenant's (their turns stay; `nextstate
-    forget` forgets turns and the lessons learned from them)."""
+    """Forget one lesson, or all of a user's or a tenant's, and whether they were handed
+    over to the weights (their turns stay; `nextstate forget` forgets turns and the
+    lessons learned from them)."""
     if (lesson_id is None) == (user is None and tenant is None):
         raise click.UsageError("give a lesson id, or --user or --tenant")
     db = _open(store)
@@ -142,6 +143,7 @@ def forget(store: str | None, lesson_id: str | None, user: str | None,
         else:
             rows = db.lessons.find(tenant=tenant, user=user, every_tenant=tenant is None)
             gone = sum(db.lessons.forget(row["id"]) for row in rows)
+            db.handover.forget(tenant, user)  # their memory starts over: lessons served
     finally:
         db.close()
     click.echo(f"forgot {gone} lesson(s)")

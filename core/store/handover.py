@@ -141,6 +141,12 @@ class HandOver:
         return list(dict.fromkeys(scope_of(r.tenant, r.user) for r in rows
                                   if arm_of(r.lessons) is not None))
 
+    def forget(self, tenant: str | None, user: str | None) -> None:
+        """A user's mode (a tenant's: its users' too), as if never decided: their memory
+        starts over (`nextstate memory forget --user`)."""
+        with self.db.begin() as conn:
+            forget_modes(conn, tenant, user)
+
     def handed_over(self) -> list[dict[str, Any]]:
         """The askers whose lessons the weights have taken over, latest first."""
         with self.db.connect() as conn:

@@ -42,6 +42,9 @@ def test_lessons_are_listed_added_edited_pinned_and_forgotten(tmp_path):
     assert run("memory", "pin", learned, "--off", "--store", url)[0] == 0
     assert run("memory", "forget", "--user", "t:alice", "--store", url) == (
         0, "forgot 1 lesson(s)\n")
+    store = Store(url)
+    assert store.handover.modes() == {}  # alice's memory starts over
+    store.close()
     code, out = run("memory", "forget", learned, "--store", url)
     assert code == 1 and f"no lesson {learned}" in out
     store = Store(url)
