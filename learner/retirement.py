@@ -6,9 +6,9 @@ lesson, as it answers with it. A lesson has been learned when showing it no long
 changes what the adapter says. Each round, for the served lessons not yet checked
 against the adapter now serving their owner:
 
-1. held-out prompts: the owner's latest requests that were served lessons and that no
-   adapter has trained on (as the client sent them, without the lessons); the check
-   waits for ``check_prompts`` of them;
+1. held-out prompts: the owner's latest requests that lessons fit (served with them, or
+   held back: handover.py) and that no adapter has trained on (as the client sent them,
+   without the lessons); the check waits for ``check_prompts`` of them;
 2. the adapter answers each, untold, ``check_samples`` times (vLLM, temperature 1);
 3. the teacher's machinery scores each reply under the prompt without the lesson and with
    it (`core.hints`, the placement the proxy serves it in): the mean of
@@ -110,7 +110,7 @@ class Retirement:
         scope = scope_label(tenant, user)
         if len(prompts) < self.config.check_prompts:  # checked on a later round
             self.waiting.append(f"{scope}: {len(prompts)} of {self.config.check_prompts} "
-                                "held-out prompts (requests served lessons, not trained on)")
+                                "held-out prompts (requests lessons fit, not trained on)")
             return []
         replies = await self._replies(model, prompts)
         if not replies:

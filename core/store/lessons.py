@@ -308,10 +308,10 @@ class Lessons:
 
     def held_out(self, tenant: str | None, user: str | None, limit: int,
                  ) -> list[dict[str, Any]]:
-        """The scope's latest requests that the memory served lessons to and no adapter
-        has trained on (not judged yet, or judged and not trained): prompts to check a
-        lesson on, the kind of request lessons are for. A user's own turns; for a
-        tenant's lessons, the tenant's; for shared ones, any."""
+        """The scope's latest requests that the memory matched lessons to (served with
+        them, or held back) and no adapter has trained on (not judged yet, or judged and
+        not trained): prompts to check a lesson on, the kind of request lessons are for.
+        A user's own turns; for a tenant's lessons, the tenant's; for shared ones, any."""
         served = and_(turns.c.lessons.is_not(None), turns.c.lessons.cast(String) != "null")
         query = (select(turns.c.id).outerjoin(judgments, judgments.c.turn_id == turns.c.id)
                  .where(turns.c.turn_type == "main", turns.c.status == "ok",

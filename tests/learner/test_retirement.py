@@ -124,7 +124,7 @@ async def test_too_few_held_out_prompts_put_the_check_off(store):
     check = retirement(store, adapter, check_prompts=4)
     assert await check.check() == []
     assert adapter.calls == []
-    assert check.waiting == ["alice: 3 of 4 held-out prompts (requests served lessons, "
+    assert check.waiting == ["alice: 3 of 4 held-out prompts (requests lessons fit, "
                              "not trained on)"]
 
 
