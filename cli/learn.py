@@ -280,8 +280,9 @@ def _memory_lines(report: dict[str, Any]) -> list[str]:
     for row in handed[:3]:
         lines.append(f"          handed over to the weights {_when(row.get('since'))}: "
                      f"{scope_label(row.get('tenant'), row.get('user'))}: {row.get('reason')}")
-    if len(handed) > 3:
-        lines.append(f"          and {len(handed) - 3} more handed over")
+    more = int(memory.get("handed_over_count") or len(handed)) - len(handed[:3])
+    if more > 0:
+        lines.append(f"          and {more} more handed over")
     return lines
 
 

@@ -58,7 +58,7 @@ async def until_indexed(client: httpx.AsyncClient, proxy_url: str, store: Store,
 
 def lesson_counts(store: Store) -> dict[str, int]:
     """Lessons by status, and the askers whose lessons were handed over to the weights."""
-    return {**store.lessons.counts(), "handed_over": len(store.handover.handed_over())}
+    return {**store.lessons.counts(), "handed_over": store.handover.count()}
 
 
 async def injected_tokens(store: Store, vllm_url: str, model: str, since: float,

@@ -273,7 +273,8 @@ class Learner:
                 "ignored": self.retirement.ignored if self.retirement is not None else 0,
                 "waiting": self.retirement.waiting if self.retirement is not None else [],
                 # askers whose lessons the weights took over (and why), the latest changes
-                "handed_over": self.store.handover.handed_over(),
+                "handed_over": self.store.handover.handed_over(limit=10),
+                "handed_over_count": self.store.handover.count(),
                 "switches": self.handovers.switches if self.handovers is not None else []}
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,11 @@ class HandOver:
                                        memory_scopes.c.mode)).all()
         return {(r.tenant, r.user): r.mode for r in rows}
 
+    def count(self, mode: str = WEIGHTS) -> int:
+        with self.db.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(memory_scopes)
+                                    .where(memory_scopes.c.mode == mode)).scalar_one())
+
     def version(self) -> tuple[int, float]:
         """Changes whenever a mode changes: (askers decided, the latest change)."""
         with self.db.connect() as conn:
@@ -147,11 +152,11 @@ class HandOver:
         with self.db.begin() as conn:
             forget_modes(conn, tenant, user)
 
-    def handed_over(self) -> list[dict[str, Any]]:
+    def handed_over(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The askers whose lessons the weights have taken over, latest first."""
         with self.db.connect() as conn:
             rows = conn.execute(select(memory_scopes).where(memory_scopes.c.mode == WEIGHTS)
-                                .order_by(memory_scopes.c.decided_at.desc())).all()
+                                .order_by(memory_scopes.c.since.desc()).limit(limit)).all()
         return [{str(k): v for k, v in r._mapping.items()} for r in rows]
 
 

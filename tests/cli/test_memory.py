@@ -126,10 +126,12 @@ def test_status_says_what_the_memory_holds_and_why_lessons_left():
                      "status_reason": "p@000004 follows it without being told"}],
         "dropped": [], "waiting": ["alice: 1 of 4 held-out prompts"],
         "handed_over": [{"tenant": None, "user": "bob", "since": 2.0,
-                         "reason": "judged turns served without lessons scored +0.50"}]}}
+                         "reason": "judged turns served without lessons scored +0.50"}],
+        "handed_over_count": 5}}
     text = render_status(report)
     assert "memory    lessons: 3 served, 2 retired" in text
     assert "'Show the steps.': p@000004 follows it without being told" in text
     assert "not checked yet: alice: 1 of 4 held-out prompts" in text
     assert "handed over to the weights" in text
     assert ": bob: judged turns served without lessons scored +0.50" in text
+    assert "and 4 more handed over" in text

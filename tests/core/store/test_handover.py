@@ -34,6 +34,7 @@ def test_a_mode_starts_when_it_changes_and_the_proxys_version_follows_only_chang
     before = memory_version(store.lessons, store.handover)
     assert store.handover.decide("t", "t:alice", WEIGHTS, "why", {}, now=10.0)
     assert store.handover.modes() == {("t", "t:alice"): WEIGHTS}
+    assert store.handover.count() == 1 and store.handover.count(LESSONS) == 0
     changed = memory_version(store.lessons, store.handover)
     assert changed != before
     # The same mode again: new figures, the same start, the same version.
