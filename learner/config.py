@@ -125,9 +125,9 @@ class MemoryConfig:
     check_max_tokens: int = 256
     checks_per_round: int = 8  # lessons checked per learner round at most
     # Hand an asker's lessons over to the weights once the turns the proxy served without
-    # them (its control share) score as well as those served with them, and back when
-    # they no longer do; decided on at least this many judged turns in each arm since the
-    # asker's mode began (learner/handover.py). 0: never.
+    # them (its control share) score as well as those served with them, and back once
+    # lessons score clearly better again; decided on at least this many judged turns in
+    # each arm since the asker's mode began (learner/handover.py). 0: never.
     hand_over_after: int = 8
 
     def __post_init__(self) -> None:
