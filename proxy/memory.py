@@ -11,11 +11,14 @@ marker (core/hints.py), so the model is served exactly the context the learner's
 scores with. The record keeps the client's request, which lessons were added and where;
 the prompt token ids vLLM returns are what the model saw.
 
-Whether lessons still help is measured on the people they are served to: a control share
-of the recorded requests they fit (``MemorySettings.control``) is served the other way
-than the asker's mode (core/store/handover.py: lessons, or handed over to the weights),
-and the record says which arm it was in. Requests not recorded always get the mode: a
-turn nobody measures is not worth serving worse. Pinned lessons are served in both.
+Whether lessons still help is measured on the people they are served to, once an adapter
+serves them: a control share of the recorded requests they fit (``MemorySettings.control``)
+is served the other way than the asker's mode (core/store/handover.py: lessons, or handed
+over to the weights), and the record says which arm it was in. Requests not recorded
+always get the mode: a turn nobody measures is not worth serving worse. A request the
+base model serves always gets its lessons: there are no weights to hand over to (and on
+the learning benchmark, memory alone handed over on one lucky approval, then served
+0.25 where its lessons had served 0.58). Pinned lessons are served in both arms.
 
 It never blocks or fails a request: an index not loaded yet (the store was away), a
 retrieval that raised or cost more than ``budget_ms`` of CPU, a request with nothing to
@@ -107,12 +110,12 @@ class Memory:
         self._refreshing = asyncio.Lock()
 
     def serve(self, body: dict[str, Any], endpoint: Endpoint, model: object,
-              tenant: str | None, user: str | None,
-              recorded: bool = True) -> dict[str, Any] | None:
+              tenant: str | None, user: str | None, recorded: bool = True,
+              adapter: bool = True) -> dict[str, Any] | None:
         """Add the lessons that fit this request to ``body`` (a new messages list or
         prompt; nothing the record shares is changed); returns the record's ``lessons``
         (ids, the hint text and where it went; the arm and the ids held back, where
-        unpinned lessons fit), or None when none fit."""
+        unpinned lessons fit and ``adapter`` serves the request), or None when none fit."""
         settings = self.settings
         if not settings.serves(tenant, user) or (
                 self.policy is not None and model != self.policy):
@@ -140,7 +143,7 @@ class Memory:
         if not docs:  # (a prompt that is not text has no query: nothing fits it)
             self.counts.unmatched += 1
             return None
-        arm = self._arm(docs, tenant, user, recorded)
+        arm = self._arm(docs, tenant, user, recorded) if adapter else None
         choice: dict[str, Any] = {} if arm is None else {"arm": arm}
         if arm == WEIGHTS:
             choice["withheld"] = [doc.id for doc in docs if not doc.pinned]

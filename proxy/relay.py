@@ -156,11 +156,12 @@ class Turn:
         self.affinity = ((meta.session_id or _opening(body))
                          if len(deps.backends.backends) > 1 else None)
         # Lessons that fit the request go into the prompt vLLM gets (memory.py); the
-        # record keeps the client's request and says which lessons went where (and, in
-        # the control share, which were held back).
+        # record keeps the client's request and says which lessons went where (and, for
+        # a request an adapter serves, which arm of the hand-over it was in).
         if deps.memory is not None and meta.memory:
             lessons = deps.memory.serve(body, endpoint, asked_for, tenant, user,
-                                        recorded=self.record is not None)
+                                        recorded=self.record is not None,
+                                        adapter=self.adapter is not None)
             if lessons is not None and self.record is not None:
                 self.record.lessons = lessons
         self.stream = bool(body.get("stream"))

@@ -1,8 +1,9 @@
-"""The hand-over on the real stack: the proxy serves a control share of a user's
-requests without their lesson and records which arm each turn was in; the learner judges
-them, sees that the lesson does not make the replies better, and hands the user over to
-the weights; the proxy then serves their requests without it (agent -> proxy [memory,
-control share] -> vLLM -> store -> learner -> hand-over -> proxy)."""
+"""The hand-over on the real stack: once an adapter serves a user, the proxy serves a
+control share of their requests without their lesson and records which arm each turn
+was in; the learner judges them, sees that the lesson does not make the replies better,
+and hands the user over to the weights; the proxy then serves their requests without it
+(agent -> proxy [memory, control share] -> vLLM -> store -> learner -> hand-over ->
+proxy)."""
 
 from __future__ import annotations
 
@@ -28,37 +29,62 @@ pytestmark = pytest.mark.integration
 SESSIONS = 24  # with a control share of 0.4, both arms get 2 turns but for ~1 run in 10^4
 
 
+def until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
-        vllm, start_proxy, tmp_path):
-    proxy = start_proxy(vllm.url, policy=MODEL_NAME, client_keys=KEYS, memory=MemorySettings(
-        enabled=True, refresh_seconds=0.05, control=0.4))
+        vllm, start_proxy, toy_model, tmp_path):
+    proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1,
+                        client_keys=KEYS, memory=MemorySettings(
+                            enabled=True, refresh_seconds=0.05, control=0.4))
     store = proxy.store()
     lesson, _ = store.lessons.learn(CORRECTION, tenant="team-a", user="team-a:alice",
                                     turn_id=None, context=question(1)[0]["content"])
     store.close()
+
+    def health() -> dict:
+        return httpx.get(f"{proxy.url}/health").json()
+
+    until(lambda: health()["memory"]["lessons"] == 1, "the memory did not follow the store")
+    # (Not dropped for failing: every turn here is corrected, which drops it after 3.)
+    work = learner(proxy, vllm, tmp_path, model_dir=toy_model, hand_over_after=2,
+                   drop_after=1000, retire=False)
     with client(proxy, "ka", "alice") as alice:
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{proxy.url}/health").json()["memory"]["lessons"] != 1:
-            assert time.monotonic() < deadline, "the proxy's memory did not follow the store"
-            time.sleep(0.05)
-        # Every reply is corrected, with the lesson or without: it does not help.
-        for i in range(SESSIONS):
-            corrected_session(alice, i)
-        turns = proxy.turns(2 * SESSIONS)
-        firsts = [t for t in turns if len(t["request"]["messages"]) == 1]
-        arms = {t["lessons"]["arm"] for t in firsts}
-        assert arms == {LESSONS, WEIGHTS}
-        # What the model saw: the lesson in the served arm's prompts, not in the other's.
-        for turn in firsts:
-            plain = httpx.post(f"{vllm.url}/tokenize", json={
-                "model": MODEL_NAME, "add_generation_prompt": True,
-                "messages": turn["request"]["messages"]}).json()["tokens"]
-            served = turn["lessons"]["arm"] == LESSONS
-            assert (turn["prompt_token_ids"] != plain) is served
-            assert turn["lessons"]["ids" if served else "withheld"] == [lesson]
-        # (Not dropped for failing: its corrected turns would drop it after 3.)
-        work = learner(proxy, vllm, tmp_path, hand_over_after=2, drop_after=1000)
         try:
+            # The base model serves alice at first: her lesson, and no arm (there are no
+            # weights to hand over to).
+            for i in range(3):
+                corrected_session(alice, i)
+            before = proxy.turns(6)
+            assert all(t["lessons"]["ids"] == [lesson] and "arm" not in t["lessons"]
+                       for t in before)
+            for _ in range(3):  # judged and trained: an adapter
+                await work.step()
+                if work.store.adapters.current(MODEL_NAME) is not None:
+                    break
+            adapter = work.store.adapters.current(MODEL_NAME)
+            assert adapter is not None, work.status()
+            until(lambda: httpx.get(f"{proxy.base_url}/learner/status", headers={
+                "Authorization": "Bearer ka"}).json()["serving"] == adapter["name"],
+                "the proxy did not route to the adapter")
+            # Every reply is corrected, with the lesson or without: it does not help.
+            for i in range(SESSIONS):
+                corrected_session(alice, 10 + i)
+            turns = proxy.turns(6 + 2 * SESSIONS, timeout=60)[6:]
+            firsts = [t for t in turns if len(t["request"]["messages"]) == 1]
+            assert {t["lessons"]["arm"] for t in firsts} == {LESSONS, WEIGHTS}
+            # What the model saw: the lesson in the served arm's prompts only.
+            for turn in firsts:
+                plain = httpx.post(f"{vllm.url}/tokenize", json={
+                    "model": MODEL_NAME, "add_generation_prompt": True,
+                    "messages": turn["request"]["messages"]}).json()["tokens"]
+                served = turn["lessons"]["arm"] == LESSONS
+                assert (turn["prompt_token_ids"] != plain) is served
+                assert turn["lessons"]["ids" if served else "withheld"] == [lesson]
             await work.step()
             status = work.memory_status()
         finally:
@@ -66,14 +92,11 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
         [handed] = status["handed_over"]
         assert (handed["user"], handed["mode"]) == ("team-a:alice", WEIGHTS)
         assert handed["figures"]["with"]["mean"] == handed["figures"]["without"]["mean"] == -1
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{proxy.url}/health").json()["memory"]["handed_over"] != 1:
-            assert time.monotonic() < deadline, "the proxy did not follow the hand-over"
-            time.sleep(0.05)
-        before = httpx.get(f"{proxy.url}/health").json()["memory"]
+        until(lambda: health()["memory"]["handed_over"] == 1, "the proxy did not follow")
+        counted = health()["memory"]
         for i in range(5):  # not recorded: the user's mode, no control share
             alice.post("/chat/completions", headers={"X-NextState-Record": "off"},
                        json={**ASK, "messages": question(i)}).raise_for_status()
-        after = httpx.get(f"{proxy.url}/health").json()["memory"]
-    assert after["served"] == before["served"]
-    assert after["withheld"] == before["withheld"] + 5
+        after = health()["memory"]
+    assert after["served"] == counted["served"]
+    assert after["withheld"] == counted["withheld"] + 5

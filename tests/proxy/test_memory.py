@@ -11,7 +11,13 @@ from nextstate.core.store import Store
 from nextstate.core.store.handover import memory_version
 from nextstate.proxy.settings import MemorySettings
 from tests.proxy.fake_vllm import FakeVLLM
-from tests.proxy.test_app import direct, open_client, records
+from tests.proxy.test_app import (
+    direct,
+    open_client,
+    publish_adapter,
+    records,
+    wait_for_router,
+)
 
 # Every matched request gets its lessons here (the control share: its own tests below).
 ON = MemorySettings(enabled=True, refresh_seconds=0.05, lessons=3, control=0.0)
@@ -55,8 +61,9 @@ def test_a_fitting_lesson_is_appended_to_the_last_user_message_after_the_hint_ma
     assert sent[0] == {"role": "system", "content": "Be kind."}
     assert sent[1]["content"] == ASK + HINT_MARKER + LESSON
     assert row["request"] == chat()  # the client's own request
+    # No arm: the base model serves it, so there are no weights to hand over to.
     assert row["lessons"] == {"ids": [lesson], "hint": LESSON, "message": 1, "part": None,
-                              "offset": len(ASK), "added": 0, "arm": "lessons"}
+                              "offset": len(ASK), "added": 0}
 
 
 def test_the_client_gets_the_same_answer_with_lessons_in_the_prompt(tmp_path, fake):
@@ -261,7 +268,9 @@ def test_a_control_share_of_recorded_requests_goes_without_its_lessons_and_says_
         tmp_path, fake):
     lesson = seed(tmp_path, user="alice")
     control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2)
-    with open_client(tmp_path, fake, memory=control) as client:
+    with open_client(tmp_path, fake, memory=control, policy="toy",
+                     adapter_poll_seconds=0.02) as client:
+        wait_for_router(client, publish_adapter(tmp_path, "toy", 7))
         memory = refreshed(client)
         memory.rng = Draws(0.1, 0.9)  # the first request in the control share
         for _ in range(2):
@@ -270,7 +279,7 @@ def test_a_control_share_of_recorded_requests_goes_without_its_lessons_and_says_
         # Not recorded, not measured: the asker's mode, and no draw (Draws would raise).
         client.post("/v1/chat/completions", json=chat(),
                     headers={"X-NextState-User": "alice", "X-NextState-Record": "off"})
-        first, second = records(client)
+        first, second = records(client, submitted=2)
         counts = client.get("/health").json()["memory"]
     assert [HINT_MARKER in r["messages"][1]["content"] for r in fake.requests] == [
         False, True, True]
@@ -287,18 +296,25 @@ def test_once_handed_over_only_the_control_share_and_pinned_lessons_are_served(
     store.handover.decide(None, "alice", "weights", "the lessons no longer help", {})
     store.close()
     control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2, lessons=3)
-    with open_client(tmp_path, fake, memory=control) as client:
+    with open_client(tmp_path, fake, memory=control, policy="toy",
+                     adapter_poll_seconds=0.02) as client:
         memory = refreshed(client)
         assert client.get("/health").json()["memory"]["handed_over"] == 1
+        # No adapter yet: the base model serves alice, with her lessons (no weights to
+        # hand over to).
+        client.post("/v1/chat/completions", json=chat(), headers={"X-NextState-User": "alice"})
+        wait_for_router(client, publish_adapter(tmp_path, "toy", 7))
         memory.rng = Draws(0.9, 0.1)  # the second request in the control share
         for user in ("alice", "alice", "bob"):  # bob has no lessons: no draw
             client.post("/v1/chat/completions", json=chat(),
                         headers={"X-NextState-User": user})
-        first, second, _ = records(client)
+        based, first, second, _ = sorted(records(client, submitted=4),
+                                         key=lambda r: r["created_at"])
     sent = [r["messages"][1]["content"] for r in fake.requests]
-    assert "which units" in sent[0] and LESSON not in sent[0]
-    assert "which units" in sent[1] and LESSON in sent[1]
-    assert HINT_MARKER not in sent[2]
+    assert "which units" in sent[0] and LESSON in sent[0] and "arm" not in based["lessons"]
+    assert "which units" in sent[1] and LESSON not in sent[1]
+    assert "which units" in sent[2] and LESSON in sent[2]
+    assert HINT_MARKER not in sent[3]
     assert (first["lessons"]["ids"], first["lessons"]["withheld"]) == ([pinned], [lesson])
     assert first["lessons"]["arm"] == "weights" and second["lessons"]["arm"] == "lessons"
     assert set(second["lessons"]["ids"]) == {pinned, lesson}
