@@ -88,10 +88,10 @@ memory_lessons_option = click.option(
 memory_control_option = click.option(
     "--memory-control", type=click.FloatRange(min=0.0, max=0.5, max_open=True), default=None,
     metavar="SHARE",
-    help="With --memory: the share of recorded requests served the other way (without "
-    "their lessons while they are served, with them once handed over to the weights), so "
-    "the learner can tell whether lessons still help [default: 0.2; 0: never measured, "
-    "never handed over].")
+    help="With --memory: the share of recorded requests an adapter serves that are served "
+    "the other way (without their lessons while they are served, with them once handed "
+    "over to the weights), so the learner can tell whether lessons still help "
+    "[default: 0.2; 0: never measured, never handed over].")
 memory_for_option = click.option(
     "--memory-for", multiple=True, metavar="TENANT|USER",
     help="With --memory: only this tenant's (or user's, as `nextstate export` names them) "

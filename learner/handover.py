@@ -1,9 +1,9 @@
 """Handing an asker's lessons over to the weights once they no longer help, and back
 (store -> learner -> **hand-over** -> store -> the proxy's memory).
 
-The proxy serves a control share of the recorded requests that lessons fit the other way
-than their asker's mode, and the record says which arm each turn was in (proxy/memory.py,
-core/store/handover.py). After each round of judging, for every asker with such turns
+The proxy serves a control share of the recorded requests that lessons fit and an adapter
+serves the other way than their asker's mode, and the record says which arm each turn
+was in (proxy/memory.py, core/store/handover.py). After each round of judging, for every asker with such turns
 judged since the last round, this compares the two arms on the asker's latest judged
 turns since their mode began, back to where each arm has ``hand_over_after`` (the same
 span of time for both):
@@ -24,8 +24,8 @@ Retirement (retirement.py) asks of each lesson whether showing it still changes 
 adapter says; this asks of the lessons together whether they still make the replies
 better, by the same verdicts the learner trains on. The two disagree on a lesson in words
 the model half-understands: showing it keeps changing the replies (it is never retired),
-in ways that do not help (it is handed over). With nothing training, "the weights" are
-the model as it is: lessons that never helped are handed over too.
+in ways that do not help (it is handed over). With nothing training there is nothing to
+hand over to, and no arms to compare: the base model always gets the lessons.
 """
 
 from __future__ import annotations

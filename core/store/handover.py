@@ -5,8 +5,9 @@ them over to the weights (proxy -> turns with and without lessons -> learner/han
 Retirement (learner/retirement.py) asks of one lesson whether showing it still changes
 what the adapter says. That misses a lesson in words the model half-understands: showing
 it keeps changing the replies, in ways that do not help. So the memory also measures what
-lessons do for the people they are served to. Of the recorded requests that lessons fit,
-the proxy serves a control share the other way (`MemorySettings.control`), and the
+lessons do for the people they are served to. Of the recorded requests that lessons fit
+and an adapter serves, the proxy serves a control share the other way
+(`MemorySettings.control`), and the
 record says which arm a turn was in (``lessons.arm``; ``lessons.withheld``: the ids held
 back). Once those turns are judged, the learner compares the two arms of each asker and
 writes the asker's mode here:
