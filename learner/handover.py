@@ -3,10 +3,10 @@
 
 The proxy serves a control share of the recorded requests that lessons fit and an adapter
 serves the other way than their asker's mode, and the record says which arm each turn
-was in (proxy/memory.py, core/store/handover.py). After each round of judging, for every asker with such turns
-judged since the last round, this compares the two arms on the asker's latest judged
-turns since their mode began, back to where each arm has ``hand_over_after`` (the same
-span of time for both):
+was in (proxy/memory.py, core/store/handover.py). After each round of judging, for every
+asker with such turns judged since the last round, this compares the two arms on the
+asker's latest judged turns since their mode began, back to where each arm has
+``hand_over_after`` (the same span of time for both):
 
     lessons -> weights   once the mean score without lessons ≥ the mean score with them
     weights -> lessons   once the mean score with lessons > without + ``BACK``

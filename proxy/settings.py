@@ -40,9 +40,9 @@ class MemorySettings:
     refresh_seconds: float = 1.0  # how often the index looks for changed lessons
     # The share of recorded requests that lessons fit and an adapter serves, served the
     # other way: without them while the asker's lessons are served, with them once the
-    # learner has handed them over to the weights (core/store/handover.py). The judged turns of the two arms are
-    # how the learner tells whether lessons still help. 0: never (nothing is measured, and
-    # nothing is ever handed over).
+    # learner has handed them over to the weights (core/store/handover.py). The judged
+    # turns of the two arms are how the learner tells whether lessons still help. 0: never
+    # (nothing is measured, and nothing is ever handed over).
     control: float = 0.2
 
     def __post_init__(self) -> None:
