@@ -95,12 +95,12 @@ def query_of(body: dict[str, Any], endpoint: Endpoint) -> str:
 class Memory:
     """The lessons index the request path reads, kept in step with the store off it."""
 
-    def __init__(self, settings: MemorySettings, store: Store, policy: str | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, settings: MemorySettings, store: Store,
+                 policy: str | None = None) -> None:
         self.settings = settings
         self.store = store
         self.policy = policy  # with a policy, only requests for it get lessons
-        self.rng = rng if rng is not None else random.Random()  # draws the control share
+        self.rng = random.Random()  # draws the control share
         self.index: LessonIndex | None = None
         self.modes: dict[tuple[str | None, str | None], str] = {}  # decided askers: mode
         self.counts = MemoryCounts()

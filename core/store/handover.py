@@ -7,10 +7,9 @@ what the adapter says. That misses a lesson in words the model half-understands:
 it keeps changing the replies, in ways that do not help. So the memory also measures what
 lessons do for the people they are served to. Of the recorded requests that lessons fit
 and an adapter serves, the proxy serves a control share the other way
-(`MemorySettings.control`), and the
-record says which arm a turn was in (``lessons.arm``; ``lessons.withheld``: the ids held
-back). Once those turns are judged, the learner compares the two arms of each asker and
-writes the asker's mode here:
+(`MemorySettings.control`), and the record says which arm a turn was in (``lessons.arm``;
+``lessons.withheld``: the ids held back). Once those turns are judged, the learner
+compares the two arms of each asker and writes the asker's mode here:
 
     lessons   the default: lessons served, a control share served without them
     weights   handed over: the turns served without lessons scored as well as those
@@ -28,11 +27,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, delete, func, select
+from sqlalchemy import Connection, and_, delete, func, select
 
 from nextstate.core.retrieval import Scope
 from nextstate.core.store.database import Database
-from nextstate.core.store.lessons import Lessons, scope_of
+from nextstate.core.store.lessons import Lessons, matched, scope_of
 from nextstate.core.store.schema import judgments, memory_scopes, turns
 
 LESSONS, WEIGHTS = "lessons", "weights"
@@ -176,8 +175,7 @@ def forget_modes(conn: Connection, tenant: str | None, user: str | None) -> None
 
 
 def _with_lessons() -> Any:
-    return and_(turns.c.lessons.is_not(None), turns.c.lessons.cast(String) != "null",
-                turns.c.turn_type == "main")
+    return and_(matched(), turns.c.turn_type == "main")
 
 
 def _asked_by(tenant: str | None, user: str | None) -> Any:

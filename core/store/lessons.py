@@ -47,6 +47,12 @@ def scope_label(tenant: str | None, user: str | None) -> str:
     return user or (f"tenant {tenant}" if tenant else "everyone")
 
 
+def matched() -> Any:
+    """The turns the memory matched lessons to (served with them, or held back): their
+    ``lessons`` record is set (JSON null is what an unset one reads as on some drivers)."""
+    return and_(turns.c.lessons.is_not(None), turns.c.lessons.cast(String) != "null")
+
+
 def _row(row: Any) -> dict[str, Any]:
     return {str(k): v for k, v in row._mapping.items()}
 
@@ -312,10 +318,9 @@ class Lessons:
         them, or held back) and no adapter has trained on (not judged yet, or judged and
         not trained): prompts to check a lesson on, the kind of request lessons are for.
         A user's own turns; for a tenant's lessons, the tenant's; for shared ones, any."""
-        served = and_(turns.c.lessons.is_not(None), turns.c.lessons.cast(String) != "null")
         query = (select(turns.c.id).outerjoin(judgments, judgments.c.turn_id == turns.c.id)
                  .where(turns.c.turn_type == "main", turns.c.status == "ok",
-                        turns.c.endpoint != "completions", served,
+                        turns.c.endpoint != "completions", matched(),
                         judgments.c.trained_version.is_(None))
                  .order_by(turns.c.created_at.desc()).limit(limit))
         if user is not None:
