@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from nextstate.learner import sharding
 from nextstate.learner.items import TrainItem
 from nextstate.learner.trainer import StepStats, Trainer, TrainerConfig
 
@@ -54,12 +55,29 @@ def start() -> int | None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=TIMEOUT)
+        join()
     rank = dist.get_rank()
     log.info("rank %d of %d (%s)%s", rank, dist.get_world_size(), dist.get_backend(),
              "" if rank else ": the learner; the other ranks follow its trainer")
     return rank
+
+
+def join(backend: str | None = None, **init: Any) -> None:
+    """Join the process group: ``dist.init_process_group`` with ``init`` (torchrun's
+    variables when there is none), NCCL on GPUs and gloo on CPUs unless ``backend`` says.
+
+    `torch.distributed.nn` is imported first, on purpose. Its functions take
+    ``group=group.WORLD`` as a default argument, evaluated when the module is imported.
+    Imported after joining (transformers imports it, through torch._dynamo, as the
+    trainer loads the model), those defaults hold the joined group for the rest of the
+    process: `leave` could not free it, its gloo threads outlived it, and the
+    interpreter tore them down at exit, which now and then aborted the process (SIGABRT,
+    "terminate called without an active exception", about one full test run in ten)."""
+    import torch.distributed.nn  # noqa: F401  (before joining: see above)
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=TIMEOUT, **init)
 
 
 def world_size() -> int:
@@ -140,13 +158,11 @@ def leave() -> None:
     """Every rank, last: leave the process group together.
 
     A process that exits still in the group can abort as its communication threads are
-    torn down, and so can one whose peer closes the connections under a message still in
-    flight (gloo's loop thread meets the closed socket and terminates the process:
-    SIGABRT, in about one full test run in ten here). So the ranks first meet at a
-    barrier, which every message sent before it has passed, and only then close. With
-    gloo a rank that never comes costs `LEAVE_TIMEOUT`, not a hang (NCCL has no such
-    barrier: it waits up to `TIMEOUT`, unless torchrun, seeing a rank fail, stops the
-    others first, as it does)."""
+    torn down at exit (see `join`). The ranks first meet at a barrier, which every
+    message sent before it has passed, so that none closes a connection under a message
+    still in flight, and only then close. With gloo a rank that never comes costs
+    `LEAVE_TIMEOUT`, not a hang (NCCL has no such barrier: it waits up to `TIMEOUT`,
+    unless torchrun, seeing a rank fail, stops the others first, as it does)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
@@ -158,6 +174,7 @@ def leave() -> None:
         log.warning("rank %d: the other ranks did not all come to leave (%s); leaving",
                     dist.get_rank(), error)
     dist.destroy_process_group()
+    sharding.release_groups()  # so that the group is freed now, not at exit
 
 
 def _guarded(call: str, make: Callable[..., T], *args: Any) -> T:

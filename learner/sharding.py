@@ -15,6 +15,8 @@ same functions serve an unsharded model, where they only copy.
 from __future__ import annotations
 
 import copy
+import gc
+import sys
 from typing import Any
 
 import torch
@@ -37,6 +39,23 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def release_groups() -> None:
+    """Once the process group is destroyed: drop the device meshes' hold on it.
+
+    FSDP's state on a model holds the group, and so does the device mesh, in a registry
+    of its own; DTensor's caches keep the mesh alive after the model is gone. Without
+    this the destroyed group, its gloo threads with it, would live on until the
+    interpreter tore it down at exit, which can abort the process (see `ranks.join`)."""
+    if "torch.distributed.device_mesh" not in sys.modules:  # no mesh was ever made
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    gc.collect()  # a trainer no longer used, and its FSDP state (models hold cycles)
+    for obj in gc.get_objects():  # (once, as the process leaves)
+        if isinstance(obj, DeviceMesh):
+            obj._pg_registry.clear()
 
 
 def full_lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:

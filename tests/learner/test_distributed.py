@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
@@ -45,8 +44,7 @@ def train(trainer: Trainer, out: Path) -> None:
 def _worker(rank: int, world: int, model: str, config: TrainerConfig, init_file: str,
             out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    ranks.join("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train(Trainer(model, config), Path(out))
     finally:

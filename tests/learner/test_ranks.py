@@ -21,8 +21,7 @@ from tests.learner.test_distributed import CONFIG, batch, train
 
 def _rank(rank: int, world: int, model: str, shard: bool, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    ranks.join("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if rank == 0:
             trainer = ranks.make_trainer(Path(model), replace(CONFIG, shard=shard))
@@ -66,8 +65,7 @@ def _mismatch(rank: int, world: int, model: str, init_file: str, wrong: str,
     """Rank 0 loads an adapter of the wrong LoRA rank (refused on every rank alike), then
     goes on training."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    ranks.join("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if rank == 0:
             trainer = ranks.make_trainer(Path(model), CONFIG)
@@ -97,8 +95,7 @@ def test_an_error_every_rank_meets_alike_is_raised_and_the_ranks_go_on(toy_model
 
 def _one_fails(rank: int, world: int, model: str, init_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    ranks.join("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if rank == 0:
         trainer = ranks.make_trainer(Path(model), CONFIG)
         trainer.mark("fresh")
@@ -155,8 +152,7 @@ def _leave(rank: int, world: int, tmp: str) -> None:
 
     ranks.LEAVE_TIMEOUT = datetime.timedelta(seconds=2)
     for case in ("together", "one-never-comes"):
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/init-{case}", rank=rank,
-                                world_size=world)
+        ranks.join("gloo", init_method=f"file://{tmp}/init-{case}", rank=rank, world_size=world)
         dist.broadcast_object_list(["a call"], src=0)  # in flight as rank 0 leaves
         left = Path(tmp) / f"{case}.json"
         if rank == 1 and case == "together":
@@ -183,3 +179,43 @@ def test_the_ranks_leave_together_and_a_missing_one_costs_the_timeout(tmp_path):
     assert together["seconds"] > 1.0 and not together["initialized"]  # waited for rank 1
     alone = json.loads((tmp_path / "one-never-comes.json").read_text())
     assert 1.5 < alone["seconds"] < 20 and not alone["initialized"]  # the timeout (2 s)
+
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's threads that belong to gloo (Linux names them)."""
+    tasks = Path("/proc/self/task")
+    return [name for task in tasks.iterdir()
+            if "gloo" in (name := (task / "comm").read_text().strip())]
+
+
+def _leave_frees(rank: int, world: int, model: str, shard: bool, tmp: str) -> None:
+    import json
+
+    torch.set_num_threads(1)
+    ranks.join("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    during = _gloo_threads()
+    # Loading the model imports torch.distributed.nn (transformers, through
+    # torch._dynamo), and FSDP makes a device mesh: both would hold on to the group.
+    trainer = Trainer(Path(model), replace(CONFIG, shard=shard))
+    trainer.step(batch())
+    del trainer
+    ranks.leave()
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(
+        {"during": during, "after": _gloo_threads()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                    reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp"])
+def test_leaving_frees_the_group_so_no_gloo_thread_outlives_it(toy_model, tmp_path, shard):
+    """After `leave`, the process group is gone, its threads with it: none is left for
+    the interpreter to tear down at exit (which now and then aborted the process)."""
+    import json
+
+    mp.spawn(_leave_frees, args=(2, str(toy_model), shard, str(tmp_path)), nprocs=2,
+             join=True)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["during"]  # the check can see gloo's threads...
+        assert seen["after"] == []  # ...and after leaving there are none
