@@ -107,11 +107,6 @@ class HandOver:
                              .values(**values))
         return changed
 
-    def since(self, tenant: str | None, user: str | None) -> float:
-        """When the asker's current mode began (0: never decided)."""
-        row = self.get(tenant, user)
-        return float(row["since"]) if row is not None else 0.0
-
     def arms(self, tenant: str | None, user: str | None, since: float,
              each: int) -> dict[str, list[int]]:
         """The judged scores of the asker's turns in each arm, newest first, over one span

@@ -317,16 +317,17 @@ class Lessons:
         """The scope's latest requests that the memory matched lessons to (served with
         them, or held back) and no adapter has trained on (not judged yet, or judged and
         not trained): prompts to check a lesson on, the kind of request lessons are for.
-        A user's own turns; for a tenant's lessons, the tenant's; for shared ones, any."""
+        A user's own turns (in their tenant); for a tenant's lessons, the tenant's; for
+        shared ones, any."""
         query = (select(turns.c.id).outerjoin(judgments, judgments.c.turn_id == turns.c.id)
                  .where(turns.c.turn_type == "main", turns.c.status == "ok",
                         turns.c.endpoint != "completions", matched(),
                         judgments.c.trained_version.is_(None))
                  .order_by(turns.c.created_at.desc()).limit(limit))
+        if tenant is not None:
+            query = query.where(turns.c.tenant == tenant)
         if user is not None:
             query = query.where(turns.c.user == user)
-        elif tenant is not None:
-            query = query.where(turns.c.tenant == tenant)
         with self.db.connect() as conn:
             ids = list(conn.execute(query).scalars())
             rows = conn.execute(select(turns.c.id, turns.c.request, turns.c.user)

@@ -30,7 +30,7 @@ def served(store, turn_id, arm, score, *, user="t:alice", tenant="t", at=1.0,
 
 
 def test_a_mode_starts_when_it_changes_and_the_proxys_version_follows_only_changes(store):
-    assert store.handover.modes() == {} and store.handover.since("t", "t:alice") == 0
+    assert store.handover.modes() == {} and store.handover.get("t", "t:alice") is None
     before = memory_version(store.lessons, store.handover)
     assert store.handover.decide("t", "t:alice", WEIGHTS, "why", {}, now=10.0)
     assert store.handover.modes() == {("t", "t:alice"): WEIGHTS}
@@ -39,11 +39,12 @@ def test_a_mode_starts_when_it_changes_and_the_proxys_version_follows_only_chang
     assert changed != before
     # The same mode again: new figures, the same start, the same version.
     assert not store.handover.decide("t", "t:alice", WEIGHTS, "still", {"n": 1}, now=20.0)
-    assert store.handover.since("t", "t:alice") == 10.0
+    assert store.handover.get("t", "t:alice")["since"] == 10.0
     assert store.handover.get("t", "t:alice")["reason"] == "still"
     assert memory_version(store.lessons, store.handover) == changed
     assert store.handover.decide("t", "t:alice", LESSONS, "back", {}, now=30.0)
-    assert store.handover.since("t", "t:alice") == 30.0 and store.handover.handed_over() == []
+    assert store.handover.get("t", "t:alice")["since"] == 30.0
+    assert store.handover.handed_over() == []
 
 
 def test_a_tenant_named_as_its_own_user_is_the_tenants_scope(store):

@@ -104,3 +104,19 @@ def test_forgetting_a_tenant_takes_its_users_and_its_own_lessons_not_others(stor
     kept = store.lessons.add("three", tenant="u", user="u:carol")
     assert store.retention.forget(tenant="t").lessons == 2
     assert [r["id"] for r in store.lessons.find(every_tenant=True)] == [kept]
+
+
+def test_a_users_held_out_prompts_are_their_own_turns_in_their_own_tenant(store):
+    """The prompts a lesson is checked on: never another tenant's, whatever its users are
+    called; a tenant's lessons take any of its users' turns; shared ones take any."""
+    served = {"ids": ["l1"], "arm": "lessons"}
+    rows = [turn("mine", "alice"), turn("same-name", "alice", tenant="u"),
+            turn("colleague", "bob"), turn("unmatched", "alice")]
+    for row in rows[:3]:
+        row.lessons = served
+    store.turns.write(rows)
+    ids = {name: {r["id"] for r in store.lessons.held_out(tenant, user, limit=10)}
+           for name, (tenant, user) in {"user": ("t", "alice"), "tenant": ("t", None),
+                                        "shared": (None, None)}.items()}
+    assert ids == {"user": {"mine"}, "tenant": {"mine", "colleague"},
+                   "shared": {"mine", "same-name", "colleague"}}
