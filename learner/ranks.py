@@ -25,6 +25,7 @@ lost: the learner's state is in the store. Between calls rank 0 says it is alive
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -75,6 +76,9 @@ def join(backend: str | None = None, **init: Any) -> None:
     "terminate called without an active exception", about one full test run in ten)."""
     import torch.distributed.nn  # noqa: F401  (before joining: see above)
 
+    # A rank killed by a signal (an abort in a communication thread) prints where every
+    # thread of it was, so the log of a launcher that restarts it says what happened.
+    faulthandler.enable()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT, **init)
