@@ -19,6 +19,7 @@ from tests.integration.test_memory import (
     ASK,
     CORRECTION,
     KEYS,
+    RETRIEVAL_BUDGET_MS,
     client,
     corrected_session,
     learner,
@@ -40,7 +41,8 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
         vllm, start_proxy, toy_model, tmp_path):
     proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1,
                         client_keys=KEYS, memory=MemorySettings(
-                            enabled=True, refresh_seconds=0.05, control=0.4))
+                            enabled=True, refresh_seconds=0.05, control=0.4,
+                            budget_ms=RETRIEVAL_BUDGET_MS))
     store = proxy.store()
     lesson, _ = store.lessons.learn(CORRECTION, tenant="team-a", user="team-a:alice",
                                     turn_id=None, context=question(1)[0]["content"])
@@ -48,6 +50,10 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
 
     def health() -> dict:
         return httpx.get(f"{proxy.url}/health").json()
+
+    def unserved() -> dict:  # why requests went without lessons
+        memory = health()["memory"]
+        return {why: memory[why] for why in ("unmatched", "slow", "failed", "not_ready")}
 
     until(lambda: health()["memory"]["lessons"] == 1, "the memory did not follow the store")
     # (Not dropped for failing: every turn here is corrected, which drops it after 3.)
@@ -60,6 +66,7 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
             for i in range(3):
                 corrected_session(alice, i)
             before = proxy.turns(6)
+            assert all(t["lessons"] for t in before), unserved()
             assert all(t["lessons"]["ids"] == [lesson] and "arm" not in t["lessons"]
                        for t in before)
             for _ in range(3):  # judged and trained: an adapter
@@ -78,6 +85,7 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
             # (The adapter's turns: one sent as the proxy switched may still be the base's.)
             firsts = [t for t in turns if len(t["request"]["messages"]) == 1
                       and t["served_model"] == adapter["name"]]
+            assert all(t["lessons"] for t in firsts), unserved()
             assert {t["lessons"]["arm"] for t in firsts} == {LESSONS, WEIGHTS}
             # What the model saw: the lesson in the served arm's prompts only.
             for turn in firsts:
