@@ -72,9 +72,9 @@ def indexed(proxy, count: int) -> None:
 
 # The retrieval budget (2 ms of CPU; tests/proxy/test_memory.py tests it) is not what
 # these tests are about. On a loaded machine one retrieval (a garbage collection inside
-# it) can go over, and that request gets no lessons, counted as slow: test_handover lost
-# a turn's lesson so in 3 of ~40 runs beside two-rank training, and the budget is the
-# one cause there that varies from run to run.
+# it) can go over, and that request gets no lessons, counted as slow. test_handover lost
+# a turn's lesson in 3 of 54 runs here, most of them beside two-rank training, and the
+# budget is the one cause there that varies from run to run.
 RETRIEVAL_BUDGET_MS = 1000.0
 
 
