@@ -181,7 +181,6 @@ def test_the_ranks_leave_together_and_a_missing_one_costs_the_timeout(tmp_path):
     assert 1.5 < alone["seconds"] < 20 and not alone["initialized"]  # the timeout (2 s)
 
 
-
 def _gloo_threads() -> list[str]:
     """The names of this process's threads that belong to gloo (Linux names them)."""
     tasks = Path("/proc/self/task")
