@@ -209,18 +209,27 @@ def _running_requests(vllm) -> float:
 
 def test_client_disconnect_mid_stream_aborts_upstream_and_keeps_the_partial_turn(vllm, proxy):
     body = {**BASE, "messages": HELLO, "stream": True, "max_tokens": 3000, "ignore_eos": True}
-    with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body,
-                      timeout=60) as answer:
-        for i, _ in enumerate(answer.iter_lines()):
-            if i > 6:
-                break  # leave mid-stream: the connection is closed here
-    deadline = time.monotonic() + 20
-    while _running_requests(vllm) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _running_requests(vllm) == 0  # vLLM stopped generating the 3000 tokens
-    [turn] = proxy.turns(1)
-    assert turn["status"] == "aborted"
-    assert 0 < len(turn["completion_token_ids"]) < 3000
+    # On a loaded machine the toy model can write all 3000 tokens (they fit in the sockets'
+    # buffers) before this starved client gets to close its connection: then the turn was
+    # answered whole, correctly "ok", and there was nothing to abort. That race is the
+    # machine's, not the proxy's, so such a try is made again; every other outcome counts.
+    for attempt in range(3):
+        with httpx.stream("POST", f"{proxy.base_url}/chat/completions", json=body,
+                          timeout=60) as answer:
+            for i, _ in enumerate(answer.iter_lines()):
+                if i > 6:
+                    break  # leave mid-stream: the connection is closed here
+        deadline = time.monotonic() + 20
+        while _running_requests(vllm) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running_requests(vllm) == 0  # vLLM stopped generating the 3000 tokens
+        turn = proxy.turns(attempt + 1)[-1]
+        if turn["status"] == "ok" and len(turn["completion_token_ids"]) == 3000:
+            continue  # answered whole before the client left: try again
+        assert turn["status"] == "aborted"
+        assert 0 < len(turn["completion_token_ids"]) < 3000
+        return
+    pytest.fail("in 3 tries the model finished before the client's disconnect reached it")
 
 
 def test_bad_json_is_a_400_openai_error(proxy):
