@@ -263,7 +263,9 @@ def test_store_unavailable_then_back_loses_nothing(vllm, start_proxy, tmp_path):
     db = tmp_path / "locked.db"
     Store(f"sqlite:///{db}").turns.count()  # create the tables
     proxy = start_proxy(vllm.url, store_url=f"sqlite:///{db}", sqlite_busy_timeout=0.1)
-    lock = sqlite3.connect(db, timeout=0)
+    # The proxy, just started, may be in its recorder's first sweep of the store: the lock
+    # waits that transaction out instead of failing on it.
+    lock = sqlite3.connect(db, timeout=10)
     lock.execute("BEGIN EXCLUSIVE")  # the database is locked for writers
     try:
         for i in range(4):
