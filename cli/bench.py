@@ -73,21 +73,30 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
 @bench.command("following")
 @click.option("--count", type=int, default=400, show_default=True,
               help="Probes per wording and form.")
+@click.option("--per-template", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also ask each template of the grammar alone, this many probes each "
+                   "(0: not).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/following"),
               show_default=True)
-def bench_following(count: int, out: Path) -> None:
+def bench_following(count: int, per_template: int, out: Path) -> None:
     """How often the hint-following toy model, served by vLLM, does what an instruction
-    asks, per attribute, for train and held-out wordings."""
+    asks, per attribute, for train and held-out wordings (and per template)."""
     import json
 
+    from nextstate.experiment import following
     from nextstate.experiment.bench import BASE_MODEL, serving_trained_toy
-    from nextstate.experiment.following import markdown, measure, vllm_generator
 
     with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
-        results = measure(vllm_generator(vllm.url, BASE_MODEL), count=count)
+        generate = following.vllm_generator(vllm.url, BASE_MODEL)
+        results = following.measure(generate, count=count)
+        templates = following.by_template(generate, per_template) if per_template else None
     (out / "following.json").write_text(json.dumps(results, indent=2))
-    (out / "following.md").write_text(markdown(results))
-    click.echo(markdown(results))
+    (out / "following.md").write_text(following.markdown(results))
+    click.echo(following.markdown(results))
+    if templates is not None:
+        (out / "following_templates.json").write_text(json.dumps(templates, indent=2))
+        (out / "following_templates.md").write_text(following.template_markdown(templates))
+        click.echo(following.template_markdown(templates))
 
 
 @bench.command("personal")

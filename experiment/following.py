@@ -12,7 +12,8 @@ prompt carries them in one ``form``:
 
 The rate per preference (attribute and value) is the share of replies to probes asking
 for it that show it (``none``: the share of all replies that show it). Instructions
-name 1-4 attributes, drawn as pretraining draws them.
+name 1-4 attributes, drawn as pretraining draws them. ``by_template`` asks each template
+of the grammar alone, to find the ones the model misreads.
 """
 
 from __future__ import annotations
@@ -91,6 +92,40 @@ def measure(generate: Generate, count: int = 200, seed: int = 0,
             asked = probes(split, form, count, seed)
             out[split][form] = tally(generate([p.messages for p in asked]), asked)
     return out
+
+
+def by_template(generate: Generate, count: int = 64, seed: int = 0,
+                splits: Sequence[str] = wording.SPLITS) -> list[dict[str, Any]]:
+    """Each ask template of the grammar alone as the teacher's hint (its slots filled with
+    words of its own split), ``count`` probes each: one row per template, with how many
+    replies showed the value it asks for. Tells a template the model reads from one it
+    misreads ("too {casual}" read as asking for casual), which the per-attribute rates
+    of ``measure`` average away."""
+    rows, conversations = [], []
+    for split in splits:
+        for (attribute, value), templates in wording.ASKS.items():
+            for template in templates[split]:
+                rng = random.Random(f"template-{split}-{template}-{seed}")
+                body = template.split(":", 1)[1]
+                for _ in range(count):
+                    question = [{"role": "user", "content": make_problem(rng).question}]
+                    conversations.append(with_hint(question, wording.fill(body, rng, split)))
+                rows.append({"attribute": attribute, "value": value, "split": split,
+                             "template": body, "hits": 0, "asked": count})
+    replies = generate(conversations)
+    for i, row in enumerate(rows):
+        row["hits"] = sum(detect(reply)[row["attribute"]] == row["value"]
+                          for reply in replies[i * count:(i + 1) * count])
+    return rows
+
+
+def template_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per template, by attribute, value and wording."""
+    lines = ["| attribute | asks for | wording | template | rate |", "|---|---|---|---|---:|"]
+    for row in rows:
+        lines.append(f"| {row['attribute']} | {row['value']} | {row['split']} | "
+                     f"{row['template']} | {row['hits'] / row['asked']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def rates(counts: dict[str, list[int]]) -> dict[str, float]:

@@ -267,11 +267,16 @@ def ask(attribute: str, value: str, rng: random.Random, split: Split = "train", 
     wrapper ("could you ...")."""
     _check(split)
     shape, template = rng.choice(ASKS[(attribute, value)][split]).split(":", 1)
-    text = re.sub(r"\{([a-z-]+)\}", lambda m: rng.choice(LEXEMES[m.group(1)][split]),
-                  template)
+    text = fill(template, rng, split)
     if shape == "vp" and wrap:
         text = rng.choice(WRAPPERS[split]).format(vp=text)
     return shape, text
+
+
+def fill(template: str, rng: random.Random, split: Split = "train") -> str:
+    """A template's slots filled with words of one split: "too {casual}" -> "too chill"."""
+    return re.sub(r"\{([a-z-]+)\}", lambda m: rng.choice(LEXEMES[m.group(1)][split]),
+                  template)
 
 
 def instruction(prefs: Mapping[str, str], rng: random.Random, split: Split = "train", *,

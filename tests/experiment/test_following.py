@@ -56,3 +56,35 @@ def test_measure_asks_each_wording_and_form_and_tables_them() -> None:
     table = F.markdown(results)
     assert "| (no instruction) | none |" in table and "| held-out | hint |" in table
     assert F.rates(results["held-out"]["hint"])["tone=casual"] == 1.0
+
+
+def test_each_template_is_asked_alone_and_rated_for_the_value_it_asks_for() -> None:
+    hints: list[str] = []
+
+    def generate(conversations: list[F.Messages]) -> list[str]:
+        rng = random.Random(0)
+        out = []
+        for messages in conversations:  # a reader of words: "too" means casual, to it
+            hint = messages[-1]["content"].split(HINT_MARKER)[1]
+            hints.append(hint)
+            tone = "casual" if "too" in hint.split() else "formal"
+            out.append(make_reply(make_problem(rng), {"tone": tone}, rng))
+        return out
+
+    rows = F.by_template(generate, count=3)
+    assert len(rows) == sum(len(asks[s]) for asks in wording.ASKS.values()
+                            for s in wording.SPLITS)
+    assert len(hints) == 3 * len(rows) and all(r["asked"] == 3 for r in rows)
+    rate = {(r["value"], r["split"], r["template"]): r["hits"] / r["asked"] for r in rows}
+    assert rate[("casual", "train", "too {formal}")] == 1.0
+    assert rate[("formal", "train", "too {casual}")] == 0.0  # misread, and shown so
+    assert rate[("formal", "train", "be {formal}")] == 1.0
+    held = wording.vocabulary("held-out")
+    for row, i in zip(rows, range(0, len(hints), 3), strict=True):  # each in its own words
+        words = set().union(*(wording.content_words(h) for h in hints[i:i + 3]))
+        if row["split"] == "train":
+            assert not words & held
+        elif "{" in row["template"]:
+            assert words & held
+    table = F.template_markdown(rows)
+    assert "| tone | formal | train | too {casual} | 0.00 |" in table
