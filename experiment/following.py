@@ -101,7 +101,7 @@ def by_template(generate: Generate, count: int = 64, seed: int = 0,
     replies showed the value it asks for. Tells a template the model reads from one it
     misreads ("too {casual}" read as asking for casual), which the per-attribute rates
     of ``measure`` average away."""
-    rows, conversations = [], []
+    asks, conversations = [], []
     for split in splits:
         for (attribute, value), templates in wording.ASKS.items():
             for template in templates[split]:
@@ -110,13 +110,13 @@ def by_template(generate: Generate, count: int = 64, seed: int = 0,
                 for _ in range(count):
                     question = [{"role": "user", "content": make_problem(rng).question}]
                     conversations.append(with_hint(question, wording.fill(body, rng, split)))
-                rows.append({"attribute": attribute, "value": value, "split": split,
-                             "template": body, "hits": 0, "asked": count})
-    replies = generate(conversations)
-    for i, row in enumerate(rows):
-        row["hits"] = sum(detect(reply)[row["attribute"]] == row["value"]
-                          for reply in replies[i * count:(i + 1) * count])
-    return rows
+                asks.append((attribute, value, split, body))
+    replies = generate(conversations)  # one call: a server sees every probe at once
+    return [{"attribute": attribute, "value": value, "split": split, "template": body,
+             "hits": sum(detect(reply)[attribute] == value
+                         for reply in replies[i * count:(i + 1) * count]),
+             "asked": count}
+            for i, (attribute, value, split, body) in enumerate(asks)]
 
 
 def template_markdown(rows: Sequence[dict[str, Any]]) -> str:
