@@ -71,32 +71,49 @@ def bench_learning(personas_file: Path | None, persona: str, method: str, steps:
 
 
 @bench.command("following")
-@click.option("--count", type=int, default=400, show_default=True,
-              help="Probes per wording and form.")
+@click.option("--count", type=click.IntRange(min=0), default=400, show_default=True,
+              help="Probes per wording and form (0: not).")
 @click.option("--per-template", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also ask each template of the grammar alone, this many probes each "
                    "(0: not).")
+@click.option("--tone-words", is_flag=True,
+              help="Also read, exactly and without a server, how formal the reply is to "
+                   "each tone word asked for and negated (\"Be chill.\", \"Too chill.\").")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/following"),
               show_default=True)
-def bench_following(count: int, per_template: int, out: Path) -> None:
+def bench_following(count: int, per_template: int, tone_words: bool, out: Path) -> None:
     """How often the hint-following toy model, served by vLLM, does what an instruction
-    asks, per attribute, for train and held-out wordings (and per template)."""
+    asks, per attribute, for train and held-out wordings (and per template, and per tone
+    word)."""
     import json
 
     from nextstate.experiment import following
-    from nextstate.experiment.bench import BASE_MODEL, serving_trained_toy
+    from nextstate.experiment.bench import BASE_MODEL, serving_trained_toy, trained_toy_model
 
-    with serving_trained_toy(out, lambda m: click.echo(m, err=True)) as (vllm, _model_dir):
-        generate = following.vllm_generator(vllm.url, BASE_MODEL)
-        results = following.measure(generate, count=count)
-        templates = following.by_template(generate, per_template) if per_template else None
-    (out / "following.json").write_text(json.dumps(results, indent=2))
-    (out / "following.md").write_text(following.markdown(results))
-    click.echo(following.markdown(results))
-    if templates is not None:
-        (out / "following_templates.json").write_text(json.dumps(templates, indent=2))
-        (out / "following_templates.md").write_text(following.template_markdown(templates))
-        click.echo(following.template_markdown(templates))
+    def save(name: str, data: object, table: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+        (out / f"{name}.md").write_text(table)
+        click.echo(table)
+
+    if not (count or per_template or tone_words):
+        raise click.UsageError("nothing to measure: give --count, --per-template or "
+                               "--tone-words")
+    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    if count or per_template:
+        with serving_trained_toy(out, progress) as (vllm, _model_dir):
+            generate = following.vllm_generator(vllm.url, BASE_MODEL)
+            results = following.measure(generate, count=count) if count else None
+            templates = following.by_template(generate, per_template) if per_template \
+                else None
+        if results is not None:
+            save("following", results, following.markdown(results))
+        if templates is not None:
+            save("following_templates", templates, following.template_markdown(templates))
+    if tone_words:
+        require_learner_extra("nextstate bench following --tone-words")
+        rows = following.tone_words(trained_toy_model(progress))
+        save("following_tone_words", rows, following.tone_words_markdown(rows))
 
 
 @bench.command("personal")

@@ -13,7 +13,8 @@ prompt carries them in one ``form``:
 The rate per preference (attribute and value) is the share of replies to probes asking
 for it that show it (``none``: the share of all replies that show it). Instructions
 name 1-4 attributes, drawn as pretraining draws them. ``by_template`` asks each template
-of the grammar alone, to find the ones the model misreads.
+of the grammar alone, to find the ones the model misreads; ``tone_readings`` reads the
+tone a hint asks for off the model's first reply token, exactly, without sampling.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from nextstate.experiment import wording
-from nextstate.experiment.styles import ATTRIBUTES, detect, make_problem
+from nextstate.experiment.styles import ATTRIBUTES, OPENERS, detect, make_problem
 from nextstate.learner.teacher import with_hint
 
 FORMS = ("none", "hint", "natural")
@@ -125,6 +126,86 @@ def template_markdown(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(f"| {row['attribute']} | {row['value']} | {row['split']} | "
                      f"{row['template']} | {row['hits'] / row['asked']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# A tone word in frames that ask for it ("Be chill.") and for the other tone ("Too chill.").
+TONE_FRAMES = ("Be {}.", "Too {}.", "Don't be so {}.", "Less {}.")
+
+
+def tone_readings(model_dir: Path, hints: Sequence[str | None], problems: int = 16,
+                  seed: int = 0) -> list[float]:
+    """How formal the model's reply to a problem with each hint is, exactly: the mean over
+    ``problems`` word problems of p(formal) / (p(formal) + p(casual)) at the reply's first
+    token, where p(tone) sums the probabilities of the first tokens of that tone's
+    ``OPENERS``; the hint is shown as the learner shows it to its teacher (None: none).
+
+    Exact because a reply's first token decides its tone (pretraining's replies never mix
+    the two, and no opener's first token starts an opener of the other tone: checked here),
+    so a word's reading has no sampling noise: other sets of 16 problems move it by about
+    0.01, where 64 sampled replies give ±0.12. Needs torch and transformers (the learner
+    extra)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    first = {tone: sorted({tokenizer(o, add_special_tokens=False)["input_ids"][0]
+                           for o in openers}) for tone, openers in OPENERS.items()}
+    if set(first["formal"]) & set(first["casual"]):
+        raise ValueError(f"{model_dir}: a formal and a casual opener start with the same "
+                         "token, so the first token does not decide the tone")
+    rng = random.Random(f"tone-readings-{seed}")
+    questions = [make_problem(rng).question for _ in range(problems)]
+    readings = []
+    for hint in hints:
+        formal = []
+        for question in questions:
+            messages = [{"role": "user", "content": question}]
+            text = tokenizer.apply_chat_template(
+                messages if hint is None else with_hint(messages, hint), tokenize=False,
+                add_generation_prompt=True)
+            ids_1_T = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                probs_V = model(ids_1_T).logits[0, -1].softmax(-1)
+            p_formal = float(probs_V[first["formal"]].sum())
+            p_casual = float(probs_V[first["casual"]].sum())
+            formal.append(p_formal / (p_formal + p_casual))
+        readings.append(sum(formal) / len(formal))
+    return readings
+
+
+def tone_words(model_dir: Path, problems: int = 16) -> list[dict[str, Any]]:
+    """Every tone word of the grammar (``wording.LEXEMES`` casual and formal, both splits)
+    in each of ``TONE_FRAMES``: how formal the reply is (``tone_readings``). One row per
+    word, and first a row for no hint at all. Tells a model that reads the negation ("Too
+    chill." asks for formal) from one that reads only the word."""
+    words = [(tone, split, word) for tone in ("casual", "formal") for split in wording.SPLITS
+             for word in wording.LEXEMES[tone][split]]
+    hints: list[str | None] = [None]
+    hints += [frame.format(word) for _, _, word in words for frame in TONE_FRAMES]
+    readings = tone_readings(model_dir, hints, problems)
+    rows: list[dict[str, Any]] = [{"tone": None, "split": None, "word": None,
+                                   "formal": {"(no hint)": readings[0]}}]
+    for i, (tone, split, word) in enumerate(words):
+        start = 1 + i * len(TONE_FRAMES)
+        rows.append({"tone": tone, "split": split, "word": word, "formal": dict(zip(
+            TONE_FRAMES, readings[start:start + len(TONE_FRAMES)], strict=True))})
+    return rows
+
+
+def tone_words_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """How formal the reply is per tone word and frame (the first row: no hint)."""
+    lines = ["| word | tone | wording | " + " | ".join(f'"{f.format("X")}"'
+                                                      for f in TONE_FRAMES) + " |",
+             "|---|---|---|" + "---:|" * len(TONE_FRAMES)]
+    for row in rows:
+        if row["word"] is None:
+            lines.append(f"| (no hint) | | | {row['formal']['(no hint)']:.2f} |"
+                         + " |" * (len(TONE_FRAMES) - 1))
+            continue
+        cells = " | ".join(f"{row['formal'][f]:.2f}" for f in TONE_FRAMES)
+        lines.append(f"| {row['word']} | {row['tone']} | {row['split']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

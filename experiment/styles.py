@@ -98,7 +98,9 @@ def make_problem(rng: random.Random) -> Problem:
 
 # --- replies -------------------------------------------------------------------------------
 
-_OPENERS = {
+# A reply's first sentence. No opener starts with the word another tone's opener starts
+# with, so a reply's first token decides its tone (``following.tone_readings`` rests on it).
+OPENERS = {
     "formal": ("Certainly.", "Here is the solution.", "Let us solve this.",
                "I will compute this carefully."),
     "casual": ("Hey!", "Ooh, fun one!", "Sure thing!", "Alright, let's see."),
@@ -130,7 +132,7 @@ def make_reply(problem: Problem, attrs: Mapping[str, str], rng: random.Random) -
     for name, value in values.items():
         if value not in ATTRIBUTES[name]:
             raise ValueError(f"unknown value {value!r} for {name!r}")
-    lines = [rng.choice(_OPENERS[values["tone"]])]
+    lines = [rng.choice(OPENERS[values["tone"]])]
     if values["steps"] == "shown":
         lines.extend(_steps(problem, rng))
     sentences = [rng.choice(_ANSWERS[values["tone"]]).format(n=problem.answer)]

@@ -259,6 +259,12 @@ def test_a_backend_that_is_not_a_url_gets_one_sentence():
         in result.output
 
 
+def test_bench_following_asked_to_measure_nothing_says_what_to_give():
+    result = CliRunner().invoke(cli.main, ["bench", "following", "--count", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "nothing to measure: give --count, --per-template or --tone-words" in result.output
+
+
 def test_serve_with_the_openai_base_url_form_proxies_to_the_right_paths(tmp_path):
     seen: list[str] = []
     fake = FakeVLLM()

@@ -10,6 +10,7 @@ time) and cached in the data dir, like the untrained one.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import pytest
 
 from nextstate.core.vllm_server import VLLMProcess, toy_model_config
 from nextstate.experiment.bench import BASE_MODEL, trained_toy_model
+from nextstate.experiment.following import tone_readings, transformers_generator
 from nextstate.experiment.personas import load_personas
 from nextstate.experiment.run import BenchConfig, run_method
+from nextstate.experiment.styles import detect, make_problem
+from nextstate.learner.teacher import with_hint
 from tests.conftest import _require_vllm
 
 pytestmark = pytest.mark.integration
@@ -49,3 +53,21 @@ async def test_the_combined_method_raises_the_students_score_well_above_base(
     # Every turn trained on was made by the simulated user (a step may also use turns
     # left over from the traffic of the step before, so only the total is exact).
     assert sum(run.turns_recorded) >= config.steps * config.batch_turns
+
+
+def test_a_tone_reading_is_the_share_of_sampled_replies_in_that_tone() -> None:
+    """``following.tone_readings`` reads how formal a reply will be off its first token;
+    the replies the model samples agree (the reading ``bench following --tone-words``
+    rests on)."""
+    model_dir = trained_toy_model(print)
+    hints = [None, "Talk to me like a friend."]  # the toy's defaults; a phrase it follows
+    exact = tone_readings(model_dir, hints)
+    assert exact[0] > 0.5 > exact[1], exact  # formal by default, casual when asked
+    rng = random.Random(0)
+    generate = transformers_generator(model_dir, max_tokens=60, seed=0)
+    for hint, reading in zip(hints, exact, strict=True):
+        asked = [[{"role": "user", "content": make_problem(rng).question}] for _ in range(96)]
+        replies = generate([m if hint is None else with_hint(m, hint) for m in asked])
+        sampled = sum(detect(r)["tone"] == "formal" for r in replies) / len(replies)
+        # 96 replies: a share is within ±0.15 of its expectation (about 3 sigma).
+        assert abs(sampled - reading) <= 0.15, (hint, reading, sampled)
