@@ -90,6 +90,15 @@ def _require_vllm() -> None:
         pytest.skip("vLLM is not installed (pip install 'nextstate[cpu]'); run `make test`")
 
 
+def running_requests(vllm_url: str) -> float:
+    """How many requests a vLLM is generating now (its Prometheus gauge)."""
+    import httpx
+
+    metrics = httpx.get(f"{vllm_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
 def _postgres_bin() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     return found[-1].parent if found else None

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from nextstate.core.store import Store
 from nextstate.core.vllm_server import free_port
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, running_requests
 
 pytestmark = pytest.mark.integration
 
@@ -201,12 +201,6 @@ def test_opt_out_is_forwarded_but_not_recorded(proxy):
     assert len(proxy.turns(2, timeout=2)) == 1
 
 
-def _running_requests(vllm) -> float:
-    metrics = httpx.get(f"{vllm.url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("vllm:num_requests_running"))
-
-
 def test_client_disconnect_mid_stream_aborts_upstream_and_keeps_the_partial_turn(vllm, proxy):
     body = {**BASE, "messages": HELLO, "stream": True, "max_tokens": 3000, "ignore_eos": True}
     # On a loaded machine the toy model can write all 3000 tokens (they fit in the sockets'
@@ -220,9 +214,9 @@ def test_client_disconnect_mid_stream_aborts_upstream_and_keeps_the_partial_turn
                 if i > 6:
                     break  # leave mid-stream: the connection is closed here
         deadline = time.monotonic() + 20
-        while _running_requests(vllm) > 0 and time.monotonic() < deadline:
+        while running_requests(vllm.url) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _running_requests(vllm) == 0  # vLLM stopped generating the 3000 tokens
+        assert running_requests(vllm.url) == 0  # vLLM stopped generating the 3000 tokens
         turn = proxy.turns(attempt + 1)[-1]
         if turn["status"] == "ok" and len(turn["completion_token_ids"]) == 3000:
             continue  # answered whole before the client left: try again
