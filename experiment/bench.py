@@ -122,6 +122,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells[1:1] = [f"{found[k]:.2f}" if k in found else "-" for k in early]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} | "
                      f"{m['seconds'] / 60:.1f} min |")
+    lines += preferences_table(results)
     lines += memory_table(methods)
     notes = [f"{name}: no step after step {min(s for s in m['stalled_after'] if s is not None)}"
              " in some seed (the persona stopped correcting, so nothing was left to learn "
@@ -149,6 +150,23 @@ def markdown_table(results: dict[str, Any]) -> str:
                          f"{', '.join(kls)} nats/token); their turns were skipped and the "
                          "traffic went on")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def preferences_table(results: dict[str, Any]) -> list[str]:
+    """How often each of the persona's preferences was met at the last step, per method:
+    which preference a method leaves behind."""
+    prefers = results.get("prefers") or {}
+    methods = {name: m.get("met_at_end") for name, m in results["methods"].items()}
+    if not prefers or not any(methods.values()):
+        return []
+    steps = len(next(iter(results["methods"].values()))["mean"]) - 1
+    lines = ["", f"Preferences met at step {steps}:", "",
+             "| method | " + " | ".join(f"{a}: {v}" for a, v in prefers.items()) + " |",
+             "|" + "---|" * (len(prefers) + 1)]
+    for name, met in methods.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{met[a]:.2f}" if met and a in met else "-" for a in prefers) + " |")
+    return lines
 
 
 def memory_table(methods: dict[str, Any]) -> list[str]:

@@ -37,8 +37,8 @@ from nextstate.experiment.bench import BASE_MODEL, save_results, serving_trained
 from nextstate.experiment.client import RetryingTransport
 from nextstate.experiment.personas import Persona, SimulatedUser
 from nextstate.experiment.run import BenchConfig, Progress
-from nextstate.experiment.styles import Problem, detect, make_problem
-from nextstate.experiment.traffic import conversation
+from nextstate.experiment.styles import make_problem
+from nextstate.experiment.traffic import conversation, evaluate
 from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
@@ -100,7 +100,8 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
                     run.versions.append(versions)
                     await until_serving(clients[personas[0].name], learner, policy)
                 for p in personas:
-                    score, met = await evaluate(clients[p.name], policy, p, eval_set, config)
+                    score, met = await evaluate(clients[p.name], policy, p, eval_set, config,
+                                                seeded=True)
                     run.scores[p.name].append(score)
                     run.attributes[p.name].append(met)
                 progress(f"{mode:>8} seed {config.seed}: step {step} "
@@ -113,30 +114,6 @@ async def run_mode(personas: Sequence[Persona], mode: str, config: BenchConfig, 
             run.retries = dict(sum((u.retries for u in users.values()), Counter()))
     run.seconds = time.monotonic() - started
     return run
-
-
-async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
-                   problems: list[Problem], config: BenchConfig,
-                   ) -> tuple[float, dict[str, float]]:
-    """The persona's mean rating of first replies to held-out problems (not recorded;
-    problem i is always sampled with seed i), and how often each preference was met."""
-    gate = asyncio.Semaphore(config.concurrency)
-
-    async def read(i: int, problem: Problem) -> list[str]:
-        async with gate:
-            answer = await client.post(
-                "/chat/completions", headers={"X-NextState-Record": "off"},
-                json={"model": policy, "n": config.eval_samples, "seed": i,
-                      "temperature": config.temperature, "max_tokens": config.max_tokens,
-                      "messages": [{"role": "user", "content": problem.question}]})
-            answer.raise_for_status()
-            return [c["message"]["content"] or "" for c in answer.json()["choices"]]
-
-    replies = [r for rs in await asyncio.gather(*(read(i, p) for i, p in enumerate(problems)))
-               for r in rs]
-    found = [detect(r) for r in replies]
-    met = {a: statistics.fmean(f[a] == v for f in found) for a, v in persona.prefers.items()}
-    return statistics.fmean(persona.score(r) for r in replies), met
 
 
 def published(learner: Learner, policy: str) -> dict[str, str]:

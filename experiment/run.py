@@ -98,6 +98,8 @@ class MethodRun:
     method: str
     seed: int
     scores: list[float] = field(default_factory=list)  # index = training steps so far
+    # How often each preference was met, per step as ``scores`` (attribute -> share).
+    met: list[dict[str, float]] = field(default_factory=list)
     turns_recorded: list[int] = field(default_factory=list)  # traffic turns per step
     versions: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -157,6 +159,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
             rate = Rater(client, proxy.url, learner, policy, persona, eval_set, config, kind)
             try:
                 run.scores.append(await rate())
+                run.met.append(rate.met)
                 _record(learner, policy, f"{policy}{BASE_ADAPTER}", run.scores[-1])
                 progress(f"{method:>8} seed {config.seed}: step 0 score {run.scores[0]:.3f}")
                 early_turns = await first_problems(client, learner, policy, persona,
@@ -182,6 +185,7 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                     if kind.trains:
                         await _until_serving(client, policy, version)
                     run.scores.append(await rate())
+                    run.met.append(rate.met)
                     _record(learner, policy, version, run.scores[-1])
                     note = await _memory_step(run, learner, rate, vllm_url, base_model,
                                               since, kind)
@@ -201,7 +205,8 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
 
 class Rater:
     """The persona's rating of the policy as users are served now: for a memory arm, once
-    the proxy's memory has every lesson the learner made."""
+    the proxy's memory has every lesson the learner made. ``met``: how often each of its
+    preferences was met, at the last rating."""
 
     def __init__(self, client: httpx.AsyncClient, proxy_url: str, learner: Learner,
                  policy: str, persona: Persona, problems: list[Problem], config: BenchConfig,
@@ -209,12 +214,14 @@ class Rater:
         self.client, self.proxy_url, self.learner = client, proxy_url, learner
         self.policy, self.persona, self.problems = policy, persona, problems
         self.config, self.kind = config, kind
+        self.met: dict[str, float] = {}
 
     async def __call__(self, memory: bool = True) -> float:
         if self.kind.memory:
             await until_indexed(self.client, self.proxy_url, self.learner.store)
-        return await evaluate(self.client, self.policy, self.persona, self.problems,
-                              self.config, memory=memory)
+        score, self.met = await evaluate(self.client, self.policy, self.persona,
+                                         self.problems, self.config, memory=memory)
+        return score
 
 
 async def first_problems(client: httpx.AsyncClient, learner: Learner, policy: str,
@@ -341,6 +348,9 @@ def summarise(runs: list[MethodRun], steps: int | None = None) -> dict[str, Any]
             "slowed": [len(r.slowed) for r in mine],  # taken at a smaller learning rate
             "early": {k: statistics.fmean(r.early[k] for r in mine if k in r.early)
                       for k in dict.fromkeys(k for r in mine for k in r.early)},
+            # the last rating's (a stalled run's policy did not change after it)
+            "met_at_end": {a: statistics.fmean(r.met[-1][a] for r in mine)
+                           for a in (mine[0].met[-1] if all(r.met for r in mine) else {})},
         }
         if any(r.lessons for r in mine):
             out[method]["memory"] = _memory_summary(mine)

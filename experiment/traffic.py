@@ -16,7 +16,7 @@ import httpx
 
 from nextstate.core.sessions import MEMORY_HEADER, USER_HEADER
 from nextstate.experiment.personas import Persona, SimulatedUser
-from nextstate.experiment.styles import Problem
+from nextstate.experiment.styles import Problem, detect
 
 if TYPE_CHECKING:
     from nextstate.experiment.run import BenchConfig
@@ -103,25 +103,30 @@ async def conversation(client: httpx.AsyncClient, policy: str, user: SimulatedUs
 
 
 async def evaluate(client: httpx.AsyncClient, policy: str, persona: Persona,
-                   problems: list[Problem], config: BenchConfig,
-                   memory: bool = True) -> float:
-    """The persona's mean rating of first replies to held-out problems (not recorded);
-    ``memory`` False: asked with the memory off (the adapter alone)."""
+                   problems: list[Problem], config: BenchConfig, memory: bool = True,
+                   seeded: bool = False) -> tuple[float, dict[str, float]]:
+    """The persona's mean rating of first replies to held-out problems (not recorded),
+    and how often each of its preferences was met. ``memory`` False: asked with the
+    memory off (the adapter alone); ``seeded``: problem i is always sampled with seed i,
+    so that two policies are compared on the same draws."""
     gate = asyncio.Semaphore(config.concurrency)
     headers = {"X-NextState-Record": "off"}
     if not memory:
         headers[MEMORY_HEADER] = "off"
 
-    async def rate(problem: Problem) -> list[float]:
+    async def read(i: int, problem: Problem) -> list[str]:
         async with gate:
             answer = await client.post(
                 "/chat/completions", headers=headers,
                 json={"model": policy, "n": config.eval_samples,
                       "temperature": config.temperature, "max_tokens": config.max_tokens,
-                      "messages": [{"role": "user", "content": problem.question}]})
+                      "messages": [{"role": "user", "content": problem.question}],
+                      **({"seed": i} if seeded else {})})
             answer.raise_for_status()
-            return [persona.score(c["message"]["content"] or "")
-                    for c in answer.json()["choices"]]
+            return [c["message"]["content"] or "" for c in answer.json()["choices"]]
 
-    ratings = await asyncio.gather(*(rate(p) for p in problems))
-    return statistics.fmean(r for rs in ratings for r in rs)
+    replies = [r for rs in await asyncio.gather(*(read(i, p) for i, p in enumerate(problems)))
+               for r in rs]
+    found = [detect(r) for r in replies]
+    met = {a: statistics.fmean(f[a] == v for f in found) for a, v in persona.prefers.items()}
+    return statistics.fmean(persona.score(r) for r in replies), met

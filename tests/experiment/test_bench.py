@@ -69,6 +69,18 @@ def test_a_stalled_run_carries_its_last_score_and_says_so(tmp_path: Path) -> Non
     assert plot_curves(results, tmp_path / "stalled.png").exists()
 
 
+def test_the_table_says_how_often_each_preference_was_met_at_the_last_step() -> None:
+    met = [{"tone": 0.5, "steps": 0.25}, {"tone": 0.75, "steps": 1.0}]
+    done = [MethodRun("combined", seed, scores=[0.2, 0.8], met=[{}, m], seconds=60)
+            for seed, m in enumerate(met)]
+    summary = summarise(done)
+    assert summary["combined"]["met_at_end"] == {"tone": 0.625, "steps": 0.625}
+    table = markdown_table({"seeds": [0, 1], "methods": summary, "paper": PAPER,
+                            "prefers": {"tone": "casual", "steps": "shown"}})
+    assert ("Preferences met at step 1:\n\n| method | tone: casual | steps: shown |\n"
+            "|---|---|---|\n| combined | 0.62 | 0.62 |") in table
+
+
 def memory_run(seed: int, retired: list[int], tokens: list[float]) -> MethodRun:
     return MethodRun(
         "memory+combined", seed, scores=[0.2, 0.95, 0.97], seconds=60,
