@@ -13,8 +13,8 @@ prompt carries them in one ``form``:
 The rate per preference (attribute and value) is the share of replies to probes asking
 for it that show it (``none``: the share of all replies that show it). Instructions
 name 1-4 attributes, drawn as pretraining draws them. ``by_template`` asks each template
-of the grammar alone, to find the ones the model misreads; ``tone_readings`` reads the
-tone a hint asks for off the model's first reply token, exactly, without sampling.
+of the grammar alone, to find the ones the model misreads; ``tone_readings`` reads how
+formal the reply to a hint will be off the model's first reply token, without sampling.
 """
 
 from __future__ import annotations
