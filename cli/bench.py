@@ -99,7 +99,9 @@ def bench_following(count: int, per_template: int, tone_words: bool, out: Path) 
     if not (count or per_template or tone_words):
         raise click.UsageError("nothing to measure: give --count, --per-template or "
                                "--tone-words")
-    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    def progress(message: str) -> None:
+        click.echo(message, err=True)
+
     if count or per_template:
         with serving_trained_toy(out, progress) as (vllm, _model_dir):
             generate = following.vllm_generator(vllm.url, BASE_MODEL)
@@ -200,7 +202,9 @@ def toy_model(out: Path | None, trained: bool, vision: bool) -> None:
         raise click.ClickException(
             f"building the toy model needs the learner extra ({exc}); "
             "pip install 'nextstate[learner]'") from exc
-    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    def progress(message: str) -> None:
+        click.echo(message, err=True)
+
     if vision:
         built = ensure_vlm_toy_model(data_dir(), progress=progress) if out is None \
             else build_vlm_toy_model(out, progress=progress)

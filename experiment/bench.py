@@ -122,7 +122,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells[1:1] = [f"{found[k]:.2f}" if k in found else "-" for k in early]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} | "
                      f"{m['seconds'] / 60:.1f} min |")
-    lines += preferences_table(results)
+    lines += preferences_table(results, steps)
     lines += memory_table(methods)
     notes = [f"{name}: no step after step {min(s for s in m['stalled_after'] if s is not None)}"
              " in some seed (the persona stopped correcting, so nothing was left to learn "
@@ -152,14 +152,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def preferences_table(results: dict[str, Any]) -> list[str]:
+def preferences_table(results: dict[str, Any], steps: int) -> list[str]:
     """How often each of the persona's preferences was met at the last step, per method:
     which preference a method leaves behind."""
     prefers = results.get("prefers") or {}
     methods = {name: m.get("met_at_end") for name, m in results["methods"].items()}
     if not prefers or not any(methods.values()):
         return []
-    steps = len(next(iter(results["methods"].values()))["mean"]) - 1
     lines = ["", f"Preferences met at step {steps}:", "",
              "| method | " + " | ".join(f"{a}: {v}" for a, v in prefers.items()) + " |",
              "|" + "---|" * (len(prefers) + 1)]
