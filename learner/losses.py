@@ -112,13 +112,21 @@ def combined_advantages(
 ) -> torch.Tensor:
     """Both signals, each where it is sharpest: a turn with a hint learns token by token
     from the teacher; a turn with only a reward (a thank-you, a verdict) from the reward.
-        A_t = w_opd · [has teacher] · clip(logπ_teacher(t) − logπ_old(t), ±c)
+        A_t = w_opd · [has teacher] · D_t
             + w_rl  · [has reward] · [no teacher] · r
-    A corrected turn's −1 and its hint are one judgment: the hint says which tokens were
-    wrong, while the −1 would push down every token of the reply, the right ones too
-    (measured on the learning benchmark: bench/README.md).
+        D_t = clip(logπ_teacher(t) − logπ_old(t), ±c)            (no reward, or r > 0)
+            = min(0, clip(logπ_teacher(t) − logπ_old(t), ±c))    (r < 0: corrected)
+    A corrected turn's −1 and its hint are one judgment: the −1 says the reply was wrong,
+    the hint says which of its tokens (those the hinted teacher likes less than the
+    student did), where the −1 alone would push down every token, the right ones too. A
+    token of a rejected reply that the teacher likes *more* is left alone: if the hint was
+    understood it teaches little (it was sampled, so it was already likely), and if it was
+    misread it rewards exactly what the user rejected. Both measured on the learning
+    benchmark (bench/README.md, "Corrected turns learn only what to avoid").
     """
     opd_B_T = opd_advantages(teacher_logprobs_B_T, old_logprobs_B_T, mask_B_T, clip)
+    corrected_B = has_reward_B * (rewards_B < 0).float()
+    opd_B_T = torch.where(corrected_B[:, None] > 0, opd_B_T.clamp(max=0.0), opd_B_T)
     rl_B_T = binary_advantages(rewards_B, mask_B_T)
     reward_only_B = has_reward_B * (1.0 - has_teacher_B)
     return w_opd * has_teacher_B[:, None] * opd_B_T + w_rl * reward_only_B[:, None] * rl_B_T

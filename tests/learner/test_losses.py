@@ -35,9 +35,21 @@ def test_combined_takes_the_teacher_where_there_is_a_hint_and_the_reward_elsewhe
                             has_teacher_B=torch.tensor([1.0, 0.0, 1.0]),
                             has_reward_B=torch.tensor([1.0, 1.0, 0.0]), mask_B_T=mask,
                             w_opd=2.0, w_rl=0.5)
-    # turn 0, corrected with a hint: the teacher only, 2·(0.5, −1); turn 1, thanked: 0.5·1;
-    # turn 2, a hint without a reward: the teacher
-    assert a.tolist() == [[1.0, -2.0], [0.5, 0.5], [1.0, -2.0]]
+    # turn 0, corrected with a hint: the teacher only, and only what it likes less,
+    # 2·(0, −1); turn 1, thanked: 0.5·1; turn 2, a hint without a reward: the teacher
+    assert a.tolist() == [[0.0, -2.0], [0.5, 0.5], [1.0, -2.0]]
+
+
+def test_a_corrected_turn_learns_from_its_teacher_only_what_to_avoid():
+    # The hinted teacher likes token 0 more than the student did and token 1 less: on a
+    # rejected reply only the second is a signal (the first, rewarded, would teach what
+    # the user rejected whenever the hint was misread); on an approved one, both are.
+    teacher = torch.tensor([[-0.2, -3.0]] * 2)
+    old = torch.tensor([[-1.0, -1.0]] * 2)
+    a = combined_advantages(teacher, old, torch.tensor([-1.0, 1.0]),
+                            has_teacher_B=torch.ones(2), has_reward_B=torch.ones(2),
+                            mask_B_T=torch.ones(2, 2))
+    assert a.tolist() == [[0.0, -1.0], [pytest.approx(0.8), -1.0]]
 
 
 def test_surrogate_at_ratio_one_is_minus_the_mean_advantage():
