@@ -114,7 +114,7 @@ def combined_advantages(
     from the teacher; a turn with only a reward (a thank-you, a verdict) from the reward.
         A_t = w_opd · [has teacher] · D_t
             + w_rl  · [has reward] · [no teacher] · r
-        D_t = clip(logπ_teacher(t) − logπ_old(t), ±c)            (no reward, or r > 0)
+        D_t = clip(logπ_teacher(t) − logπ_old(t), ±c)            (no reward, or r ≥ 0)
             = min(0, clip(logπ_teacher(t) − logπ_old(t), ±c))    (r < 0: corrected)
     A corrected turn's −1 and its hint are one judgment: the −1 says the reply was wrong,
     the hint says which of its tokens (those the hinted teacher likes less than the
