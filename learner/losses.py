@@ -125,8 +125,8 @@ def combined_advantages(
     benchmark (bench/README.md, "Corrected turns learn only what to avoid").
     """
     opd_B_T = opd_advantages(teacher_logprobs_B_T, old_logprobs_B_T, mask_B_T, clip)
-    corrected_B = has_reward_B * (rewards_B < 0).float()
-    opd_B_T = torch.where(corrected_B[:, None] > 0, opd_B_T.clamp(max=0.0), opd_B_T)
+    corrected_B = (has_reward_B > 0) & (rewards_B < 0)
+    opd_B_T = torch.where(corrected_B[:, None], opd_B_T.clamp(max=0.0), opd_B_T)
     rl_B_T = binary_advantages(rewards_B, mask_B_T)
     reward_only_B = has_reward_B * (1.0 - has_teacher_B)
     return w_opd * has_teacher_B[:, None] * opd_B_T + w_rl * reward_only_B[:, None] * rl_B_T
