@@ -58,7 +58,8 @@ def test_with_capture_off_the_turn_is_recorded_as_text_and_the_lessons_still_ser
                         turn_id="t0", context=ASK)
     store.close()
     provider = Provider()
-    memory = MemorySettings(enabled=True, control=0.0)  # every request gets the lesson
+    # every request gets the lesson (retrieval given room: see tests/proxy/test_memory.py)
+    memory = MemorySettings(enabled=True, control=0.0, budget_ms=1000.0)
     with open_client(tmp_path, provider, capture=False, memory=memory) as client:
         client.portal.call(client.app_state["deps"].memory.refresh, True)
         whole = client.post("/v1/chat/completions", json=CHAT)
