@@ -1,7 +1,8 @@
 """The learning benchmark, short and seeded: a simulated student speaking in words the
 model never saw in an instruction (the held-out wording) -> proxy -> vLLM -> store ->
-learner (rules judge, combined method) -> adapter -> vLLM. A change that breaks learning
-anywhere on that path, or the toy model's understanding of unseen wording, fails here.
+learner (rules judge, combined method, the adapter as its own teacher) -> adapter ->
+vLLM. A change that breaks learning anywhere on that path, or the toy model's
+understanding of unseen wording, fails here.
 
 It needs the hint-following toy model (`nextstate toy-model --trained`): built on first
 use (about 10 minutes on 2 cores, 20 on a busy machine; one thread, byte-identical every
@@ -42,7 +43,11 @@ async def test_the_combined_method_raises_the_students_score_well_above_base(
         trained_vllm: VLLMProcess, tmp_path: Path) -> None:
     student = load_personas()["student-own-words"]
     assert student.wording == "held-out"
-    config = BenchConfig(steps=8, eval_problems=16, seed=0)
+    # The recipe that learns held-out wording (bench/README.md, "The adapter as its own
+    # teacher"): with the frozen base model as teacher this persona ends at 0.47-0.64,
+    # too near the bound below for a seeded check of the path.
+    config = BenchConfig(steps=8, eval_problems=16, seed=0, teacher="policy",
+                         learning_rate=2e-3)
     run = await run_method(student, "combined", config, vllm_url=trained_vllm.url,
                            base_model=BASE_MODEL, model_dir=trained_toy_model(print),
                            workdir=tmp_path, progress=print)
