@@ -8,11 +8,13 @@ asker with such turns judged since the last round, this compares the two arms on
 asker's latest judged turns since their mode began, back to where each arm has
 ``hand_over_after`` (the same span of time for both):
 
-    lessons -> weights   once the mean score without lessons ≥ the mean score with them
+    lessons -> weights   once the mean score without lessons ≥ the mean score with them,
+                         and ≥ ``FLOOR`` (0: approved at least as often as corrected)
     weights -> lessons   once the mean score with lessons > without + ``BACK``
 
-once each arm has at least ``hand_over_after`` turns. A tie goes to the weights: lessons
-that do not raise the score cost context on every request. Coming back takes a clear
+once each arm has at least ``hand_over_after`` turns. A tie goes to the weights (lessons
+that do not raise the score cost context on every request), but only above the floor,
+where verdicts can show what lessons do (``FLOOR``). Coming back takes a clear
 margin: with 8 turns in the rarer arm, a mean of ±1 verdicts moves by ±0.35 by chance
 alone, and on the learning benchmark a tie rule both ways flipped a user back and forth
 2-4 times in 8 steps (simulated on the runs' own turns: none with this margin), while a
@@ -40,6 +42,13 @@ from nextstate.core.store.lessons import scope_label
 
 log = logging.getLogger("nextstate.learner.handover")
 BACK = 0.5  # how much better lessons must score to be served again once handed over
+# Handed over only when the turns served without lessons are approved at least as often as
+# corrected: a turn is corrected whenever one thing in it is wrong, so where most are, a
+# lesson that gets one of several things right changes few verdicts, and a tie there says
+# nothing of what the lessons do (on the learning benchmark a held-out student was handed
+# over at -0.71 without lessons against -0.75 with them while the persona rated the
+# replies 0.29 against 0.70, and its score fell to 0.26).
+FLOOR = 0.0
 
 
 class HandOvers:
@@ -74,13 +83,16 @@ class HandOvers:
             return None
         with_, without = statistics.fmean(served), statistics.fmean(held)
         if current == LESSONS:
-            mode = WEIGHTS if without >= with_ else LESSONS
+            mode = WEIGHTS if without >= max(with_, FLOOR) else LESSONS
         else:
             mode = LESSONS if with_ > without + BACK else WEIGHTS
         figures = {"with": {"turns": len(served), "mean": round(with_, 3)},
                    "without": {"turns": len(held), "mean": round(without, 3)}}
         reason = (f"judged turns served without lessons scored {without:+.2f} on average "
                   f"({len(held)} turns), with them {with_:+.2f} ({len(served)})")
+        if current == LESSONS and with_ <= without < FLOOR:
+            reason += ("; kept: without lessons most turns are corrected, where a tie says "
+                       "nothing of what the lessons do")
         if not self.handover.decide(tenant, user, mode, reason, figures, now):
             return None
         who = scope_label(tenant, user)

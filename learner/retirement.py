@@ -3,8 +3,12 @@ proxy's memory stops serving them).
 
 Context distillation (judging.py, training.py) teaches the adapter to answer, without a
 lesson, as it answers with it. A lesson has been learned when showing it no longer
-changes what the adapter says. Each round, for the served lessons not yet checked
-against the adapter now serving their owner:
+changes what the adapter says. Each round, for up to ``checks_per_round`` active lessons
+not yet checked against the adapter now serving their owner, the least recently checked
+first (store.lessons.to_check), served or not: the proxy serves one lesson a request, so
+most of a scope's lessons are reserves that a better-matching one outranks, and a reserve
+is served the moment the one above it retires; checked beforehand, one the weights
+already follow never costs context. A check's replies go to vLLM together, to batch.
 
 1. held-out prompts: the owner's latest requests that lessons fit (served with them, or
    held back: handover.py) and that no adapter has trained on (as the client sent them,
@@ -50,6 +54,9 @@ from nextstate.learner.teacher import TeacherError, score
 
 log = logging.getLogger("nextstate.learner.retirement")
 
+SCAN = 5000  # active lessons a round looks through at most for ones due a check
+Key = tuple[str | None, str | None, str]  # a scope (tenant, user) and the adapter serving it
+
 
 class Reply(NamedTuple):
     """A model's own reply to a held-out prompt: the prompt, the reply's token ids and
@@ -81,37 +88,55 @@ class Retirement:
         self.router.update(await asyncio.to_thread(self.store.adapters.currents, policy))
         if self.router.current is None and not self.router.personal:
             return []  # no adapter yet: nothing the weights could have learned
-        candidates = await asyncio.to_thread(self.store.lessons.to_check,
-                                             self.config.checks_per_round * 4)
-        due: dict[tuple[str | None, str | None, str], list[dict[str, Any]]] = {}
+        self.waiting = []
+        due: dict[Key, list[dict[str, Any]]] = {}
+        prompts: dict[Key, list[dict[str, Any]]] = {}  # a scope's held-out prompts
         taken = 0
-        for lesson in candidates:
-            model = self.router.route(policy, lesson["user"]) or ""
-            if model == self.router.base_model or (lesson["checked"] or {}).get(
-                    "adapter") == model:
-                continue
-            due.setdefault((lesson["tenant"], lesson["user"], model), []).append(lesson)
-            taken += 1
-            if taken >= self.config.checks_per_round:
+        page = self.config.checks_per_round * 4
+        # Page past the lessons no adapter serves, already checked against the adapter
+        # serving their owner, or of a scope without enough held-out prompts yet.
+        for offset in range(0, SCAN, page):
+            candidates = await asyncio.to_thread(self.store.lessons.to_check, page, offset)
+            for lesson in candidates:
+                model = self.router.route(policy, lesson["user"]) or ""
+                if model == self.router.base_model or (lesson["checked"] or {}).get(
+                        "adapter") == model:
+                    continue
+                key = (lesson["tenant"], lesson["user"], model)
+                if key not in prompts:
+                    prompts[key] = await self._held_out(lesson["tenant"], lesson["user"])
+                if not prompts[key]:
+                    continue
+                due.setdefault(key, []).append(lesson)
+                taken += 1
+                if taken >= self.config.checks_per_round:
+                    break
+            if taken >= self.config.checks_per_round or len(candidates) < page:
                 break
         retired = []
-        self.waiting = []
-        for (tenant, user, model), lessons in due.items():
+        for key, lessons in due.items():
             try:
-                retired += await self._check_scope(tenant, user, model, lessons)
+                retired += await self._check_scope(key, prompts[key], lessons)
             except (VLLMError, TeacherError) as exc:
-                log.warning("retirement check on %s failed: %s", model, exc)
+                log.warning("retirement check on %s failed: %s", key[2], exc)
         return retired
 
-    async def _check_scope(self, tenant: str | None, user: str | None, model: str,
-                           lessons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _held_out(self, tenant: str | None, user: str | None) -> list[dict[str, Any]]:
+        """The scope's held-out prompts; none (and why, in ``waiting``) while it has fewer
+        than ``check_prompts``: its lessons are checked on a later round."""
         prompts = await asyncio.to_thread(self.store.lessons.held_out, tenant, user,
                                           self.config.check_prompts)
-        scope = scope_label(tenant, user)
-        if len(prompts) < self.config.check_prompts:  # checked on a later round
-            self.waiting.append(f"{scope}: {len(prompts)} of {self.config.check_prompts} "
-                                "held-out prompts (requests lessons fit, not trained on)")
+        if len(prompts) < self.config.check_prompts:
+            self.waiting.append(f"{scope_label(tenant, user)}: {len(prompts)} of "
+                                f"{self.config.check_prompts} held-out prompts (requests "
+                                "lessons fit, not trained on)")
             return []
+        return prompts
+
+    async def _check_scope(self, key: Key, prompts: list[dict[str, Any]],
+                           lessons: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        tenant, user, model = key
+        scope = scope_label(tenant, user)
         replies = await self._replies(model, prompts)
         if not replies:
             self.waiting.append(f"{scope}: {model} gave no reply to sample")
@@ -158,31 +183,35 @@ class Retirement:
                          f"prompts (bound {self.config.retire_kl}{base})")
 
     async def _replies(self, model: str, prompts: Sequence[dict[str, Any]]) -> list[Reply]:
-        """``model``'s own replies to the prompts, untold, with their logprobs."""
-        replies = []
-        for turn in prompts:
+        """``model``'s own replies to the prompts, untold, with their logprobs (the
+        prompts at once, so that vLLM batches them)."""
+        async def answer(turn: dict[str, Any]) -> list[Reply]:
             request = turn["request"] or {}
             messages, tools = request.get("messages"), request.get("tools")
             if not isinstance(messages, list) or not messages:
-                continue
+                return []
             ids = await self._tokenize(model, messages, tools)
-            for sample in await self._sample(model, ids):
-                replies.append(Reply(messages, tools, sample,
-                                     await score(self.vllm, model, ids, sample)))
-        return replies
+            samples = await self._sample(model, ids)
+            untold = await asyncio.gather(*(score(self.vllm, model, ids, s) for s in samples))
+            return [Reply(messages, tools, s, u) for s, u in zip(samples, untold, strict=True)]
+
+        return [r for replies in await asyncio.gather(*(answer(t) for t in prompts))
+                for r in replies]
 
     async def _kl(self, model: str, replies: Sequence[Reply], lesson: str) -> float:
         """KL(model ‖ model shown the lesson), nats per token, estimated on the model's
         own replies: the mean over replies of the mean over their tokens of
-        logπ(token | prompt) − logπ(token | prompt + lesson)."""
-        gaps = []
+        logπ(token | prompt) − logπ(token | prompt + lesson). Scored all at once."""
+        told_prompts: dict[int, list[int]] = {}  # a prompt's replies share its told ids
         for reply in replies:
-            told_ids = await self._tokenize(model, with_hint(reply.messages, lesson),
-                                            reply.tools)
-            told = await score(self.vllm, model, told_ids, reply.sample)
-            gaps.append(statistics.fmean(u - t for u, t in zip(reply.untold, told,
-                                                               strict=True)))
-        return statistics.fmean(gaps)
+            if id(reply.messages) not in told_prompts:
+                told_prompts[id(reply.messages)] = await self._tokenize(
+                    model, with_hint(reply.messages, lesson), reply.tools)
+        told = await asyncio.gather(*(score(self.vllm, model, told_prompts[id(r.messages)],
+                                            r.sample) for r in replies))
+        return statistics.fmean(
+            statistics.fmean(u - t for u, t in zip(reply.untold, scores, strict=True))
+            for reply, scores in zip(replies, told, strict=True))
 
     async def _tokenize(self, model: str, messages: list[dict[str, Any]],
                         tools: Any) -> list[int]:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, case, delete, func, or_, select, update
+from sqlalchemy import Connection, String, and_, case, delete, exists, func, or_, select, update
 
 from nextstate.core.redact import Redactor
 from nextstate.core.retrieval import Scope, similarity, terms
@@ -303,12 +303,19 @@ class Lessons:
         with self.db.connect() as conn:
             return [{**_row(r), "text": r.text[:200]} for r in conn.execute(query)]
 
-    def to_check(self, limit: int) -> list[dict[str, Any]]:
-        """Active, unpinned lessons that were served, most recently served first: what a
-        retirement check looks at."""
-        query = (select(lessons).where(lessons.c.status == ACTIVE,
-                                       lessons.c.pinned.is_(False), lessons.c.served > 0)
-                 .order_by(lessons.c.last_served_at.desc()).limit(limit))
+    def to_check(self, limit: int, offset: int = 0) -> list[dict[str, Any]]:
+        """Active, unpinned lessons, the least recently checked first (never checked
+        first of all), then the most recently served: what a retirement check looks at.
+        Never-served ones too: one lesson a request is served, so most of a scope's are
+        reserves that a better-matching one outranks, and each is served the moment the
+        one above it is retired; checked first, one the weights already follow never
+        costs context."""
+        checked_at = func.coalesce(lessons.c.checked["at"].as_float(), 0.0)
+        query = (select(lessons).where(lessons.c.status == ACTIVE, lessons.c.pinned.is_(False))
+                 .order_by(checked_at.asc(),
+                           func.coalesce(lessons.c.last_served_at, 0.0).desc(),
+                           lessons.c.created_at.desc(), lessons.c.id)
+                 .limit(limit).offset(offset))
         with self.db.connect() as conn:
             return [_row(r) for r in conn.execute(query)]
 
@@ -317,12 +324,19 @@ class Lessons:
         """The scope's latest requests that the memory matched lessons to (served with
         them, or held back) and no adapter has trained on (not judged yet, or judged and
         not trained): prompts to check a lesson on, the kind of request lessons are for.
-        A user's own turns (in their tenant); for a tenant's lessons, the tenant's; for
-        shared ones, any."""
+        Not a request that answers a correction: its prompt ends in what the user just
+        asked for, which a lesson drawn from such words only repeats, so showing the
+        lesson changes little there, whether or not the model has learned it. A user's
+        own turns (in their tenant); for a tenant's lessons, the tenant's; for shared
+        ones, any."""
+        before, verdict = turns.alias("before"), judgments.alias("verdict")
+        answers_a_correction = exists(
+            select(before.c.id).join(verdict, verdict.c.turn_id == before.c.id)
+            .where(before.c.next_turn_id == turns.c.id, verdict.c.score < 0))
         query = (select(turns.c.id).outerjoin(judgments, judgments.c.turn_id == turns.c.id)
                  .where(turns.c.turn_type == "main", turns.c.status == "ok",
                         turns.c.endpoint != "completions", matched(),
-                        judgments.c.trained_version.is_(None))
+                        judgments.c.trained_version.is_(None), ~answers_a_correction)
                  .order_by(turns.c.created_at.desc()).limit(limit))
         if tenant is not None:
             query = query.where(turns.c.tenant == tenant)

@@ -72,3 +72,18 @@ def test_once_handed_over_lessons_come_back_only_by_a_clear_margin(store):
     turns(store, LESSONS, [1] * 4, 160)  # 12 turns with lessons since: 0.0 against -1.0
     [back] = handovers.check(now=300.0)
     assert back["mode"] == LESSONS and back["with"] == {"turns": 12, "mean": 0.0}
+
+
+def test_no_hand_over_while_most_turns_without_lessons_are_corrected(store):
+    # A turn is corrected when one thing in it is wrong: where most are, a tie between
+    # the arms says nothing of what the lessons do, so they stay.
+    turns(store, LESSONS, [1, -1, -1, -1] * 2, 1)  # -0.5 with lessons
+    turns(store, WEIGHTS, [1, 1, -1, -1, -1, -1, -1, 1], 20)  # -0.25 without: as well
+    handovers = HandOvers(store.handover, after=8)
+    assert handovers.check(now=100.0) == []
+    row = store.handover.get("t", "t:alice")
+    assert row["mode"] == LESSONS and "most turns are corrected" in row["reason"]
+    turns(store, LESSONS, [1, -1] * 4, 120)  # later: approved as often as corrected,
+    turns(store, WEIGHTS, [1] * 8, 140)  # and without lessons mostly approved
+    [change] = handovers.check(now=200.0)
+    assert change["mode"] == WEIGHTS and change["without"]["mean"] > 0

@@ -178,3 +178,33 @@ async def test_the_learner_reports_retired_and_dropped_lessons_in_its_status(tmp
     assert "corrected" in memory["dropped"][0]["status_reason"]
     assert memory["ignored"] == 0  # none dropped for being ignored since it started
     assert memory["waiting"] == []  # no retirement without a model to train
+
+
+async def test_a_lesson_never_served_is_checked_and_retired_too(store):
+    # One lesson a request is served: the others of a scope wait as reserves, and each
+    # would be served (at a cost) the moment the one above it retires.
+    served = served_lesson(store)
+    reserve, _ = store.lessons.learn("Answer in French.", tenant=None, user="alice",
+                                     turn_id="q2")
+    publish(store, 1)
+    retired = await retirement(store, FakeAdapter(gap=0.01)).check()
+    assert {r["id"] for r in retired} == {served, reserve}
+    assert store.lessons.get(reserve)["checked"]["adapter"] == "p@000001"
+
+
+async def test_a_round_pages_past_lessons_already_checked_and_scopes_still_waiting(store):
+    # bob has no held-out prompts yet and three lessons never checked; alice's lessons
+    # were checked against the adapter now serving her, but one against an older one.
+    mine = [store.lessons.learn(f"lesson {i} for alice", tenant=None, user="alice",
+                                turn_id="q0")[0] for i in range(6)]
+    assert len(set(mine)) == 6
+    for i, lesson in enumerate(mine[:5]):
+        store.lessons.note_check(lesson, {"adapter": "p@000001", "kl": 0.3, "at": 1.0 + i})
+    store.lessons.note_check(mine[5], {"adapter": "p@000000", "kl": 0.3, "at": 9.0})
+    for i in range(3):
+        store.lessons.learn(f"lesson {i} for bob", tenant=None, user="bob", turn_id="x")
+    publish(store, 1)
+    check = retirement(store, FakeAdapter(gap=0.01), checks_per_round=1)  # pages of 4
+    assert [r["id"] for r in await check.check()] == [mine[5]]
+    assert check.waiting == ["bob: 0 of 3 held-out prompts (requests lessons fit, not "
+                             "trained on)"]

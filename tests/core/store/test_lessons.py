@@ -4,6 +4,7 @@ forgotten (core/store/lessons.py, retention.py), on SQLite and PostgreSQL."""
 import pytest
 
 from nextstate.core.records import TurnRecord
+from tests.core.store.verdicts import Verdict
 
 
 def learn(store, text, user="t:alice", tenant="t", turn_id="s1"):
@@ -120,3 +121,37 @@ def test_a_users_held_out_prompts_are_their_own_turns_in_their_own_tenant(store)
                                         "shared": (None, None)}.items()}
     assert ids == {"user": {"mine"}, "tenant": {"mine", "colleague"},
                    "shared": {"mine", "same-name", "colleague"}}
+
+
+def test_lessons_to_check_go_least_recently_checked_first_served_or_not(store):
+    old, _ = learn(store, "Be brief.", turn_id="s1")
+    served, _ = learn(store, "Show the steps.", turn_id="s2")
+    reserve, _ = learn(store, "Answer in French.", turn_id="s3")  # never served
+    recent, _ = learn(store, "Cheer me on.", turn_id="s4")
+    pinned = store.lessons.add("Be kind.", tenant="t", user="t:alice")
+    store.lessons.record_served([served, pinned], "u1", 1, now=5.0)
+    store.lessons.note_check(old, {"adapter": "p@000001", "kl": 0.3, "at": 10.0})
+    store.lessons.note_check(recent, {"adapter": "p@000002", "kl": 0.2, "at": 20.0})
+    # Never checked first (the served one before the reserve), then the oldest check;
+    # pinned ones are never retired, so never checked.
+    assert [r["id"] for r in store.lessons.to_check(10)] == [served, reserve, old, recent]
+    assert [r["id"] for r in store.lessons.to_check(2, offset=2)] == [old, recent]
+    store.lessons.set_status(old, "retired", "learned")
+    assert old not in {r["id"] for r in store.lessons.to_check(10)}
+
+
+def test_held_out_prompts_leave_out_requests_that_answer_a_correction(store):
+    """Its prompt ends in what the user just asked for: a lesson drawn from such words
+    only repeats it there, so it would look learned (or ignored) whatever the model knew."""
+    served = {"ids": ["l1"], "arm": "lessons"}
+    rows = [turn("corrected", "alice", session="a"), turn("redo", "alice", session="a"),
+            turn("approved", "alice", session="b"), turn("next", "alice", session="b")]
+    for row in rows:
+        row.lessons = served
+    for row in rows:  # one by one: each pairs the session's previous turn with itself
+        store.turns.write([row])
+    assert store.turns.get("corrected")["next_turn_id"] == "redo"
+    store.judgments.save("corrected", Verdict(-1, hints=("Show the steps.",)))
+    store.judgments.save("approved", Verdict(1))
+    ids = {r["id"] for r in store.lessons.held_out("t", "alice", limit=10)}
+    assert ids == {"corrected", "approved", "next"}
