@@ -111,8 +111,8 @@ class MemoryConfig:
     lessons_per_turn: int = 1  # hints of one turn kept as lessons (feedback's first)
     # A lesson whose last this many served turns were all corrected (-1) is dropped.
     drop_after: int = 3
-    # After each new adapter, check the served lessons of its users: one the adapter
-    # follows without being told is retired (no longer served).
+    # After each new adapter, check its users' lessons (served or waiting): one the
+    # adapter follows without being told is retired (no longer served).
     retire: bool = True
     # Retired when the lesson changes the adapter's own replies to held-out prompts by at
     # most this much: KL(adapter || adapter shown the lesson), mean nats per token.
