@@ -1,9 +1,9 @@
 """The hand-over on the real stack: once an adapter serves a user, the proxy serves a
 control share of their requests without their lesson and records which arm each turn
-was in; the learner judges them, sees that the lesson does not make the replies better,
-and hands the user over to the weights; the proxy then serves their requests without it
-(agent -> proxy [memory, control share] -> vLLM -> store -> learner -> hand-over ->
-proxy)."""
+was in; the learner judges them, sees that the lesson does not make the replies better
+(approved with it or without), and hands the user over to the weights; the proxy then
+serves their requests without it (agent -> proxy [memory, control share] -> vLLM ->
+store -> learner -> hand-over -> proxy)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests.integration.test_memory import (
     corrected_session,
     learner,
     question,
+    thanked_session,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,7 +57,8 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
         return {why: memory[why] for why in ("unmatched", "slow", "failed", "not_ready")}
 
     until(lambda: health()["memory"]["lessons"] == 1, "the memory did not follow the store")
-    # (Not dropped for failing: every turn here is corrected, which drops it after 3.)
+    # (Not dropped for failing: the base model's turns here are corrected, which would
+    # drop it after 3.)
     work = learner(proxy, vllm, tmp_path, model_dir=toy_model, hand_over_after=2,
                    drop_after=1000, retire=False)
     with client(proxy, "ka", "alice") as alice:
@@ -78,9 +80,9 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
             until(lambda: httpx.get(f"{proxy.base_url}/learner/status", headers={
                 "Authorization": "Bearer ka"}).json()["serving"] == adapter["name"],
                 "the proxy did not route to the adapter")
-            # Every reply is corrected, with the lesson or without: it does not help.
+            # Every reply is approved, with the lesson or without: it no longer helps.
             for i in range(SESSIONS):
-                corrected_session(alice, 10 + i)
+                thanked_session(alice, 10 + i)
             turns = proxy.turns(6 + 2 * SESSIONS, timeout=60)[6:]
             # (The adapter's turns: one sent as the proxy switched may still be the base's.)
             firsts = [t for t in turns if len(t["request"]["messages"]) == 1
@@ -101,7 +103,7 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
             await work.close()
         [handed] = status["handed_over"]
         assert (handed["user"], handed["mode"]) == ("team-a:alice", WEIGHTS)
-        assert handed["figures"]["with"]["mean"] == handed["figures"]["without"]["mean"] == -1
+        assert handed["figures"]["with"]["mean"] == handed["figures"]["without"]["mean"] == 1
         until(lambda: health()["memory"]["handed_over"] == 1, "the proxy did not follow")
         counted = health()["memory"]
         for i in range(5):  # not recorded: the user's mode, no control share
