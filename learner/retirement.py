@@ -9,6 +9,7 @@ first (store.lessons.to_check), served or not: the proxy serves one lesson a req
 most of a scope's lessons are reserves that a better-matching one outranks, and a reserve
 is served the moment the one above it retires; checked beforehand, one the weights
 already follow never costs context. A check's replies go to vLLM together, to batch.
+A round that found nothing due is not repeated until an adapter or a lesson changes.
 
 1. held-out prompts: the owner's latest requests that lessons fit (served with them, or
    held back: handover.py) and that no adapter has trained on (as the client sent them,
@@ -54,7 +55,8 @@ from nextstate.learner.teacher import TeacherError, score
 
 log = logging.getLogger("nextstate.learner.retirement")
 
-SCAN = 5000  # active lessons a round looks through at most for ones due a check
+SCAN = 2000  # active lessons a round looks through at most for ones due a check
+PAGE = 250  # ... this many at a time
 Key = tuple[str | None, str | None, str]  # a scope (tenant, user) and the adapter serving it
 
 
@@ -81,6 +83,10 @@ class Retirement:
         self.history: list[dict[str, Any]] = []  # the latest checks: lesson, adapter, KL
         # The scopes the last round put off, and why (status: why nothing retires yet).
         self.waiting: list[str] = []
+        # The adapters and lessons as they were when a round found nothing due: until
+        # either changes, the next rounds have nothing to look for (the learner runs a
+        # round a second).
+        self.idle: tuple[Any, ...] | None = None
 
     async def check(self) -> list[dict[str, Any]]:
         """One round of checks; returns the lessons retired in it."""
@@ -88,11 +94,15 @@ class Retirement:
         self.router.update(await asyncio.to_thread(self.store.adapters.currents, policy))
         if self.router.current is None and not self.router.personal:
             return []  # no adapter yet: nothing the weights could have learned
+        state = (self.router.current, sorted(self.router.personal.items()),
+                 await asyncio.to_thread(self.store.lessons.version))
+        if state == self.idle:
+            return []
         self.waiting = []
         due: dict[Key, list[dict[str, Any]]] = {}
         prompts: dict[Key, list[dict[str, Any]]] = {}  # a scope's held-out prompts
         taken = 0
-        page = self.config.checks_per_round * 4
+        page = max(self.config.checks_per_round * 4, PAGE)
         # Page past the lessons no adapter serves, already checked against the adapter
         # serving their owner, or of a scope without enough held-out prompts yet.
         for offset in range(0, SCAN, page):
@@ -113,6 +123,9 @@ class Retirement:
                     break
             if taken >= self.config.checks_per_round or len(candidates) < page:
                 break
+        # A scope waiting for held-out prompts gets them from new turns, which change
+        # neither the adapters nor the lessons: look again next round.
+        self.idle = state if not due and not self.waiting else None
         retired = []
         for key, lessons in due.items():
             try:
@@ -129,7 +142,7 @@ class Retirement:
         if len(prompts) < self.config.check_prompts:
             self.waiting.append(f"{scope_label(tenant, user)}: {len(prompts)} of "
                                 f"{self.config.check_prompts} held-out prompts (requests "
-                                "lessons fit, not trained on)")
+                                "lessons fit, not trained on, not answering a correction)")
             return []
         return prompts
 

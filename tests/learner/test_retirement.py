@@ -125,7 +125,7 @@ async def test_too_few_held_out_prompts_put_the_check_off(store):
     assert await check.check() == []
     assert adapter.calls == []
     assert check.waiting == ["alice: 3 of 4 held-out prompts (requests lessons fit, "
-                             "not trained on)"]
+                             "not trained on, not answering a correction)"]
 
 
 async def test_a_lesson_that_still_changes_the_replies_stays_until_the_next_adapter(store):
@@ -192,7 +192,9 @@ async def test_a_lesson_never_served_is_checked_and_retired_too(store):
     assert store.lessons.get(reserve)["checked"]["adapter"] == "p@000001"
 
 
-async def test_a_round_pages_past_lessons_already_checked_and_scopes_still_waiting(store):
+async def test_a_round_pages_past_lessons_already_checked_and_scopes_still_waiting(
+        store, monkeypatch):
+    monkeypatch.setattr("nextstate.learner.retirement.PAGE", 4)
     # bob has no held-out prompts yet and three lessons never checked; alice's lessons
     # were checked against the adapter now serving her, but one against an older one.
     mine = [store.lessons.learn(f"lesson {i} for alice", tenant=None, user="alice",
@@ -204,7 +206,26 @@ async def test_a_round_pages_past_lessons_already_checked_and_scopes_still_waiti
     for i in range(3):
         store.lessons.learn(f"lesson {i} for bob", tenant=None, user="bob", turn_id="x")
     publish(store, 1)
-    check = retirement(store, FakeAdapter(gap=0.01), checks_per_round=1)  # pages of 4
+    check = retirement(store, FakeAdapter(gap=0.01), checks_per_round=1)
     assert [r["id"] for r in await check.check()] == [mine[5]]
     assert check.waiting == ["bob: 0 of 3 held-out prompts (requests lessons fit, not "
-                             "trained on)"]
+                             "trained on, not answering a correction)"]
+
+
+async def test_rounds_with_nothing_due_read_nothing_until_an_adapter_or_lesson_changes(
+        store, monkeypatch):
+    lesson = served_lesson(store)
+    publish(store, 1)
+    check = retirement(store, FakeAdapter(gap=0.4))
+    reads = []
+    to_check = store.lessons.to_check
+    monkeypatch.setattr(store.lessons, "to_check",
+                        lambda *a: reads.append(a) or to_check(*a))
+    assert await check.check() == []  # checked: kept
+    assert await check.check() == [] and len(reads) == 2  # nothing due now
+    assert await check.check() == [] and len(reads) == 2  # nothing changed: not read
+    store.lessons.learn("Answer in French.", tenant=None, user="alice", turn_id="q2")
+    assert await check.check() == [] and len(reads) == 3  # a new lesson: read, checked
+    publish(store, 2)
+    assert await check.check() == [] and len(reads) == 4  # a new adapter: both checked
+    assert store.lessons.get(lesson)["checked"]["adapter"] == "p@000002"
