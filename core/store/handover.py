@@ -97,8 +97,10 @@ class HandOver:
                 memory_scopes.c.key == key)).first()
             changed = (row.mode if row is not None else LESSONS) != mode
             values = {"mode": mode, "reason": reason, "figures": figures, "decided_at": now}
-            if changed or row is None:
+            if changed:
                 values["since"] = now
+            elif row is None:  # on lessons from the start: every turn so far still counts
+                values["since"] = 0.0
             if row is None:
                 conn.execute(memory_scopes.insert().values(
                     key=key, tenant=tenant, user=user, **values))

@@ -47,6 +47,13 @@ def test_a_mode_starts_when_it_changes_and_the_proxys_version_follows_only_chang
     assert store.handover.handed_over() == []
 
 
+def test_a_first_decision_that_keeps_the_lessons_starts_no_new_span(store):
+    # The asker was on lessons from the start: the turns before it still count.
+    assert not store.handover.decide("t", "t:alice", LESSONS, "kept", {}, now=10.0)
+    assert store.handover.get("t", "t:alice")["since"] == 0.0
+    assert store.handover.get("t", "t:alice")["reason"] == "kept"
+
+
 def test_a_tenant_named_as_its_own_user_is_the_tenants_scope(store):
     store.handover.decide("t", "t", WEIGHTS, "why", {})
     assert store.handover.modes() == {("t", None): WEIGHTS}
