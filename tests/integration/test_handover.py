@@ -14,12 +14,11 @@ import pytest
 
 from nextstate.core.store.handover import LESSONS, WEIGHTS
 from nextstate.proxy.settings import MemorySettings
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, RETRIEVAL_ROOM_MS
 from tests.integration.test_memory import (
     ASK,
     CORRECTION,
     KEYS,
-    RETRIEVAL_BUDGET_MS,
     client,
     corrected_session,
     learner,
@@ -43,7 +42,7 @@ async def test_a_lesson_that_does_not_help_is_handed_over_and_no_longer_served(
     proxy = start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1,
                         client_keys=KEYS, memory=MemorySettings(
                             enabled=True, refresh_seconds=0.05, control=0.4,
-                            budget_ms=RETRIEVAL_BUDGET_MS))
+                            budget_ms=RETRIEVAL_ROOM_MS))
     store = proxy.store()
     lesson, _ = store.lessons.learn(CORRECTION, tenant="team-a", user="team-a:alice",
                                     turn_id=None, context=question(1)[0]["content"])

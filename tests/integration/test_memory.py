@@ -17,7 +17,7 @@ from nextstate.learner.process import Learner, LearnerConfig
 from nextstate.learner.trainer import TrainerConfig
 from nextstate.learner.training import TrainingConfig
 from nextstate.proxy.settings import MemorySettings
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, RETRIEVAL_ROOM_MS
 
 pytestmark = pytest.mark.integration
 KEYS = (("team-a", "ka"), ("team-b", "kb"))
@@ -70,13 +70,6 @@ def indexed(proxy, count: int) -> None:
         time.sleep(0.05)
 
 
-# The retrieval budget (2 ms of CPU; tests/proxy/test_memory.py tests it) is not what
-# these tests are about. On a loaded machine one retrieval (a garbage collection inside
-# it) can go over, and that request gets no lessons, counted as slow. test_handover lost
-# a turn's lesson in 3 of 54 runs here, most of them beside two-rank training, and the
-# budget is the one cause there that varies from run to run.
-RETRIEVAL_BUDGET_MS = 1000.0
-
 
 @pytest.fixture
 def memory_proxy(vllm, start_proxy):
@@ -84,7 +77,7 @@ def memory_proxy(vllm, start_proxy):
                        client_keys=KEYS,
                        # Every request its lessons (the control share: test_handover.py).
                        memory=MemorySettings(enabled=True, refresh_seconds=0.05,
-                                             control=0.0, budget_ms=RETRIEVAL_BUDGET_MS))
+                                             control=0.0, budget_ms=RETRIEVAL_ROOM_MS))
 
 
 async def test_a_correction_is_served_as_a_lesson_to_that_user_only_and_recorded(

@@ -7,6 +7,7 @@ import orjson
 from nextstate.core.hints import HINT_MARKER
 from nextstate.core.store import Store
 from nextstate.proxy.settings import MemorySettings
+from tests.conftest import RETRIEVAL_ROOM_MS
 from tests.proxy.test_app import open_client, records
 
 VLLM_ONLY = ("return_token_ids", "prompt_logprobs")
@@ -58,8 +59,8 @@ def test_with_capture_off_the_turn_is_recorded_as_text_and_the_lessons_still_ser
                         turn_id="t0", context=ASK)
     store.close()
     provider = Provider()
-    # every request gets the lesson (retrieval given room: see tests/proxy/test_memory.py)
-    memory = MemorySettings(enabled=True, control=0.0, budget_ms=1000.0)
+    # every request gets the lesson
+    memory = MemorySettings(enabled=True, control=0.0, budget_ms=RETRIEVAL_ROOM_MS)
     with open_client(tmp_path, provider, capture=False, memory=memory) as client:
         client.portal.call(client.app_state["deps"].memory.refresh, True)
         whole = client.post("/v1/chat/completions", json=CHAT)

@@ -10,6 +10,7 @@ from nextstate.core.hints import HINT_MARKER
 from nextstate.core.store import Store
 from nextstate.core.store.handover import memory_version
 from nextstate.proxy.settings import MemorySettings
+from tests.conftest import RETRIEVAL_ROOM_MS
 from tests.proxy.fake_vllm import FakeVLLM
 from tests.proxy.test_app import (
     direct,
@@ -19,14 +20,9 @@ from tests.proxy.test_app import (
     wait_for_router,
 )
 
-# The retrieval budget is 2 ms of CPU, and a garbage collection of the test process's
-# heap that happens to run inside a search costs more: a request would then be served
-# without its lessons by design (the budget's own test below keeps the default). Tests
-# that expect lessons served give retrieval room.
-ROOM = 1000.0
 # Every matched request gets its lessons here (the control share: its own tests below).
 ON = MemorySettings(enabled=True, refresh_seconds=0.05, lessons=3, control=0.0,
-                    budget_ms=ROOM)
+                    budget_ms=RETRIEVAL_ROOM_MS)
 ASK = "Ben has 3 apples and buys 2 more. How many apples does Ben have now?"
 LESSON = "Show the steps and talk to me like a friend."
 KEYS = (("team-a", "ka"), ("team-b", "kb"))
@@ -135,7 +131,7 @@ def test_memory_off_for_a_request_or_a_proxy_leaves_the_prompt_alone(tmp_path, f
 def test_only_the_named_users_get_lessons(tmp_path, fake):
     seed(tmp_path, user="alice")
     seed(tmp_path, user="bob")
-    only = MemorySettings(enabled=True, only=("alice",), control=0.0, budget_ms=ROOM)
+    only = MemorySettings(enabled=True, only=("alice",), control=0.0, budget_ms=RETRIEVAL_ROOM_MS)
     with open_client(tmp_path, fake, memory=only) as client:
         refreshed(client)
         for user in ("alice", "bob"):
@@ -221,7 +217,8 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
     for i in range(5):
         seed(tmp_path, f"Lesson {i}: mention the apples {'and more ' * i}in the answer.")
     with open_client(tmp_path, fake, memory=MemorySettings(
-            enabled=True, lessons=2, max_chars=200, control=0.0, budget_ms=ROOM)) as client:
+            enabled=True, lessons=2, max_chars=200, control=0.0,
+            budget_ms=RETRIEVAL_ROOM_MS)) as client:
         refreshed(client)
         client.post("/v1/chat/completions", json=chat())
         [row] = records(client)
@@ -232,7 +229,7 @@ def test_lessons_beyond_the_count_or_the_characters_are_left_out(tmp_path, fake)
 def test_by_default_a_request_gets_its_best_lesson_only(tmp_path, fake):
     seed(tmp_path, "Use short words.", context="How many apples are left?")  # fits less
     best = seed(tmp_path, LESSON)  # learned on this very question
-    one = MemorySettings(enabled=True, control=0.0, budget_ms=ROOM)  # default count
+    one = MemorySettings(enabled=True, control=0.0, budget_ms=RETRIEVAL_ROOM_MS)  # default count
     with open_client(tmp_path, fake, memory=one) as client:
         refreshed(client)
         client.post("/v1/chat/completions", json=chat())
@@ -273,7 +270,8 @@ class Draws:
 def test_a_control_share_of_recorded_requests_goes_without_its_lessons_and_says_so(
         tmp_path, fake):
     lesson = seed(tmp_path, user="alice")
-    control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2, budget_ms=ROOM)
+    control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2,
+                             budget_ms=RETRIEVAL_ROOM_MS)
     with open_client(tmp_path, fake, memory=control, policy="toy",
                      adapter_poll_seconds=0.02) as client:
         wait_for_router(client, publish_adapter(tmp_path, "toy", 7))
@@ -302,7 +300,7 @@ def test_once_handed_over_only_the_control_share_and_pinned_lessons_are_served(
     store.handover.decide(None, "alice", "weights", "the lessons no longer help", {})
     store.close()
     control = MemorySettings(enabled=True, refresh_seconds=0.05, control=0.2, lessons=3,
-                             budget_ms=ROOM)
+                             budget_ms=RETRIEVAL_ROOM_MS)
     with open_client(tmp_path, fake, memory=control, policy="toy",
                      adapter_poll_seconds=0.02) as client:
         memory = refreshed(client)
