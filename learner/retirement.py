@@ -99,12 +99,28 @@ class Retirement:
         if state == self.idle:
             return []
         self.waiting = []
-        due: dict[Key, list[dict[str, Any]]] = {}
-        prompts: dict[Key, list[dict[str, Any]]] = {}  # a scope's held-out prompts
+        due = await self._due(policy)
+        # A scope waiting for held-out prompts gets them from new turns, which change
+        # neither the adapters nor the lessons: look again next round.
+        self.idle = state if not due and not self.waiting else None
+        retired = []
+        for key, (prompts, lessons) in due.items():
+            try:
+                retired += await self._check_scope(key, prompts, lessons)
+            except (VLLMError, TeacherError) as exc:
+                log.warning("retirement check on %s failed: %s", key[2], exc)
+        return retired
+
+    async def _due(self, policy: str) -> dict[Key, tuple[list[dict[str, Any]],
+                                                         list[dict[str, Any]]]]:
+        """Up to ``checks_per_round`` lessons due a check, by scope and the adapter serving
+        it, each scope with its held-out prompts. Pages past the lessons no adapter
+        serves, those already checked against the adapter serving their owner, and those
+        of a scope without enough held-out prompts yet."""
+        due: dict[Key, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        waiting: set[Key] = set()
         taken = 0
         page = max(self.config.checks_per_round * 4, PAGE)
-        # Page past the lessons no adapter serves, already checked against the adapter
-        # serving their owner, or of a scope without enough held-out prompts yet.
         for offset in range(0, SCAN, page):
             candidates = await asyncio.to_thread(self.store.lessons.to_check, page, offset)
             for lesson in candidates:
@@ -113,26 +129,21 @@ class Retirement:
                         "adapter") == model:
                     continue
                 key = (lesson["tenant"], lesson["user"], model)
-                if key not in prompts:
-                    prompts[key] = await self._held_out(lesson["tenant"], lesson["user"])
-                if not prompts[key]:
+                if key in waiting:
                     continue
-                due.setdefault(key, []).append(lesson)
+                if key not in due:
+                    prompts = await self._held_out(lesson["tenant"], lesson["user"])
+                    if not prompts:
+                        waiting.add(key)
+                        continue
+                    due[key] = (prompts, [])
+                due[key][1].append(lesson)
                 taken += 1
                 if taken >= self.config.checks_per_round:
-                    break
-            if taken >= self.config.checks_per_round or len(candidates) < page:
+                    return due
+            if len(candidates) < page:
                 break
-        # A scope waiting for held-out prompts gets them from new turns, which change
-        # neither the adapters nor the lessons: look again next round.
-        self.idle = state if not due and not self.waiting else None
-        retired = []
-        for key, lessons in due.items():
-            try:
-                retired += await self._check_scope(key, prompts[key], lessons)
-            except (VLLMError, TeacherError) as exc:
-                log.warning("retirement check on %s failed: %s", key[2], exc)
-        return retired
+        return due
 
     async def _held_out(self, tenant: str | None, user: str | None) -> list[dict[str, Any]]:
         """The scope's held-out prompts; none (and why, in ``waiting``) while it has fewer
