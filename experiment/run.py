@@ -184,6 +184,8 @@ async def run_method(persona: Persona, method: str, config: BenchConfig, *, vllm
                     run.versions.append(version)
                     if kind.trains:
                         await _until_serving(client, policy, version)
+                    if kind.memory and kind.trains:
+                        await _check_every_lesson(learner)
                     run.scores.append(await rate())
                     run.met.append(rate.met)
                     _record(learner, policy, version, run.scores[-1])
@@ -238,6 +240,20 @@ async def first_problems(client: httpx.AsyncClient, learner: Learner, policy: st
         if number in EARLY:
             run.early[str(number)] = await rate()
     return turns
+
+
+async def _check_every_lesson(learner: Learner) -> None:
+    """Retirement rounds until every lesson has been checked against the new adapter. The
+    bench's users talk without pause, so the learner runs a round or two between steps; a
+    deployed one, a round a second, checks all its lessons while traffic gathers a batch."""
+    retirement = learner.retirement
+    if retirement is None:
+        return
+    while True:
+        checks = retirement.checks
+        await learner.check_lessons()
+        if retirement.checks == checks:
+            return
 
 
 async def _memory_step(run: MethodRun, learner: Learner, rate: Rater, vllm_url: str,

@@ -181,16 +181,24 @@ class Learner:
                     self._error(result.error)
         if self.retirement is not None:
             await self._set_state("checking lessons")
-            retired = await self.retirement.check()
-            self.totals.lessons_retired += len(retired)
-            self.retired = [*self.retired, *retired][-10:]
-            done += len(retired)
+            done += await self.check_lessons()
         await self._set_state("idle", report=True)
         if self.observers:
             step = self.training.history[-1] if self.training and result else None
             await asyncio.to_thread(self._observe, tell, self.observers, self._status or {},
                                     step)
         return done
+
+    async def check_lessons(self) -> int:
+        """One round of retirement checks (``checks_per_round`` lessons at most); returns
+        the lessons retired. A round a second: between training steps a deployed learner
+        checks every lesson against the adapter now serving its owner."""
+        if self.retirement is None:
+            return 0
+        retired = await self.retirement.check()
+        self.totals.lessons_retired += len(retired)
+        self.retired = [*self.retired, *retired][-10:]
+        return len(retired)
 
     def _observe(self, call: Callable[..., None], *args: Any) -> None:
         with self._observing:
