@@ -74,9 +74,11 @@ def _memory_panel(ax: Any, memory: dict[str, dict[str, Any]]) -> None:
                 label=f"{method}: tokens of lessons a request")
         twin.plot(steps, m["retired"], marker="s", linestyle="--", color=color,
                   label=f"{method}: lessons retired")
+        twin.plot(steps, m["active"], marker="^", linestyle=":", color=color,
+                  label=f"{method}: lessons still served")
     ax.set_xlabel("training steps")
     ax.set_ylabel("prompt tokens the lessons added, mean a request")
-    twin.set_ylabel("lessons retired (the adapter follows them)")
+    twin.set_ylabel("lessons retired (the adapter follows them) / still served")
     ax.set_ylim(bottom=0)
     twin.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
