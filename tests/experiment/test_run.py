@@ -68,3 +68,31 @@ def test_the_memory_arms_serve_lessons_as_many_as_asked():
     default = memory_settings(arm("memory+combined"), BenchConfig())
     assert default.enabled and default.lessons == MemorySettings().lessons
     assert memory_settings(arm("memory"), BenchConfig(memory_lessons=3)).lessons == 3
+
+
+async def test_between_steps_a_memory_arm_checks_every_lesson_due():
+    """Rounds of 8 checks until a round checks nothing: every lesson due is checked
+    against the new adapter, as a deployed learner (a round a second) would."""
+    from types import SimpleNamespace
+
+    from nextstate.experiment.run import _check_every_lesson
+
+    class Learner:
+        def __init__(self, due: int) -> None:
+            self.retirement = SimpleNamespace(checks=0)
+            self.due, self.rounds = due, 0
+
+        async def check_lessons(self) -> int:
+            checked = min(8, self.due)
+            self.due -= checked
+            self.retirement.checks += checked
+            self.rounds += 1
+            return 0
+
+    learner = Learner(due=20)
+    await _check_every_lesson(learner)  # type: ignore[arg-type]
+    assert (learner.due, learner.retirement.checks, learner.rounds) == (0, 20, 4)
+    without = Learner(due=5)
+    without.retirement = None  # type: ignore[assignment]
+    await _check_every_lesson(without)  # type: ignore[arg-type]
+    assert without.rounds == 0
