@@ -15,6 +15,8 @@ curves show it.
 The memory arms (`memory`: lessons alone; ``memory+combined``: lessons distilled into the
 adapter, which retires them) run the proxy with its memory on and the learner learning
 lessons; a step of ``memory`` alone is the same ``batch_turns`` judged turns of traffic.
+After each step, memory+combined checks every lesson against the new adapter before it is
+rated, as a deployed learner (a retirement round a second) does between steps.
 Every arm first answers four problems one at a time and is rated after the second and the
 fourth (before any training step can happen: what the first corrections did).
 """

@@ -70,7 +70,6 @@ def indexed(proxy, count: int) -> None:
         time.sleep(0.05)
 
 
-
 @pytest.fixture
 def memory_proxy(vllm, start_proxy):
     return start_proxy(vllm.url, policy=MODEL_NAME, adapter_poll_seconds=0.1,
